@@ -1,0 +1,76 @@
+"""Small residual networks (He et al. 2016) for 28-64 px inputs, and the residual block.
+
+In the notation a basic block is ``R{filters}`` (``R32s2`` to downsample). The CIFAR ResNets of
+the paper are ``16C3p1-BN`` then three stages of n blocks of 16, 32, 64 filters, then ``GAP``:
+depth 6n + 2.
+
+Example:
+    >>> from cnnkit.models.registry import get_architecture
+    >>> get_architecture("resnet8").spec
+    '16C3p1-BN-R16-R32s2-R64s2-GAP'
+"""
+
+import keras
+
+from cnnkit.models.registry import Architecture, register_model
+
+
+def residual_block(x, filters, *, stride, activation, name, **conv_options):
+    """Basic block: 3x3 conv-BN-act, 3x3 conv-BN, add the shortcut, act.
+
+    The shortcut is the identity, or a 1x1 convolution + BN (projection, the paper's option B)
+    when the stride or the width changes. The block's output layer is named ``name``.
+
+    Args:
+        x: input tensor (batch, height, width, channels).
+        filters: output channels.
+        stride: stride of the first convolution and the projection.
+        activation: a callable ``(tensor, layer_name) -> tensor`` applying the activation.
+        name: layer-name prefix; the output layer is called exactly ``name``.
+        **conv_options: passed to every ``Conv2D`` (initialiser, regulariser, dtype).
+
+    Example:
+        >>> inputs = keras.Input((28, 28, 16))
+        >>> act = lambda t, n: keras.layers.Activation("relu", name=n)(t)
+        >>> residual_block(inputs, 32, stride=2, activation=act, name="res1").shape
+        (None, 14, 14, 32)
+    """
+    dtype = conv_options.get("dtype")
+    shortcut = x
+    y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
+                            name=f"{name}_conv1", **conv_options)(x)
+    y = keras.layers.BatchNormalization(name=f"{name}_bn1", dtype=dtype)(y)
+    y = activation(y, f"{name}_act1")
+    y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2", **conv_options)(y)
+    y = keras.layers.BatchNormalization(name=f"{name}_bn2", dtype=dtype)(y)
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_proj",
+                                       **conv_options)(x)
+        shortcut = keras.layers.BatchNormalization(name=f"{name}_proj_bn", dtype=dtype)(shortcut)
+    y = keras.layers.Add(name=f"{name}_add", dtype=dtype)([y, shortcut])
+    return activation(y, name)
+
+
+def _cifar_resnet(blocks_per_stage):
+    tokens = ["16C3p1", "BN"]
+    for stage, width in enumerate((16, 32, 64)):
+        for block in range(blocks_per_stage):
+            tokens.append(f"R{width}s2" if stage > 0 and block == 0 else f"R{width}")
+    depth = 6 * blocks_per_stage + 2
+    return Architecture(
+        "-".join(tokens + ["GAP"]),
+        {"initializer": "he_normal"},
+        reference=f"He et al. 2016, Deep residual learning, CIFAR ResNet-{depth}",
+    )
+
+
+@register_model
+def resnet8():
+    """ResNet-8: one basic block per stage (16, 32, 64 filters). About 78k parameters."""
+    return _cifar_resnet(1)
+
+
+@register_model
+def resnet20():
+    """ResNet-20: three basic blocks per stage, as in the paper's CIFAR-10 table. About 0.27M parameters."""
+    return _cifar_resnet(3)

@@ -1,0 +1,10 @@
+"""Recipes: the field's best practice as one call each.
+
+Example:
+    >>> import cnnkit
+    >>> run = cnnkit.recipes.train("lenet", "mnist-sample", epochs=2)  # doctest: +SKIP
+"""
+
+from cnnkit.recipes.train import train
+
+__all__ = ["train"]

@@ -1,0 +1,127 @@
+"""Optimisers, learning-rate schedules and numeric precision for the recipes.
+
+Example:
+    >>> optimizer = make_optimizer("momentum", learning_rate=0.1, schedule="cosine",
+    ...                            steps_per_epoch=100, epochs=10)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import tensorflow as tf
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+
+
+def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, weight_decay=0.0,
+                   steps_per_epoch, epochs) -> keras.optimizers.Optimizer:
+    """A Keras optimiser with its learning-rate schedule.
+
+    Args:
+        name: "sgd" (plain), "momentum" (heavy ball), "nesterov", "adam", "adamw", "rmsprop".
+        learning_rate: the peak rate.
+        schedule: "constant"; "step" (x0.1 at 50% and 75% of training); "cosine" (cosine decay
+            to 0); "onecycle" (Smith: warm up from lr/25 over 30% of steps, cosine down to
+            lr/25e4); or a dict with "name" and options: step ``every`` (epochs) and ``factor``;
+            cosine ``warmup_epochs``.
+        momentum: for "momentum", "nesterov" and "rmsprop".
+        weight_decay: decoupled weight decay (Loshchilov and Hutter); biases and batch-norm
+            scales and offsets are excluded.
+        steps_per_epoch, epochs: to place the schedule's boundaries in optimiser steps.
+
+    Example:
+        >>> opt = make_optimizer("adamw", learning_rate=1e-3, weight_decay=1e-4, steps_per_epoch=10, epochs=2)
+        >>> type(opt).__name__
+        'AdamW'
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}. Received: optimizer={name!r}")
+    if not learning_rate or learning_rate <= 0:
+        raise ValueError(f"learning_rate must be positive. Received: learning_rate={learning_rate!r}")
+    rate = make_schedule(schedule, learning_rate, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    decay = {"weight_decay": weight_decay or None}
+    if name == "sgd":
+        optimizer = keras.optimizers.SGD(rate, **decay)
+    elif name in ("momentum", "nesterov"):
+        optimizer = keras.optimizers.SGD(rate, momentum=momentum, nesterov=name == "nesterov", **decay)
+    elif name == "adam":
+        optimizer = keras.optimizers.Adam(rate, **decay)
+    elif name == "adamw":
+        optimizer = keras.optimizers.AdamW(rate, weight_decay=weight_decay)
+    else:
+        optimizer = keras.optimizers.RMSprop(rate, momentum=momentum, **decay)
+    if weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
+    """The learning rate as a float or a ``keras.optimizers.schedules.LearningRateSchedule``.
+
+    Example:
+        >>> make_schedule("step", 0.1, steps_per_epoch=10, epochs=4)(25).numpy().round(4)
+        np.float32(0.01)
+    """
+    options = dict(schedule) if isinstance(schedule, dict) else {"name": schedule}
+    name = options.pop("name", None)
+    total = max(1, steps_per_epoch * epochs)
+    allowed = {"constant": set(), "step": {"every", "factor"}, "cosine": {"warmup_epochs"}, "onecycle": set()}
+    if name not in allowed:
+        raise ValueError(f"schedule must be one of {SCHEDULES} or a dict with 'name'. Received: schedule={schedule!r}")
+    unknown = set(options) - allowed[name]
+    if unknown:
+        raise ValueError(f"unknown option {sorted(unknown)[0]!r} for schedule {name!r}; valid: {sorted(allowed[name])}")
+    if name == "constant":
+        return learning_rate
+    if name == "step":
+        factor = options.get("factor", 0.1)
+        every = options.get("every")
+        epochs_at = range(every, epochs, every) if every else [epochs // 2, (3 * epochs) // 4]
+        boundaries = sorted({steps_per_epoch * epoch for epoch in epochs_at if 0 < epoch < epochs})
+        values = [learning_rate * factor**index for index in range(len(boundaries) + 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values) if boundaries else learning_rate
+    if name == "cosine":
+        warmup = int(options.get("warmup_epochs", 0) * steps_per_epoch)
+        if warmup:
+            return keras.optimizers.schedules.CosineDecay(
+                learning_rate / 100, decay_steps=max(1, total - warmup), warmup_target=learning_rate, warmup_steps=warmup
+            )
+        return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total)
+    warmup = max(1, int(0.3 * total))
+    return keras.optimizers.schedules.CosineDecay(
+        learning_rate / 25, decay_steps=max(1, total - warmup), alpha=1 / 25e4,
+        warmup_target=learning_rate, warmup_steps=warmup,
+    )
+
+
+def resolve_precision(precision: str) -> str:
+    """"auto" -> "mixed_bfloat16" where bf16 math is fast (a GPU of compute capability 8.0 or
+    newer; a CPU with AVX512_BF16 or AMX), else "float32". Other values are checked and returned.
+
+    Example:
+        >>> resolve_precision("float32")
+        'float32'
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}. Received: precision={precision!r}")
+    if precision != "auto":
+        return precision
+    return "mixed_bfloat16" if _fast_bfloat16() else "float32"
+
+
+@functools.cache
+def _fast_bfloat16() -> bool:
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+        return bool(capability) and tuple(capability) >= (8, 0)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = set(cpuinfo.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
