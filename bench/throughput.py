@@ -1,0 +1,94 @@
+"""Training throughput of ``cnnkit.recipes.train`` against hand-written ``model.fit`` scripts.
+
+Measures, in one process with alternating repeats (so machine noise hits all three alike):
+
+(a) the recipe against a hand-written ``model.fit`` with the same model and settings
+    (same precision and steps_per_execution, NumPy arrays fed to Keras directly): the
+    recipe's overhead, target >= 0.97x;
+(b) the recipe against the same hand-written script at Keras defaults (float32,
+    steps_per_execution=1): what the recipe's defaults buy, target >= 1.8x on this CPU.
+
+Throughput is training images per second over whole epochs (training plus the validation
+pass, the same work in every arm), median over epochs after the first (which compiles).
+
+Run (real MNIST; CNNKIT_DATA_DIR names the folder holding mnist.npz):
+    CNNKIT_DATA_DIR=../shared/datasets python bench/throughput.py --repeats 3 --epochs 3
+"""
+
+import argparse
+import statistics
+import tempfile
+
+import keras
+import numpy as np
+
+import cnnkit
+from cnnkit.recipes.optimization import resolve_precision
+from cnnkit.recipes.train import EpochTimer
+
+ARCH = "20C5-MP2-50C5-MP2-FC256"
+
+
+def hand_written(data, *, epochs, batch_size, precision, steps_per_execution, seed):
+    """What a user would write by hand: build, compile, fit on NumPy arrays."""
+    keras.utils.set_random_seed(seed)
+    x_train, y_train = data.arrays("train")
+    x_val, y_val = data.arrays("val")
+    dtype = None if precision == "float32" else precision
+    model = cnnkit.build(ARCH, data.image_shape, data.num_classes, dtype=dtype)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], steps_per_execution=steps_per_execution)
+    timer = EpochTimer()
+    model.fit(x_train, y_train, validation_data=(x_val, y_val), batch_size=batch_size, epochs=epochs,
+              callbacks=[timer], verbose=0)
+    x_test, y_test = data.arrays("test")
+    error = 1 - model.evaluate(x_test, y_test, batch_size=1024, verbose=0)[1]
+    return timer.seconds, error
+
+
+def recipe(data, *, epochs, batch_size, seed):
+    with tempfile.TemporaryDirectory() as run_dir:
+        run = cnnkit.recipes.train(ARCH, data, epochs=epochs, batch_size=batch_size, seed=seed,
+                                   run_dir=run_dir, verbose=0)
+    return run.history["epoch_seconds"], run.metrics["test_error"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+    data = cnnkit.data.load("mnist")
+    images = data.sizes["train"]
+    precision = resolve_precision("auto")
+    arms = {
+        "recipe (defaults)": lambda seed: recipe(data, epochs=args.epochs, batch_size=args.batch_size, seed=seed),
+        "hand-written, same settings": lambda seed: hand_written(
+            data, epochs=args.epochs, batch_size=args.batch_size, precision=precision, steps_per_execution=16,
+            seed=seed),
+        "hand-written, Keras defaults": lambda seed: hand_written(
+            data, epochs=args.epochs, batch_size=args.batch_size, precision="float32", steps_per_execution=1,
+            seed=seed),
+    }
+    rates = {name: [] for name in arms}
+    errors = {name: [] for name in arms}
+    for repeat in range(args.repeats):
+        for name, arm in arms.items():
+            seconds, error = arm(repeat)
+            rates[name].extend(images / s for s in seconds[1:])
+            errors[name].append(error)
+            print(f"repeat {repeat + 1} {name}: {statistics.median(images / s for s in seconds[1:]):,.0f} img/s, "
+                  f"test error {error:.2%}", flush=True)
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"\n{ARCH} on MNIST ({images} train images), batch {args.batch_size}, precision auto -> {precision}, "
+          f"{args.repeats} alternating repeats x {args.epochs - 1} timed epochs")
+    print("| arm | images/s (median) | test error (mean) |\n|---|---|---|")
+    for name in arms:
+        print(f"| {name} | {median[name]:,.0f} | {np.mean(errors[name]):.2%} |")
+    print(f"\n(a) recipe / hand-written at equal settings: {median['recipe (defaults)'] / median['hand-written, same settings']:.2f}x")
+    print(f"(b) recipe / hand-written at Keras defaults: {median['recipe (defaults)'] / median['hand-written, Keras defaults']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""`ImageData`, the object every data source returns, and `from_arrays`.
+
+An `ImageData` holds UNBATCHED `tf.data.Dataset`s of `(image, label)` pairs (image `uint8`
+`[H, W, C]`, label `int32` scalar) for the train/val/test splits, plus what a recipe needs to
+know about them without iterating: class names, image shape, per-class counts, a source line
+and a content fingerprint. Decoding, preprocessing, augmentation, batching and prefetching are
+the recipe's job, not the source's.
+
+TensorFlow is imported on first use, so `import cnnkit.data` stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import numbers
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import tensorflow as tf
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(repr=False)
+class ImageData:
+    """Train/val/test image datasets plus what is known about them.
+
+    Attributes:
+        train: Unbatched `tf.data.Dataset` of `(image, label)`: image `uint8` `[H, W, C]`,
+            label `int32` scalar.
+        val: Same, or `None` when there is no validation split.
+        test: Same, or `None` when there is no test split.
+        class_names: Name of each class, indexed by label.
+        image_shape: `(H, W, C)` with `C` 1 (grayscale) or 3 (RGB).
+        class_counts: `{"train": [...], "val": [...], "test": [...]}`, examples per class
+            index, for the splits that exist only.
+        source: Human description, e.g. `"mnist (/data/mnist.npz)"` or `"folder /x/y"`.
+        fingerprint: sha256 hex digest identifying the content (pixel and label bytes for
+            arrays; sorted relative paths and sizes for folders).
+        skipped: `(path, reason)` for each file a folder source excluded because it could not
+            be opened as an image. Empty for other sources.
+
+    Example:
+        >>> import numpy as np
+        >>> from cnnkit.data import from_arrays
+        >>> x = np.zeros((20, 8, 8), np.uint8)
+        >>> y = np.arange(20) % 2
+        >>> data = from_arrays(x, y, val_split=0.2)
+        >>> data.image_shape, data.num_classes, data.sizes
+        ((8, 8, 1), 2, {'train': 16, 'val': 4})
+        >>> images, labels = data.arrays("val")
+        >>> images.shape, labels.dtype
+        ((4, 8, 8, 1), dtype('int32'))
+    """
+
+    train: tf.data.Dataset
+    val: tf.data.Dataset | None
+    test: tf.data.Dataset | None
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    class_counts: dict[str, list[int]]
+    source: str
+    fingerprint: str
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # split -> (dataset object, images, labels): numpy copies an in-memory source already
+    # holds, so `arrays()` need not iterate. Keyed by the dataset object so a replaced split
+    # never returns stale arrays; not an init field, so `dataclasses.replace` drops it.
+    _arrays: dict[str, tuple[Any, np.ndarray, np.ndarray]] = dataclasses.field(
+        default_factory=dict, init=False, compare=False
+    )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (`len(class_names)`)."""
+        return len(self.class_names)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Number of examples per existing split, from `class_counts`."""
+        return {split: int(sum(counts)) for split, counts in self.class_counts.items()}
+
+    def summary(self) -> str:
+        """A few lines: source, image shape, classes, per-split counts.
+
+        Returns:
+            The summary as one string (no trailing newline).
+
+        Example:
+            >>> print(data.summary())  # doctest: +SKIP
+            ImageData from mnist (/data/mnist.npz)
+              images: 28x28x1 uint8, 10 classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
+              train: 54000 (per class 4879-6068)
+              val: 6000 (per class 542-674)
+              test: 10000 (per class 892-1135)
+              fingerprint: 0123456789ab
+        """
+        h, w, c = self.image_shape
+        names = ", ".join(self.class_names[:10])
+        if self.num_classes > 10:
+            names += f", ... (+{self.num_classes - 10} more)"
+        lines = [
+            f"ImageData from {self.source}",
+            f"  images: {h}x{w}x{c} uint8, {self.num_classes} classes: {names}",
+        ]
+        for split, counts in self.class_counts.items():
+            per_class = f"per class {min(counts)}-{max(counts)}" if counts else "no classes"
+            lines.append(f"  {split}: {sum(counts)} ({per_class})")
+        if self.skipped:
+            lines.append(f"  skipped: {len(self.skipped)} unreadable file(s), see .skipped")
+        lines.append(f"  fingerprint: {self.fingerprint[:12]}")
+        return "\n".join(lines)
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Materialise one split as numpy arrays.
+
+        Args:
+            split: `"train"`, `"val"` or `"test"`.
+
+        Returns:
+            `(images, labels)`: `uint8` `[N, H, W, C]` and `int32` `[N]`, in dataset order.
+
+        Raises:
+            ValueError: If `split` is not a split name or that split does not exist.
+
+        Example:
+            >>> x_test, y_test = data.arrays("test")  # doctest: +SKIP
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}. Received: split={split!r}")
+        dataset = getattr(self, split)
+        if dataset is None:
+            raise ValueError(
+                f"This ImageData has no {split!r} split (it has {list(self.class_counts)}). "
+                f"Received: split={split!r}"
+            )
+        cached = self._arrays.get(split)
+        if cached is not None and cached[0] is dataset:
+            return cached[1], cached[2]
+        images, labels = [], []
+        for x, y in dataset.batch(256).as_numpy_iterator():
+            images.append(x)
+            labels.append(y)
+        if not images:
+            return np.zeros((0, *self.image_shape), np.uint8), np.zeros((0,), np.int32)
+        return (
+            np.concatenate(images).astype(np.uint8, copy=False),
+            np.concatenate(labels).astype(np.int32, copy=False),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageData(source={self.source!r}, image_shape={self.image_shape}, "
+            f"num_classes={self.num_classes}, sizes={self.sizes})"
+        )
+
+
+def from_arrays(
+    x,
+    y,
+    *,
+    x_test=None,
+    y_test=None,
+    val_split: float = 0.1,
+    class_names=None,
+    seed: int = 0,
+) -> ImageData:
+    """Wrap in-memory images and integer labels as an `ImageData`.
+
+    The validation split is taken from `(x, y)`, stratified by class: each class with at
+    least 2 examples gives `round(val_split * count)` of them (at least 1, and never all)
+    to validation, chosen with `seed`. Within each split the original order is kept;
+    shuffling is the input pipeline's job.
+
+    Args:
+        x: Training images, shape `(N, H, W)` (a channel axis is added) or `(N, H, W, C)`
+            with `C` in {1, 3}; raw 0-255 pixel values as `uint8` or another integer dtype
+            (cast to `uint8` after a range check). Float arrays are refused: convert them
+            yourself so it is explicit whether they were in [0, 1] or [0, 255].
+        y: Integer labels `0..K-1`, shape `(N,)` or `(N, 1)`.
+        x_test: Optional test images, same rules and image shape as `x`.
+        y_test: Test labels; required exactly when `x_test` is given.
+        val_split: Fraction of each class moved to validation, in `[0, 1)`; `0` means no
+            validation split (`val` is `None`).
+        class_names: Names by label. Defaults to `["0", ..., "K-1"]` with `K` one more than
+            the largest label in `y` and `y_test`.
+        seed: Non-negative integer seed of the validation split.
+
+    Returns:
+        An `ImageData` with `source="arrays"` and a fingerprint of the pixel and label bytes
+        and class names (the same arrays always give the same fingerprint).
+
+    Raises:
+        ValueError: On a bad shape, dtype, pixel range, label, length mismatch, empty array,
+            or argument, naming the argument and the value received.
+
+    Example:
+        >>> import numpy as np
+        >>> from cnnkit.data import from_arrays
+        >>> x = np.random.default_rng(0).integers(0, 256, (100, 28, 28), dtype=np.uint8)
+        >>> y = np.arange(100) % 10
+        >>> data = from_arrays(x, y, val_split=0.2, class_names=list("abcdefghij"))
+        >>> data.sizes
+        {'train': 80, 'val': 20}
+        >>> data.class_counts["val"]
+        [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+    """
+    val_split = check_val_split(val_split)
+    seed = check_seed(seed)
+    x = _check_images(x, "x")
+    y = _check_labels(y, "y", len(x), "x")
+    if (x_test is None) != (y_test is None):
+        raise ValueError(
+            "Pass x_test and y_test together, or neither. Received: "
+            f"x_test={'None' if x_test is None else 'array'}, "
+            f"y_test={'None' if y_test is None else 'array'}"
+        )
+    if x_test is not None:
+        x_test = _check_images(x_test, "x_test")
+        y_test = _check_labels(y_test, "y_test", len(x_test), "x_test")
+        if x_test.shape[1:] != x.shape[1:]:
+            raise ValueError(
+                "x_test must have the same image shape as x "
+                f"({x.shape[1:]}). Received: x_test.shape={x_test.shape}"
+            )
+    max_label = int(y.max())
+    if y_test is not None:
+        max_label = max(max_label, int(y_test.max()))
+    if class_names is None:
+        class_names = [str(i) for i in range(max_label + 1)]
+    else:
+        class_names = check_class_names(class_names)
+        for name, labels in (("y", y), ("y_test", y_test)):
+            if labels is not None and int(labels.max()) >= len(class_names):
+                raise ValueError(
+                    f"{name} holds labels beyond the {len(class_names)} class_names "
+                    f"(labels must be 0..{len(class_names) - 1}). "
+                    f"Received: {name}.max()={int(labels.max())}"
+                )
+    num_classes = len(class_names)
+
+    train_idx, val_idx = stratified_split(y, num_classes, val_split, seed)
+    if val_idx is None:
+        splits = {"train": (x, y)}
+    else:
+        splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx])}
+    if x_test is not None:
+        splits["test"] = (x_test, y_test)
+
+    import tensorflow as tf
+
+    datasets = {}
+    for split, (images, labels) in splits.items():
+        datasets[split] = tf.data.Dataset.from_tensor_slices((images, labels))
+    data = ImageData(
+        train=datasets["train"],
+        val=datasets.get("val"),
+        test=datasets.get("test"),
+        class_names=class_names,
+        image_shape=tuple(int(d) for d in x.shape[1:]),
+        class_counts={
+            split: count_classes(labels, num_classes) for split, (_, labels) in splits.items()
+        },
+        source="arrays",
+        fingerprint=_fingerprint_arrays(x, y, x_test, y_test, class_names),
+    )
+    for split, (images, labels) in splits.items():
+        data._arrays[split] = (datasets[split], images, labels)
+    return data
+
+
+# --- helpers shared by the sources (not public API) --------------------------------------
+
+
+def check_val_split(val_split) -> float:
+    """Return `val_split` as a float in [0, 1), or raise ValueError."""
+    if (
+        isinstance(val_split, bool)
+        or not isinstance(val_split, numbers.Real)
+        or not 0 <= val_split < 1
+    ):
+        raise ValueError(
+            f"val_split must be a number in [0, 1) (0 = no validation split). "
+            f"Received: val_split={val_split!r}"
+        )
+    return float(val_split)
+
+
+def check_seed(seed) -> int:
+    """Return `seed` as a non-negative int, or raise ValueError."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer. Received: seed={seed!r}")
+    return int(seed)
+
+
+def check_class_names(class_names) -> list[str]:
+    """Return `class_names` as a list of unique non-empty strings, or raise ValueError."""
+    if isinstance(class_names, str) or not all(isinstance(n, str) and n for n in class_names):
+        raise ValueError(
+            f"class_names must be a list of non-empty strings. Received: class_names={class_names!r}"
+        )
+    class_names = list(class_names)
+    if not class_names:
+        raise ValueError("class_names must not be empty. Received: class_names=[]")
+    duplicates = sorted({n for n in class_names if class_names.count(n) > 1})
+    if duplicates:
+        raise ValueError(
+            f"class_names must be unique; repeated: {duplicates}. Received: class_names={class_names!r}"
+        )
+    return class_names
+
+
+def stratified_split(labels: np.ndarray, num_classes: int, val_split: float, seed: int):
+    """Split example indices into train and validation, per class.
+
+    A class with `n >= 2` examples gives `k = round_half_up(val_split * n)` examples to
+    validation, clipped to `[1, n - 1]`; a class with one example stays in train. Each class
+    draws from its own generator seeded with `(seed, class)`, so the split of one class does
+    not depend on the others.
+
+    Returns:
+        `(train_idx, val_idx)`, sorted `int64` arrays; `(all, None)` when `val_split == 0`
+        or no example goes to validation (the latter with a warning).
+    """
+    labels = np.asarray(labels)
+    if val_split == 0:
+        return np.arange(len(labels)), None
+    val_parts = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        n = idx.size
+        if n < 2:
+            continue
+        k = min(max(int(np.floor(val_split * n + 0.5)), 1), n - 1)
+        rng = np.random.default_rng([seed, c])
+        val_parts.append(rng.permutation(idx)[:k])
+    if not val_parts:
+        warnings.warn(
+            f"val_split={val_split} but no class has 2 or more examples, so there is no "
+            "validation split (val is None).",
+            stacklevel=3,
+        )
+        return np.arange(len(labels)), None
+    val_idx = np.sort(np.concatenate(val_parts))
+    is_val = np.zeros(len(labels), bool)
+    is_val[val_idx] = True
+    return np.flatnonzero(~is_val), val_idx
+
+
+def count_classes(labels, num_classes: int) -> list[int]:
+    """Examples per class index, as a list of Python ints."""
+    return [int(n) for n in np.bincount(np.asarray(labels, np.int64), minlength=num_classes)]
+
+
+def _check_images(x, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., np.newaxis]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"{name} must have shape (N, H, W) or (N, H, W, C) with C in {{1, 3}}. "
+            f"Received: {name}.shape={x.shape}"
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{name} must not be empty. Received: {name}.shape={x.shape}")
+    if x.dtype == np.uint8:
+        return x
+    if not np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+        raise ValueError(
+            f"{name} must hold raw 0-255 pixel values with an integer dtype (uint8). "
+            f"Float images are refused because [0, 1] and [0, 255] cannot be told apart; "
+            f"convert them first, e.g. (x * 255).round().astype('uint8') for [0, 1] floats "
+            f"or x.round().astype('uint8') for [0, 255] floats. Received: {name}.dtype={x.dtype}"
+        )
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi > 255:
+        raise ValueError(
+            f"{name} must hold pixel values in 0..255. "
+            f"Received: {name}.min()={lo}, {name}.max()={hi} ({name}.dtype={x.dtype})"
+        )
+    return x.astype(np.uint8)
+
+
+def _check_labels(y, name: str, n: int, x_name: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(
+            f"{name} must hold integer labels, shape (N,) or (N, 1). Received: {name}.shape={y.shape}"
+        )
+    if y.shape[0] != n:
+        raise ValueError(
+            f"{x_name} and {name} must have the same length. "
+            f"Received: len({x_name})={n}, len({name})={y.shape[0]}"
+        )
+    if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        raise ValueError(
+            f"{name} must hold integer class labels 0..K-1 (not one-hot, not float). "
+            f"Received: {name}.dtype={y.dtype}"
+        )
+    if int(y.min()) < 0:
+        raise ValueError(f"{name} must hold labels 0..K-1. Received: {name}.min()={int(y.min())}")
+    if int(y.max()) > np.iinfo(np.int32).max:
+        raise ValueError(f"{name} labels are too large. Received: {name}.max()={int(y.max())}")
+    return y.astype(np.int32)
+
+
+def _fingerprint_arrays(x, y, x_test, y_test, class_names) -> str:
+    h = hashlib.sha256(b"cnnkit.data.from_arrays/v1\n")
+    for name, arr in (("x", x), ("y", y), ("x_test", x_test), ("y_test", y_test)):
+        if arr is None:
+            h.update(f"{name}:none\n".encode())
+            continue
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{name}:{arr.dtype.str}:{arr.shape}\n".encode())
+        h.update(memoryview(arr).cast("B"))
+    h.update(json.dumps(list(class_names)).encode())
+    return h.hexdigest()

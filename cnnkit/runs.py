@@ -1,0 +1,684 @@
+"""The run directory: a trained model with its history, metrics and config, written atomically.
+
+A run directory (``runs/<name>/``) holds::
+
+    model.keras            the trained model (Keras 3 format)
+    history.csv            one row per epoch: ``epoch`` (from 1), then one column per history key
+    metrics.json           evaluation metrics (see ``cnnkit.evaluate.classification_metrics``)
+    config.yaml            resolved arguments, versions, seed, data fingerprint, ``class_names``
+    training_curves.png    loss / accuracy (/ learning rate) per epoch
+    confusion_matrix.png   when the metrics include a confusion matrix
+    README.md              a model card
+
+Every file is written to a temporary name in the same directory, flushed, fsynced and renamed
+over the target (``os.replace``), so a crash never leaves a half-written file in place: readers
+see either the old file or the new one.
+
+TensorFlow and Keras are imported only by the functions that need them, so the atomic writers
+can be used (by ``cnnkit.report``) without loading TensorFlow.
+
+Example:
+    >>> import cnnkit
+    >>> run = cnnkit.load("runs/lenet5-mnist")          # doctest: +SKIP
+    >>> run.predict_classes(image)                      # doctest: +SKIP
+    ['7']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib
+import importlib.util
+import io
+import json
+import numbers
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+__all__ = [
+    "CONFIG_FILE",
+    "CONFUSION_FILE",
+    "CURVES_FILE",
+    "HISTORY_FILE",
+    "METRICS_FILE",
+    "MODEL_FILE",
+    "README_FILE",
+    "Run",
+    "atomic_save_model",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load",
+    "write_run",
+]
+
+MODEL_FILE = "model.keras"
+HISTORY_FILE = "history.csv"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+README_FILE = "README.md"
+CURVES_FILE = "training_curves.png"
+CONFUSION_FILE = "confusion_matrix.png"
+
+# Modules whose import registers cnnkit's custom layers with Keras serialization. They are
+# imported (when they exist) before a model is loaded.
+_CUSTOM_OBJECT_MODULES = ("cnnkit.models.layers",)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _default_file_mode() -> int:
+    """``0o666`` minus the process umask, read without changing it (Linux), else ``0o644``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Best-effort fsync of a directory so the rename itself is durable (POSIX only)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _target_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        return _default_file_mode()
+
+
+@contextlib.contextmanager
+def _temp_beside(path: Path, suffix: str = ".tmp"):
+    """Yield the path of an empty temp file beside ``path``; rename it over ``path`` on success.
+
+    The caller writes (and fsyncs) the temp file. On any exception, including one in
+    ``os.replace``, the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix="." + path.name + ".", suffix=suffix) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, _target_mode(path))
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_synced(path: Path, data) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically.
+
+    The bytes go to a temporary file in the same directory (``.<name>.XXXX.tmp``), which is
+    flushed, fsynced and renamed over ``path`` with ``os.replace``. If anything fails the
+    temporary file is removed and an existing ``path`` is left untouched. Missing parent
+    directories are created. An existing file's permission bits are kept; a new file gets
+    ``0o666`` minus the umask.
+
+    Args:
+        path: Destination file.
+        data: The complete new contents.
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Raises:
+        TypeError: If ``data`` is not bytes-like.
+
+    Example:
+        >>> atomic_write_bytes("runs/demo/blob.bin", b"\\x00\\x01")  # doctest: +SKIP
+        PosixPath('runs/demo/blob.bin')
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"`data` must be bytes. Received: data of type {type(data).__name__}")
+    path = Path(path)
+    with _temp_beside(path) as tmp_path:
+        _write_synced(tmp_path, data)
+    return path
+
+
+def atomic_write_text(path, text: str, *, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`).
+
+    Args:
+        path: Destination file.
+        text: The complete new contents.
+        encoding: Text encoding, UTF-8 by default.
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Example:
+        >>> atomic_write_text("runs/demo/notes.txt", "hello\\n")  # doctest: +SKIP
+        PosixPath('runs/demo/notes.txt')
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"`text` must be a str. Received: text of type {type(text).__name__}")
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_save_model(model, path) -> Path:
+    """Save a Keras model to ``path`` atomically.
+
+    ``model.save`` writes to a temporary ``.keras`` file in the same directory, which is then
+    renamed over ``path``; a failed save leaves an existing ``path`` intact and no temp file.
+
+    Args:
+        model: A ``keras.Model``.
+        path: Destination; must end in ``.keras``.
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Raises:
+        ValueError: If ``path`` does not end in ``.keras``.
+
+    Example:
+        >>> atomic_save_model(model, "runs/demo/model.keras")  # doctest: +SKIP
+        PosixPath('runs/demo/model.keras')
+    """
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"A model file must end in '.keras'. Received: path={str(path)!r}")
+    with _temp_beside(path, suffix=".tmp.keras") as tmp_path:
+        model.save(tmp_path)
+        with open(tmp_path, "rb+") as saved:
+            os.fsync(saved.fileno())
+    return path
+
+
+# --------------------------------------------------------------------------- plain data
+
+
+def _plain(value):
+    """Convert numpy scalars/arrays, tuples and paths into YAML/JSON-safe Python data."""
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(
+        "Run data must be plain data (dict, list, str, numbers, bool, None). "
+        f"Received: value={value!r} of type {type(value).__name__}"
+    )
+
+
+def _history_to_csv(history: dict) -> str:
+    keys = list(history)
+    length = max((len(v) for v in history.values()), default=0)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["epoch", *keys])
+    for epoch in range(length):
+        row = [epoch + 1]
+        for key in keys:
+            values = history[key]
+            row.append(repr(float(values[epoch])) if epoch < len(values) else "")
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def _history_from_csv(text: str) -> dict:
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if not header:
+        return {}
+    keys = header[1:] if header[0] == "epoch" else header
+    offset = 1 if header[0] == "epoch" else 0
+    history = {key: [] for key in keys}
+    for row in reader:
+        for key, cell in zip(keys, row[offset:]):
+            if cell != "":
+                history[key].append(float(cell))
+    return history
+
+
+def _normalise_history(history) -> dict:
+    if history is None:
+        return {}
+    if hasattr(history, "history") and isinstance(history.history, dict):  # keras History
+        history = history.history
+    if not isinstance(history, dict):
+        raise ValueError(
+            "`history` must be a dict mapping metric names to per-epoch values. "
+            f"Received: history of type {type(history).__name__}"
+        )
+    result = {}
+    for key, values in history.items():
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        result[str(key)] = [float(v) for v in values]
+    return result
+
+
+def _model_summary(model) -> str:
+    lines = []
+    try:
+        model.summary(print_fn=lambda text, *args, **kwargs: lines.append(str(text)))
+    except Exception as err:  # noqa: BLE001  (a summary is nice to have, never worth failing a save)
+        return f"(model summary unavailable: {err})"
+    return "\n".join(lines).rstrip()
+
+
+def _model_name(model) -> str:
+    return str(getattr(model, "name", type(model).__name__))
+
+
+# --------------------------------------------------------------------------- Run
+
+
+def _shape_matches(shape, expected) -> bool:
+    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+class Run:
+    """A trained classifier with its history, metrics, config and (optional) run directory.
+
+    Attributes:
+        model: The ``keras.Model`` (its output is class probabilities).
+        history: Per-epoch values, ``{"loss": [...], "val_accuracy": [...], ...}``.
+        metrics: Evaluation results, e.g. ``test_accuracy``, ``test_error``,
+            ``balanced_accuracy``, ``per_class``, ``confusion_matrix``.
+        run_dir: The directory the run was written to / loaded from, or ``None``.
+        class_names: One name per model output, in output order.
+        config: The resolved configuration (plain data).
+
+    Args:
+        model: A ``keras.Model`` with one input and a ``(None, K)`` probability output.
+        history: A dict of lists of floats or a ``keras.callbacks.History``.
+        metrics: A dict of metrics.
+        run_dir: Where the run lives on disk, if anywhere.
+        class_names: ``K`` names; defaults to ``config["class_names"]`` or ``"0".."K-1"``.
+        config: Plain-data configuration.
+
+    Example:
+        >>> run = cnnkit.load("runs/lenet5-mnist")        # doctest: +SKIP
+        >>> run.predict(images).shape                      # doctest: +SKIP
+        (32, 10)
+        >>> run.evaluate(data)["test_accuracy"]            # doctest: +SKIP
+        0.9912
+    """
+
+    def __init__(self, model, *, history=None, metrics=None, run_dir=None, class_names=None, config=None):
+        self.model = model
+        self.history = _normalise_history(history)
+        self.metrics = dict(metrics or {})
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.config = dict(config or {})
+        if class_names is None:
+            class_names = self.config.get("class_names")
+        if class_names is None:
+            class_names = [str(i) for i in range(self._num_outputs() or 0)]
+        if isinstance(class_names, str):
+            raise ValueError(f"`class_names` must be a list of names. Received: class_names={class_names!r}")
+        self.class_names = [str(name) for name in class_names]
+        num_outputs = self._num_outputs()
+        if num_outputs is not None and len(self.class_names) != num_outputs:
+            raise ValueError(
+                f"`class_names` must have one name per model output ({num_outputs}). "
+                f"Received: class_names={self.class_names} (length {len(self.class_names)})"
+            )
+        self._compiled = None  # (model, tf.function) built on first predict
+
+    # -- helpers
+    def _num_outputs(self):
+        try:
+            shape = self.model.output_shape
+        except (AttributeError, ValueError):
+            return None
+        if isinstance(shape, list):
+            return None
+        return shape[-1]
+
+    def _predict_fn(self):
+        if self._compiled is None or self._compiled[0] is not self.model:
+            import tensorflow as tf
+
+            model = self.model
+            self._compiled = (model, tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False))
+        return self._compiled[1]
+
+    def _as_batch(self, x) -> np.ndarray:
+        expected = tuple(self.model.input_shape[1:])
+        try:
+            array = np.asarray(x)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"`x` must be an image or a batch of images. Received: x of type {type(x).__name__}"
+            ) from err
+        if array.dtype.kind not in "uifb":
+            raise ValueError(
+                f"`x` must hold numeric pixel values (uint8 or numbers 0-255). Received: x.dtype={array.dtype}"
+            )
+        shape = array.shape
+        has_single_channel = len(expected) >= 2 and expected[-1] == 1
+        if _shape_matches(shape, expected):  # one image, all axes
+            array = array[np.newaxis]
+        elif len(shape) == len(expected) + 1 and _shape_matches(shape[1:], expected):  # a batch
+            pass
+        elif has_single_channel and _shape_matches(shape, expected[:-1]):  # one image, no channel
+            array = array[np.newaxis, ..., np.newaxis]
+        elif has_single_channel and len(shape) == len(expected) and _shape_matches(shape[1:], expected[:-1]):
+            array = array[..., np.newaxis]  # a batch without the channel axis
+        else:
+            raise ValueError(
+                f"`x` does not match the model input shape {_fmt_shape(expected)} "
+                f"(one image) or {_fmt_shape((None, *expected))} (a batch). Received: x.shape={_fmt_shape(shape)}"
+            )
+        dtype = getattr(self.model.inputs[0], "dtype", "float32") if getattr(self.model, "inputs", None) else "float32"
+        try:
+            dtype = np.dtype(getattr(dtype, "name", dtype))
+        except TypeError:
+            dtype = np.dtype("float32")
+        return array.astype(dtype, copy=False)
+
+    # -- public API
+    def predict(self, x, *, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities for one image or a batch of raw images.
+
+        ``x`` is raw pixels (uint8, or numbers in 0-255; the model scales inside): one image
+        ``(H, W)`` or ``(H, W, C)``, or a batch ``(N, H, W)`` or ``(N, H, W, C)``. Missing batch
+        and (single-)channel axes are added. The model runs through one compiled
+        ``tf.function`` per Run (not ``model.predict``, which costs tens of milliseconds of
+        set-up per call), ``batch_size`` images at a time.
+
+        Args:
+            x: Image(s) as described above.
+            batch_size: Images per forward pass.
+
+        Returns:
+            A float ``np.ndarray`` of shape ``(N, K)`` -- always with a batch axis, ``N = 1``
+            for a single image.
+
+        Raises:
+            ValueError: If the shape matches neither the model input nor a batch of it.
+
+        Example:
+            >>> run.predict(np.zeros((28, 28), np.uint8)).shape  # doctest: +SKIP
+            (1, 10)
+        """
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}")
+        batch = self._as_batch(x)
+        fn = self._predict_fn()
+        outputs = [
+            np.asarray(fn(batch[start : start + batch_size])) for start in range(0, batch.shape[0], int(batch_size))
+        ]
+        if not outputs:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        return np.concatenate(outputs, axis=0)
+
+    def predict_classes(self, x, *, batch_size: int = 256) -> list[str]:
+        """Names of the most probable class for one image or a batch (see :meth:`predict`).
+
+        Returns:
+            A list of class names, one per image (a list of one for a single image).
+
+        Example:
+            >>> run.predict_classes(image)  # doctest: +SKIP
+            ['7']
+        """
+        probs = self.predict(x, batch_size=batch_size)
+        return [self.class_names[i] for i in np.argmax(probs, axis=1)]
+
+    def evaluate(self, data, *, split: str = "test") -> dict:
+        """Metrics of this model on a data split.
+
+        ``self.metrics`` is not changed; assign the result if you want to keep it.
+
+        Args:
+            data: An object with ``.arrays(split) -> (x_uint8, y_int)`` (``cnnkit.data.ImageData``)
+                or a tuple ``(x, y)`` of raw images and integer labels.
+            split: Split to evaluate; also the prefix of the accuracy/error/loss keys.
+
+        Returns:
+            The dict from ``cnnkit.evaluate.classification_metrics``.
+
+        Example:
+            >>> run.evaluate(data)["test_accuracy"]  # doctest: +SKIP
+            0.9912
+        """
+        from cnnkit.evaluate import classification_metrics
+
+        if hasattr(data, "arrays"):
+            x, y = data.arrays(split)
+        elif isinstance(data, (tuple, list)) and len(data) == 2:
+            x, y = data
+        else:
+            raise ValueError(
+                "`data` must have an `.arrays(split)` method (cnnkit.data.ImageData) or be a tuple (x, y). "
+                f"Received: data of type {type(data).__name__}"
+            )
+        return classification_metrics(np.asarray(y), self.predict(x), self.class_names, split=split)
+
+    def save(self, run_dir) -> Path:
+        """Write this run to ``run_dir`` with :func:`write_run` and remember the directory.
+
+        Example:
+            >>> run.save("runs/my-run")  # doctest: +SKIP
+            PosixPath('runs/my-run')
+        """
+        self.run_dir = write_run(
+            run_dir,
+            model=self.model,
+            history=self.history,
+            metrics=self.metrics,
+            config=self.config,
+            class_names=self.class_names,
+        )
+        return self.run_dir
+
+    def __repr__(self) -> str:
+        parts = [f"model={_model_name(self.model)!r}", f"classes={len(self.class_names)}"]
+        for key in ("test_accuracy", "balanced_accuracy"):
+            value = self.metrics.get(key)
+            if isinstance(value, numbers.Real):
+                parts.append(f"{key}={value:.4f}")
+        if self.history:
+            parts.append(f"epochs={max(len(v) for v in self.history.values())}")
+        parts.append(f"run_dir={str(self.run_dir) if self.run_dir else None!r}")
+        return f"Run({', '.join(parts)})"
+
+
+# --------------------------------------------------------------------------- write / load
+
+
+def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
+    """Write a complete run directory, every file atomically.
+
+    Writes ``model.keras``, ``history.csv`` (``epoch`` from 1, one column per history key),
+    ``metrics.json`` (indent 2), ``config.yaml`` (``config`` plus ``class_names``,
+    ``yaml.safe_dump`` with ``sort_keys=False``), ``training_curves.png`` (when the history has
+    something to plot), ``confusion_matrix.png`` (when ``metrics`` has ``"confusion_matrix"``)
+    and ``README.md`` (the model card). Existing files are replaced.
+
+    Args:
+        run_dir: Directory to create or update.
+        model: The trained ``keras.Model``.
+        history: Dict of per-epoch lists (or a ``keras.callbacks.History``).
+        metrics: Dict of metrics (plain data).
+        config: Plain-data config. ``class_names`` is added to it if missing; the caller's
+            dict is not modified.
+        class_names: One name per model output.
+
+    Returns:
+        ``run_dir`` as a ``pathlib.Path``.
+
+    Raises:
+        ValueError: If ``config["class_names"]`` exists and differs from ``class_names``.
+        TypeError: If ``config`` or ``metrics`` contain values that are not plain data.
+
+    Example:
+        >>> write_run("runs/demo", model=model, history=fit.history, metrics=m,
+        ...           config={"arch": "lenet5", "epochs": 3}, class_names=names)  # doctest: +SKIP
+        PosixPath('runs/demo')
+    """
+    from cnnkit import report
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"`run_dir` must be a directory. Received: run_dir={str(run_dir)!r} (an existing file)")
+    names = [str(name) for name in class_names]
+    config = _plain(dict(config or {}))
+    if "class_names" in config:
+        if [str(n) for n in config["class_names"]] != names:
+            raise ValueError(
+                "config['class_names'] disagrees with `class_names`. "
+                f"Received: config['class_names']={config['class_names']}, class_names={names}"
+            )
+    else:
+        config["class_names"] = names
+    metrics = _plain(dict(metrics or {}))
+    history = _normalise_history(history)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    atomic_save_model(model, run_dir / MODEL_FILE)
+    atomic_write_text(run_dir / HISTORY_FILE, _history_to_csv(history))
+    atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+    atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    if report.has_curves(history):
+        report.plot_training_curves(history, run_dir / CURVES_FILE)
+    if metrics.get("confusion_matrix") is not None:
+        report.plot_confusion_matrix(metrics["confusion_matrix"], names, run_dir / CONFUSION_FILE)
+    card = report.model_card(
+        name=str(config.get("name") or run_dir.name),
+        config=config,
+        metrics=metrics,
+        class_names=names,
+        summary=_model_summary(model),
+        run_dir=run_dir,
+        history=history,
+    )
+    atomic_write_text(run_dir / README_FILE, card)
+    return run_dir
+
+
+def _import_custom_objects() -> None:
+    """Import the modules that register cnnkit's custom layers, if they exist yet."""
+    for module_name in _CUSTOM_OBJECT_MODULES:
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except ModuleNotFoundError:  # a parent package is missing
+            spec = None
+        if spec is not None:
+            importlib.import_module(module_name)
+
+
+def _load_model(path: Path, safe_mode: bool):
+    _import_custom_objects()
+    import keras
+
+    try:
+        return keras.saving.load_model(path, safe_mode=safe_mode)
+    except ValueError as err:
+        if safe_mode and "safe_mode" in str(err):
+            raise ValueError(
+                f"Refusing to load {str(path)!r}: it contains Python code (e.g. a Lambda layer) and "
+                "safe_mode=True. Pass safe_mode=False only for files you trust. "
+                f"Keras said: {err}"
+            ) from err
+        raise
+
+
+def load(path, *, safe_mode: bool = True) -> Run:
+    """Load a run directory or a ``.keras`` file as a :class:`Run`.
+
+    A run directory must contain ``model.keras``; ``history.csv``, ``metrics.json`` and
+    ``config.yaml`` are read when present (empty otherwise), and class names come from
+    ``config.yaml``. A bare ``.keras`` file gives a Run with empty history, metrics and config
+    and class names ``"0".."K-1"`` from the model's output size.
+
+    ``safe_mode=True`` (the default) is passed to ``keras.saving.load_model``: it refuses to
+    deserialise arbitrary Python code such as ``Lambda`` layers, so loading a file from
+    someone else cannot run code. Use ``safe_mode=False`` only for files you trust.
+
+    cnnkit's custom layers (``cnnkit.models.layers``) are imported first so their
+    serialisation is registered.
+
+    Args:
+        path: A run directory or a ``.keras`` file.
+        safe_mode: Forwarded to ``keras.saving.load_model``.
+
+    Returns:
+        A :class:`Run` with ``run_dir`` set for a directory (``None`` for a bare file).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist, or is a directory without ``model.keras``.
+        ValueError: If ``path`` is a file that is not ``.keras``, or the model needs
+            ``safe_mode=False``.
+
+    Example:
+        >>> run = cnnkit.load("runs/lenet5-mnist")  # doctest: +SKIP
+        >>> run.metrics["test_accuracy"]             # doctest: +SKIP
+        0.9912
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No run directory or .keras file at {str(path)!r}. Received: path={str(path)!r}")
+    if path.is_dir():
+        model_path = path / MODEL_FILE
+        if not model_path.is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} is not a run directory: expected a {MODEL_FILE!r} file in it. "
+                f"Received: path={str(path)!r}"
+            )
+        history_path, metrics_path, config_path = path / HISTORY_FILE, path / METRICS_FILE, path / CONFIG_FILE
+        history = _history_from_csv(history_path.read_text(encoding="utf-8")) if history_path.is_file() else {}
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        if config is None:
+            config = {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{str(config_path)!r} must hold a mapping. Received: {type(config).__name__}")
+        model = _load_model(model_path, safe_mode)
+        return Run(
+            model, history=history, metrics=metrics, config=config, run_dir=path, class_names=config.get("class_names")
+        )
+    if path.suffix != ".keras":
+        raise ValueError(f"Expected a run directory or a '.keras' model file. Received: path={str(path)!r}")
+    model = _load_model(path, safe_mode)
+    return Run(model)

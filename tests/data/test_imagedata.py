@@ -1,0 +1,329 @@
+"""Tests of ImageData and from_arrays."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cnnkit.data import ImageData, from_arrays
+
+
+def tagged_images(n, h=4, w=5, c=None):
+    """n images whose first two pixels encode the example index (so splits can be traced)."""
+    shape = (n, h, w) if c is None else (n, h, w, c)
+    x = np.zeros(shape, np.uint8)
+    flat = x.reshape(n, -1)
+    flat[:, 0] = np.arange(n) % 256
+    flat[:, 1] = np.arange(n) // 256
+    return x
+
+
+def index_of(images):
+    flat = images.reshape(len(images), -1).astype(np.int64)
+    return flat[:, 0] + 256 * flat[:, 1]
+
+
+def labels_with_counts(counts):
+    return np.concatenate([np.full(n, c) for c, n in enumerate(counts)]).astype(np.int64)
+
+
+# --- shapes, dtypes, datasets ---------------------------------------------------------------
+
+
+def test_adds_channel_axis_and_builds_unbatched_uint8_int32_datasets():
+    x = tagged_images(12)
+    y = np.arange(12) % 3
+    data = from_arrays(x, y, val_split=0)
+    assert data.image_shape == (4, 5, 1)
+    image_spec, label_spec = data.train.element_spec
+    assert image_spec.shape == (4, 5, 1) and image_spec.dtype == tf.uint8
+    assert label_spec.shape == () and label_spec.dtype == tf.int32
+    images, labels = zip(*data.train.as_numpy_iterator())
+    np.testing.assert_array_equal(np.stack(images)[..., 0], x)
+    np.testing.assert_array_equal(labels, y)
+    assert data.val is None and data.test is None
+    assert data.class_counts == {"train": [4, 4, 4]}
+    assert data.sizes == {"train": 12}
+    assert data.num_classes == 3
+    assert data.class_names == ["0", "1", "2"]
+    assert data.source == "arrays"
+    assert data.skipped == []
+
+
+def test_rgb_images_kept_and_labels_of_shape_n_by_1_accepted():
+    x = np.random.default_rng(0).integers(0, 256, (6, 3, 3, 3), dtype=np.uint8)
+    y = np.array([[0], [1], [0], [1], [0], [1]], np.uint8)
+    data = from_arrays(x, y, val_split=0)
+    assert data.image_shape == (3, 3, 3)
+    images, labels = data.arrays("train")
+    np.testing.assert_array_equal(images, x)
+    np.testing.assert_array_equal(labels, [0, 1, 0, 1, 0, 1])
+    assert labels.dtype == np.int32
+
+
+def test_integer_pixels_in_range_are_cast_to_uint8():
+    x = np.full((4, 2, 2), 255, np.int64)
+    x[0] = 0
+    data = from_arrays(x, [0, 1, 0, 1], val_split=0)
+    images, _ = data.arrays("train")
+    assert images.dtype == np.uint8
+    np.testing.assert_array_equal(images[..., 0], x)
+
+
+def test_test_split_and_default_class_names_cover_test_labels():
+    x, y = tagged_images(8), np.array([0, 1, 2, 3] * 2)
+    x_test, y_test = tagged_images(5), np.array([0, 1, 2, 3, 4])
+    data = from_arrays(x, y, x_test=x_test, y_test=y_test, val_split=0)
+    assert data.class_names == ["0", "1", "2", "3", "4"]
+    assert data.class_counts == {"train": [2, 2, 2, 2, 0], "test": [1, 1, 1, 1, 1]}
+    assert data.sizes == {"train": 8, "test": 5}
+    images, labels = data.arrays("test")
+    np.testing.assert_array_equal(images[..., 0], x_test)
+    np.testing.assert_array_equal(labels, y_test)
+
+
+def test_class_names_given():
+    data = from_arrays(tagged_images(4), [0, 1, 1, 0], class_names=["cat", "dog", "eel"])
+    assert data.class_names == ["cat", "dog", "eel"]
+    assert data.num_classes == 3
+    assert data.class_counts["train"][2] == 0
+
+
+# --- validation split -----------------------------------------------------------------------
+
+
+def test_val_split_is_stratified_with_round_half_up_and_at_least_one():
+    counts = [100, 50, 10, 2, 1, 25]
+    y = labels_with_counts(counts)
+    data = from_arrays(tagged_images(len(y)), y, val_split=0.1)
+    # round(0.1 * n): 10, 5, 1; n=2 -> at least 1; n=1 -> stays in train; 2.5 -> 3 (half up)
+    assert data.class_counts["val"] == [10, 5, 1, 1, 0, 3]
+    assert data.class_counts["train"] == [90, 45, 9, 1, 1, 22]
+    assert data.sizes == {"train": 168, "val": 20}
+
+
+def test_val_split_partitions_the_examples_and_keeps_labels_with_images():
+    y = labels_with_counts([30, 20, 10])
+    x = tagged_images(len(y))
+    data = from_arrays(x, y, val_split=0.25, seed=3)
+    train_x, train_y = data.arrays("train")
+    val_x, val_y = data.arrays("val")
+    train_ids, val_ids = index_of(train_x), index_of(val_x)
+    assert sorted(np.concatenate([train_ids, val_ids]).tolist()) == list(range(len(y)))
+    np.testing.assert_array_equal(train_y, y[train_ids])
+    np.testing.assert_array_equal(val_y, y[val_ids])
+    # original order is kept inside each split
+    assert np.all(np.diff(train_ids) > 0) and np.all(np.diff(val_ids) > 0)
+    # datasets give the same as arrays()
+    ds_ids = [int(index_of(img[None])[0]) for img, _ in data.val.as_numpy_iterator()]
+    assert ds_ids == val_ids.tolist()
+
+
+def test_split_is_deterministic_per_seed_and_differs_across_seeds():
+    y = labels_with_counts([40, 40])
+    x = tagged_images(len(y))
+
+    def val_ids(seed):
+        return index_of(from_arrays(x, y, val_split=0.2, seed=seed).arrays("val")[0]).tolist()
+
+    assert val_ids(0) == val_ids(0)
+    assert val_ids(0) != val_ids(1)
+
+
+def test_val_split_zero_means_no_val():
+    data = from_arrays(tagged_images(6), [0, 1] * 3, val_split=0)
+    assert data.val is None
+    assert "val" not in data.class_counts and "val" not in data.sizes
+    with pytest.raises(ValueError, match="no 'val' split"):
+        data.arrays("val")
+
+
+def test_no_class_with_two_examples_warns_and_gives_no_val():
+    with pytest.warns(UserWarning, match="no validation split"):
+        data = from_arrays(tagged_images(3), [0, 1, 2], val_split=0.5)
+    assert data.val is None and data.sizes == {"train": 3}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 30), min_size=1, max_size=5).filter(lambda c: sum(c) > 0),
+    val_split=st.floats(0.01, 0.99),
+    seed=st.integers(0, 2**31),
+)
+def test_stratified_split_property(counts, val_split, seed):
+    y = labels_with_counts(counts)
+    x = tagged_images(len(y))
+    data = from_arrays(
+        x, y, val_split=val_split, seed=seed, class_names=[f"c{i}" for i in range(len(counts))]
+    )
+    expected_val = [
+        0 if n < 2 else min(max(int(np.floor(val_split * n + 0.5)), 1), n - 1) for n in counts
+    ]
+    if sum(expected_val) == 0:
+        assert data.val is None
+        return
+    assert data.class_counts["val"] == expected_val
+    assert data.class_counts["train"] == [n - v for n, v in zip(counts, expected_val)]
+    ids = np.concatenate([index_of(data.arrays(s)[0]) for s in ("train", "val")])
+    assert sorted(ids.tolist()) == list(range(len(y)))
+
+
+# --- fingerprint, summary, arrays -------------------------------------------------------------
+
+
+def test_fingerprint_identifies_content():
+    x, y = tagged_images(10), np.arange(10) % 2
+    fp = from_arrays(x, y).fingerprint
+    assert len(fp) == 64 and int(fp, 16) >= 0
+    assert from_arrays(x.copy(), y.copy(), val_split=0.3, seed=5).fingerprint == fp
+    assert from_arrays(x[..., None], y.astype(np.uint8)).fingerprint == fp  # same content
+    x2 = x.copy()
+    x2[3, 2, 2] = 7
+    assert from_arrays(x2, y).fingerprint != fp
+    assert from_arrays(x, 1 - y).fingerprint != fp
+    assert from_arrays(x, y, class_names=["a", "b"]).fingerprint != fp
+    assert from_arrays(x, y, x_test=x[:2], y_test=y[:2]).fingerprint != fp
+
+
+def test_summary_and_repr():
+    y = labels_with_counts([8, 4])
+    data = from_arrays(
+        tagged_images(12),
+        y,
+        x_test=tagged_images(3),
+        y_test=[0, 1, 1],
+        class_names=["ants", "bees"],
+        val_split=0.25,
+    )
+    text = data.summary()
+    assert "arrays" in text
+    assert "4x5x1" in text
+    assert "2 classes: ants, bees" in text
+    assert "train: 9 (per class 3-6)" in text
+    assert "val: 3 (per class 1-2)" in text
+    assert "test: 3 (per class 1-2)" in text
+    assert data.fingerprint[:12] in text
+    assert "sizes={'train': 9, 'val': 3, 'test': 3}" in repr(data)
+
+
+def test_arrays_bad_split_name():
+    data = from_arrays(tagged_images(4), [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="Received: split='validation'"):
+        data.arrays("validation")
+
+
+def test_arrays_iterates_a_replaced_dataset_instead_of_stale_cache():
+    data = from_arrays(tagged_images(4), [0, 1, 0, 1], val_split=0)
+    data.train = data.train.take(2)
+    images, labels = data.arrays("train")
+    assert images.shape == (2, 4, 5, 1) and labels.tolist() == [0, 1]
+
+
+def test_imagedata_can_be_built_directly_and_arrays_iterates():
+    ds = tf.data.Dataset.from_tensor_slices(
+        (np.ones((3, 2, 2, 1), np.uint8), np.array([0, 1, 1], np.int32))
+    )
+    data = ImageData(
+        train=ds,
+        val=None,
+        test=ds,
+        class_names=["a", "b"],
+        image_shape=(2, 2, 1),
+        class_counts={"train": [1, 2], "test": [1, 2]},
+        source="custom",
+        fingerprint="0" * 64,
+    )
+    images, labels = data.arrays("test")
+    assert images.shape == (3, 2, 2, 1) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 1, 1] and labels.dtype == np.int32
+    assert data.skipped == [] and data.sizes == {"train": 3, "test": 3}
+
+
+# --- argument errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x, y, kwargs, message",
+    [
+        (
+            np.zeros((4, 3, 3), np.float32),
+            [0, 1, 0, 1],
+            {},
+            r"raw 0-255 pixel.*Received: x\.dtype=float32",
+        ),
+        (np.zeros((4, 3, 3, 2), np.uint8), [0, 1, 0, 1], {}, r"Received: x\.shape=\(4, 3, 3, 2\)"),
+        (np.zeros((4, 3), np.uint8), [0, 1, 0, 1], {}, r"Received: x\.shape=\(4, 3\)"),
+        (
+            np.zeros((0, 3, 3), np.uint8),
+            [],
+            {},
+            r"must not be empty. Received: x\.shape=\(0, 3, 3, 1\)",
+        ),
+        (
+            np.full((2, 3, 3), 256, np.int32),
+            [0, 1],
+            {},
+            r"0\.\.255. Received: x\.min\(\)=256, x\.max\(\)=256",
+        ),
+        (np.full((2, 3, 3), -1, np.int16), [0, 1], {}, r"Received: x\.min\(\)=-1"),
+        (
+            np.zeros((4, 3, 3), np.uint8),
+            [0, 1, 0],
+            {},
+            r"same length. Received: len\(x\)=4, len\(y\)=3",
+        ),
+        (np.zeros((2, 3, 3), np.uint8), [0, -1], {}, r"Received: y\.min\(\)=-1"),
+        (np.zeros((2, 3, 3), np.uint8), [0.0, 1.0], {}, r"Received: y\.dtype=float64"),
+        (np.zeros((2, 3, 3), np.uint8), np.eye(2, dtype=int), {}, r"Received: y\.shape=\(2, 2\)"),
+        (
+            np.zeros((2, 3, 3), np.uint8),
+            [0, 2],
+            {"class_names": ["a", "b"]},
+            r"Received: y\.max\(\)=2",
+        ),
+        (np.zeros((2, 3, 3), np.uint8), [0, 1], {"class_names": ["a", "a"]}, r"repeated: \['a'\]"),
+        (
+            np.zeros((2, 3, 3), np.uint8),
+            [0, 1],
+            {"class_names": "ab"},
+            r"Received: class_names='ab'",
+        ),
+        (np.zeros((2, 3, 3), np.uint8), [0, 1], {"val_split": 1.0}, r"Received: val_split=1\.0"),
+        (np.zeros((2, 3, 3), np.uint8), [0, 1], {"val_split": -0.1}, r"Received: val_split=-0\.1"),
+        (
+            np.zeros((2, 3, 3), np.uint8),
+            [0, 1],
+            {"val_split": "0.1"},
+            r"Received: val_split='0\.1'",
+        ),
+        (np.zeros((2, 3, 3), np.uint8), [0, 1], {"seed": -1}, r"Received: seed=-1"),
+        (
+            np.zeros((2, 3, 3), np.uint8),
+            [0, 1],
+            {"x_test": np.zeros((1, 3, 3), np.uint8)},
+            r"together.*y_test=None",
+        ),
+        (
+            np.zeros((2, 3, 3), np.uint8),
+            [0, 1],
+            {"x_test": np.zeros((1, 4, 3), np.uint8), "y_test": [0]},
+            r"Received: x_test\.shape=\(1, 4, 3, 1\)",
+        ),
+        (
+            np.zeros((2, 3, 3), np.uint8),
+            [0, 1],
+            {"x_test": np.zeros((2, 3, 3), np.uint8), "y_test": [0]},
+            r"Received: len\(x_test\)=2, len\(y_test\)=1",
+        ),
+        (
+            np.zeros((2, 3, 3), np.uint8),
+            [0, 1],
+            {"x_test": np.zeros((1, 3, 3), np.uint8), "y_test": [5], "class_names": ["a", "b"]},
+            r"Received: y_test\.max\(\)=5",
+        ),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(x, y, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        from_arrays(x, y, **kwargs)

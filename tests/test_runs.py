@@ -1,0 +1,363 @@
+"""Tests for cnnkit.runs: atomic writes, the Run object, and the write_run/load round trip."""
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cnnkit import runs
+from cnnkit.evaluate import classification_metrics
+from cnnkit.runs import Run, atomic_save_model, atomic_write_bytes, atomic_write_text, load, write_run
+
+keras = pytest.importorskip("keras")  # a hard dependency; this never skips in a real install
+
+NAMES = ["zero", "one", "two"]
+
+
+def _listing(directory):
+    return sorted(p.name for p in Path(directory).iterdir())
+
+
+def _tiny_model(input_shape=(8, 8, 1), num_classes=3, seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Rescaling(1.0 / 255)(inputs)
+    x = keras.layers.Conv2D(2, 3, activation="relu")(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+    model = keras.Model(inputs, outputs, name="tiny")
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(24, 8, 8, 1), dtype=np.uint8)
+    y = rng.integers(0, 3, size=24)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    x, y = data
+    model = _tiny_model()
+    fit = model.fit(x, y, epochs=2, batch_size=8, validation_split=0.25, verbose=0)
+    return model, fit.history
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_text_creates_and_replaces(tmp_path):
+    target = tmp_path / "sub" / "notes.txt"
+    assert atomic_write_text(target, "first\n") == target
+    assert target.read_text() == "first\n"
+    atomic_write_text(target, "second\n")
+    assert target.read_text() == "second\n"
+    assert _listing(target.parent) == ["notes.txt"]
+
+
+def test_atomic_write_keeps_permissions_of_existing_file(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    umask = os.umask(0o022)
+    os.umask(umask)
+    fresh = atomic_write_bytes(tmp_path / "fresh.bin", b"x")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask  # not the 0o600 of a temp file
+
+
+def test_failed_rename_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    target.write_text('{"old": true}')
+
+    def fail(*args, **kwargs):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(runs.os, "replace", fail)
+    with pytest.raises(OSError, match="rename failed"):
+        atomic_write_text(target, '{"new": true}')
+    assert target.read_text() == '{"old": true}'
+    assert _listing(tmp_path) == ["metrics.json"]
+
+
+def test_failed_write_midway_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "history.csv"
+    target.write_text("epoch,loss\n1,0.5\n")
+    calls = []
+
+    def fail_fsync(fd):
+        calls.append(fd)
+        raise OSError("fsync failed")
+
+    monkeypatch.setattr(runs.os, "fsync", fail_fsync)
+    with pytest.raises(OSError, match="fsync failed"):
+        atomic_write_text(target, "epoch,loss\n1,0.1\n2,0.05\n")
+    assert calls, "the data was never fsynced"
+    assert target.read_text() == "epoch,loss\n1,0.5\n"
+    assert _listing(tmp_path) == ["history.csv"]
+
+
+def test_atomic_write_bytes_rejects_text(tmp_path):
+    with pytest.raises(TypeError, match="Received: data of type str"):
+        atomic_write_bytes(tmp_path / "x", "not bytes")
+
+
+def test_atomic_save_model_failure_keeps_old_model(tmp_path):
+    target = tmp_path / "model.keras"
+    target.write_bytes(b"old model")
+
+    class Exploding:
+        def save(self, path):
+            Path(path).write_bytes(b"half a zip")
+            raise RuntimeError("crash during save")
+
+    with pytest.raises(RuntimeError, match="crash during save"):
+        atomic_save_model(Exploding(), target)
+    assert target.read_bytes() == b"old model"
+    assert _listing(tmp_path) == ["model.keras"]
+    with pytest.raises(ValueError, match=r"end in '.keras'.*model.h5"):
+        atomic_save_model(Exploding(), tmp_path / "model.h5")
+
+
+# --------------------------------------------------------------------------- Run.predict
+
+
+def test_predict_single_images_and_batches(trained, data):
+    model, _ = trained
+    x, _ = data
+    run = Run(model, class_names=NAMES)
+    batch = run.predict(x)
+    assert batch.shape == (24, 3)
+    np.testing.assert_allclose(batch.sum(axis=1), 1.0, rtol=1e-5)
+    # batch without a channel axis
+    np.testing.assert_allclose(run.predict(x[..., 0]), batch, atol=1e-6)
+    # one image, with and without the channel axis
+    for single in (x[3], x[3, :, :, 0]):
+        out = run.predict(single)
+        assert out.shape == (1, 3)
+        np.testing.assert_allclose(out[0], batch[3], atol=1e-6)
+    # floats 0-255 give the same answer as uint8
+    np.testing.assert_allclose(run.predict(x.astype(np.float64)), batch, atol=1e-6)
+    # chunking does not change the result
+    np.testing.assert_allclose(run.predict(x, batch_size=5), batch, atol=1e-6)
+    # and it matches Keras' own predict
+    np.testing.assert_allclose(batch, model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_predict_uses_one_compiled_function_not_model_predict(trained, data, monkeypatch):
+    model, _ = trained
+    x, _ = data
+    run = Run(model, class_names=NAMES)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model.predict must not be used")
+
+    monkeypatch.setattr(model, "predict", forbidden)
+    run.predict(x[0])
+    fn = run._predict_fn()
+    run.predict(x[:5])
+    assert run._predict_fn() is fn
+    assert type(fn).__name__ in {"Function", "PolymorphicFunction"}
+
+
+@pytest.mark.parametrize("shape", [(9, 9), (8, 8, 3), (2, 8, 8, 2), (8,), (1, 1, 8, 8, 1)])
+def test_predict_wrong_shape_names_both_shapes(trained, shape):
+    run = Run(trained[0], class_names=NAMES)
+    with pytest.raises(ValueError) as info:
+        run.predict(np.zeros(shape, np.uint8))
+    message = str(info.value)
+    assert "(8, 8, 1)" in message
+    assert f"x.shape={shape}" in message
+
+
+def test_predict_rejects_bad_batch_size_and_text(trained):
+    run = Run(trained[0], class_names=NAMES)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        run.predict(np.zeros((8, 8), np.uint8), batch_size=0)
+    with pytest.raises(ValueError, match="numeric pixel values"):
+        run.predict(np.full((8, 8), "a"))
+
+
+def test_predict_classes_and_evaluate(trained, data):
+    model, _ = trained
+    x, y = data
+    run = Run(model, class_names=NAMES)
+    probs = run.predict(x)
+    assert run.predict_classes(x) == [NAMES[i] for i in probs.argmax(axis=1)]
+    assert run.predict_classes(x[0]) == [NAMES[int(probs[0].argmax())]]
+
+    expected = classification_metrics(y, probs, NAMES)
+    assert run.evaluate((x, y)) == expected  # same compiled forward pass -> identical numbers
+
+    class FakeImageData:
+        def arrays(self, split):
+            assert split == "val"
+            return x[:10], y[:10]
+
+    val = run.evaluate(FakeImageData(), split="val")
+    assert val["num_examples"] == 10 and "val_accuracy" in val
+    assert run.metrics == {}  # evaluate does not overwrite the stored metrics
+    with pytest.raises(ValueError, match="Received: data of type int"):
+        run.evaluate(3)
+
+
+def test_run_class_names_and_repr(trained):
+    model, history = trained
+    assert Run(model).class_names == ["0", "1", "2"]
+    assert Run(model, config={"class_names": NAMES}).class_names == NAMES
+    with pytest.raises(ValueError, match="one name per model output \\(3\\)"):
+        Run(model, class_names=["a", "b"])
+    text = repr(Run(model, history=history, metrics={"test_accuracy": 0.875}, class_names=NAMES))
+    assert text.startswith("Run(") and "test_accuracy=0.8750" in text and "classes=3" in text
+    assert "epochs=2" in text and len(text) < 200
+
+
+# --------------------------------------------------------------------------- write_run / load
+
+
+def test_write_run_then_load_round_trip(tmp_path, trained, data):
+    model, history = trained
+    x, y = data
+    metrics = classification_metrics(y, model.predict(x, verbose=0), NAMES)
+    metrics["val_accuracy"] = history["val_accuracy"][-1]
+    config = {"arch": "tiny", "epochs": 2, "input_shape": [8, 8, 1], "data_fingerprint": "sha256:0f0f", "seed": 0}
+    config_before = dict(config)
+
+    run_dir = write_run(
+        tmp_path / "runs" / "tiny", model=model, history=history, metrics=metrics, config=config, class_names=NAMES
+    )
+    assert run_dir == tmp_path / "runs" / "tiny"
+    assert config == config_before  # the caller's config is not modified
+    assert _listing(run_dir) == sorted(
+        [
+            "README.md",
+            "config.yaml",
+            "confusion_matrix.png",
+            "history.csv",
+            "metrics.json",
+            "model.keras",
+            "training_curves.png",
+        ]
+    )
+
+    lines = (run_dir / "history.csv").read_text().splitlines()
+    assert lines[0].split(",") == ["epoch", *history]
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2"]
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert (run_dir / "metrics.json").read_text().startswith('{\n  "')  # indent 2
+    saved_config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved_config == {**config, "class_names": NAMES}
+    assert list(saved_config) == [*config, "class_names"]  # order kept, not sorted
+    readme = (run_dir / "README.md").read_text()
+    assert f"{metrics['test_accuracy']:.4f}" in readme and "sha256:0f0f" in readme
+    assert "cnnkit.load(" in readme and 'Model: "tiny"' in readme
+
+    loaded = load(run_dir)
+    assert loaded.run_dir == run_dir
+    assert loaded.class_names == NAMES
+    assert loaded.history == {k: [float(v) for v in vs] for k, vs in history.items()}
+    assert loaded.metrics == metrics
+    assert loaded.config == {**config, "class_names": NAMES}
+    np.testing.assert_allclose(loaded.predict(x), Run(model).predict(x), atol=1e-6)
+    # loading by string path works too, and the loaded run can be written again
+    again = load(str(run_dir)).save(tmp_path / "copy")
+    assert load(again).metrics == metrics
+
+
+def test_write_run_without_confusion_matrix_or_history(tmp_path, trained):
+    model, _ = trained
+    run_dir = write_run(
+        tmp_path / "r", model=model, history={}, metrics={"test_accuracy": 0.5}, config={}, class_names=NAMES
+    )
+    files = _listing(run_dir)
+    assert "confusion_matrix.png" not in files and "training_curves.png" not in files
+    assert {"model.keras", "history.csv", "metrics.json", "config.yaml", "README.md"} <= set(files)
+    assert load(run_dir).history == {}
+
+
+def test_write_run_rejects_conflicting_class_names(tmp_path, trained):
+    with pytest.raises(ValueError, match=r"config\['class_names'\]"):
+        write_run(
+            tmp_path / "r",
+            model=trained[0],
+            history={},
+            metrics={},
+            config={"class_names": ["a", "b", "c"]},
+            class_names=NAMES,
+        )
+    assert not (tmp_path / "r").exists()
+
+
+def test_write_run_converts_numpy_and_tuples(tmp_path, trained):
+    model, _ = trained
+    run_dir = write_run(
+        tmp_path / "r",
+        model=model,
+        history={"loss": np.array([0.5, 0.25])},
+        metrics={"test_accuracy": np.float32(0.5)},
+        config={"input_shape": (8, 8, 1), "lr": np.float64(0.1), "path": tmp_path},
+        class_names=NAMES,
+    )
+    run = load(run_dir)
+    assert run.metrics == {"test_accuracy": 0.5}
+    assert run.config["input_shape"] == [8, 8, 1] and run.config["lr"] == 0.1
+    assert run.config["path"] == str(tmp_path)
+    assert run.history == {"loss": [0.5, 0.25]}
+
+
+def test_load_a_keras_file(tmp_path, trained, data):
+    model, _ = trained
+    path = atomic_save_model(model, tmp_path / "m.keras")
+    run = load(path)
+    assert run.class_names == ["0", "1", "2"]
+    assert run.history == {} and run.metrics == {} and run.run_dir is None
+    np.testing.assert_allclose(run.predict(data[0][:4]), Run(model).predict(data[0][:4]), atol=1e-6)
+
+
+def test_load_errors_name_the_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load(missing)
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty_dir.*expected a 'model.keras'"):
+        load(empty)
+    other = tmp_path / "weights.h5"
+    other.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"run directory or a '.keras'.*weights.h5"):
+        load(other)
+
+
+def test_load_is_safe_by_default(tmp_path):
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.Lambda(lambda t: t * 2.0)(inputs))
+    path = atomic_save_model(keras.Model(inputs, outputs), tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match="safe_mode"):
+        load(path)
+    run = load(path, safe_mode=False)
+    assert run.predict(np.ones(4)).shape == (1, 2)
+
+
+def test_load_imports_custom_layer_modules_when_present(tmp_path, trained, monkeypatch):
+    path = atomic_save_model(trained[0], tmp_path / "m.keras")
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "cnnkit_test_registering_layers.py").write_text("LOADED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    monkeypatch.delitem(sys.modules, "cnnkit_test_registering_layers", raising=False)
+    monkeypatch.setattr(
+        runs,
+        "_CUSTOM_OBJECT_MODULES",
+        ("cnnkit_test_registering_layers", "cnnkit.no_such_package.layers", "no_such_module"),
+    )
+    load(path)
+    assert sys.modules["cnnkit_test_registering_layers"].LOADED
