@@ -1,0 +1,264 @@
+"""The ``cnnkit`` command line: run recipe files, list recipes and models, plan a network.
+
+Commands::
+
+    cnnkit run FILE_OR_NAME [key=value ...]   run a recipe file (or a packaged recipe by name)
+    cnnkit ls                                 packaged recipes, one line each
+    cnnkit models                             registered architectures with their notation
+    cnnkit plan SPEC_OR_NAME --input-shape 28,28,1 [--classes 10] [--batch-size 128]
+                [--precision float32|mixed_bfloat16|mixed_float16] [--optimizer adam]
+    cnnkit quickstart [key=value ...]         train the packaged quickstart recipe on bundled MNIST
+
+A mistake a user can make (a bad notation token, an unknown recipe key, a missing file) prints
+one line ``cnnkit: error: <message>`` on stderr and exits with status 2, never a traceback; set
+``CNNKIT_DEBUG=1`` to see the traceback. TensorFlow is imported only by the commands that need
+it (``cnnkit --help`` and ``cnnkit ls`` stay instant).
+
+Example:
+    >>> from cnnkit.cli import main
+    >>> main(["plan", "20C5-MP2-50C5-MP2-FC256", "--input-shape", "28,28,1"])  # doctest: +SKIP
+    ...
+    0
+    >>> main(["run", "mnist_lenet", "epochs=1"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PROG = "cnnkit"
+QUICKSTART = "quickstart"
+
+_DATA_NAMES = {"mnist-sample": "bundled MNIST", "mnist": "MNIST"}
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    """``"28,28,1"`` (or ``28x28x1``) -> ``(28, 28, 1)``; an argparse type."""
+    parts = [part for part in text.replace("x", ",").replace("X", ",").split(",") if part.strip()]
+    try:
+        shape = tuple(int(part) for part in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected height,width,channels like 28,28,1. Received: {text!r}")
+    return shape
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer. Received: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``cnnkit`` command (subcommands run, ls, models, plan, quickstart).
+
+    Example:
+        >>> build_parser().parse_args(["plan", "FC16", "--input-shape", "28,28,1"]).input_shape
+        (28, 28, 1)
+    """
+    from cnnkit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train, plan and run convolutional image classifiers (Keras 3 / TensorFlow).",
+        epilog="Errors exit with status 2; set CNNKIT_DEBUG=1 for a traceback.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run a recipe file, or a packaged recipe by name",
+        description="Run a recipe file (a path, or the name of a packaged recipe; see 'cnnkit ls'). "
+        "key=value arguments override the file's keys; values are YAML (epochs=3, data=mnist-sample), "
+        "dotted keys set nested values (model_options.activation=tanh).",
+    )
+    run.add_argument("recipe", metavar="FILE_OR_NAME", help="a .yaml file or a packaged recipe name")
+    run.add_argument("overrides", metavar="key=value", nargs="*", help="override a key of the recipe")
+    run.set_defaults(handler=_cmd_run)
+
+    ls = commands.add_parser("ls", help="list the packaged recipes", description="List the packaged recipes.")
+    ls.set_defaults(handler=_cmd_ls)
+
+    models = commands.add_parser(
+        "models", help="list the registered architectures", description="List the registered architectures."
+    )
+    models.set_defaults(handler=_cmd_models)
+
+    plan = commands.add_parser(
+        "plan",
+        help="print a network's layer table and memory estimate",
+        description="Print the shapes, parameters, MACs and receptive field of every layer of a notation "
+        "string or registered model, then its training memory estimate.",
+    )
+    plan.add_argument("arch", metavar="SPEC_OR_NAME", help="notation like 20C5-MP2-50C5-MP2-FC256, or a model name")
+    plan.add_argument(
+        "--input-shape", type=_input_shape, required=True, metavar="H,W,C", help="input shape, e.g. 28,28,1"
+    )
+    plan.add_argument(
+        "--classes", type=_positive_int, default=None, metavar="N", help="append a softmax classifier of N classes"
+    )
+    plan.add_argument("--batch-size", type=_positive_int, default=128, help="batch size of the memory estimate")
+    plan.add_argument(
+        "--precision",
+        default="float32",
+        help="precision of the memory estimate: float32, mixed_bfloat16 or mixed_float16",
+    )
+    plan.add_argument("--optimizer", default="adam", help="optimizer of the memory estimate (its state size)")
+    plan.set_defaults(handler=_cmd_plan)
+
+    quickstart = commands.add_parser(
+        "quickstart",
+        help="train 20C5-MP2-50C5-MP2-FC256 on the bundled MNIST sample",
+        description="Run the packaged 'quickstart' recipe: a small LeNet-style network on the MNIST sample "
+        "bundled with cnnkit (no download). key=value arguments override its keys (epochs=1, run_dir=...).",
+    )
+    quickstart.add_argument("overrides", metavar="key=value", nargs="*", help="override a key of the recipe")
+    quickstart.set_defaults(handler=_cmd_quickstart)
+    return parser
+
+
+def _percent(value) -> str:
+    return f"{100.0 * float(value):.2f}%"
+
+
+def _accuracy_text(metrics: dict) -> str:
+    """``"test accuracy 97.10% (error 2.90%)"``, or the metrics there are when there is no test split."""
+    if "test_accuracy" in metrics:
+        error = metrics.get("test_error", 1.0 - float(metrics["test_accuracy"]))
+        return f"test accuracy {_percent(metrics['test_accuracy'])} (error {_percent(error)})"
+    shown = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+    if not shown:
+        return "no test metrics"
+    return ", ".join(f"{key} {value:.4g}" for key, value in shown.items())
+
+
+def _run_recipe(recipe):
+    from cnnkit.config import run_recipe
+
+    return run_recipe(recipe)
+
+
+def _cmd_run(args) -> int:
+    from cnnkit.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"{PROG}: running {recipe.name} ({recipe.qualname}) from {recipe.path}", flush=True)
+    result = _run_recipe(recipe)
+    metrics = getattr(result, "metrics", None) or {}
+    run_dir = getattr(result, "run_dir", None)
+    if run_dir is not None:
+        print(f"run saved to {run_dir}")
+    print(f"{recipe.name}: {_accuracy_text(metrics)}")
+    return 0
+
+
+def _cmd_ls(args) -> int:
+    from cnnkit.config import list_recipes, packaged_dir
+
+    recipes = list_recipes()
+    if not recipes:
+        print(f"no packaged recipes in {packaged_dir('recipes')}")
+        return 0
+    width = max(len(name) for name, _ in recipes)
+    for name, description in recipes:
+        print(f"{name:<{width}}  {description}".rstrip())
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from cnnkit.models import describe, list_models
+
+    names = list_models()
+    width = max((len(name) for name in names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {describe(name)}".rstrip())
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    import cnnkit
+
+    plan = cnnkit.plan(args.arch, args.input_shape, num_classes=args.classes)
+    memory = plan.memory(batch_size=args.batch_size, precision=args.precision, optimizer=args.optimizer)
+    print(plan)
+    print(memory)
+    return 0
+
+
+def _cmd_quickstart(args) -> int:
+    from cnnkit.config import load_recipe
+
+    recipe = load_recipe(QUICKSTART, args.overrides, kind="recipes")
+    result = _run_recipe(recipe)
+    metrics = getattr(result, "metrics", None) or {}
+    line = f"{QUICKSTART}: {_accuracy_text(metrics)}"
+    count = metrics.get("num_examples")
+    if count is not None and "test_accuracy" in metrics:
+        data = recipe.kwargs.get("data")
+        source = _DATA_NAMES.get(data, str(data)) if isinstance(data, str) else "the"
+        line += f" on {count} {source} test images"
+    run_dir = getattr(result, "run_dir", None)
+    if run_dir is not None:
+        line += f"; run saved to {run_dir}"
+    print(line)
+    return 0
+
+
+def _error_message(error: BaseException) -> str:
+    """One line for the user: the message without the exception class, newlines folded."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        text = f"{error.strerror}: {error.filename}"
+    elif isinstance(error, KeyError) and len(error.args) == 1:
+        text = str(error.args[0])
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def main(argv=None) -> int:
+    """Run the ``cnnkit`` command line.
+
+    Args:
+        argv: the arguments after the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 for a usage error or an error the user can fix (bad
+        notation, unknown or invalid recipe, missing file), which is printed as one line
+        ``cnnkit: error: <message>`` on stderr. ``--help`` and ``--version`` return 0.
+        With ``CNNKIT_DEBUG=1`` in the environment such errors are raised instead.
+
+    Example:
+        >>> main(["plan", "FC16", "--input-shape", "28,28,1", "--classes", "10"])  # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # usage errors (2), --help / --version (0)
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
+    from cnnkit.config import ConfigError
+    from cnnkit.spec import SpecError
+
+    try:
+        return args.handler(args)
+    except (SpecError, ConfigError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
+        if os.environ.get("CNNKIT_DEBUG", "").strip() not in ("", "0"):
+            raise
+        print(f"{PROG}: error: {_error_message(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,533 @@
+"""Recipe files: one YAML file holds the keyword arguments of one recipe call.
+
+A recipe file starts with a header comment (what it reproduces, the command that runs it, the
+trade-offs of its settings), then maps argument names to values. One key is reserved:
+``recipe:`` names the function in :mod:`cnnkit.recipes` to call (default ``train``); files in
+the packaged ``tuner/`` folder call a function in :mod:`cnnkit.tuner` instead (default
+``search``). Keys are checked against that function's signature before anything runs::
+
+    # Reproduces: the Theano tutorial's LeNet (20C5-MP2-50C5-MP2-FC500, tanh) on MNIST.
+    # Run: cnnkit run mnist_lenet
+    recipe: train
+    arch: lenet
+    data: mnist
+    optimizer: sgd
+    epochs: 20
+
+``key=value`` overrides (from the command line) are parsed as YAML, so ``epochs=3`` is an int,
+``data=mnist-sample`` a string and ``model_options.activation=tanh`` sets a nested key. Numbers
+in exponent form without a dot (``1e-3``) are floats here, unlike in plain YAML 1.1.
+
+Reading and listing recipe files never imports TensorFlow; validating one imports the module
+that holds its function.
+
+Example:
+    >>> from cnnkit import config
+    >>> recipe = config.load_recipe("mnist_lenet", ["epochs=1", "data=mnist-sample"])  # doctest: +SKIP
+    >>> recipe.function, recipe.kwargs["epochs"]  # doctest: +SKIP
+    ('train', 1)
+    >>> run = config.run_recipe(recipe)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import inspect
+import re
+from pathlib import Path
+
+import yaml
+
+RESERVED_KEY = "recipe"
+"""The top-level key that names the function to call instead of being passed to it."""
+
+# kind -> (installed package, folder in a source checkout, module holding the functions, default function)
+_KINDS = {
+    "recipes": ("cnnkit.recipe_files", "recipes", "cnnkit.recipes", "train"),
+    "tuner": ("cnnkit.search_spaces", "tuner", "cnnkit.tuner", "search"),
+}
+_SUFFIXES = (".yaml", ".yml")
+
+
+class ConfigError(ValueError):
+    """A recipe file or an override is invalid (unknown key, missing argument, bad YAML, ...)."""
+
+
+@dataclasses.dataclass
+class Recipe:
+    """One recipe call, loaded from a file and checked against the function's signature.
+
+    Attributes:
+        name: the recipe's name (the file name without ``.yaml``).
+        function: the function's name in ``module`` (``"train"``, ``"finetune"``, ...).
+        kwargs: the keyword arguments of the call, overrides applied.
+        path: the file it came from (``None`` when built in code).
+        module: the module that holds ``function`` (``"cnnkit.recipes"`` or ``"cnnkit.tuner"``).
+
+    Example:
+        >>> Recipe("tiny", "train", {"arch": "FC16", "data": "mnist-sample"}).qualname
+        'cnnkit.recipes.train'
+    """
+
+    name: str
+    function: str
+    kwargs: dict
+    path: Path | None = None
+    module: str = "cnnkit.recipes"
+
+    @property
+    def qualname(self) -> str:
+        """The dotted name of the function, e.g. ``cnnkit.recipes.train``."""
+        return f"{self.module}.{self.function}"
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "-+0123456789.":
+    _Loader.yaml_implicit_resolvers[_first] = [
+        (tag, regexp) for tag, regexp in _Loader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
+    ]
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def packaged_dir(kind: str = "recipes") -> Path:
+    """The folder of packaged YAML files: ``"recipes"`` (recipe files) or ``"tuner"`` (search spaces).
+
+    An installed cnnkit ships them as the packages ``cnnkit.recipe_files`` and
+    ``cnnkit.search_spaces``; in a source checkout they are the top-level ``recipes/`` and
+    ``tuner/`` folders beside the ``cnnkit`` package.
+
+    Args:
+        kind: ``"recipes"`` or ``"tuner"``.
+
+    Returns:
+        The folder (it may not exist in a broken installation).
+
+    Raises:
+        ValueError: for another ``kind``.
+
+    Example:
+        >>> packaged_dir("recipes").name in ("recipes", "recipe_files")
+        True
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {sorted(_KINDS)}. Received: kind={kind!r}")
+    package, folder, _, _ = _KINDS[kind]
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    import cnnkit
+
+    return Path(cnnkit.__file__).resolve().parents[1] / folder
+
+
+def _files(kind: str) -> list[Path]:
+    folder = packaged_dir(kind)
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if path.suffix in _SUFFIXES and path.is_file())
+
+
+def _header_line(path: Path) -> str:
+    """The first non-empty comment line of a file, without the ``#``."""
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            stripped = line.strip()
+            if not stripped:
+                continue
+            if not stripped.startswith("#"):
+                return ""
+            text = stripped.lstrip("#").strip()
+            if text:
+                return text
+    return ""
+
+
+def list_recipes(kind: str = "recipes") -> list[tuple[str, str]]:
+    """The packaged recipe files, as ``(name, first header line)`` pairs sorted by name.
+
+    Reads only the files' headers: no TensorFlow import, no validation.
+
+    Args:
+        kind: ``"recipes"`` (default) or ``"tuner"`` for the packaged search spaces.
+
+    Example:
+        >>> for name, description in list_recipes():  # doctest: +SKIP
+        ...     print(f"{name:20} {description}")
+        mnist_lenet          Reproduces: the Theano tutorial's LeNet (...) on MNIST ...
+    """
+    return [(path.stem, _header_line(path)) for path in _files(kind)]
+
+
+def _kind_of(path: Path) -> str:
+    """``"tuner"`` for a file in a packaged or checkout ``tuner/`` folder, else ``"recipes"``."""
+    parent = path.resolve().parent
+    try:
+        if parent == packaged_dir("tuner").resolve():
+            return "tuner"
+    except OSError:
+        pass
+    return "tuner" if parent.name in ("tuner", "search_spaces") else "recipes"
+
+
+def find_recipe(path_or_name, kind: str = "recipes") -> Path:
+    """The file for a path or a packaged recipe name (``"mnist_lenet"`` -> ``.../mnist_lenet.yaml``).
+
+    Args:
+        path_or_name: a path to a YAML file, or the name of a packaged one (with or without
+            ``.yaml``).
+        kind: where to look names up: ``"recipes"`` or ``"tuner"``.
+
+    Raises:
+        FileNotFoundError: a path (it has a folder part) that does not exist.
+        ConfigError: a name that is not packaged; the message lists close matches first, then
+            every available name.
+
+    Example:
+        >>> find_recipe("mnist_lenet").name  # doctest: +SKIP
+        'mnist_lenet.yaml'
+    """
+    text = str(path_or_name)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ConfigError(f"{text} is a folder; expected a recipe file (.yaml) or a packaged recipe name")
+    name = path.name
+    stem = name[: -len(path.suffix)] if path.suffix in _SUFFIXES else name
+    if len(path.parts) == 1:
+        for suffix in _SUFFIXES:
+            candidate = packaged_dir(kind) / (stem + suffix)
+            if candidate.is_file():
+                return candidate
+    else:
+        raise FileNotFoundError(f"no such recipe file: {text}")
+    available = [file.stem for file in _files(kind)]
+    close = difflib.get_close_matches(stem, available, n=3, cutoff=0.5)
+    message = f"unknown recipe {text!r}"
+    if close:
+        message += f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    rest = [name for name in available if name not in close]
+    if available:
+        message += f" Available: {', '.join(close + rest)}"
+    else:
+        message += f" (no packaged recipes found in {packaged_dir(kind)})"
+    message += "; or give a path to a .yaml file."
+    raise ConfigError(message)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """Split one ``key=value`` override into a dotted key path and a YAML-parsed value.
+
+    Args:
+        text: e.g. ``"epochs=3"``, ``"data=mnist-sample"``, ``"model_options.activation=tanh"``.
+
+    Returns:
+        ``(keys, value)``, e.g. ``(["model_options", "activation"], "tanh")``.
+
+    Raises:
+        ConfigError: no ``=``, an empty key or key part, or a value that is not valid YAML.
+
+    Example:
+        >>> parse_override("epochs=3")
+        (['epochs'], 3)
+        >>> parse_override("model_options.activation=tanh")
+        (['model_options', 'activation'], 'tanh')
+        >>> parse_override("learning_rate=1e-3")
+        (['learning_rate'], 0.001)
+    """
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(f"an override must look like key=value (e.g. epochs=3). Received: {text!r}")
+    key, _, raw = text.partition("=")
+    keys = key.strip().split(".")
+    if not all(part.strip() for part in keys):
+        raise ConfigError(f"an override needs a key before '=' (e.g. epochs=3). Received: {text!r}")
+    keys = [part.strip() for part in keys]
+    try:
+        value = _yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None
+    return keys, value
+
+
+def apply_overrides(kwargs: dict, overrides=()) -> dict:
+    """A copy of ``kwargs`` with ``key=value`` overrides applied (dotted keys set nested values).
+
+    Args:
+        kwargs: the mapping to start from (not modified).
+        overrides: ``key=value`` strings, applied in order.
+
+    Raises:
+        ConfigError: a malformed override, or a dotted path through a value that is not a mapping.
+
+    Example:
+        >>> apply_overrides({"epochs": 10, "model_options": {"dropout": 0.5}},
+        ...                 ["epochs=2", "model_options.activation=tanh"])
+        {'epochs': 2, 'model_options': {'dropout': 0.5, 'activation': 'tanh'}}
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    result = _copy(kwargs)
+    for text in overrides:
+        keys, value = parse_override(text)
+        target = result
+        for depth, key in enumerate(keys[:-1]):
+            child = target.get(key)
+            if child is None:
+                child = target[key] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError(f"override {text!r}: {where} is {child!r}, not a mapping, so it has no key {keys[depth + 1]!r}")
+            target = child
+        target[keys[-1]] = value
+    return result
+
+
+def _copy(value):
+    if isinstance(value, dict):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    return value
+
+
+def _read_mapping(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({error.reason})") from None
+    try:
+        data = _yaml_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = " ".join(part for part in (getattr(error, "context", None), getattr(error, "problem", None)) if part)
+        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML{line}: {problem or error}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; expected a mapping of keyword arguments like 'epochs: 10'")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keyword arguments like 'epochs: 10'. "
+            f"Received: a {type(data).__name__}"
+        )
+    bad = [key for key in data if not isinstance(key, str)]
+    if bad:
+        raise ConfigError(f"{path}: keys must be argument names (strings). Received: {bad[0]!r}")
+    return data
+
+
+def resolve_function(module: str, name: str, *, source=None):
+    """The public function ``name`` of ``module`` (``cnnkit.recipes`` / ``cnnkit.tuner``).
+
+    Args:
+        module: the module's dotted name.
+        name: the function's name.
+        source: the file that asked for it, for the error message.
+
+    Raises:
+        ConfigError: no such public function; the message lists the available ones.
+
+    Example:
+        >>> resolve_function("cnnkit.recipes", "train")  # doctest: +SKIP
+        <function train at 0x...>
+    """
+    prefix = f"{source}: " if source is not None else ""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{prefix}'{RESERVED_KEY}:' must name a function in {module}. Received: {name!r}")
+    mod = importlib.import_module(module)
+    public = getattr(mod, "__all__", None)
+    if public is None:
+        public = [key for key, value in vars(mod).items() if not key.startswith("_") and inspect.isfunction(value)]
+    function = getattr(mod, name, None) if name in public else None
+    if function is None or not callable(function):
+        available = sorted(key for key in public if callable(getattr(mod, key, None)))
+        close = difflib.get_close_matches(name, available, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{prefix}{module} has no function {name!r}{hint} "
+            f"Available: {', '.join(available) if available else '(none yet)'}"
+        )
+    return function
+
+
+def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, override_keys=()) -> None:
+    """Check keyword arguments against ``function``'s signature.
+
+    Args:
+        function: the function to be called.
+        kwargs: the keyword arguments.
+        source: the file they came from, for error messages.
+        qualname: the function's name for error messages (default ``function.__qualname__``).
+        override_keys: top-level keys set by command-line overrides (the message says so).
+
+    Raises:
+        ConfigError: an unknown key (naming the key, a close match, and the valid keys) or
+            missing required arguments (naming them).
+
+    Example:
+        >>> def train(arch, data, *, epochs=10): ...
+        >>> validate_kwargs(train, {"arch": "lenet", "data": "mnist", "epoch": 3})
+        Traceback (most recent call last):
+        ...
+        cnnkit.config.ConfigError: unknown key 'epoch' for train (did you mean 'epochs'?); valid keys: arch, data, epochs
+    """
+    prefix = f"{source}: " if source is not None else ""
+    qualname = qualname or getattr(function, "__qualname__", repr(function))
+    parameters = inspect.signature(function).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = [
+        p.name for p in parameters.values() if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    if not accepts_any:
+        for key in kwargs:
+            if key not in named:
+                close = difflib.get_close_matches(key, named, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                origin = "override" if key in override_keys else "key"
+                raise ConfigError(f"{prefix}unknown {origin} {key!r} for {qualname}{hint}; valid keys: {', '.join(named)}")
+    missing = [
+        p.name
+        for p in parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        and p.name not in kwargs
+    ]
+    if missing:
+        names = ", ".join(repr(name) for name in missing)
+        plural = "s" if len(missing) > 1 else ""
+        raise ConfigError(f"{prefix}missing required argument{plural} {names} for {qualname}")
+
+
+def load_recipe(path_or_name, overrides=(), *, kind: str | None = None) -> Recipe:
+    """Read a recipe file, apply overrides and check every key against the function's signature.
+
+    Args:
+        path_or_name: a YAML file path, or the name of a packaged recipe (``"mnist_lenet"``).
+        overrides: ``key=value`` strings; values are YAML (``epochs=3`` is an int), dotted keys
+            set nested values (``model_options.activation=tanh``).
+        kind: ``"recipes"`` (functions of :mod:`cnnkit.recipes`, default ``train``) or
+            ``"tuner"`` (functions of :mod:`cnnkit.tuner`, default ``search``). ``None``: names
+            are looked up among the recipes; a file in a ``tuner/`` folder is a search space.
+
+    Returns:
+        The checked :class:`Recipe`.
+
+    Raises:
+        ConfigError: unknown recipe name, bad YAML (naming file and line), a top level that is
+            not a mapping, a malformed override, an unknown key or a missing required argument.
+        FileNotFoundError: a path that does not exist.
+
+    Example:
+        >>> recipe = load_recipe("recipes/mnist_lenet.yaml", ["epochs=3"])  # doctest: +SKIP
+        >>> recipe.qualname, recipe.kwargs["epochs"]  # doctest: +SKIP
+        ('cnnkit.recipes.train', 3)
+    """
+    path = find_recipe(path_or_name, kind or "recipes")
+    kind = kind or _kind_of(path)
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {sorted(_KINDS)}. Received: kind={kind!r}")
+    _, _, module, default_function = _KINDS[kind]
+    data = apply_overrides(_read_mapping(path), overrides)
+    function_name = data.pop(RESERVED_KEY, default_function)
+    override_keys = set()
+    for text in [overrides] if isinstance(overrides, str) else overrides:
+        override_keys.add(parse_override(text)[0][0])
+    function = resolve_function(module, function_name, source=path)
+    validate_kwargs(function, data, source=path, qualname=f"{module}.{function_name}", override_keys=override_keys)
+    return Recipe(name=path.stem, function=function_name, kwargs=data, path=path, module=module)
+
+
+def check_recipe_file(path) -> Recipe:
+    """Validate one recipe or search-space file without running it.
+
+    Files in a ``tuner/`` (or installed ``search_spaces``) folder are checked against
+    :mod:`cnnkit.tuner`, others against :mod:`cnnkit.recipes`.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The :class:`Recipe` it describes.
+
+    Raises:
+        ConfigError: as :func:`load_recipe`.
+
+    Example:
+        >>> check_recipe_file("recipes/mnist_lenet.yaml").function  # doctest: +SKIP
+        'train'
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such recipe file: {path}")
+    return load_recipe(path, kind=_kind_of(path))
+
+
+def run_recipe(recipe: Recipe):
+    """Call the recipe's function with its keyword arguments and return what it returns.
+
+    The function itself writes the resolved arguments, versions and seed into its run directory.
+
+    Args:
+        recipe: a :class:`Recipe` from :func:`load_recipe`.
+
+    Returns:
+        The function's result (a ``cnnkit.Run`` for :mod:`cnnkit.recipes` functions).
+
+    Example:
+        >>> run = run_recipe(load_recipe("quickstart", ["epochs=1"]))  # doctest: +SKIP
+        >>> run.metrics["test_accuracy"]  # doctest: +SKIP
+        0.95
+    """
+    function = resolve_function(recipe.module, recipe.function, source=recipe.path)
+    validate_kwargs(function, recipe.kwargs, source=recipe.path, qualname=recipe.qualname)
+    kwargs = dict(recipe.kwargs)
+    args = []
+    for parameter in inspect.signature(function).parameters.values():
+        if parameter.kind is inspect.Parameter.POSITIONAL_ONLY and parameter.name in kwargs:
+            args.append(kwargs.pop(parameter.name))
+        elif parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
+            break
+    return function(*args, **kwargs)
+
+
+__all__ = [
+    "ConfigError",
+    "Recipe",
+    "apply_overrides",
+    "check_recipe_file",
+    "find_recipe",
+    "list_recipes",
+    "load_recipe",
+    "packaged_dir",
+    "parse_override",
+    "resolve_function",
+    "run_recipe",
+    "validate_kwargs",
+]

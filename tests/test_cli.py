@@ -1,0 +1,192 @@
+"""The ``cnnkit`` command line, run in-process on tiny inputs."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cnnkit import config
+from cnnkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _error_lines(captured) -> list[str]:
+    return [line for line in captured.err.splitlines() if line.strip()]
+
+
+def _tiny_recipe(folder: Path, name: str = "tiny.yaml", **extra) -> Path:
+    lines = ["# Tiny: one epoch of FC16 on the bundled MNIST sample (a test).",
+             "arch: FC16", "data: mnist-sample", "epochs: 1", "batch_size: 64", "verbose: 0",
+             f"run_dir: {json.dumps(str(folder / 'run'))}"]
+    lines += [f"{key}: {json.dumps(value)}" for key, value in extra.items()]
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# -- plan ---------------------------------------------------------------------------------------
+
+
+def test_plan_prints_table_and_memory(capsys):
+    assert main(["plan", "20C5-MP2-50C5-MP2-FC256", "--input-shape", "28,28,1", "--classes", "10"]) == 0
+    out = capsys.readouterr().out
+    for text in ("24x24x20", "12x12x20", "8x8x50", "4x4x50", "FC256", "total:", "training memory estimate (batch 128"):
+        assert text in out, text
+
+
+def test_plan_alexnet_first_layer(capsys):
+    assert main(["plan", "96C11s4p0-MP3s2", "--input-shape", "227,227,3", "--batch-size", "8",
+                 "--precision", "mixed_bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "55x55x96" in out and "34,944" in out and "27x27x96" in out
+    assert "(batch 8, mixed_bfloat16)" in out
+
+
+def test_plan_that_does_not_fit_is_one_line_with_the_formula(capsys):
+    assert main(["plan", "96C11s4p0-MP3s2", "--input-shape", "224,224,3"]) == 2
+    captured = capsys.readouterr()
+    lines = _error_lines(captured)
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("cnnkit: error: ")
+    assert "(224 - 11 + 0)/4 + 1 = 54.25" in lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_plan_bad_token_names_it(capsys):
+    assert main(["plan", "20C5-XP2-FC10", "--input-shape", "28,28,1"]) == 2
+    lines = _error_lines(capsys.readouterr())
+    assert len(lines) == 1 and lines[0].startswith("cnnkit: error: ") and "'XP2'" in lines[0]
+
+
+def test_plan_bad_precision_is_a_user_error(capsys):
+    assert main(["plan", "FC16", "--input-shape", "28,28,1", "--precision", "float8"]) == 2
+    lines = _error_lines(capsys.readouterr())
+    assert len(lines) == 1 and "float8" in lines[0]
+
+
+@pytest.mark.parametrize("argv", [["plan", "FC16"], ["plan", "FC16", "--input-shape", "28,28"], ["nosuchcommand"], []])
+def test_usage_errors_exit_2(argv, capsys):
+    assert main(argv) == 2
+    assert "usage: cnnkit" in capsys.readouterr().err
+
+
+def test_help_and_version_return_0(capsys):
+    assert main(["--help"]) == 0
+    assert "quickstart" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("cnnkit ")
+
+
+def test_debug_env_reraises(monkeypatch):
+    from cnnkit.spec import SpecError
+
+    monkeypatch.setenv("CNNKIT_DEBUG", "1")
+    with pytest.raises(SpecError, match="54.25"):
+        main(["plan", "96C11s4p0", "--input-shape", "224,224,3"])
+
+
+# -- ls, models ---------------------------------------------------------------------------------
+
+
+def test_ls_lists_names_with_descriptions(monkeypatch, tmp_path, capsys):
+    (tmp_path / "mnist_lenet.yaml").write_text("# Reproduces: LeNet on MNIST.\narch: lenet\ndata: mnist\n")
+    (tmp_path / "quickstart.yaml").write_text("\n# Quickstart: a small CNN.\n#\n# Run: cnnkit quickstart\narch: FC16\n")
+    monkeypatch.setattr(config, "packaged_dir", lambda kind="recipes": tmp_path)
+    assert main(["ls"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "mnist_lenet  Reproduces: LeNet on MNIST.",
+        "quickstart   Quickstart: a small CNN.",
+    ]
+
+
+def test_ls_and_help_do_not_import_tensorflow():
+    code = textwrap.dedent("""
+        import sys
+        from cnnkit.cli import main
+        assert main(["ls"]) == 0
+        assert main(["--help"]) == 0
+        assert main(["run"]) == 2
+        print("tensorflow imported:", "tensorflow" in sys.modules, "keras imported:", "keras" in sys.modules)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "tensorflow imported: False keras imported: False" in result.stdout
+
+
+def test_python_dash_m_cnnkit():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-m", "cnnkit", "run", "no_such_recipe_xyz"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "cnnkit: error: unknown recipe 'no_such_recipe_xyz'" in result.stderr
+
+
+def test_models_lists_registered_names_with_description(capsys):
+    from cnnkit.models import describe, list_models
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = list_models()
+    assert len(lines) == len(names) and "lenet" in names
+    lenet = next(line for line in lines if line.split()[0] == "lenet")
+    assert lenet.split(None, 1)[1] == describe("lenet")
+
+
+# -- run, quickstart ----------------------------------------------------------------------------
+
+
+def test_run_unknown_key_exits_2_naming_it(tmp_path, capsys):
+    path = _tiny_recipe(tmp_path, epoch=1)
+    assert main(["run", str(path)]) == 2
+    lines = _error_lines(capsys.readouterr())
+    assert len(lines) == 1
+    assert "unknown key 'epoch'" in lines[0] and str(path) in lines[0] and "valid keys:" in lines[0]
+
+
+def test_run_bad_override_and_unknown_name_exit_2(tmp_path, capsys):
+    path = _tiny_recipe(tmp_path)
+    assert main(["run", str(path), "epochs"]) == 2
+    assert "'epochs'" in _error_lines(capsys.readouterr())[0]
+    assert main(["run", str(path), "epochz=2"]) == 2
+    assert "unknown override 'epochz'" in _error_lines(capsys.readouterr())[0]
+    assert main(["run", "no_such_recipe_xyz"]) == 2
+    assert "unknown recipe 'no_such_recipe_xyz'" in _error_lines(capsys.readouterr())[0]
+    assert main(["run", str(tmp_path / "missing" / "x.yaml")]) == 2
+    assert "no such recipe file" in _error_lines(capsys.readouterr())[0]
+
+
+def test_run_trains_and_writes_metrics(tmp_path, capsys):
+    path = _tiny_recipe(tmp_path, epochs=5)
+    assert main(["run", str(path), "epochs=1"]) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert f"run saved to {run_dir}" in out
+    assert f"tiny: test accuracy {100 * metrics['test_accuracy']:.2f}%" in out
+    assert "(error " in out
+
+
+def test_quickstart_runs_the_packaged_recipe(monkeypatch, tmp_path, capsys):
+    folder = tmp_path / "packaged"
+    folder.mkdir()
+    _tiny_recipe(tmp_path, name="packaged/quickstart.yaml", epochs=3)
+    monkeypatch.setattr(config, "packaged_dir", lambda kind="recipes": folder)
+    assert main(["quickstart", "epochs=1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("quickstart: test accuracy ")
+    assert " test images; run saved to " in line and "bundled MNIST" in line
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_packaged_quickstart_recipe_is_valid():
+    recipe = config.check_recipe_file(config.find_recipe("quickstart"))
+    assert recipe.function == "train"
+    assert recipe.kwargs["data"] == "mnist-sample"

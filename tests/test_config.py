@@ -1,0 +1,246 @@
+"""Recipe files: lookup, overrides, validation against the recipe function's signature."""
+
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cnnkit import config
+from cnnkit.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE_FILES = sorted((ROOT / "recipes").glob("*.yaml")) + sorted((ROOT / "tuner").glob("*.yaml"))
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return path
+
+
+def _fake_train(arch, data, *, epochs=10, learning_rate=1e-3, model_options=None, run_dir=None):
+    return {"arch": arch, "data": data, "epochs": epochs, "learning_rate": learning_rate,
+            "model_options": model_options, "run_dir": run_dir}
+
+
+def _fake_finetune(backbone, data, *, epochs=5):
+    return ("finetune", backbone, data, epochs)
+
+
+@pytest.fixture
+def fake_recipes(monkeypatch, tmp_path):
+    """A packaged-recipes folder in tmp_path and a fake ``cnnkit.recipes`` with two functions."""
+    import types
+
+    folder = tmp_path / "packaged"
+    folder.mkdir()
+    module = types.ModuleType("fake_recipes")
+    module.train = _fake_train
+    module.finetune = _fake_finetune
+    module.__all__ = ["train", "finetune"]
+    monkeypatch.setitem(sys.modules, "cnnkit.recipes", module)
+    real_packaged_dir = config.packaged_dir
+    monkeypatch.setattr(config, "packaged_dir", lambda kind="recipes": folder if kind == "recipes" else real_packaged_dir(kind))
+    return folder
+
+
+# -- overrides ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("epochs=3", (["epochs"], 3)),
+        ("data=mnist-sample", (["data"], "mnist-sample")),
+        ("learning_rate=1e-3", (["learning_rate"], 0.001)),
+        ("learning_rate=0.05", (["learning_rate"], 0.05)),
+        ("model_options.activation=tanh", (["model_options", "activation"], "tanh")),
+        ("deterministic=true", (["deterministic"], True)),
+        ("early_stopping=null", (["early_stopping"], None)),
+        ("run_dir=", (["run_dir"], None)),
+        ("image_size=[64, 64]", (["image_size"], [64, 64])),
+        ("name=a=b", (["name"], "a=b")),
+    ],
+)
+def test_parse_override(text, expected):
+    assert config.parse_override(text) == expected
+
+
+@pytest.mark.parametrize("text", ["epochs", "=3", "model_options..activation=x", "x=[1,"])
+def test_malformed_override_names_it(text):
+    with pytest.raises(ConfigError, match=re.escape(repr(text))):
+        config.parse_override(text)
+
+
+def test_apply_overrides_nested_and_does_not_modify_input():
+    original = {"epochs": 10, "model_options": {"dropout": 0.5}}
+    result = config.apply_overrides(original, ["epochs=2", "model_options.activation=tanh", "new.deep.key=1"])
+    assert result == {"epochs": 2, "model_options": {"dropout": 0.5, "activation": "tanh"}, "new": {"deep": {"key": 1}}}
+    assert original == {"epochs": 10, "model_options": {"dropout": 0.5}}
+
+
+def test_apply_overrides_through_a_scalar_fails():
+    with pytest.raises(ConfigError, match="epochs is 10, not a mapping"):
+        config.apply_overrides({"epochs": 10}, ["epochs.x=1"])
+
+
+# -- files and validation -----------------------------------------------------------------------
+
+
+def test_load_by_path_with_overrides(fake_recipes, tmp_path):
+    path = _write(tmp_path, "tiny.yaml", """
+        # Tiny: a test recipe.
+        arch: FC16
+        data: mnist-sample
+        learning_rate: 1e-3   # plain YAML 1.1 would read this as a string
+        model_options:
+          dropout: 0.5
+    """)
+    recipe = config.load_recipe(str(path), ["epochs=2", "model_options.activation=tanh"])
+    assert recipe.name == "tiny"
+    assert recipe.function == "train"
+    assert recipe.qualname == "cnnkit.recipes.train"
+    assert recipe.path == path
+    assert recipe.kwargs == {
+        "arch": "FC16", "data": "mnist-sample", "learning_rate": 0.001, "epochs": 2,
+        "model_options": {"dropout": 0.5, "activation": "tanh"},
+    }
+    assert config.run_recipe(recipe)["epochs"] == 2
+
+
+def test_load_by_name_from_packaged_folder(fake_recipes):
+    _write(fake_recipes, "mnist_lenet.yaml", """
+        # Reproduces: LeNet on MNIST.
+        # Run: cnnkit run mnist_lenet
+        recipe: train
+        arch: lenet
+        data: mnist
+    """)
+    for name in ("mnist_lenet", "mnist_lenet.yaml"):
+        recipe = config.load_recipe(name)
+        assert recipe.path == fake_recipes / "mnist_lenet.yaml"
+        assert recipe.kwargs == {"arch": "lenet", "data": "mnist"}
+    assert config.list_recipes() == [("mnist_lenet", "Reproduces: LeNet on MNIST.")]
+
+
+def test_recipe_key_selects_the_function(fake_recipes, tmp_path):
+    path = _write(tmp_path, "ft.yaml", "recipe: finetune\nbackbone: mobilenet_v2\ndata: flowers\n")
+    recipe = config.load_recipe(path, ["epochs=1"])
+    assert (recipe.function, recipe.kwargs) == ("finetune", {"backbone": "mobilenet_v2", "data": "flowers", "epochs": 1})
+    assert config.run_recipe(recipe) == ("finetune", "mobilenet_v2", "flowers", 1)
+
+
+def test_unknown_recipe_function(fake_recipes, tmp_path):
+    path = _write(tmp_path, "bad.yaml", "recipe: fintune\nbackbone: x\ndata: y\n")
+    with pytest.raises(ConfigError, match=r"no function 'fintune'; did you mean 'finetune'\?.*finetune, train"):
+        config.load_recipe(path)
+
+
+def test_unknown_name_lists_close_matches_first(fake_recipes):
+    for name in ("mnist_lenet", "cifar_vgg", "mnist_mlp"):
+        _write(fake_recipes, f"{name}.yaml", "arch: lenet\ndata: mnist\n")
+    with pytest.raises(ConfigError) as info:
+        config.load_recipe("mnist_lenett")
+    message = str(info.value)
+    assert "unknown recipe 'mnist_lenett'" in message
+    assert "did you mean 'mnist_lenet'" in message
+    available = message.split("Available: ")[1]
+    assert available.index("mnist_lenet") < available.index("cifar_vgg")
+
+
+def test_missing_path_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        config.load_recipe(str(tmp_path / "nope.yaml"))
+
+
+def test_unknown_key_names_file_key_and_valid_keys(fake_recipes, tmp_path):
+    path = _write(tmp_path, "typo.yaml", "arch: FC16\ndata: mnist-sample\nepoch: 3\n")
+    with pytest.raises(ConfigError) as info:
+        config.load_recipe(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "unknown key 'epoch'" in message
+    assert "did you mean 'epochs'" in message
+    assert "valid keys: arch, data, epochs, learning_rate, model_options, run_dir" in message
+
+
+def test_unknown_override_key_says_override(fake_recipes, tmp_path):
+    path = _write(tmp_path, "ok.yaml", "arch: FC16\ndata: mnist-sample\n")
+    with pytest.raises(ConfigError, match="unknown override 'batchsize'"):
+        config.load_recipe(path, ["batchsize=3"])
+
+
+def test_missing_required_arguments_are_named(fake_recipes, tmp_path):
+    path = _write(tmp_path, "empty_args.yaml", "# nothing but\nepochs: 1\n")
+    with pytest.raises(ConfigError, match=r"missing required arguments 'arch', 'data' for cnnkit\.recipes\.train"):
+        config.load_recipe(path)
+    assert config.load_recipe(path, ["arch=FC16", "data=mnist-sample"]).kwargs["arch"] == "FC16"
+
+
+def test_yaml_syntax_error_names_file_and_line(fake_recipes, tmp_path):
+    path = _write(tmp_path, "broken.yaml", """
+        # header
+        arch: FC16
+        data: [mnist
+        epochs: 1
+    """)
+    with pytest.raises(ConfigError) as info:
+        config.load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:")
+    assert "invalid YAML" in message and "line " in message
+
+
+@pytest.mark.parametrize("text", ["- arch\n- data\n", "just a string\n", "", "# only a comment\n", "1: x\n"])
+def test_top_level_must_be_a_mapping_of_names(fake_recipes, tmp_path, text):
+    path = _write(tmp_path, "odd.yaml", text)
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        config.load_recipe(path)
+
+
+def test_validate_kwargs_accepts_var_keyword():
+    def recipe(arch, data, **kwargs):
+        return kwargs
+
+    config.validate_kwargs(recipe, {"arch": "x", "data": "y", "anything": 1})
+    with pytest.raises(ConfigError, match="missing required argument 'data'"):
+        config.validate_kwargs(recipe, {"arch": "x"})
+
+
+def test_packaged_dir_in_checkout():
+    assert config.packaged_dir("recipes") in (ROOT / "recipes", config.packaged_dir("recipes"))
+    assert config.packaged_dir("recipes").name in ("recipes", "recipe_files")
+    assert config.packaged_dir("tuner").name in ("tuner", "search_spaces")
+    with pytest.raises(ValueError, match="kind"):
+        config.packaged_dir("other")
+
+
+def test_tuner_folder_files_use_cnnkit_tuner(tmp_path, monkeypatch):
+    import types
+
+    module = types.ModuleType("fake_tuner")
+
+    def search(space, data, *, max_trials=10):
+        return space, data, max_trials
+
+    module.search = search
+    monkeypatch.setitem(sys.modules, "cnnkit.tuner", module)
+    folder = tmp_path / "tuner"
+    folder.mkdir()
+    path = _write(folder, "space.yaml", "space: lenet_space\ndata: mnist-sample\nmax_trials: 2\n")
+    recipe = config.check_recipe_file(path)
+    assert (recipe.qualname, recipe.kwargs["max_trials"]) == ("cnnkit.tuner.search", 2)
+
+
+# -- every packaged file ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=[f"{p.parent.name}/{p.name}" for p in RECIPE_FILES])
+def test_packaged_recipe_file_is_valid(path):
+    recipe = config.check_recipe_file(path)
+    assert config.list_recipes(path.parent.name)  # the file is listed under its folder
+    header = path.read_text(encoding="utf-8").lstrip().splitlines()[0]
+    assert header.startswith("#"), f"{path.name} needs a header comment saying what it reproduces"
+    assert recipe.name == path.stem
