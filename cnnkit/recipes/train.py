@@ -105,12 +105,12 @@ def train(
         raise ValueError("early_stopping needs a validation split; the data has none (val_split=0)")
     precision = resolve_precision(precision) if not isinstance(arch, keras.Model) else "as built"
     model = _make_model(arch, data, precision, model_options or {})
-    run_dir = _prepare_run_dir(run_dir, arch)
-
     steps_per_epoch = math.ceil(data.sizes["train"] / batch_size)
+    keras_optimizer = make_optimizer(optimizer, learning_rate=learning_rate, schedule=schedule, momentum=momentum,
+                                     weight_decay=weight_decay, steps_per_epoch=steps_per_epoch, epochs=epochs)
+    run_dir = _prepare_run_dir(run_dir, arch)  # only once every argument has been checked
     model.compile(
-        optimizer=make_optimizer(optimizer, learning_rate=learning_rate, schedule=schedule, momentum=momentum,
-                                 weight_decay=weight_decay, steps_per_epoch=steps_per_epoch, epochs=epochs),
+        optimizer=keras_optimizer,
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,

@@ -1,0 +1,76 @@
+import keras
+import numpy as np
+import pytest
+
+from cnnkit.recipes import optimization
+from cnnkit.recipes.optimization import make_optimizer, make_schedule, resolve_precision
+
+
+def _rate(schedule, step):
+    return float(schedule(step)) if callable(schedule) else schedule
+
+
+def test_constant_schedule_is_the_rate():
+    assert make_schedule("constant", 0.1, steps_per_epoch=10, epochs=5) == 0.1
+
+
+def test_step_schedule_drops_tenfold_at_half_and_three_quarters():
+    schedule = make_schedule("step", 0.1, steps_per_epoch=10, epochs=8)
+    assert [round(_rate(schedule, step), 6) for step in (0, 39, 41, 59, 61, 79)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    every = make_schedule({"name": "step", "every": 2, "factor": 0.5}, 1.0, steps_per_epoch=1, epochs=6)
+    assert [_rate(every, step) for step in (1, 3, 5)] == [1.0, 0.5, 0.25]
+
+
+def test_cosine_decays_to_zero_and_warms_up():
+    schedule = make_schedule("cosine", 0.1, steps_per_epoch=10, epochs=10)
+    assert _rate(schedule, 0) == pytest.approx(0.1)
+    assert _rate(schedule, 50) == pytest.approx(0.05, rel=1e-4)
+    assert _rate(schedule, 100) == pytest.approx(0.0, abs=1e-7)
+    warm = make_schedule({"name": "cosine", "warmup_epochs": 2}, 0.1, steps_per_epoch=10, epochs=10)
+    assert _rate(warm, 0) == pytest.approx(0.001)
+    assert _rate(warm, 20) == pytest.approx(0.1)
+
+
+def test_onecycle_peaks_at_thirty_percent():
+    schedule = make_schedule("onecycle", 1.0, steps_per_epoch=10, epochs=10)
+    rates = np.array([_rate(schedule, step) for step in range(101)])
+    assert rates[0] == pytest.approx(1 / 25)
+    assert rates.argmax() == 30 and rates.max() == pytest.approx(1.0)
+    assert rates[-1] < 1e-4
+
+
+def test_schedule_options_are_checked():
+    with pytest.raises(ValueError, match="unknown option 'every' for schedule 'cosine'"):
+        make_schedule({"name": "cosine", "every": 3}, 0.1, steps_per_epoch=1, epochs=3)
+
+
+@pytest.mark.parametrize(
+    "name, kind, momentum",
+    [("sgd", keras.optimizers.SGD, 0.0), ("momentum", keras.optimizers.SGD, 0.9),
+     ("nesterov", keras.optimizers.SGD, 0.9), ("adam", keras.optimizers.Adam, None),
+     ("adamw", keras.optimizers.AdamW, None), ("rmsprop", keras.optimizers.RMSprop, 0.9)],
+)
+def test_optimizers(name, kind, momentum):
+    optimizer = make_optimizer(name, learning_rate=0.01, steps_per_epoch=1, epochs=1)
+    assert type(optimizer) is kind
+    if momentum is not None:
+        assert optimizer.momentum == momentum
+    assert getattr(optimizer, "nesterov", False) == (name == "nesterov")
+
+
+def test_weight_decay_skips_biases_and_batchnorm():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()])
+    optimizer = make_optimizer("adamw", learning_rate=0.1, weight_decay=0.5, steps_per_epoch=1, epochs=1)
+    optimizer.build(model.trainable_variables)
+    decayed = {variable.name for variable in model.trainable_variables if optimizer._use_weight_decay(variable)}
+    assert decayed == {"kernel"}
+
+
+def test_resolve_precision(monkeypatch):
+    assert resolve_precision("float32") == "float32"
+    monkeypatch.setattr(optimization, "_fast_bfloat16", lambda: True)
+    assert resolve_precision("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(optimization, "_fast_bfloat16", lambda: False)
+    assert resolve_precision("auto") == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("bf16")

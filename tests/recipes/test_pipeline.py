@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+import cnnkit
+from cnnkit.recipes import pipeline
+from cnnkit.recipes.pipeline import input_pipeline, resolve_data
+
+
+def _labels_of_epoch(dataset):
+    return np.concatenate([labels.numpy() for _, labels in dataset])
+
+
+def _data(n=64):
+    x = np.arange(n, dtype=np.uint8)[:, None, None].repeat(4, 1).repeat(4, 2)
+    return cnnkit.data.from_arrays(x, np.arange(n) % 4, val_split=0, seed=0)
+
+
+def test_batches_stay_uint8_and_cover_the_split():
+    data = _data()
+    batches = list(input_pipeline(data, "train", batch_size=10, shuffle=True))
+    assert [images.shape[0] for images, _ in batches] == [10] * 6 + [4]
+    assert all(images.dtype.name == "uint8" for images, _ in batches)
+    seen = np.sort(np.concatenate([images.numpy()[:, 0, 0, 0] for images, _ in batches]))
+    np.testing.assert_array_equal(seen, np.arange(64))
+
+
+def test_shuffle_is_seeded_and_changes_each_epoch():
+    dataset = input_pipeline(_data(), "train", batch_size=64, shuffle=True, seed=1)
+    first, second = _labels_of_epoch(dataset), _labels_of_epoch(dataset)
+    again = _labels_of_epoch(input_pipeline(_data(), "train", batch_size=64, shuffle=True, seed=1))
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(first, again)
+
+
+def test_missing_split_gives_none():
+    assert input_pipeline(_data(), "val", batch_size=8) is None
+
+
+def test_shuffle_buffer_is_capped_by_memory(monkeypatch):
+    monkeypatch.setattr(pipeline, "SHUFFLE_BUFFER_BYTES", 16 * 10)  # room for 10 images of 4x4x1
+    dataset = input_pipeline(_data(), "train", batch_size=64, shuffle=True, seed=0)
+    order = _labels_of_epoch(dataset)
+    assert len(order) == 64  # nothing dropped, only a windowed shuffle
+
+
+def test_resolve_data_forms(image_folder):
+    data = _data()
+    assert resolve_data(data) is data
+    assert resolve_data("mnist-sample").sizes["test"] == 1000
+    folder = resolve_data({"path": str(image_folder), "image_size": 6})
+    assert folder.class_names == ["cat", "dog"] and folder.image_shape == (6, 6, 3)
+    with pytest.raises(ValueError, match="'path'"):
+        resolve_data({"image_size": 6})
+    with pytest.raises(ValueError, match="Received: data=3"):
+        resolve_data(3)

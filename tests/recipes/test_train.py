@@ -1,0 +1,130 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+import yaml
+
+import cnnkit
+
+
+def _train(data, run_dir, **kwargs):
+    options = dict(epochs=2, batch_size=32, run_dir=run_dir, verbose=0)
+    options.update(kwargs)
+    return cnnkit.recipes.train(options.pop("arch", "8C3-MP2-FC32"), data, **options)
+
+
+def test_train_writes_a_complete_run_directory(tiny_mnist, tmp_path):
+    run = _train(tiny_mnist, tmp_path / "run")
+    files = {path.name for path in (tmp_path / "run").iterdir()}
+    assert {"model.keras", "history.csv", "metrics.json", "config.yaml", "README.md",
+            "training_curves.png", "confusion_matrix.png", "logs"} <= files
+    assert "backup" not in files  # the resume backup is removed once the run finished
+    assert len(run.history["loss"]) == 2 and len(run.history["epoch_seconds"]) == 2
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_examples"] == 100
+    assert metrics["test_error"] == pytest.approx(1 - metrics["test_accuracy"])
+    assert 0.5 < metrics["test_accuracy"] <= 1.0  # 400 real digits, 2 epochs: far above chance
+    assert len(metrics["confusion_matrix"]) == 10 and "balanced_accuracy" in metrics
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["arguments"]["arch"] == "8C3-MP2-FC32"
+    assert config["arguments"]["batch_size"] == 32 and config["seed"] == 0
+    assert config["data"]["fingerprint"] == tiny_mnist.fingerprint
+    assert set(config["versions"]) >= {"cnnkit", "tensorflow", "keras"}
+
+
+def test_saved_run_loads_back_and_predicts_the_same(tiny_mnist, tmp_path):
+    run = _train(tiny_mnist, tmp_path / "run", epochs=1)
+    x_test, _ = tiny_mnist.arrays("test")
+    loaded = cnnkit.load(tmp_path / "run")
+    np.testing.assert_allclose(loaded.predict(x_test), run.predict(x_test), atol=1e-6)
+    assert loaded.metrics["test_accuracy"] == run.metrics["test_accuracy"]
+    assert loaded.class_names == tiny_mnist.class_names
+
+
+def test_a_finished_run_directory_is_not_overwritten(tiny_mnist, tmp_path):
+    _train(tiny_mnist, tmp_path / "run", epochs=1)
+    before = (tmp_path / "run" / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match="already holds a finished run"):
+        _train(tiny_mnist, tmp_path / "run", epochs=1)
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == before
+
+
+def test_same_seed_gives_the_same_training(tiny_mnist, tmp_path):
+    first = _train(tiny_mnist, tmp_path / "a", arch="FC16-D0.2", seed=3)
+    second = _train(tiny_mnist, tmp_path / "b", arch="FC16-D0.2", seed=3)
+    other = _train(tiny_mnist, tmp_path / "c", arch="FC16-D0.2", seed=4)
+    assert first.history["loss"] == second.history["loss"]
+    assert first.history["loss"] != other.history["loss"]
+
+
+@pytest.mark.parametrize("precision, compute", [("float32", "float32"), ("mixed_bfloat16", "bfloat16")])
+def test_precision_sets_the_compute_dtype_and_keeps_a_float32_output(tiny_mnist, tmp_path, precision, compute):
+    run = _train(tiny_mnist, tmp_path / "run", epochs=1, precision=precision)
+    assert run.model.get_layer("conv1").compute_dtype == compute
+    assert run.model.get_layer("conv1").variable_dtype == "float32"
+    assert run.model.output.dtype == "float32"
+    assert run.config["precision"] == precision
+
+
+def test_model_options_reach_the_builder(tiny_mnist, tmp_path):
+    run = _train(tiny_mnist, tmp_path / "run", epochs=1, model_options={"activation": "tanh", "batch_norm": True})
+    assert run.model.get_layer("bn1").name == "bn1"
+    assert run.model.get_layer("bn1_act").get_config()["activation"] == "tanh"
+
+
+def test_a_keras_model_is_trained_as_given(tiny_mnist, tmp_path):
+    model = cnnkit.build("FC8", (28, 28, 1), 10)
+    run = _train(tiny_mnist, tmp_path / "run", arch=model, epochs=1)
+    assert run.model is model and run.config["arch"] == f"<keras.Model {model.name}>"
+    with pytest.raises(ValueError, match="model_options"):
+        _train(tiny_mnist, tmp_path / "other", arch=model, model_options={"activation": "tanh"})
+
+
+def test_data_from_a_folder_mapping(image_folder, tmp_path):
+    run = _train({"path": str(image_folder), "image_size": [8, 8], "val_split": 0.2}, tmp_path / "run",
+                 arch="FC4", epochs=1)
+    assert run.class_names == ["cat", "dog"]
+    assert run.model.input_shape == (None, 8, 8, 3)
+    assert "test_accuracy" not in run.metrics and run.metrics["epochs_run"] == 1
+
+
+def test_early_stopping_restores_and_stops(tiny_mnist, tmp_path):
+    run = _train(tiny_mnist, tmp_path / "run", arch="FC8", epochs=30, early_stopping=1, learning_rate=0.3)
+    val_loss = run.history["val_loss"]
+    assert len(val_loss) < 30  # stopped early once validation loss rose
+    assert val_loss[-1] >= min(val_loss[:-1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": 0}, "epochs must be an integer >= 1. Received: epochs=0"),
+        ({"batch_size": "32"}, "batch_size must be an integer"),
+        ({"steps_per_execution": 0}, "steps_per_execution"),
+        ({"early_stopping": 0}, "early_stopping"),
+        ({"optimizer": "adamax"}, "optimizer must be one of"),
+        ({"schedule": "linear"}, "schedule must be one of"),
+        ({"precision": "float16"}, "precision must be one of"),
+        ({"model_options": {"colour": "red"}}, "unknown build option 'colour'"),
+        ({"arch": "8C3-MP30"}, "window is larger"),
+    ],
+)
+def test_bad_arguments_are_named(tiny_mnist, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _train(tiny_mnist, tmp_path / "run", **kwargs)
+    assert not (tmp_path / "run").exists()  # checked before anything is written
+
+
+def test_early_stopping_without_validation_is_refused(tmp_path):
+    x = np.zeros((20, 8, 8), np.uint8)
+    data = cnnkit.data.from_arrays(x, np.arange(20) % 2, val_split=0)
+    with pytest.raises(ValueError, match="needs a validation split"):
+        _train(data, tmp_path / "run", early_stopping=2)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_dataset_name_is_named(tmp_path):
+    with pytest.raises(ValueError, match="mnst"):
+        _train("mnst", tmp_path / "run")
+    keras.backend.clear_session()
