@@ -10,8 +10,6 @@ Example:
     '16C3p1-BN-R16-R32s2-R64s2-GAP'
 """
 
-import keras
-
 from cnnkit.models.registry import Architecture, register_model
 
 
@@ -30,11 +28,14 @@ def residual_block(x, filters, *, stride, activation, name, **conv_options):
         **conv_options: passed to every ``Conv2D`` (initialiser, regulariser, dtype).
 
     Example:
+        >>> import keras
         >>> inputs = keras.Input((28, 28, 16))
         >>> act = lambda t, n: keras.layers.Activation("relu", name=n)(t)
         >>> residual_block(inputs, 32, stride=2, activation=act, name="res1").shape
         (None, 14, 14, 32)
     """
+    import keras  # here, so that planning and listing models never load TensorFlow
+
     dtype = conv_options.get("dtype")
     shortcut = x
     y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
