@@ -21,7 +21,7 @@ _LAZY = {
     "load": ("cnnkit.runs", "load"),
     "Run": ("cnnkit.runs", "Run"),
 }
-_SUBPACKAGES = {"models", "data", "recipes", "tuner"}
+_SUBPACKAGES = {"models", "data", "recipes"}
 
 __all__ = ["SpecError", "__version__", *_LAZY, *sorted(_SUBPACKAGES)]
 
