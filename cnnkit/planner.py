@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 from cnnkit.spec import ACTIVATIONS, Layer, SpecError, format_layer, parse
 
@@ -137,7 +138,7 @@ class Plan:
             raise ValueError(
                 f"precision must be float32, mixed_bfloat16 or mixed_float16. Received: precision={precision!r}"
             )
-        if batch_size < 1:
+        if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be at least 1. Received: batch_size={batch_size}")
         activation_bytes = 4 if precision == "float32" else 2
         stored = math.prod(self.input_shape) + sum(_stored_elements(row) for row in self.rows)
@@ -207,25 +208,32 @@ def plan(arch, input_shape, num_classes: int | None = None, **options) -> Plan:
 
     spec, options = resolve_arch(arch, options)
     input_shape = _check_input_shape(input_shape)
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 2):
         raise ValueError(f"num_classes must be an integer >= 2. Received: num_classes={num_classes!r}")
     if options["activation"] not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}. Received: activation={options['activation']!r}")
     if options["padding"] not in ("valid", "same"):
         raise ValueError(f"padding must be 'valid' or 'same'. Received: padding={options['padding']!r}")
+    num_classes = None if num_classes is None else int(num_classes)
     layers = _resolve(parse(spec), num_classes, options, rank=len(input_shape))
     rows = _plan_rows(layers, input_shape)
     return Plan(spec=spec, input_shape=input_shape, num_classes=num_classes, rows=tuple(rows), options=options)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_input_shape(input_shape) -> tuple[int, int, int]:
     try:
-        shape = tuple(int(size) for size in input_shape)
-    except (TypeError, ValueError):
+        shape = tuple(input_shape)
+    except TypeError:
         shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (height, width, channels). Received: input_shape={input_shape!r}")
-    return shape
+    if len(shape) != 3 or not all(_is_int(size) and size >= 1 for size in shape):
+        raise ValueError(
+            f"input_shape must be three positive integers (height, width, channels). Received: input_shape={input_shape!r}"
+        )
+    return tuple(int(size) for size in shape)
 
 
 def _resolve(layers: list[Layer], num_classes, options, rank) -> list[Layer]:
@@ -238,6 +246,11 @@ def _resolve(layers: list[Layer], num_classes, options, rank) -> list[Layer]:
             layer = dataclasses.replace(layer, padding=0 if options["padding"] == "valid" else "same")
         if layer.kind == "local" and layer.padding not in (None, 0):
             raise SpecError("locally connected layers take no padding", token=layer.token, position=layer.position)
+        if layer.kind in ("maxpool", "avgpool") and layer.padding not in (None, 0, "same"):
+            raise SpecError(
+                "pooling takes p0 or psame: Keras has no pooling that pads with -inf (max) or leaves the padding "
+                "out of the average, and zero padding would change both", token=layer.token, position=layer.position,
+            )
         resolved.append(layer)
         if options["batch_norm"] and layer.kind in ("conv", "local"):
             resolved.append(Layer("bn", token="BN"))
@@ -255,7 +268,7 @@ def _resolve(layers: list[Layer], num_classes, options, rank) -> list[Layer]:
             resolved.append(Layer("dense", size=num_classes, activation="softmax", token=f"FC{num_classes}"))
     for index in range(1, len(resolved)):
         layer, previous = resolved[index], resolved[index - 1]
-        if layer.kind == "bn" and previous.kind in _WEIGHTED and previous.activation != "softmax":
+        if layer.kind == "bn" and previous.kind in _WEIGHTED:
             resolved[index - 1] = dataclasses.replace(previous, activation="linear")
             resolved[index] = dataclasses.replace(layer, activation=previous.activation)
     with_flatten, spatial = [], rank == 3

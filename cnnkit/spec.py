@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import re
 
 ACTIVATIONS = (
@@ -107,12 +108,17 @@ def parse(spec: str) -> list[Layer]:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"a spec must be a non-empty string like '20C5-MP2-FC256'. Received: spec={spec!r}")
-    tokens = re.split(r"-+", spec.strip().strip("-"))
+    tokens = re.split(r"--?", spec.strip())
     return [_parse_token(token.strip(), position) for position, token in enumerate(tokens, start=1)]
 
 
 def _parse_token(token: str, position: int) -> Layer:
-    body, _, activation = token.partition(":")
+    if not token:
+        raise SpecError("empty token: layers are joined by '-' or '--', with nothing before the first or after the last",
+                        token=token, position=position)
+    body, colon, activation = token.partition(":")
+    if colon and not activation:
+        raise SpecError("':' must be followed by an activation, e.g. 64C3:tanh", token=token, position=position)
     if activation:
         activation = activation.lower()
         if activation not in ACTIVATIONS:
@@ -178,7 +184,7 @@ def format_layer(layer: Layer) -> str:
     elif kind == "dense":
         text = f"FC{layer.size}"
     elif kind == "dropout":
-        text = f"D{layer.rate:g}"
+        text = f"D{decimal.Decimal(repr(layer.rate)).normalize():f}"  # exact and never in exponent form
     elif kind == "lrn":
         text = "LRN" if layer.size in (None, 5) else f"LRN{layer.size}"
     elif kind == "residual":

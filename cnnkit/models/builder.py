@@ -9,7 +9,7 @@ Example:
     >>> import cnnkit
     >>> model = cnnkit.build("20C5-MP2-50C5-MP2-FC256", (28, 28, 1), 10)
     >>> model.output_shape, model.count_params()
-    ((None, 10), 225034)
+    ((None, 10), 233196)
 """
 
 from __future__ import annotations
@@ -70,9 +70,8 @@ def build(arch, input_shape, num_classes, **options) -> keras.Model:
         x = layer(x)
     rows = model_plan.rows
     for index, row in enumerate(rows):
-        next_row = rows[index + 1] if index + 1 < len(rows) else None
         input_shape = rows[index - 1].output_shape if index else model_plan.input_shape
-        x = _apply_row(x, row, next_row, input_shape, options)
+        x = _apply_row(x, row, rows[index + 1:], input_shape, options)
     name = arch if arch.isidentifier() else "cnnkit_net"
     return keras.Model(inputs, x, name=name)
 
@@ -89,10 +88,10 @@ def _preprocessing_layers(preprocessing, dtype):
     )
 
 
-def _apply_row(x, row, next_row, input_shape, options):
+def _apply_row(x, row, following, input_shape, options):
     layer, name, dtype = row.layer, row.name, options["dtype"]
     kind = layer.kind
-    weights = _weight_options(row, next_row, input_shape, options)
+    weights = _weight_options(row, following, input_shape, options)
     if kind in ("conv", "maxpool", "avgpool"):
         padding = layer.padding or 0
         if padding == "same" or (kind == "conv" and layer.stride == 1 and layer.kernel == (2 * padding + 1,) * 2):
@@ -112,8 +111,7 @@ def _apply_row(x, row, next_row, input_shape, options):
                                **weights)(x)
     elif kind == "residual":
         return residual_block(x, layer.size, stride=layer.stride, name=name,
-                              activation=lambda tensor, act_name: _activation(tensor, layer.activation, act_name, dtype),
-                              **weights)
+                              activation=_block_activation(layer.activation, name, dtype), **weights)
     elif kind == "dense":
         x = keras.layers.Dense(layer.size, use_bias=row.use_bias, name=name, **weights)(x)
     elif kind == "flatten":
@@ -142,16 +140,27 @@ def _activation(x, activation, name, dtype):
     return keras.layers.Activation(activation, name=name, dtype=dtype)(x)
 
 
-def _weight_options(row, next_row, input_shape, options):
+def _block_activation(activation, block_name, dtype):
+    """The activation callable of a residual block; the block's output layer is always ``block_name``."""
+
+    def apply(tensor, layer_name):
+        if activation == "linear" and layer_name == block_name:
+            return keras.layers.Identity(name=layer_name, dtype=dtype)(tensor)
+        return _activation(tensor, activation, layer_name, dtype)
+
+    return apply
+
+
+def _weight_options(row, following, input_shape, options):
     """Initialiser, regulariser, constraint and dtype for a layer with weights."""
     layer = row.layer
     result = {"dtype": options["dtype"]}
     if layer.kind not in ("conv", "local", "dense", "residual"):
         return result
     activation = layer.activation
-    if activation == "linear" and next_row is not None and next_row.layer.kind == "bn":
-        activation = next_row.layer.activation  # the activation moved after BN
-    result["kernel_initializer"] = _initializer(options["initializer"], activation, row, next_row, input_shape)
+    if activation == "linear" and following and following[0].layer.kind == "bn":
+        activation = following[0].layer.activation  # the activation moved after BN
+    result["kernel_initializer"] = _initializer(options["initializer"], activation, row, following, input_shape)
     if options["l2"]:
         result["kernel_regularizer"] = keras.regularizers.L2(options["l2"])
     if options["max_norm"]:
@@ -160,7 +169,7 @@ def _weight_options(row, next_row, input_shape, options):
     return result
 
 
-def _initializer(initializer, activation, row, next_row, input_shape):
+def _initializer(initializer, activation, row, following, input_shape):
     if initializer == "auto":
         if activation == "selu":
             return "lecun_normal"
@@ -168,10 +177,11 @@ def _initializer(initializer, activation, row, next_row, input_shape):
     if initializer != "theano":
         return initializer
     # deeplearning.net LeNetConvPoolLayer / HiddenLayer: U(+-sqrt(6 / (fan_in + fan_out / pool_area)))
-    kernel_area = math.prod(row.layer.kernel) if row.layer.kernel else 1
+    kernel_area = {"dense": 1, "residual": 9}.get(row.layer.kind) or math.prod(row.layer.kernel)
     fan_in = kernel_area * input_shape[-1]
     fan_out = kernel_area * row.output_shape[-1]
-    if next_row is not None and next_row.layer.kind in ("maxpool", "avgpool"):
-        fan_out /= math.prod(next_row.layer.kernel)
+    after_norm = [later for later in following[:2] if later.layer.kind != "bn"]  # look past a BN
+    if after_norm and after_norm[0].layer.kind in ("maxpool", "avgpool"):
+        fan_out /= math.prod(after_norm[0].layer.kernel)
     limit = math.sqrt(6.0 / (fan_in + fan_out))
     return keras.initializers.RandomUniform(-limit, limit)

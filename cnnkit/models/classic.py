@@ -3,7 +3,7 @@
 Example:
     >>> import cnnkit
     >>> cnnkit.plan("network3", (28, 28, 1), 10).params
-    1677010
+    1672570
 """
 
 from cnnkit.models.registry import Architecture, register_model

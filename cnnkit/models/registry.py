@@ -20,6 +20,8 @@ import difflib
 import importlib
 import re
 
+from cnnkit.spec import SpecError, parse
+
 _REGISTRY = {}
 _BUILTIN_MODULES = ("cnnkit.models.classic", "cnnkit.models.resnet")
 
@@ -67,13 +69,18 @@ def list_models() -> list[str]:
 
 
 def get_architecture(name: str) -> Architecture:
-    """The :class:`Architecture` registered as ``name``; an unknown name lists close matches."""
+    """The :class:`Architecture` registered as ``name`` (any case); an unknown name lists close matches."""
     registry = _registry()
-    if name not in registry:
-        close = difflib.get_close_matches(name, registry, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ValueError(f"unknown model {name!r}; {hint}registered: {', '.join(sorted(registry))}")
-    return registry[name]()
+    if name.lower() not in registry:
+        raise ValueError(_unknown_model_message(name))
+    return registry[name.lower()]()
+
+
+def _unknown_model_message(name: str) -> str:
+    registry = _registry()
+    close = difflib.get_close_matches(name.lower().replace("-", "_"), registry, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"unknown model {name!r}; {hint}registered: {', '.join(sorted(registry))}"
 
 
 def describe(name: str) -> str:
@@ -95,9 +102,15 @@ def resolve_arch(arch: str, options: dict) -> tuple[str, dict]:
         raise ValueError(f"unknown build option {unknown[0]!r}; valid options: {', '.join(DEFAULT_OPTIONS)}")
     if not isinstance(arch, str):
         raise ValueError(f"arch must be a notation string or a registered model name. Received: arch={arch!r}")
-    if arch in _registry():
+    if arch.lower() in _registry():
         registered = get_architecture(arch)
         return registered.spec, {**DEFAULT_OPTIONS, **registered.options, **options}
-    if re.fullmatch(r"[a-z][a-z0-9_]*", arch) and not re.fullmatch(r"(gap|gmp|bn|lrn\d*)", arch):
-        get_architecture(arch)  # raises, with close matches
+    try:
+        parse(arch)
+    except SpecError as error:
+        name_like = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", arch.strip())
+        close = difflib.get_close_matches(arch.lower().replace("-", "_"), _registry(), n=1, cutoff=0.75)
+        if name_like and (close or "-" not in arch):
+            raise ValueError(f"{_unknown_model_message(arch)}; as notation, {error}") from None
+        raise
     return arch, {**DEFAULT_OPTIONS, **options}
