@@ -33,8 +33,9 @@ START, END = "<!-- reference-mnist:start -->", "<!-- reference-mnist:end -->"
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    with open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                   platform.processor())
     return f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, TF {tf.__version__}, Keras {keras.__version__}"
 
 

@@ -125,7 +125,7 @@ def _parse_token(token: str, position: int) -> Layer:
             raise SpecError(
                 f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}", token=token, position=position
             )
-    for kind, pattern in _PATTERNS:
+    for kind, pattern in _PATTERNS:  # noqa: B007  (the for/else below uses kind)
         match = pattern.fullmatch(body)
         if match:
             break
