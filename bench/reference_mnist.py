@@ -9,18 +9,13 @@ Run (CNNKIT_DATA_DIR names the folder holding mnist.npz):
 """
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-import keras
-import tensorflow as tf
+from results import machine, write_section
 
 from cnnkit.config import load_recipe, run_recipe
-from cnnkit.runs import atomic_write_text
 
 REFERENCE = {  # recipe -> (what the seed's table reports, target test error)
     "mnist_fc64": ("FC64", 0.0285),
@@ -28,15 +23,6 @@ REFERENCE = {  # recipe -> (what the seed's table reports, target test error)
     "mnist_conv": ("20C5-MP2-50C5-MP2-FC256", 0.0079),
     "mnist_lenet": ("Theano LeNet 20C5-MP2-50C5-MP2-FC500, tanh (tutorial: 0.91% in 755 min)", 0.0093),
 }
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
-START, END = "<!-- reference-mnist:start -->", "<!-- reference-mnist:end -->"
-
-
-def machine() -> str:
-    with open("/proc/cpuinfo") as cpuinfo:
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-                   platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, TF {tf.__version__}, Keras {keras.__version__}"
 
 
 def main():
@@ -62,7 +48,6 @@ def main():
         print(rows[-1], flush=True)
     command = "CNNKIT_DATA_DIR=../shared/datasets python bench/reference_mnist.py " + " ".join(sys.argv[1:])
     table = "\n".join([
-        START,
         f"Command: `{command.strip()}`  ",
         f"Machine: {machine()}  ",
         "Test error on the 10,000 MNIST test images; wall time of the whole run (training, validation, "
@@ -71,17 +56,10 @@ def main():
         "| recipe | network | test error | target | epochs | wall time | precision |",
         "|---|---|---|---|---|---|---|",
         *rows,
-        END,
     ])
     print(table)
     if not args.no_write and not args.overrides and names == list(REFERENCE):
-        text = RESULTS.read_text() if RESULTS.exists() else "# Results\n"
-        if START in text:
-            text = text[: text.index(START)] + table + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n## Reference recipes on real MNIST\n\n" + table + "\n"
-        atomic_write_text(RESULTS, text)
-        print(f"written to {RESULTS}")
+        print(f"written to {write_section('reference-mnist', 'Reference recipes on real MNIST', table)}")
 
 
 if __name__ == "__main__":

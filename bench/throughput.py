@@ -24,6 +24,7 @@ import tempfile
 import keras
 import numpy as np
 import tensorflow as tf
+from results import machine, write_section
 
 import cnnkit
 from cnnkit.recipes.optimization import resolve_precision
@@ -66,6 +67,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/RESULTS.md alone")
     args = parser.parse_args()
     data = cnnkit.data.load("mnist")
     images = data.sizes["train"]
@@ -92,18 +94,29 @@ def main():
             print(f"repeat {repeat + 1} {name}: {statistics.median(images / s for s in seconds[1:]):,.0f} img/s, "
                   f"test error {error:.2%}", flush=True)
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"\n{ARCH} on MNIST ({images} train images), batch {args.batch_size}, precision auto -> {precision}, "
-          f"{args.repeats} alternating repeats x {args.epochs - 1} timed epochs")
-    print("| arm | images/s (median) | test error (mean) |\n|---|---|---|")
-    for name in arms:
-        print(f"| {name} | {median[name]:,.0f} | {np.mean(errors[name]):.2%} |")
     recipe_rate = median["recipe (defaults)"]
-    print(f"\n(a) recipe / hand-written tf.data at equal settings: "
-          f"{recipe_rate / median['hand-written tf.data, same settings']:.2f}x")
-    print(f"(a) recipe / hand-written NumPy at equal settings: "
-          f"{recipe_rate / median['hand-written NumPy, same settings']:.2f}x")
-    print(f"(b) recipe / hand-written NumPy at Keras defaults (float32, steps_per_execution=1): "
-          f"{recipe_rate / median['hand-written NumPy, Keras defaults']:.2f}x")
+    lines = [
+        f"Command: `CNNKIT_DATA_DIR=../shared/datasets python bench/throughput.py --repeats {args.repeats} "
+        f"--epochs {args.epochs}`  ",
+        f"Machine: {machine()}  ",
+        f"{ARCH} on MNIST ({images} train images), batch {args.batch_size}, precision auto -> {precision}; "
+        f"{args.repeats} alternating repeats x {args.epochs - 1} timed epochs (the first epoch compiles).",
+        "",
+        "| arm | images/s (median) | test error (mean) |",
+        "|---|---|---|",
+        *[f"| {name} | {median[name]:,.0f} | {np.mean(errors[name]):.2%} |" for name in arms],
+        "",
+        f"- (a) recipe / hand-written tf.data at equal settings: "
+        f"**{recipe_rate / median['hand-written tf.data, same settings']:.2f}x** (target >= 0.97x)",
+        f"- (a) recipe / hand-written NumPy at equal settings: "
+        f"**{recipe_rate / median['hand-written NumPy, same settings']:.2f}x** (target >= 0.97x)",
+        f"- (b) recipe / hand-written NumPy at Keras defaults (float32, steps_per_execution=1): "
+        f"**{recipe_rate / median['hand-written NumPy, Keras defaults']:.2f}x** (target >= 1.8x)",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        print(f"written to {write_section('throughput', 'Training throughput: recipe against hand-written fit', body)}")
 
 
 if __name__ == "__main__":

@@ -117,12 +117,12 @@ def train(
     )
     timer = EpochTimer()
     callbacks = [
-        timer,
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
         keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False),
     ]
     if early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(patience=early_stopping, restore_best_weights=True))
+    callbacks.append(timer)  # last, so each epoch's time includes the other callbacks' work
     if verbose:
         print(data.summary())
     started = time.perf_counter()
@@ -160,7 +160,11 @@ def train(
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Records the wall time of each epoch (training and validation) in ``seconds``."""
+    """Records the wall time of each epoch (training and validation) in ``seconds``.
+
+    Placed last in the callback list, an epoch's time also covers the work of the callbacks
+    before it at the epoch's end (checkpoint backup, TensorBoard).
+    """
 
     def __init__(self):
         super().__init__()
