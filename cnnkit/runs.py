@@ -139,7 +139,7 @@ def _write_synced(path: Path, data) -> None:
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically.
 
-    The bytes go to a temporary file in the same directory (``.<name>.XXXX.tmp``), which is
+    The bytes go to a temporary file in the same directory (``.<name>.<random>.tmp``), which is
     flushed, fsynced and renamed over ``path`` with ``os.replace``. If anything fails the
     temporary file is removed and an existing ``path`` is left untouched. Missing parent
     directories are created. An existing file's permission bits are kept; a new file gets

@@ -104,13 +104,16 @@ def test_ls_lists_names_with_descriptions(monkeypatch, tmp_path, capsys):
     ]
 
 
-def test_ls_and_help_do_not_import_tensorflow():
+def test_ls_help_plan_and_models_do_not_import_tensorflow():
     code = textwrap.dedent("""
         import sys
         from cnnkit.cli import main
         assert main(["ls"]) == 0
         assert main(["--help"]) == 0
         assert main(["run"]) == 2
+        assert main(["plan", "resnet20", "--input-shape", "28,28,1", "--classes", "10"]) == 0
+        assert main(["plan", "96C11s4p0", "--input-shape", "224,224,3"]) == 2
+        assert main(["models"]) == 0
         print("tensorflow imported:", "tensorflow" in sys.modules, "keras imported:", "keras" in sys.modules)
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
