@@ -20,6 +20,7 @@ _LAZY = {
     "Plan": ("cnnkit.planner", "Plan"),
     "load": ("cnnkit.runs", "load"),
     "Run": ("cnnkit.runs", "Run"),
+    "predict_map": ("cnnkit.models.convert", "predict_map"),
 }
 _SUBPACKAGES = {"models", "data", "recipes"}
 

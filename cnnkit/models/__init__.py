@@ -8,4 +8,12 @@ Example:
 
 from cnnkit.models.registry import Architecture, describe, get_architecture, list_models, register_model
 
-__all__ = ["Architecture", "describe", "get_architecture", "list_models", "register_model"]
+__all__ = ["Architecture", "describe", "get_architecture", "list_models", "register_model", "to_fully_convolutional"]
+
+
+def __getattr__(name):
+    if name == "to_fully_convolutional":  # loads Keras, so only on first use
+        from cnnkit.models.convert import to_fully_convolutional
+
+        return to_fully_convolutional
+    raise AttributeError(f"module 'cnnkit.models' has no attribute {name!r}")

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+
+import cnnkit
+from cnnkit.models.convert import native_stride, predict_map, to_fully_convolutional
+
+RNG = np.random.default_rng(0)
+
+
+def _crop_scores(model, canvas, stride, shape):
+    rows = (canvas.shape[0] - shape[0]) // stride + 1
+    cols = (canvas.shape[1] - shape[1]) // stride + 1
+    crops = np.stack([canvas[i * stride:i * stride + shape[0], j * stride:j * stride + shape[1]]
+                      for i in range(rows) for j in range(cols)]).astype("float32")
+    return np.asarray(model(crops)).reshape(rows, cols, -1)
+
+
+@pytest.mark.parametrize("arch, shape", [
+    ("20C5-MP2-50C5-MP2-FC256", (28, 28, 1)),
+    ("lenet", (28, 28, 1)),
+    ("network3", (28, 28, 1)),
+    ("mlp_64", (28, 28, 1)),
+    ("8C3-MP2-8C3-GAP-FC8", (16, 16, 3)),
+    ("8C3-BN-FC8:prelu-BN-D0.5", (12, 12, 3)),
+    ("resnet8", (28, 28, 1)),  # padded: converts, and agrees at the native size
+])
+def test_converted_model_equals_the_original_at_the_native_size(arch, shape):
+    model = cnnkit.build(arch, shape, 10)
+    converted = to_fully_convolutional(model)
+    assert converted.input_shape == (None, None, None, shape[2])
+    x = RNG.integers(0, 256, (3, *shape)).astype("float32")
+    out = np.asarray(converted(x))
+    assert out.shape == (3, 1, 1, 10)
+    np.testing.assert_allclose(out[:, 0, 0], np.asarray(model(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [4, 2, 1])
+def test_every_map_position_equals_the_network_on_its_crop(stride):
+    model = cnnkit.build("20C5-MP2-50C5-MP2-FC256", (28, 28, 1), 10)
+    canvas = RNG.integers(0, 256, (47, 41)).astype(np.uint8)
+    scores = predict_map(model, canvas, stride=stride)
+    assert scores.shape == ((47 - 28) // stride + 1, (41 - 28) // stride + 1, 10)
+    np.testing.assert_allclose(scores, _crop_scores(model, canvas[..., None], stride, (28, 28)), atol=1e-5)
+    np.testing.assert_allclose(scores.sum(-1), 1.0, atol=1e-5)  # softmax per position
+
+
+def test_global_pooling_slides_at_its_native_size():
+    model = cnnkit.build("8C3-MP2-8C3-GAP-FC8", (16, 16, 3), 10)
+    canvas = RNG.integers(0, 256, (27, 22, 3)).astype(np.uint8)
+    assert native_stride(model) == 2
+    np.testing.assert_allclose(predict_map(model, canvas, stride=1), _crop_scores(model, canvas, 1, (16, 16)),
+                               atol=1e-5)
+
+
+def test_mixed_precision_policy_is_kept():
+    model = cnnkit.build("8C3-MP2-FC8", (12, 12, 1), 3, dtype="mixed_bfloat16")
+    converted = to_fully_convolutional(model)
+    assert converted.get_layer("fc1").compute_dtype == "bfloat16"
+    assert converted.output.dtype == "float32"
+
+
+def test_weights_are_copied_not_shared():
+    model = cnnkit.build("8C3-MP2-FC8", (12, 12, 1), 3)
+    converted = to_fully_convolutional(model)
+    assert converted.get_layer("fc1").kernel.shape == (5, 5, 8, 8)
+    converted.get_layer("conv1").kernel.assign(np.zeros((3, 3, 1, 8), "float32"))
+    assert np.abs(np.asarray(model.get_layer("conv1").kernel)).sum() > 0
+
+
+def test_locally_connected_layer_is_named_in_the_error():
+    model = cnnkit.build("4LC3-FC8", (8, 8, 1), 3)
+    with pytest.raises(ValueError, match="'local1' .*fixed positions"):
+        to_fully_convolutional(model)
+
+
+def test_padded_network_is_refused_by_predict_map():
+    model = cnnkit.build("vgg_small", (28, 28, 1), 10)
+    with pytest.raises(ValueError, match="layer 'conv1' pads its input"):
+        predict_map(model, np.zeros((40, 40), np.uint8))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"stride": 3}, "positive divisor of the native stride 4"),
+    ({"image": np.zeros((20, 40), np.uint8)}, "H >= 28"),
+    ({"image": np.zeros((40, 40, 3), np.uint8)}, "image.shape=\\(40, 40, 3\\)"),
+])
+def test_bad_predict_map_arguments(kwargs, message):
+    model = cnnkit.build("20C5-MP2-50C5-MP2-FC256", (28, 28, 1), 10)
+    arguments = {"image": np.zeros((40, 40), np.uint8), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        predict_map(model, arguments.pop("image"), **arguments)
+
+
+def test_public_names():
+    assert cnnkit.predict_map is predict_map
+    assert cnnkit.models.to_fully_convolutional is to_fully_convolutional
