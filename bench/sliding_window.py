@@ -44,7 +44,7 @@ def median_seconds(function, argument, repeats):
 
 def speed(model, converted, repeats):
     canvas = np.random.default_rng(0).integers(0, 256, (1, CANVAS, CANVAS, 1)).astype("float32")
-    stride = native_stride(model)
+    stride = native_stride(model, converted)
     crops = np.stack([canvas[0, y:y + 28, x:x + 28] for y in range(0, CANVAS - 27, stride)
                       for x in range(0, CANVAS - 27, stride)])
     dense = tf.function(lambda x: converted(x, training=False), autograph=False)
@@ -141,7 +141,7 @@ def main():
         f"--canvases {args.canvases}`  ",
         f"Machine: {machine()}  ",
         f"{ARCH} trained {args.epochs} epochs on real MNIST (float32; test error {run.metrics['test_error']:.2%}); "
-        f"{CANVAS}x{CANVAS} canvas, native stride {native_stride(model)} = {crops} crop positions; compiled calls, "
+        f"{CANVAS}x{CANVAS} canvas, native stride {native_stride(model, converted)} = {crops} crop positions; compiled calls, "
         f"median of {args.repeats} calls x 3 alternating rounds.",
         "",
         "| how | time per canvas | converted is faster by |",

@@ -294,7 +294,8 @@ def _first(config: dict, keys):
     return None, None
 
 
-def _current_versions() -> dict:
+def package_versions() -> dict:
+    """Versions of Python, cnnkit, Keras, TensorFlow and NumPy, for config.yaml and model cards."""
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
@@ -463,7 +464,7 @@ def model_card(*, name, config: dict, metrics: dict, class_names, summary: str, 
     # -- versions
     versions = config.get("versions") if isinstance(config.get("versions"), dict) else None
     source = "recorded at training time" if versions else "of the environment that wrote this card"
-    versions = versions or _current_versions()
+    versions = versions or package_versions()
     lines += ["## Versions", "", f"Package versions {source}:", "", "| Package | Version |", "|---|---|"]
     lines += [f"| {_md(k)} | {_md(v)} |" for k, v in versions.items()]
     lines.append("")

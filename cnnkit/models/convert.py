@@ -108,7 +108,7 @@ def _check_unpadded(model):
             )
 
 
-def native_stride(model: keras.Model) -> int:
+def native_stride(model: keras.Model, converted: keras.Model | None = None) -> int:
     """The total downsampling of an unpadded ``model``: how far one step of the score map moves.
 
     Example:
@@ -117,7 +117,7 @@ def native_stride(model: keras.Model) -> int:
         4
     """
     height, width, channels = model.input_shape[1:]
-    dense = to_fully_convolutional(model)
+    dense = converted or to_fully_convolutional(model)
     base = dense.compute_output_shape((1, height, width, channels))[1]
     for step in range(1, height + 1):
         if dense.compute_output_shape((1, height + step, width, channels))[1] > base:
@@ -156,11 +156,11 @@ def predict_map(model: keras.Model, image, *, stride: int | None = None, convert
         raise ValueError(f"image must be (H, W[, {channels}]) with H >= {height} and W >= {width}. "
                          f"Received: image.shape={image.shape}")
     _check_unpadded(model)
-    native = native_stride(model)
+    converted = converted or to_fully_convolutional(model)
+    native = native_stride(model, converted)
     stride = native if stride is None else stride
     if not isinstance(stride, int) or stride < 1 or native % stride:
         raise ValueError(f"stride must be a positive divisor of the native stride {native}. Received: stride={stride}")
-    converted = converted or to_fully_convolutional(model)
     rows, cols = (image.shape[0] - height) // stride + 1, (image.shape[1] - width) // stride + 1
     step = native // stride
     result = np.zeros((rows, cols, converted.output_shape[-1]), np.float32)

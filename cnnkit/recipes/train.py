@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import inspect
 import math
-import platform
 import re
 import shutil
 import time
@@ -25,6 +24,7 @@ import tensorflow as tf
 import cnnkit
 from cnnkit.recipes.optimization import make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import input_pipeline, resolve_data
+from cnnkit.report import package_versions
 from cnnkit.runs import Run, write_run
 
 
@@ -147,7 +147,7 @@ def train(
         "class_names": list(data.class_names),
         "image_shape": list(data.image_shape),
         "seed": seed,
-        "versions": _versions(),
+        "versions": package_versions(),
     }
     run = Run(model, history=history, run_dir=run_dir, class_names=data.class_names, config=config)
     run.metrics = _metrics(run, data, history, fit_seconds)
@@ -233,8 +233,3 @@ def _recorded_arguments(function, values) -> dict:
             value = str(value)
         recorded[name] = value
     return recorded
-
-
-def _versions() -> dict:
-    return {"cnnkit": cnnkit.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}

@@ -94,3 +94,16 @@ def test_bad_predict_map_arguments(kwargs, message):
 def test_public_names():
     assert cnnkit.predict_map is predict_map
     assert cnnkit.models.to_fully_convolutional is to_fully_convolutional
+
+
+def test_predict_map_reuses_a_given_conversion(monkeypatch):
+    from cnnkit.models import convert
+
+    model = cnnkit.build("8C3-MP2-FC8", (12, 12, 1), 3)
+    converted = to_fully_convolutional(model)
+
+    def no_second_conversion(_model):
+        raise AssertionError("predict_map converted the model again")
+
+    monkeypatch.setattr(convert, "to_fully_convolutional", no_second_conversion)
+    assert predict_map(model, np.zeros((20, 20), np.uint8), converted=converted).shape == (5, 5, 3)
