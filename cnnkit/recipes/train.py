@@ -45,6 +45,7 @@ def train(
     steps_per_execution: int = 16,
     seed: int = 0,
     deterministic: bool = False,
+    callbacks: list | None = None,
     run_dir=None,
     verbose: int = 1,
 ) -> Run:
@@ -75,6 +76,8 @@ def train(
             amortises Python overhead on small networks (callbacks then see every N-th batch).
         seed: seeds weights, shuffling and dropout.
         deterministic: also make TensorFlow's kernels deterministic (slower, process-wide).
+        callbacks: extra ``keras.callbacks.Callback`` objects, run after cnnkit's own (resume
+            backup, TensorBoard, early stopping).
         run_dir: where to write the run; default ``runs/<arch>-<timestamp>``. A directory
             that already holds a finished run is refused rather than overwritten; one holding
             an interrupted run (``backup/``) resumes from its last completed epoch.
@@ -116,12 +119,14 @@ def train(
         steps_per_execution=steps_per_execution,
     )
     timer = EpochTimer()
+    user_callbacks = list(callbacks or [])
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
         keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False),
     ]
     if early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(patience=early_stopping, restore_best_weights=True))
+    callbacks += user_callbacks
     callbacks.append(timer)  # last, so each epoch's time includes the other callbacks' work
     if verbose:
         print(data.summary())
@@ -231,5 +236,7 @@ def _recorded_arguments(function, values) -> dict:
             value = f"<keras.Model {value.name}>"
         elif isinstance(value, Path):
             value = str(value)
+        elif name == "callbacks" and value:
+            value = [type(callback).__name__ for callback in value]
         recorded[name] = value
     return recorded
