@@ -30,7 +30,7 @@ from results import machine, write_section
 
 import cnnkit
 from cnnkit.recipes.optimization import resolve_precision
-from cnnkit.recipes.train import EpochTimer
+from cnnkit.recipes.fitting import EpochTimer
 
 ARCH = "20C5-MP2-50C5-MP2-FC256"
 

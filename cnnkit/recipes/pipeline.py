@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 SHUFFLE_BUFFER_BYTES = 512 * 2**20
@@ -44,19 +45,141 @@ def resolve_data(data):
     )
 
 
-def input_pipeline(data, split: str, *, batch_size: int, shuffle: bool = False, seed: int = 0):
-    """Cache, (shuffle), batch and prefetch one split; ``None`` when the split is absent.
+def input_pipeline(data, split: str, *, batch_size: int, shuffle: bool = False, seed: int = 0, dataset=None,
+                   size: int | None = None, augmentation=None, one_hot: bool = False):
+    """Cache, (shuffle), batch, (augment) and prefetch one split; ``None`` when the split is absent.
 
     The shuffle buffer holds the whole split when it fits in 512 MiB of uint8 images (a full
     shuffle, as for MNIST), else as many images as fit. The order is a function of ``seed`` and
     the epoch.
+
+    Args:
+        data: the ``ImageData``.
+        split: "train", "val" or "test".
+        batch_size: images per batch.
+        shuffle: reshuffle every epoch.
+        seed: the shuffle seed.
+        dataset: an unbatched dataset to use instead of the split (a resampled training split,
+            ``cnnkit.recipes.imbalance.Resampled.dataset``), with ``size`` its length; it is not
+            cached, so a resample drawn afresh each epoch stays fresh.
+        augmentation: a ``cnnkit.recipes.augment.Augmentation`` applied to each batch in the
+            pipeline (never inside the model).
+        one_hot: give one-hot float labels (for MixUp/CutMix training), else int labels.
     """
-    dataset = getattr(data, split)
     if dataset is None:
-        return None
-    dataset = dataset.cache()
+        dataset = getattr(data, split)
+        if dataset is None:
+            return None
+        dataset, size = dataset.cache(), data.sizes[split]
     if shuffle:
         image_bytes = max(1, math.prod(data.image_shape))
-        buffer = max(1, min(data.sizes[split], SHUFFLE_BUFFER_BYTES // image_bytes))
+        buffer = max(1, min(size, SHUFFLE_BUFFER_BYTES // image_bytes))
         dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size)
+    if augmentation is not None:
+        dataset = augmentation.apply(dataset)
+    if one_hot and not (augmentation is not None and augmentation.soft_labels):
+        depth = data.num_classes
+        dataset = dataset.map(lambda images, labels: (images, tf.one_hot(labels, depth)),
+                              num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+SAMPLE_BYTES = 256 * 2**20
+
+
+def training_sample(data) -> np.ndarray:
+    """The training images (uint8 NHWC) that preprocessing and PCA colour are fitted on.
+
+    The whole training split when it fits in 256 MiB (all of MNIST or CIFAR-10), else a random
+    sample of that size drawn with a fixed seed.
+
+    Example:
+        >>> training_sample(cnnkit.data.load("mnist-sample")).shape  # doctest: +SKIP
+        (4500, 28, 28, 1)
+    """
+    size = data.sizes["train"]
+    count = min(size, max(1, SAMPLE_BYTES // max(1, math.prod(data.image_shape))))
+    dataset = data.train if count == size else data.train.shuffle(count, seed=0).take(count)
+    return next(iter(dataset.batch(count).map(lambda images, labels: images)))[:count].numpy()
+
+
+class TrainingInputs:
+    """What a recipe's ``augment``, ``preprocess`` and ``imbalance`` arguments make of the data.
+
+    Attributes:
+        preprocessing: ``None`` (the model's default 1/255 rescaling) or the fitted
+            preprocessing layers to build into the model.
+        augmentation: the ``Augmentation`` applied to training batches, or ``None``.
+        resampled: the ``Resampled`` training split, or ``None``.
+        train_size: images per training epoch (after resampling).
+        class_weight: per-class loss weights, or ``None``.
+        loss: categorical cross-entropy when augmentation mixes labels (MixUp, CutMix), else
+            sparse categorical cross-entropy.
+
+    Example:
+        >>> inputs = prepare_inputs(data, augment="shift", preprocess="scale", imbalance=None, seed=0)  # doctest: +SKIP
+        >>> pipeline = inputs.train_pipeline(batch_size=128, seed=0)  # doctest: +SKIP
+    """
+
+    def __init__(self, data, *, augment, preprocess, imbalance, seed, dtype):
+        self.data = data
+        sample = None
+        if preprocess != "scale" or augment not in (None, "none"):
+            sample = training_sample(data)
+        self.preprocessing = None
+        if preprocess != "scale":
+            from cnnkit.recipes.preprocess import fit_preprocessing
+
+            self.preprocessing = fit_preprocessing(preprocess, sample, dtype=dtype)
+        self.augmentation = None
+        if augment not in (None, "none"):
+            from cnnkit.recipes.augment import make_augmentation
+
+            self.augmentation = make_augmentation(augment, image_shape=data.image_shape,
+                                                  num_classes=data.num_classes, seed=seed, train_images=sample)
+        self.resampled = None
+        if imbalance not in (None, "none"):
+            from cnnkit.recipes.imbalance import resample
+
+            self.resampled = resample(imbalance, data, seed=seed)
+        self.train_size = self.resampled.size if self.resampled else data.sizes["train"]
+        self.class_weight = self.resampled.class_weight if self.resampled else None
+        self.soft_labels = bool(self.augmentation and self.augmentation.soft_labels)
+        self.loss = "categorical_crossentropy" if self.soft_labels else "sparse_categorical_crossentropy"
+        self._config = {"augment": self.augmentation.config if self.augmentation else None,
+                        "preprocess": preprocess,
+                        "imbalance": self.resampled.config if self.resampled else None}
+
+    def train_pipeline(self, batch_size, seed, resampled=None):
+        """The batched, shuffled, augmented training pipeline (of ``resampled`` when given)."""
+        resampled = resampled or self.resampled
+        return input_pipeline(
+            self.data, "train", batch_size=batch_size, shuffle=True, seed=seed,
+            dataset=resampled.dataset if resampled else None, size=resampled.size if resampled else None,
+            augmentation=self.augmentation, one_hot=self.soft_labels,
+        )
+
+    def validation_pipeline(self, batch_size=1024):
+        """The batched validation pipeline, labels one-hot when training labels are."""
+        return input_pipeline(self.data, "val", batch_size=batch_size, one_hot=self.soft_labels)
+
+    def config(self) -> dict:
+        """Plain data for ``config.yaml``: the augmentation, preprocessing and class counts used."""
+        config = dict(self._config)
+        if self.resampled is not None:
+            config["train_class_counts"] = {"before": list(self.resampled.counts_before),
+                                            "after": list(self.resampled.counts_after)}
+        return config
+
+
+def prepare_inputs(data, *, augment=None, preprocess="scale", imbalance=None, seed=0, dtype=None) -> TrainingInputs:
+    """Check and fit a recipe's ``augment``, ``preprocess`` and ``imbalance`` arguments on ``data``.
+
+    ``dtype`` is the model's dtype policy (``None`` for float32), for the preprocessing layers.
+
+    Example:
+        >>> prepare_inputs(data, imbalance="oversample").train_size  # doctest: +SKIP
+        50000
+    """
+    return TrainingInputs(data, augment=augment, preprocess=preprocess, imbalance=imbalance, seed=seed, dtype=dtype)
