@@ -152,6 +152,65 @@ class ImageData:
             np.concatenate(labels).astype(np.int32, copy=False),
         )
 
+    def subset(self, *, classes=None, per_class=None, val_per_class=None, seed: int = 0) -> ImageData:
+        """A smaller `ImageData`: some classes (relabelled in the order given), few images per class.
+
+        Args:
+            classes: class names (or label indices) to keep, in their new label order;
+                `None` keeps every class.
+            per_class: at most this many training images per class, drawn with `seed`
+                (`None`: all). Validation and test splits are not cut by it.
+            val_per_class: at most this many validation images per class (`None`: all).
+            seed: seed of the draw.
+
+        Returns:
+            An `ImageData` whose source says what was taken (a fingerprint of the new content).
+
+        Raises:
+            ValueError: an unknown class, or a count below 1.
+
+        Example:
+            >>> digits = cnnkit.data.load("mnist-sample").subset(classes=["5", "6", "7", "8", "9"],
+            ...                                                  per_class=50)  # doctest: +SKIP
+            >>> digits.class_counts["train"]  # doctest: +SKIP
+            [50, 50, 50, 50, 50]
+        """
+        keep = list(range(self.num_classes)) if classes is None else [self._class_index(c) for c in classes]
+        if len(set(keep)) != len(keep):
+            raise ValueError(f"classes must not repeat a class. Received: classes={classes!r}")
+        for name, value in (("per_class", per_class), ("val_per_class", val_per_class)):
+            if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None. Received: {name}={value!r}")
+        rng = np.random.default_rng(check_seed(seed))
+        relabel = np.full(self.num_classes, -1, np.int32)
+        relabel[keep] = np.arange(len(keep), dtype=np.int32)
+        splits = {}
+        for split, limit in (("train", per_class), ("val", val_per_class), ("test", None)):
+            if getattr(self, split) is None:
+                continue
+            images, labels = self.arrays(split)
+            chosen = []
+            for old in keep:
+                where = np.flatnonzero(labels == old)
+                if limit is not None and len(where) > limit:
+                    where = np.sort(rng.choice(where, limit, replace=False))
+                chosen.append(where)
+            index = np.sort(np.concatenate(chosen))
+            splits[split] = (images[index], relabel[labels[index]])
+        class_names = [self.class_names[i] for i in keep]
+        described = f"{self.source}, classes {', '.join(class_names)}"
+        if per_class is not None:
+            described += f", {per_class} training images per class (seed {seed})"
+        digest = hashlib.sha256(json.dumps([self.fingerprint, keep, per_class, val_per_class, seed]).encode())
+        return from_splits(splits, class_names, source=described, fingerprint=digest.hexdigest())
+
+    def _class_index(self, name) -> int:
+        if isinstance(name, numbers.Integral) and 0 <= name < self.num_classes:
+            return int(name)
+        if str(name) in self.class_names:
+            return self.class_names.index(str(name))
+        raise ValueError(f"unknown class {name!r}; the classes are {self.class_names}")
+
     def __repr__(self) -> str:
         return (
             f"ImageData(source={self.source!r}, image_shape={self.image_shape}, "
@@ -251,25 +310,35 @@ def from_arrays(
     if x_test is not None:
         splits["test"] = (x_test, y_test)
 
+    return from_splits(splits, class_names, source="arrays",
+                       fingerprint=_fingerprint_arrays(x, y, x_test, y_test, class_names))
+
+
+def from_splits(splits: dict, class_names, *, source: str, fingerprint: str) -> ImageData:
+    """An `ImageData` from `{split: (uint8 images NHWC, int32 labels)}` already checked and split.
+
+    Example:
+        >>> data = from_splits({"train": (np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 1, 0, 1], np.int32))},
+        ...                    ["a", "b"], source="arrays", fingerprint="0" * 64)
+        >>> data.class_counts
+        {'train': [2, 2]}
+    """
     import tensorflow as tf
 
-    datasets = {}
-    for split, (images, labels) in splits.items():
-        datasets[split] = tf.data.Dataset.from_tensor_slices((images, labels))
+    datasets = {split: tf.data.Dataset.from_tensor_slices(arrays) for split, arrays in splits.items()}
+    images = splits["train"][0]
     data = ImageData(
         train=datasets["train"],
         val=datasets.get("val"),
         test=datasets.get("test"),
-        class_names=class_names,
-        image_shape=tuple(int(d) for d in x.shape[1:]),
-        class_counts={
-            split: count_classes(labels, num_classes) for split, (_, labels) in splits.items()
-        },
-        source="arrays",
-        fingerprint=_fingerprint_arrays(x, y, x_test, y_test, class_names),
+        class_names=list(class_names),
+        image_shape=tuple(int(d) for d in images.shape[1:]),
+        class_counts={split: count_classes(labels, len(class_names)) for split, (_, labels) in splits.items()},
+        source=source,
+        fingerprint=fingerprint,
     )
-    for split, (images, labels) in splits.items():
-        data._arrays[split] = (datasets[split], images, labels)
+    for split, (split_images, labels) in splits.items():
+        data._arrays[split] = (datasets[split], split_images, labels)
     return data
 
 

@@ -327,3 +327,26 @@ def test_imagedata_can_be_built_directly_and_arrays_iterates():
 def test_bad_arguments_raise_value_error_naming_them(x, y, kwargs, message):
     with pytest.raises(ValueError, match=message):
         from_arrays(x, y, **kwargs)
+
+
+def test_subset_relabels_chosen_classes_and_caps_training_images_per_class():
+    x = np.arange(60, dtype=np.uint8).reshape(60, 1, 1) * 4
+    y = np.arange(60) % 3
+    data = from_arrays(x, y, x_test=x[:9], y_test=y[:9], val_split=0.2, class_names=["a", "b", "c"])
+    small = data.subset(classes=["c", "a"], per_class=5, val_per_class=2, seed=1)
+    assert small.class_names == ["c", "a"]
+    assert small.class_counts == {"train": [5, 5], "val": [2, 2], "test": [3, 3]}
+    images, labels = small.arrays("train")
+    original = dict(zip(data.arrays("train")[0].ravel().tolist(), data.arrays("train")[1].tolist(), strict=True))
+    assert all(original[pixel] == {0: 2, 1: 0}[label] for pixel, label in zip(images.ravel().tolist(), labels.tolist(), strict=True))
+    assert small.fingerprint != data.fingerprint
+    again = data.subset(classes=["c", "a"], per_class=5, val_per_class=2, seed=1)
+    np.testing.assert_array_equal(again.arrays("train")[0], images)
+
+
+def test_subset_rejects_unknown_classes_and_bad_counts():
+    data = from_arrays(np.zeros((10, 2, 2), np.uint8), np.arange(10) % 2, val_split=0)
+    with pytest.raises(ValueError, match="unknown class 'z'"):
+        data.subset(classes=["z"])
+    with pytest.raises(ValueError, match="per_class must be a positive integer"):
+        data.subset(per_class=0)
