@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cnnkit import config
 from cnnkit.cli import main
@@ -177,19 +179,21 @@ def test_run_trains_and_writes_metrics(tmp_path, capsys):
     assert "(error " in out
 
 
-def test_quickstart_runs_the_packaged_recipe(monkeypatch, tmp_path, capsys):
-    folder = tmp_path / "packaged"
-    folder.mkdir()
-    _tiny_recipe(tmp_path, name="packaged/quickstart.yaml", epochs=3)
-    monkeypatch.setattr(config, "packaged_dir", lambda kind="recipes": folder)
-    assert main(["quickstart", "epochs=1"]) == 0
+def test_quickstart_runs_the_packaged_transfer_experiment(tmp_path, capsys):
+    overrides = ["labels_per_class=5", "pretrain.epochs=1", "scratch.epochs=1", f"run_dir={tmp_path / 'qs'}",
+                 "finetune.stages=[{unfreeze: 0, epochs: 1, learning_rate: 0.001}]", "verbose=0"]
+    assert main(["quickstart", *overrides]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("quickstart: test accuracy ")
-    assert " test images; run saved to " in line and "bundled MNIST" in line
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert re.match(r"quickstart: target test accuracy \(500 images\): fine-tuned \d+\.\d\d%  from scratch "
+                    r"\d+\.\d\d%  \([+-]\d+\.\d\d points\); runs in ", line)
+    for run in ("pretrain", "finetune", "scratch"):
+        assert (tmp_path / "qs" / run / "metrics.json").is_file()
+    finetuned = yaml.safe_load((tmp_path / "qs" / "finetune" / "config.yaml").read_text())
+    assert finetuned["class_names"] == ["5", "6", "7", "8", "9"]
+    assert finetuned["data"]["class_counts"]["train"] == [5] * 5
 
 
 def test_packaged_quickstart_recipe_is_valid():
     recipe = config.check_recipe_file(config.find_recipe("quickstart"))
-    assert recipe.function == "train"
+    assert recipe.function == "transfer"
     assert recipe.kwargs["data"] == "mnist-sample"

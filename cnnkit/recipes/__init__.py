@@ -5,6 +5,8 @@ Example:
     >>> run = cnnkit.recipes.train("lenet", "mnist-sample", epochs=2)  # doctest: +SKIP
 """
 
+from cnnkit.recipes.finetune import finetune
 from cnnkit.recipes.train import train
+from cnnkit.recipes.transfer import transfer
 
-__all__ = ["train"]
+__all__ = ["finetune", "train", "transfer"]

@@ -1,0 +1,430 @@
+"""``cnnkit.recipes.finetune``: fine-tune a pretrained backbone in stages, with a new head.
+
+"Don't be a hero": take a network trained on a large dataset, put a new classifier on its
+features, train the classifier with the backbone frozen, then unfreeze the top of the backbone
+at a lower rate (and, with enough data, all of it). The backbone is a ``keras.applications``
+family (see ``cnnkit.models.list_backbones()``), a ``.keras`` file, or a cnnkit run directory.
+
+The model takes raw pixels of the data's shape: resizing to the backbone's input size,
+grayscale-to-RGB and the backbone's own preprocessing are layers inside it, so a saved or
+exported model needs nothing outside.
+
+Example:
+    >>> import cnnkit
+    >>> run = cnnkit.recipes.finetune("mobilenet_v2", {"path": "pets/", "image_size": [160, 160]},
+    ...                               epochs=3)  # doctest: +SKIP
+    finetune: 3,680 training images, 37 classes (99 per class: small); similarity 'similar'
+      -> Wei's case 1 (small, similar): train the head on frozen features, then the top group at lr/10
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import keras
+
+from cnnkit.recipes.fitting import Stage, finish_run, fit_stages, prepare_run_dir, recorded_arguments
+from cnnkit.recipes.optimization import make_optimizer, resolve_precision
+from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
+from cnnkit.report import package_versions
+from cnnkit.runs import Run
+
+BATCH_NORM_POLICIES = ("frozen", "scale_shift", "recalibrate")
+SIMILARITIES = ("similar", "different")
+SMALL_PER_CLASS = 1000  # fewer training images per class than this counts as a small dataset
+_STAGE_KEYS = {"unfreeze", "epochs", "learning_rate", "lr_multipliers", "name"}
+
+
+def finetune(
+    backbone,
+    data,
+    *,
+    weights="imagenet",
+    stages="auto",
+    similarity: str = "similar",
+    batch_norm: str = "frozen",
+    input_size=None,
+    head_dropout: float = 0.2,
+    augment=None,
+    imbalance=None,
+    optimizer: str = "adam",
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    epochs: int = 5,
+    batch_size: int = 32,
+    early_stopping: int | None = None,
+    precision: str = "auto",
+    steps_per_execution: int = 1,
+    seed: int = 0,
+    callbacks: list | None = None,
+    run_dir=None,
+    verbose: int = 1,
+) -> Run:
+    """Fine-tune a pretrained backbone on ``data`` in stages and write the run directory.
+
+    Args:
+        backbone: a ``keras.applications`` name from ``cnnkit.models.list_backbones()``
+            ("mobilenet_v2", "efficientnet_b0", "resnet50", ...), a ``.keras`` file, or a cnnkit
+            run directory. A saved classifier is cut at the input of its last dense layer (its
+            penultimate features) and given a new head.
+        data: an ``ImageData``, a dataset name, or ``from_folder`` arguments (as for ``train``).
+        weights: for an applications backbone: "imagenet" (Keras downloads and caches them), a
+            path to a weights file of the headless model, or ``None`` (untrained).
+        stages: "auto" (chosen by dataset size and ``similarity``, Wei's four cases; printed),
+            or a list of stages, each a dict with ``unfreeze`` (0 or ``None``: head only; an int
+            n: the top n groups; a list of group names; "all"), ``epochs``, ``learning_rate``
+            and optionally ``lr_multipliers`` ({group: factor} for discriminative rates) and
+            ``name``. The head always trains.
+        similarity: "similar" or "different": how the data compares with what the backbone
+            learnt from; with the dataset size it picks the "auto" stages.
+        batch_norm: "frozen" (batch norm in inference mode with fixed statistics, the Keras
+            guide's advice), "scale_shift" (train gamma and beta of unfrozen groups, normalising
+            with the fixed moving statistics), or
+            "recalibrate" (unfrozen groups' batch norm trains and re-estimates statistics).
+            Keras 3 note: calling the backbone with ``training=False`` (the Keras guide's recipe)
+            does not keep an unfrozen batch norm in inference mode, as the outer ``training``
+            overrides it; the policies here set each layer instead.
+        input_size: ``(height, width)`` the backbone sees; default its pretraining size (an
+            applications backbone) or its input (a saved model).
+        head_dropout: dropout before the new classifier.
+        augment: training-time augmentation, as for ``train``.
+        imbalance: class-imbalance strategy, as for ``train``.
+        optimizer: as for ``train`` ("adam", "adamw", "momentum", ...).
+        learning_rate: the head's rate; "auto" stages use lr/10 for unfrozen groups, lr/100
+            for a final all-layers stage.
+        weight_decay: decoupled weight decay.
+        epochs: epochs of each "auto" stage.
+        batch_size: images per step.
+        early_stopping: patience in epochs within each stage, or ``None``.
+        precision: as for ``train``.
+        steps_per_execution: training steps per call into the compiled graph.
+        seed: seeds the head, shuffling, augmentation and dropout.
+        callbacks: extra Keras callbacks.
+        run_dir: the run directory (resumes an interrupted run, refuses a finished one).
+        verbose: 0 silent, 1 progress bars, 2 one line per epoch.
+
+    Returns:
+        A ``cnnkit.Run``; ``config.yaml`` records the stages, groups and policy chosen.
+
+    Example:
+        >>> run = finetune("runs/digits-0-4", data, stages=[
+        ...     {"unfreeze": 0, "epochs": 5, "learning_rate": 1e-3},
+        ...     {"unfreeze": 1, "epochs": 5, "learning_rate": 1e-4}])  # doctest: +SKIP
+    """
+    arguments = recorded_arguments(finetune, locals())
+    _check_choice("similarity", similarity, SIMILARITIES)
+    _check_choice("batch_norm", batch_norm, BATCH_NORM_POLICIES)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("steps_per_execution", steps_per_execution)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
+    if not 0 <= head_dropout < 1:
+        raise ValueError(f"head_dropout must be in [0, 1). Received: head_dropout={head_dropout!r}")
+    keras.utils.set_random_seed(seed)
+    data = resolve_data(data)
+    precision = resolve_precision(precision)
+    with _dtype_policy(precision):
+        features, groups, adapt_input, source = _load_backbone(backbone, weights, data, input_size)
+    group_names = [name for name, _ in groups]
+    plan = _auto_stages(data, similarity, learning_rate, epochs, group_names) if stages == "auto" else None
+    stage_specs = plan["stages"] if plan else _check_stages(stages, group_names)
+    if plan and verbose:
+        print(plan["message"])
+    recipe = prepare_inputs(data, augment=augment, imbalance=imbalance, seed=seed)
+    model = _attach_head(features, data, adapt_input, head_dropout)
+    steps_per_epoch = math.ceil(recipe.train_size / batch_size)
+    pipeline = recipe.train_pipeline(batch_size, seed)
+    fit_plan = []
+    for spec in stage_specs:
+        unfrozen = _unfrozen_groups(spec["unfreeze"], group_names)
+        base = make_optimizer(optimizer, learning_rate=spec["learning_rate"], weight_decay=weight_decay,
+                              schedule="cosine" if unfrozen else "constant", steps_per_epoch=steps_per_epoch,
+                              epochs=spec["epochs"])
+        multipliers = {name: factor for name, factor in (spec.get("lr_multipliers") or {}).items() if name in unfrozen}
+        fit_plan.append(Stage(
+            spec["name"], spec["epochs"], with_lr_multipliers(base, _variable_multipliers(groups, multipliers)),
+            pipeline, class_weight=recipe.class_weight,
+            prepare=_freezer(features, groups, unfrozen, batch_norm),
+        ))
+    run_dir = prepare_run_dir(run_dir, f"finetune-{source['name']}")
+    if verbose:
+        print(data.summary())
+    history, fit_seconds, stage_records = fit_stages(
+        model, fit_plan, validation=recipe.validation_pipeline(), run_dir=run_dir, loss=recipe.loss,
+        steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
+        verbose=verbose,
+    )
+    # A plain optimiser for the saved model: the discriminative-rate wrapper is not serializable.
+    plain = make_optimizer(optimizer, learning_rate=learning_rate, steps_per_epoch=1, epochs=1)
+    model.compile(optimizer=plain, loss=recipe.loss, metrics=["accuracy"])
+    plain.build(model.trainable_variables)  # so a reloaded model's optimizer matches the saved one
+    config = {
+        "recipe": "finetune",
+        "arguments": arguments,
+        "backbone": source,
+        "precision": precision,
+        "data": {"source": data.source, "fingerprint": data.fingerprint, "class_counts": data.class_counts},
+        **recipe.config(),
+        "wei_case": plan["case"] if plan else None,
+        "groups": group_names,
+        "stages": [{**spec, **record} for spec, record in zip(stage_specs, stage_records)],
+        "class_names": list(data.class_names),
+        "image_shape": list(data.image_shape),
+        "seed": seed,
+        "versions": package_versions(),
+    }
+    return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
+                      verbose=verbose)
+
+
+def with_lr_multipliers(optimizer, multipliers):
+    """``optimizer`` with per-variable learning-rate factors (discriminative fine-tuning rates).
+
+    Keras optimisers take one rate for every variable; this copy scales the rate of each
+    variable in ``multipliers`` (``(keras.Variable, factor)`` pairs) inside
+    ``update_step``, so Adam's updates shrink too (scaling gradients would not: Adam is
+    invariant to gradient scale). With no multipliers the optimiser is returned unchanged.
+
+    Example:
+        >>> opt = with_lr_multipliers(keras.optimizers.Adam(1e-3), [(model.get_layer("conv1").kernel, 0.1)])  # doctest: +SKIP
+    """
+    if not multipliers:
+        return optimizer
+    base = type(optimizer)
+
+    class Discriminative(base):
+        def update_step(self, gradient, variable, learning_rate):
+            factor = self.lr_multipliers.get(self._var_key(variable))
+            if factor is not None:
+                learning_rate = learning_rate * factor
+            return super().update_step(gradient, variable, learning_rate)
+
+    Discriminative.__name__ = f"Discriminative{base.__name__}"
+    discriminative = Discriminative.from_config(optimizer.get_config())
+    discriminative.lr_multipliers = {discriminative._var_key(variable): factor for variable, factor in multipliers}
+    return discriminative
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}. Received: {name}={value!r}")
+
+
+@contextlib.contextmanager
+def _dtype_policy(precision):
+    """Build the backbone under the run's precision (applications take no dtype argument)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32" if precision == "float32" else precision)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _load_backbone(backbone, weights, data, input_size):
+    """``(feature model, [(group, layers)], input adapter, source description)``; the adapter maps the
+    raw image tensor to the backbone's input (resize, grayscale to RGB, the backbone's preprocessing)."""
+    if isinstance(backbone, (str, Path)) and _is_saved_model(backbone):
+        return _saved_backbone(Path(backbone), data, input_size)
+    from cnnkit.models import backbones
+
+    if not isinstance(backbone, str):
+        raise ValueError("backbone must be a keras.applications name (see cnnkit.models.list_backbones()), a "
+                         f".keras file or a cnnkit run directory. Received: backbone={backbone!r}")
+    meta = backbones.get_backbone(backbone)
+    size = tuple(input_size) if input_size else tuple(meta.input_size)
+    meta = _with_input_size(meta, size)
+    features = backbones.build_backbone(meta.name, input_shape=(*size, 3), weights=weights)
+    groups = list(backbones.layer_groups(features, meta).items())
+    layers = backbones.preprocessing_layers(meta, image_shape=data.image_shape)
+
+    def adapt(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    weights_label = str(weights) if weights is not None else None
+    return features, groups, adapt, {"name": meta.name, "weights": weights_label, "input_size": list(size)}
+
+
+def _with_input_size(meta, size):
+    import dataclasses
+
+    if size[0] < meta.min_input_size[0] or size[1] < meta.min_input_size[1]:
+        raise ValueError(f"{meta.name} needs inputs of at least {tuple(meta.min_input_size)}. Received: input_size={size}")
+    return dataclasses.replace(meta, input_size=size)
+
+
+def _is_saved_model(path) -> bool:
+    path = Path(path)
+    return path.suffix == ".keras" or path.is_dir() or "/" in str(path)
+
+
+def _saved_backbone(path, data, input_size):
+    """A saved classifier cut at the input of its last dense layer, grouped by weighted layer."""
+    import cnnkit
+
+    model = cnnkit.load(path).model  # a clear error for a missing or unreadable file
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    if not dense:
+        raise ValueError(f"{path}: the model has no dense classifier to cut off")
+    features = keras.Model(model.inputs, dense[-1].input, name=f"{model.name}_features")
+    groups = _layer_groups_by_block(features)
+    shape = tuple(features.input_shape[1:])
+    if input_size and tuple(input_size) != shape[:2]:
+        raise ValueError(f"{path} takes {shape[:2]} inputs; input_size does not apply. Received: input_size={input_size}")
+    return features, groups, _input_adapter(data.image_shape, shape, path), {"name": path.stem if path.suffix else path.name, "path": str(path)}
+
+
+def _input_adapter(image_shape, target_shape, path):
+    """Resize to the saved model's input size and repeat a gray channel for an RGB model."""
+    channels, target_channels = image_shape[-1], target_shape[-1]
+    if channels != target_channels and not (channels == 1 and target_channels == 3):
+        raise ValueError(f"{path} takes {target_channels}-channel images; the data has {channels} channels")
+
+    def adapt(x):
+        if tuple(image_shape[:2]) != tuple(target_shape[:2]):
+            x = keras.layers.Resizing(*target_shape[:2], name="resize")(x)
+        if channels != target_channels:
+            x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
+        return x
+
+    return adapt
+
+
+def _layer_groups_by_block(model):
+    """Groups of a cnnkit-built (or any flat) model: a weighted layer starts a group; batch norm,
+    activations and pooling join the group before them, as do layers sharing its name prefix."""
+    groups = []
+    for layer in model.layers:
+        prefix = layer.name.split("_")[0]
+        owner = next((group for group in groups if group[0] == prefix), None)
+        starts = layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
+        if owner is None and starts:
+            groups.append((prefix, [layer]))
+        elif owner is not None:
+            owner[1].append(layer)
+        elif groups:
+            groups[-1][1].append(layer)
+    return groups
+
+
+def _attach_head(features, data, adapt_input, head_dropout):
+    inputs = keras.Input(data.image_shape, name="image")
+    x = adapt_input(inputs)
+    x = features(x)
+    if len(x.shape) == 4:
+        x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    x = keras.layers.Dropout(head_dropout, name="head_dropout", seed=0)(x)
+    x = keras.layers.Dense(data.num_classes, name="classifier")(x)
+    outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=f"{features.name}_finetuned")
+
+
+def _auto_stages(data, similarity, learning_rate, epochs, group_names):
+    """Wei's four cases (CS231n transfer-learning notes) by dataset size and similarity."""
+    per_class = data.sizes["train"] / max(1, data.num_classes)
+    size = "small" if per_class < SMALL_PER_CLASS else "large"
+    top_half = max(1, len(group_names) // 2)
+    cases = {
+        ("small", "similar"): (1, "train the head on frozen features, then the top group at lr/10",
+                               [(0, 1.0), (1, 0.1)]),
+        ("large", "similar"): (2, f"train the head, then the top {top_half} groups at lr/10, then all at lr/100",
+                               [(0, 1.0), (top_half, 0.1), ("all", 0.01)]),
+        ("small", "different"): (3, f"train the head, then the top {top_half} groups at lr/10 (features from "
+                                 "lower layers matter more for different data)", [(0, 1.0), (top_half, 0.1)]),
+        ("large", "different"): (4, "train the head, then every layer at lr/10", [(0, 1.0), ("all", 0.1)]),
+    }
+    case, description, plan = cases[(size, similarity)]
+    stages = [{"name": "head" if unfreeze == 0 else ("all" if unfreeze == "all" else f"top{unfreeze}"),
+               "unfreeze": unfreeze, "epochs": epochs, "learning_rate": learning_rate * factor}
+              for unfreeze, factor in plan]
+    message = (f"finetune: {data.sizes['train']:,} training images, {data.num_classes} classes ({per_class:.0f} per "
+               f"class: {size}); similarity {similarity!r}\n  -> Wei's case {case} ({size}, {similarity}): {description}")
+    return {"case": case, "stages": stages, "message": message}
+
+
+def _check_stages(stages, group_names):
+    if not isinstance(stages, (list, tuple)) or not stages:
+        raise ValueError(f"stages must be 'auto' or a non-empty list of stage dicts. Received: stages={stages!r}")
+    checked = []
+    for index, stage in enumerate(stages, 1):
+        if not isinstance(stage, dict):
+            raise ValueError(f"stage {index} must be a dict with unfreeze, epochs, learning_rate. Received: {stage!r}")
+        unknown = set(stage) - _STAGE_KEYS
+        if unknown:
+            raise ValueError(f"stage {index}: unknown key {sorted(unknown)[0]!r}; valid: {sorted(_STAGE_KEYS)}")
+        missing = {"epochs", "learning_rate"} - set(stage)
+        if missing:
+            raise ValueError(f"stage {index}: missing key {sorted(missing)[0]!r}")
+        epochs = stage["epochs"]
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise ValueError(f"stage {index}: epochs must be an integer >= 1. Received: epochs={epochs!r}")
+        if not isinstance(stage["learning_rate"], (int, float)) or stage["learning_rate"] <= 0:
+            raise ValueError(f"stage {index}: learning_rate must be positive. Received: {stage['learning_rate']!r}")
+        unfreeze = stage.get("unfreeze", 0)
+        _unfrozen_groups(unfreeze, group_names, where=f"stage {index}")
+        for group, factor in (stage.get("lr_multipliers") or {}).items():
+            if group not in group_names:
+                raise ValueError(f"stage {index}: lr_multipliers names unknown group {group!r}; groups: {group_names}")
+            if not isinstance(factor, (int, float)) or factor <= 0:
+                raise ValueError(f"stage {index}: lr_multipliers[{group!r}] must be positive. Received: {factor!r}")
+        checked.append({"name": stage.get("name", f"stage{index}"), "unfreeze": unfreeze, "epochs": epochs,
+                        "learning_rate": float(stage["learning_rate"]),
+                        "lr_multipliers": dict(stage.get("lr_multipliers") or {})})
+    return checked
+
+
+def _unfrozen_groups(unfreeze, group_names, where="stage"):
+    """The set of group names an ``unfreeze`` value selects."""
+    if unfreeze in (0, None):
+        return set()
+    if unfreeze == "all":
+        return set(group_names)
+    if isinstance(unfreeze, int) and not isinstance(unfreeze, bool):
+        if not 0 < unfreeze <= len(group_names):
+            raise ValueError(f"{where}: unfreeze must be between 0 and the {len(group_names)} groups. "
+                             f"Received: unfreeze={unfreeze}")
+        return set(group_names[-unfreeze:])
+    if isinstance(unfreeze, (list, tuple)):
+        unknown = [name for name in unfreeze if name not in group_names]
+        if unknown:
+            raise ValueError(f"{where}: unknown group {unknown[0]!r}; groups: {group_names}")
+        return set(unfreeze)
+    raise ValueError(f"{where}: unfreeze must be 0, a number of top groups, a list of group names or 'all'. "
+                     f"Received: unfreeze={unfreeze!r}")
+
+
+def _freezer(features, groups, unfrozen, batch_norm):
+    """The stage's ``prepare``: set ``trainable`` group by group (the head always trains)."""
+
+    def prepare(model):
+        features.trainable = bool(unfrozen)
+        for name, layers in groups:
+            for layer in layers:
+                is_norm = isinstance(layer, keras.layers.BatchNormalization)
+                layer.trainable = name in unfrozen and not (is_norm and batch_norm == "frozen")
+                if is_norm and layer.trainable and batch_norm == "scale_shift":
+                    _always_inference_mode(layer)
+
+    return prepare
+
+
+def _always_inference_mode(layer):
+    """Make a trainable batch-norm layer normalise with its moving statistics even in training.
+
+    Keras runs batch norm in training mode whenever the layer is trainable and the model
+    trains; a nested model called with ``training=False`` does not help in Keras 3, whose
+    functional models pass the outer call's ``training`` down to every layer. Gamma and beta
+    still get gradients; the statistics stay as they are. Only this in-memory layer changes:
+    a saved and reloaded model behaves the same at inference.
+    """
+    call = type(layer).call
+    layer.call = lambda inputs, training=None, mask=None: call(layer, inputs, training=False, mask=mask)
+
+
+def _variable_multipliers(groups, multipliers):
+    return [(variable, multipliers[name]) for name, layers in groups if name in multipliers
+            for layer in layers for variable in layer.weights]
+

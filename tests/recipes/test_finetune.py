@@ -1,0 +1,173 @@
+import keras
+import numpy as np
+import pytest
+
+import cnnkit
+from cnnkit.recipes.finetune import _auto_stages, with_lr_multipliers
+
+SPEC = "4C3-BN-MP2-8C3-BN-FC16"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Digits 0-4 to pretrain on and 5-9 with 20 labels each to fine-tune on (bundled sample)."""
+    sample = cnnkit.data.load("mnist-sample")
+    source = sample.subset(classes=range(5), per_class=60, val_per_class=10)
+    target = sample.subset(classes=range(5, 10), per_class=20, val_per_class=5)
+    return source, target
+
+
+@pytest.fixture(scope="module")
+def pretrained(digits, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pretrained") / "run"
+    return cnnkit.recipes.train(SPEC, digits[0], epochs=1, batch_size=32, run_dir=run_dir, verbose=0)
+
+
+def _backbone_weights(model):
+    features = model.layers[1]
+    return {layer.name: [weight.numpy().copy() for weight in layer.weights] for layer in features.layers if layer.weights}
+
+
+def test_frozen_stage_changes_only_the_head_and_unfreezing_changes_exactly_the_named_groups(digits, pretrained, tmp_path):
+    pretrained_weights = {layer.name: [w.numpy().copy() for w in layer.weights]
+                          for layer in pretrained.model.layers if layer.weights and layer.name != "classifier"}
+    head = cnnkit.recipes.finetune(pretrained.run_dir, digits[1], stages=[{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-2}],
+                                   batch_size=16, run_dir=tmp_path / "head", verbose=0)
+    after_head = _backbone_weights(head.model)
+    assert set(after_head) == set(pretrained_weights)
+    for name, weights in pretrained_weights.items():  # kernels, biases and batch-norm moving statistics
+        for before, after in zip(weights, after_head[name], strict=True):
+            np.testing.assert_array_equal(before, after)
+
+    both = cnnkit.recipes.finetune(pretrained.run_dir, digits[1], batch_size=16, run_dir=tmp_path / "top", verbose=0,
+                                   stages=[{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-2},
+                                           {"unfreeze": ["conv2"], "epochs": 1, "learning_rate": 1e-2}])
+    after_top = _backbone_weights(both.model)
+    changed = {name for name in after_top
+               if any(not np.array_equal(a, b) for a, b in zip(pretrained_weights[name], after_top[name], strict=True))}
+    assert changed == {"conv2"}  # batch norm stays frozen by default: bn2 unchanged
+    assert both.config["groups"] == ["conv1", "conv2", "fc1"]
+    assert [stage["epochs_run"] for stage in both.config["stages"]] == [1, 1]
+    assert len(both.history["loss"]) == 2
+
+
+@pytest.mark.parametrize(("policy", "bn_changes", "statistics_change"),
+                         [("frozen", False, False), ("scale_shift", True, False), ("recalibrate", True, True)])
+def test_batch_norm_policies(digits, pretrained, tmp_path, policy, bn_changes, statistics_change):
+    bn = pretrained.model.get_layer("bn1")
+    gamma, moving_mean = bn.gamma.numpy().copy(), bn.moving_mean.numpy().copy()
+    run = cnnkit.recipes.finetune(pretrained.run_dir, digits[1], batch_norm=policy, batch_size=16, verbose=0,
+                                  stages=[{"unfreeze": "all", "epochs": 1, "learning_rate": 1e-2}],
+                                  run_dir=tmp_path / policy)
+    tuned = run.model.layers[1].get_layer("bn1")
+    assert (not np.array_equal(tuned.gamma.numpy(), gamma)) == bn_changes
+    assert (not np.array_equal(tuned.moving_mean.numpy(), moving_mean)) == statistics_change
+
+
+def test_saved_run_loads_and_predicts_the_same_and_takes_raw_pixels(digits, pretrained, tmp_path):
+    run = cnnkit.recipes.finetune(pretrained.run_dir, digits[1], stages=[{"unfreeze": 1, "epochs": 1, "learning_rate": 1e-3}],
+                                  batch_size=16, run_dir=tmp_path / "run", verbose=0)
+    images, _ = digits[1].arrays("test")
+    loaded = cnnkit.load(run.run_dir)
+    np.testing.assert_allclose(loaded.predict(images[:20]), run.predict(images[:20]), atol=1e-6)
+    assert loaded.class_names == ["5", "6", "7", "8", "9"]
+    assert run.metrics["num_examples"] == 500
+
+
+def test_a_keras_file_backbone_on_an_rgb_image_folder_of_another_size(image_folder, tmp_path):
+    base = cnnkit.build("4C3-MP2-FC8", (16, 16, 3), 4)
+    base.save(tmp_path / "base.keras")
+    data = {"path": str(image_folder), "image_size": [12, 10], "val_split": 0.2}
+    run = cnnkit.recipes.finetune(str(tmp_path / "base.keras"), data, batch_size=4, run_dir=tmp_path / "folder",
+                                  stages=[{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-3}], verbose=0)
+    assert run.model.input_shape == (None, 12, 10, 3)
+    assert run.model.get_layer("resize").output.shape[1:3] == (16, 16)
+    assert run.model.output_shape == (None, 2)
+    loaded = cnnkit.load(run.run_dir)
+    image = np.full((1, 12, 10, 3), 200, np.uint8)
+    np.testing.assert_allclose(loaded.predict(image), run.predict(image), atol=1e-6)
+
+
+def test_grayscale_data_on_an_rgb_backbone_repeats_the_channel(digits, tmp_path):
+    base = cnnkit.build("4C3-MP2-FC8", (28, 28, 3), 4)
+    base.save(tmp_path / "rgb.keras")
+    run = cnnkit.recipes.finetune(tmp_path / "rgb.keras", digits[1], batch_size=32, run_dir=tmp_path / "gray",
+                                  stages=[{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-3}], verbose=0)
+    assert run.model.get_layer("gray_to_rgb").output.shape[-1] == 3
+
+
+def test_discriminative_rates_scale_each_groups_update():
+    inputs = keras.Input((2,))
+    outputs = keras.layers.Dense(1, use_bias=False, name="b")(keras.layers.Dense(2, use_bias=False, name="a")(inputs))
+    model = keras.Model(inputs, outputs)
+    a, b = model.get_layer("a").kernel, model.get_layer("b").kernel
+    start = [a.numpy().copy(), b.numpy().copy()]
+    for factor in (1.0, 0.25):
+        a.assign(start[0])
+        b.assign(start[1])
+        optimizer = with_lr_multipliers(keras.optimizers.SGD(0.1), [(a, factor)])
+        model.compile(optimizer=optimizer, loss="mse")
+        model.train_on_batch(np.ones((4, 2), np.float32), np.zeros((4, 1), np.float32))
+        if factor == 1.0:
+            full_step = start[0] - a.numpy()
+            b_step = start[1] - b.numpy()
+        else:
+            np.testing.assert_allclose(start[0] - a.numpy(), 0.25 * full_step, rtol=1e-3)
+            np.testing.assert_allclose(start[1] - b.numpy(), b_step, rtol=1e-3)
+
+
+@pytest.mark.parametrize(("per_class", "similarity", "case", "unfreezes"), [
+    (50, "similar", 1, [0, 1]),
+    (5000, "similar", 2, [0, 2, "all"]),
+    (50, "different", 3, [0, 2]),
+    (5000, "different", 4, [0, "all"]),
+])
+def test_auto_stages_follow_weis_four_cases(per_class, similarity, case, unfreezes):
+    data = cnnkit.data.from_arrays(np.zeros((per_class * 2, 4, 4), np.uint8), np.arange(per_class * 2) % 2, val_split=0)
+    plan = _auto_stages(data, similarity, 1e-3, 3, ["g1", "g2", "g3", "g4"])
+    assert plan["case"] == case
+    assert [stage["unfreeze"] for stage in plan["stages"]] == unfreezes
+    assert plan["stages"][0]["learning_rate"] == 1e-3 and plan["stages"][1]["learning_rate"] < 1e-3
+    assert f"Wei's case {case}" in plan["message"]
+
+
+def test_auto_prints_the_case_it_chose(digits, pretrained, tmp_path, capsys):
+    cnnkit.recipes.finetune(pretrained.run_dir, digits[1], epochs=1, batch_size=32, run_dir=tmp_path / "auto", verbose=1)
+    assert "Wei's case 1 (small, similar)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("stages", "message"), [
+    ([{"unfreeze": ["conv9"], "epochs": 1, "learning_rate": 1e-3}], "unknown group 'conv9'"),
+    ([{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-3, "lr": 2}], "unknown key 'lr'"),
+    ([{"unfreeze": 0, "learning_rate": 1e-3}], "missing key 'epochs'"),
+    ([{"unfreeze": 7, "epochs": 1, "learning_rate": 1e-3}], "between 0 and the 3 groups"),
+    ([{"unfreeze": 1, "epochs": 1, "learning_rate": 1e-3, "lr_multipliers": {"fc9": 0.1}}], "unknown group 'fc9'"),
+    ("fast", "stages must be 'auto' or a non-empty list"),
+])
+def test_bad_stages_are_named(digits, pretrained, tmp_path, stages, message):
+    with pytest.raises(ValueError, match=message):
+        cnnkit.recipes.finetune(pretrained.run_dir, digits[1], stages=stages, run_dir=tmp_path / "bad", verbose=0)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_arguments_are_named(digits, tmp_path):
+    with pytest.raises(ValueError, match="batch_norm must be one of"):
+        cnnkit.recipes.finetune("mobilenet_v2", digits[1], batch_norm="train", run_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        cnnkit.recipes.finetune("mobilenet_v2", digits[1], similarity="close", run_dir=tmp_path / "x")
+    with pytest.raises(FileNotFoundError):
+        cnnkit.recipes.finetune(tmp_path / "missing.keras", digits[1], run_dir=tmp_path / "x")
+
+
+def test_transfer_compares_finetuning_with_scratch(tmp_path):
+    sample = cnnkit.data.load("mnist-sample")
+    result = cnnkit.recipes.transfer(
+        SPEC, sample, source_classes=[0, 1], target_classes=[7, 8], labels_per_class=10, val_labels_per_class=2,
+        pretrain={"epochs": 1}, finetune={"stages": [{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-3}]},
+        scratch={"epochs": 1}, run_dir=tmp_path / "transfer", verbose=0,
+    )
+    assert {path.name for path in (tmp_path / "transfer").iterdir()} == {"pretrain", "finetune", "scratch"}
+    assert result.finetuned.config["data"]["class_counts"]["train"] == [10, 10]
+    assert result.scratch.config["data"]["class_counts"]["train"] == [10, 10]
+    assert result.metrics["gain"] == pytest.approx(result.metrics["test_accuracy"] - result.metrics["scratch_test_accuracy"])
+    assert "fine-tuned" in result.summary() and "from scratch" in result.summary()
