@@ -171,3 +171,16 @@ def test_transfer_compares_finetuning_with_scratch(tmp_path):
     assert result.scratch.config["data"]["class_counts"]["train"] == [10, 10]
     assert result.metrics["gain"] == pytest.approx(result.metrics["test_accuracy"] - result.metrics["scratch_test_accuracy"])
     assert "fine-tuned" in result.summary() and "from scratch" in result.summary()
+
+
+def test_the_packaged_finetune_recipe_runs_with_overrides(image_folder, tmp_path):
+    from cnnkit.cli import main
+
+    cnnkit.build("4C3-MP2-FC8", (12, 10, 3), 3).save(tmp_path / "own.keras")
+    overrides = [f"backbone={tmp_path / 'own.keras'}", f"data.path={image_folder}", "data.image_size=[12, 10]",
+                 "data.val_split=0.2", "epochs=1", "batch_size=4", f"run_dir={tmp_path / 'run'}", "verbose=0"]
+    assert main(["run", "finetune_folder", *overrides]) == 0
+    run = cnnkit.load(tmp_path / "run")
+    assert run.class_names == ["cat", "dog"]
+    assert run.config["recipe"] == "finetune" and run.config["wei_case"] == 1
+
