@@ -66,7 +66,12 @@ CONFUSION_FILE = "confusion_matrix.png"
 
 # Modules whose import registers cnnkit's custom layers with Keras serialization. They are
 # imported (when they exist) before a model is loaded.
-_CUSTOM_OBJECT_MODULES = ("cnnkit.models.layers",)
+_CUSTOM_OBJECT_MODULES = (
+    "cnnkit.models.layers",
+    "cnnkit.models.backbones",
+    "cnnkit.recipes.preprocess",
+    "cnnkit.recipes.ensemble",
+)
 
 
 # --------------------------------------------------------------------------- atomic writes
