@@ -27,7 +27,11 @@ def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, we
         schedule: "constant"; "step" (x0.1 at 50% and 75% of training); "cosine" (cosine decay
             to 0); "onecycle" (Smith: warm up from lr/25 over 30% of steps, cosine down to
             lr/25e4); or a dict with "name" and options: step ``every`` (epochs) and ``factor``;
-            cosine ``warmup_epochs``.
+            cosine ``warmup_epochs`` or ``cycles``. ``{"name": "cosine", "cycles": k}`` is
+            cosine annealing with warm restarts (Loshchilov and Hutter's SGDR with equal
+            periods, the schedule of Huang et al.'s snapshot ensembles): ``k`` cosine decays
+            of ``epochs / k`` epochs each, every one starting again from the peak rate; ``k``
+            must divide ``epochs`` so that each cycle ends at an epoch boundary.
         momentum: for "momentum", "nesterov" and "rmsprop".
         weight_decay: decoupled weight decay (Loshchilov and Hutter); biases and batch-norm
             scales and offsets are excluded.
@@ -69,7 +73,7 @@ def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
     options = dict(schedule) if isinstance(schedule, dict) else {"name": schedule}
     name = options.pop("name", None)
     total = max(1, steps_per_epoch * epochs)
-    allowed = {"constant": set(), "step": {"every", "factor"}, "cosine": {"warmup_epochs"}, "onecycle": set()}
+    allowed = {"constant": set(), "step": {"every", "factor"}, "cosine": {"warmup_epochs", "cycles"}, "onecycle": set()}
     if name not in allowed:
         raise ValueError(f"schedule must be one of {SCHEDULES} or a dict with 'name'. Received: schedule={schedule!r}")
     unknown = set(options) - allowed[name]
@@ -86,6 +90,16 @@ def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
         return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values) if boundaries else learning_rate
     if name == "cosine":
         warmup = int(options.get("warmup_epochs", 0) * steps_per_epoch)
+        cycles = options.get("cycles", 1)
+        if not isinstance(cycles, int) or isinstance(cycles, bool) or cycles < 1 or epochs % cycles:
+            raise ValueError(f"cosine cycles must be an integer >= 1 that divides epochs ({epochs}), so that each "
+                             f"cycle ends at an epoch boundary. Received: cycles={cycles!r}")
+        if cycles > 1 and warmup:
+            raise ValueError(f"cosine cycles restart at the peak rate and take no warmup_epochs. Received: "
+                             f"cycles={cycles}, warmup_epochs={options['warmup_epochs']!r}")
+        if cycles > 1:  # t_mul=1, m_mul=1: equal periods, each restarting at the peak rate
+            return keras.optimizers.schedules.CosineDecayRestarts(learning_rate, first_decay_steps=total // cycles,
+                                                                  t_mul=1.0, m_mul=1.0)
         if warmup:
             return keras.optimizers.schedules.CosineDecay(
                 learning_rate / 100, decay_steps=max(1, total - warmup), warmup_target=learning_rate, warmup_steps=warmup

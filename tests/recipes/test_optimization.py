@@ -74,3 +74,31 @@ def test_resolve_precision(monkeypatch):
     assert resolve_precision("auto") == "float32"
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("bf16")
+
+
+def test_cosine_cycles_restart_at_each_cycle_boundary():
+    schedule = make_schedule({"name": "cosine", "cycles": 2}, 0.1, steps_per_epoch=10, epochs=4)
+    assert isinstance(schedule, keras.optimizers.schedules.CosineDecayRestarts)
+    rates = np.array([_rate(schedule, step) for step in range(40)])
+    assert rates[0] == pytest.approx(0.1) and rates[20] == pytest.approx(0.1)  # the restart
+    assert rates[10] == pytest.approx(0.05, rel=1e-4) and rates[30] == pytest.approx(0.05, rel=1e-4)
+    assert rates[19] < 0.001 and rates[39] < 0.001  # each cycle anneals nearly to zero
+    assert np.all(np.diff(rates[:20]) < 0) and np.allclose(rates[:20], rates[20:])
+
+
+def test_one_cosine_cycle_is_plain_cosine_decay():
+    plain = make_schedule("cosine", 0.1, steps_per_epoch=10, epochs=4)
+    single = make_schedule({"name": "cosine", "cycles": 1}, 0.1, steps_per_epoch=10, epochs=4)
+    assert [_rate(single, step) for step in (0, 13, 39)] == [_rate(plain, step) for step in (0, 13, 39)]
+
+
+@pytest.mark.parametrize("cycles", [0, 3, 2.0, True])
+def test_cosine_cycles_must_divide_epochs(cycles):
+    with pytest.raises(ValueError, match=f"cosine cycles must be an integer >= 1 that divides epochs \\(4\\).*"
+                                         f"Received: cycles={cycles!r}"):
+        make_schedule({"name": "cosine", "cycles": cycles}, 0.1, steps_per_epoch=10, epochs=4)
+
+
+def test_cosine_cycles_take_no_warmup():
+    with pytest.raises(ValueError, match="take no warmup_epochs"):
+        make_schedule({"name": "cosine", "cycles": 2, "warmup_epochs": 1}, 0.1, steps_per_epoch=10, epochs=4)
