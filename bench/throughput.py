@@ -29,8 +29,8 @@ import tensorflow as tf
 from results import machine, write_section
 
 import cnnkit
-from cnnkit.recipes.optimization import resolve_precision
 from cnnkit.recipes.fitting import EpochTimer
+from cnnkit.recipes.optimization import resolve_precision
 
 ARCH = "20C5-MP2-50C5-MP2-FC256"
 

@@ -21,6 +21,7 @@ _LAZY = {
     "load": ("cnnkit.runs", "load"),
     "Run": ("cnnkit.runs", "Run"),
     "predict_map": ("cnnkit.models.convert", "predict_map"),
+    "export": ("cnnkit.exporting", "export"),
 }
 _SUBPACKAGES = {"models", "data", "recipes"}
 

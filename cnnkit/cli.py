@@ -8,6 +8,8 @@ Commands::
     cnnkit plan SPEC_OR_NAME --input-shape 28,28,1 [--classes 10] [--batch-size 128]
                 [--precision float32|mixed_bfloat16|mixed_float16] [--optimizer adam]
     cnnkit quickstart [key=value ...]         pretrain on digits 0-4, fine-tune on 50 labels of 5-9, vs scratch
+    cnnkit export RUN --format savedmodel|tflite|onnx [--quantize float16|dynamic|int8] --out DIR
+    cnnkit predict MODEL IMAGE_OR_FOLDER... [--top-k 5] [--csv FILE]
 
 A mistake a user can make (a bad notation token, an unknown recipe key, a missing file) prints
 one line ``cnnkit: error: <message>`` on stderr and exits with status 2, never a traceback; set
@@ -124,7 +126,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quickstart.add_argument("overrides", metavar="key=value", nargs="*", help="override a key of the recipe")
     quickstart.set_defaults(handler=_cmd_quickstart)
+    _add_export_and_predict(commands)
     return parser
+
+
+def _add_export_and_predict(commands) -> None:
+    """The ``export`` and ``predict`` subcommands (``cnnkit.exporting``, ``cnnkit.inference``)."""
+    export = commands.add_parser(
+        "export",
+        help="export a run as a SavedModel, TFLite or ONNX directory, checked in a fresh process",
+        description="Export a run directory or .keras file to --out (a new directory with labels.txt, README.md "
+        "and verification.json), load it in a fresh process without cnnkit and compare it with the Keras model.",
+    )
+    export.add_argument("run", metavar="RUN", help="a run directory or a .keras file")
+    export.add_argument("--format", default="savedmodel", choices=["savedmodel", "tflite", "onnx"])
+    export.add_argument("--quantize", default=None, choices=["float32", "float16", "dynamic", "int8"],
+                        help="TFLite quantisation (int8 calibrates on the run's training data)")
+    export.add_argument("--out", required=True, metavar="DIR", help="the export directory to create")
+    export.add_argument("--data", default=None, metavar="NAME",
+                        help="dataset for samples and int8 calibration (default: the run's recorded data)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the fresh-process check")
+    export.set_defaults(handler=_cmd_export)
+
+    predict = commands.add_parser(
+        "predict",
+        help="print the top-k classes of image files",
+        description="Classify image files (folders are searched recursively) with a run directory, a .keras file "
+        "or an exported SavedModel; print the top-k classes per image and optionally write them as CSV.",
+    )
+    predict.add_argument("model", metavar="MODEL", help="a run directory, a .keras file or a SavedModel directory")
+    predict.add_argument("inputs", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files or folders")
+    predict.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes shown per image")
+    predict.add_argument("--csv", default=None, metavar="FILE", help="also write path,rank,class_name,probability")
+    predict.add_argument("--batch-size", type=_positive_int, default=256, help="images per model call")
+    predict.set_defaults(handler=_cmd_predict)
 
 
 def _percent(value) -> str:
@@ -200,6 +236,33 @@ def _cmd_quickstart(args) -> int:
 
     result = _run_recipe(load_recipe(QUICKSTART, args.overrides, kind="recipes"))
     print(f"{QUICKSTART}: {result.summary()}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from cnnkit.exporting import ExportVerificationError, export
+
+    try:
+        export(args.run, args.out, format=args.format, quantize=args.quantize, data=args.data,
+               overwrite=args.overwrite, verify=args.verify)
+    except ExportVerificationError as error:
+        print(f"{PROG}: export failed: {_error_message(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from cnnkit.inference import image_files, load_predictor, write_csv
+
+    files, skipped = image_files(args.inputs)
+    if skipped:
+        shown = ", ".join(str(path) for path in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"{PROG}: skipped {len(skipped)} files that are not images: {shown}", file=sys.stderr)
+    predictions = load_predictor(args.model).predict_files(files, k=args.top_k, batch_size=args.batch_size)
+    for path, ranked in predictions:
+        print(f"{path}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
+    if args.csv:
+        print(f"predictions written to {write_csv(predictions, args.csv)}")
     return 0
 
 

@@ -197,3 +197,65 @@ def test_packaged_quickstart_recipe_is_valid():
     recipe = config.check_recipe_file(config.find_recipe("quickstart"))
     assert recipe.function == "transfer"
     assert recipe.kwargs["data"] == "mnist-sample"
+
+
+# -- export and predict -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    """An untrained FC16 classifier saved as a run directory, and a folder of two digit PNGs."""
+    import keras
+    import numpy as np
+    from PIL import Image
+
+    import cnnkit
+
+    keras.utils.set_random_seed(0)
+    run_dir = cnnkit.Run(cnnkit.build("FC16", (28, 28, 1), 10)).save(tmp_path / "run")
+    digits = cnnkit.data.load("mnist-sample").arrays("test")[0][:2]
+    (tmp_path / "images").mkdir()
+    for index, digit in enumerate(digits):
+        Image.fromarray(np.asarray(digit)[..., 0]).save(tmp_path / "images" / f"{index}.png")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    return run_dir, tmp_path / "images"
+
+
+def test_export_then_predict_with_the_export(saved_run, tmp_path, capsys):
+    run_dir, images = saved_run
+    out = tmp_path / "tflite"
+    assert main(["export", str(run_dir), "--format", "tflite", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"tflite export: {out / 'model.tflite'}" in printed and "tolerance 1e-05: ok" in printed
+    assert json.loads((out / "verification.json").read_text())["passed"] is True
+
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "sm"), "--no-verify"]) == 0
+    capsys.readouterr()
+    csv_path = tmp_path / "predictions.csv"
+    assert main(["predict", str(tmp_path / "sm"), str(images), "--top-k", "3", "--csv", str(csv_path)]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith(str(images))]
+    assert len(lines) == 2 and all(len(line.split(": ")[1].split(", ")) == 3 for line in lines)
+    assert "skipped 1 files that are not images" in captured.err and "notes.txt" in captured.err
+    assert len(csv_path.read_text().splitlines()) == 1 + 2 * 3
+
+    assert main(["predict", str(run_dir), str(images / "0.png"), "--top-k", "1"]) == 0
+    from_run = capsys.readouterr().out.strip()
+    assert from_run.startswith(f"{images / '0.png'}: ") and len(from_run.splitlines()) == 1
+
+
+def test_export_and_predict_user_errors_are_one_line(saved_run, tmp_path, capsys):
+    run_dir, images = saved_run
+    (tmp_path / "taken").mkdir()
+    for argv, text in [
+        (["export", str(run_dir), "--out", str(tmp_path / "taken")], "overwrite=True"),
+        (["export", str(run_dir), "--format", "tflite", "--quantize", "int8", "--out", str(tmp_path / "q")],
+         "representative_data"),
+        (["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "x")], "no-run"),
+        (["predict", str(run_dir), str(tmp_path / "missing.png")], "missing.png"),
+    ]:
+        assert main(argv) == 2, argv
+        lines = _error_lines(capsys.readouterr())
+        assert len(lines) == 1 and lines[0].startswith("cnnkit: error: ") and text in lines[0], lines
+    assert main(["export", str(run_dir), "--format", "pb", "--out", str(tmp_path / "y")]) == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,670 @@
+"""``cnnkit.export``: SavedModel, TFLite and ONNX exports that are checked in a fresh process.
+
+An export is a directory. Next to the model file(s) it holds ``labels.txt`` (one class name a
+line; line ``i`` names class id ``i``), ``README.md`` (a model card: inputs, outputs, how to
+load it without cnnkit, the verification) and ``verification.json`` (the report below)::
+
+    savedmodel   saved_model.pb, variables/, assets/ -- signatures:
+                   serving_default(images: uint8 [N, H, W, C])
+                   serving_bytes(image_bytes: string [N])   encoded JPEG/PNG/GIF/BMP, decoded and
+                                                            resized to H x W in the graph
+                 both return probabilities float32 [N, K], class_id int64 [N], class_name string [N]
+    tflite       model.tflite   input float32 [N, H, W, C] raw pixels 0-255 -> probabilities [N, K]
+    onnx         model.onnx     the same
+
+Every format takes raw pixels: the model's preprocessing is inside it and its training-only
+layers (augmentation, dropout) run in inference mode. A model computing in mixed precision is
+exported as a float32 copy (same weights), which is also the reference of the verification.
+
+Verification: after writing, a new Python process that imports only TensorFlow (SavedModel),
+the LiteRT interpreter (TFLite) or onnxruntime (ONNX) -- never cnnkit -- loads the export and
+runs a sample; its outputs are compared with the Keras model's. Float formats must agree to
+``tolerance`` (1e-5) max absolute difference, and the bytes signature must give the uint8
+signature's classes for the same images sent as PNG; quantised TFLite exports report their
+accuracy change on the data's test split instead. The export is written in a temporary
+sibling directory and renamed into place only once verified: a failure at any step leaves
+nothing at ``path``.
+
+Example:
+    >>> import cnnkit
+    >>> cnnkit.export("runs/lenet-mnist", "exports/lenet", format="savedmodel")  # doctest: +SKIP
+    PosixPath('exports/lenet')
+    >>> cnnkit.export("runs/lenet-mnist", "exports/lenet-int8", format="tflite",
+    ...               quantize="int8")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.runs import Run, _default_file_mode, _import_custom_objects, atomic_write_text
+
+__all__ = ["FORMATS", "QUANTIZATIONS", "ExportVerificationError", "export"]
+
+FORMATS = ("savedmodel", "tflite", "onnx")
+QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
+LABELS_FILE = "labels.txt"
+CARD_FILE = "README.md"
+REPORT_FILE = "verification.json"
+MODEL_FILES = {"savedmodel": "saved_model.pb", "tflite": "model.tflite", "onnx": "model.onnx"}
+BYTES_SIGNATURE = "serving_bytes"
+TOLERANCE = 1e-5
+PARITY_SAMPLES = 64
+_CHUNK = 256
+
+# The fresh-process checks. Each reads the images from argv[2] (.npz), runs the export at
+# argv[1] with plain runtime libraries and writes the outputs to argv[3] (.npz).
+_SAVEDMODEL_CHECK = """
+import sys
+import numpy as np
+import tensorflow as tf
+artifact, inputs, outputs = sys.argv[1:4]
+images = np.load(inputs)["images"]
+loaded = tf.saved_model.load(artifact)
+plain, encoded = loaded.signatures["serving_default"], loaded.signatures["serving_bytes"]
+keys = ("probabilities", "class_id", "class_name", "bytes_probabilities", "bytes_class_id")
+results = {key: [] for key in keys}
+for start in range(0, len(images), 256):
+    batch = tf.constant(images[start:start + 256])
+    out = plain(images=batch)
+    png = tf.map_fn(tf.io.encode_png, batch, fn_output_signature=tf.string)
+    via_bytes = encoded(image_bytes=png)
+    for key in ("probabilities", "class_id", "class_name"):
+        results[key].append(out[key].numpy())
+    results["bytes_probabilities"].append(via_bytes["probabilities"].numpy())
+    results["bytes_class_id"].append(via_bytes["class_id"].numpy())
+results = {key: np.concatenate(values) for key, values in results.items()}
+results["class_name"] = results["class_name"].astype(str)
+np.savez(outputs, runtime=f"tensorflow {tf.__version__}", cnnkit_imported="cnnkit" in sys.modules, **results)
+"""
+
+_TFLITE_CHECK = """
+import sys
+import numpy as np
+try:
+    from ai_edge_litert import __version__ as version
+    from ai_edge_litert.interpreter import Interpreter
+    runtime = f"ai-edge-litert {version}"
+except ImportError:
+    import tensorflow as tf
+    Interpreter, runtime = tf.lite.Interpreter, f"tf.lite.Interpreter (tensorflow {tf.__version__})"
+artifact, inputs, outputs = sys.argv[1:4]
+images = np.load(inputs)["images"]
+interpreter = Interpreter(model_path=artifact)
+source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+probabilities = []
+for start in range(0, len(images), 256):
+    batch = images[start:start + 256].astype(source["dtype"])
+    interpreter.resize_tensor_input(source["index"], batch.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(source["index"], batch)
+    interpreter.invoke()
+    probabilities.append(interpreter.get_tensor(target["index"]).astype(np.float32))
+np.savez(outputs, runtime=runtime, cnnkit_imported="cnnkit" in sys.modules, probabilities=np.concatenate(probabilities))
+"""
+
+_ONNX_CHECK = """
+import sys
+import numpy as np
+import onnxruntime
+artifact, inputs, outputs = sys.argv[1:4]
+images = np.load(inputs)["images"]
+session = onnxruntime.InferenceSession(artifact, providers=["CPUExecutionProvider"])
+name = session.get_inputs()[0].name
+probabilities = [session.run(None, {name: images[start:start + 256].astype(np.float32)})[0]
+                 for start in range(0, len(images), 256)]
+np.savez(outputs, runtime=f"onnxruntime {onnxruntime.__version__}", cnnkit_imported="cnnkit" in sys.modules,
+         probabilities=np.concatenate(probabilities))
+"""
+
+_CHECKS = {"savedmodel": _SAVEDMODEL_CHECK, "tflite": _TFLITE_CHECK, "onnx": _ONNX_CHECK}
+_FORMAT_TITLES = {"savedmodel": "TensorFlow SavedModel", "tflite": "TFLite (LiteRT)", "onnx": "ONNX"}
+
+
+class ExportVerificationError(RuntimeError):
+    """The fresh-process check of an export failed; nothing was left at the target path.
+
+    Example:
+        >>> try:
+        ...     cnnkit.export(run, "exports/demo")  # doctest: +SKIP
+        ... except ExportVerificationError as error:
+        ...     print(error)
+    """
+
+
+def export(
+    run_or_model,
+    path,
+    *,
+    format: str = "savedmodel",
+    quantize: str | None = None,
+    data=None,
+    representative_data=None,
+    representative_samples: int = 256,
+    class_names=None,
+    tolerance: float = TOLERANCE,
+    verify: bool = True,
+    overwrite: bool = False,
+    verbose: int = 1,
+):
+    """Export a trained classifier as a SavedModel, TFLite or ONNX directory, and verify it.
+
+    Args:
+        run_or_model: A ``cnnkit.Run``, a ``keras.Model`` taking raw pixels, or the path of a
+            run directory or ``.keras`` file (loaded with ``cnnkit.load``).
+        path: The export directory to create. Its parent is created if missing.
+        format: ``"savedmodel"``, ``"tflite"`` or ``"onnx"`` (needs the ``onnx`` extra:
+            tf2onnx, onnx, onnxruntime).
+        quantize: TFLite only: ``None``/``"float32"`` (no quantisation), ``"float16"``
+            (float16 weights), ``"dynamic"`` (int8 weights, float activations) or ``"int8"``
+            (integer kernels throughout, calibrated on a representative sample; float32
+            input and output).
+        data: Where the sample images come from: a ``cnnkit.data.ImageData``, a dataset name
+            (``"mnist"``) or a mapping of ``cnnkit.data.from_folder`` arguments. Defaults to
+            the data recorded in the run's config.yaml. Its training split gives the int8
+            representative sample; its test split (else validation) the parity sample and the
+            accuracy of quantised exports.
+        representative_data: uint8 images ``(N, H, W, C)`` to calibrate int8 with, instead
+            of a sample of ``data``'s training split.
+        representative_samples: How many training images calibrate int8.
+        class_names: One name per output; defaults to the run's (``"0".."K-1"`` for a bare
+            model).
+        tolerance: Largest max absolute difference of probabilities allowed for the float
+            formats (SavedModel, TFLite float32, ONNX).
+        verify: Run the fresh-process check. Without it the report says it was skipped.
+        overwrite: Replace an existing export directory at ``path``.
+        verbose: ``0`` silent; ``1`` prints the verification report.
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Raises:
+        ValueError: On a bad argument, an existing ``path`` without ``overwrite=True``, a
+            model whose input is not one image ``(H, W, C)``, int8 without sample data, or
+            ONNX without its packages.
+        ExportVerificationError: If the export cannot be loaded in a fresh process or a float
+            format differs from the Keras model by more than ``tolerance``.
+
+    Example:
+        >>> run = cnnkit.recipes.train("20C5-MP2-50C5-MP2-FC256", "mnist-sample", epochs=2)  # doctest: +SKIP
+        >>> out = cnnkit.export(run, "exports/lenet-int8", format="tflite", quantize="int8")  # doctest: +SKIP
+        >>> json.loads((out / "verification.json").read_text())["accuracy_change_points"]  # doctest: +SKIP
+        -0.1
+    """
+    quantize = _check_arguments(format, quantize, representative_samples, tolerance, verbose)
+    path = _check_target(path, overwrite)
+    run = _resolve_run(run_or_model, class_names)
+    model, reference_note = _float32_copy(run.model)
+    image_shape = _image_shape(model)
+    names = _check_class_names(run.class_names)
+    quantised = format == "tflite" and quantize != "float32"
+    source_data, data_note = _resolve_data(data, run, required=quantize == "int8" and representative_data is None)
+    calibration = None
+    if quantize == "int8":
+        calibration = _representative_images(representative_data, source_data, image_shape, representative_samples)
+    images, labels, sample_note = _check_images(source_data, image_shape, whole_split=quantised)
+    info = {
+        "format": format,
+        "quantize": quantize if format == "tflite" else None,
+        "image_shape": list(image_shape),
+        "class_names": names,
+        "source": str(run.run_dir) if run.run_dir is not None else f"<keras.Model {run.model.name}>",
+        "source_metrics": {k: v for k, v in run.metrics.items() if k in ("test_accuracy", "test_error")},
+        "reference": reference_note,
+        "data": data_note,
+        "sample": sample_note,
+        "calibration_images": None if calibration is None else len(calibration),
+    }
+    with _staging_dir(path, overwrite) as staging:
+        artifact = _write_artifact(model, staging, format, quantize, calibration, names, image_shape)
+        atomic_write_text(staging / LABELS_FILE, "".join(f"{name}\n" for name in names))
+        report = {**info, "file": MODEL_FILES[format], "size_bytes": _size(artifact)}
+        if verify:
+            report.update(_verify(model, artifact, format, images, labels, quantised, tolerance, names))
+        else:
+            report["verified"] = "skipped (verify=False)"
+        atomic_write_text(staging / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(staging / CARD_FILE, _card(path.name, report))
+    if verbose:
+        print(report_text(report, path))
+    return path
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _check_arguments(format, quantize, representative_samples, tolerance, verbose) -> str:
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {list(FORMATS)}. Received: format={format!r}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"`quantize` must be None or one of {list(QUANTIZATIONS)}. Received: quantize={quantize!r}")
+    if quantize not in (None, "float32") and format != "tflite":
+        raise ValueError(f"`quantize` applies to format='tflite' only. Received: format={format!r}, quantize={quantize!r}")
+    if not isinstance(representative_samples, int) or isinstance(representative_samples, bool) \
+            or representative_samples < 1:
+        raise ValueError(f"`representative_samples` must be a positive integer. "
+                         f"Received: representative_samples={representative_samples!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"`tolerance` must be a number >= 0. Received: tolerance={tolerance!r}")
+    if verbose not in (0, 1, True, False):
+        raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
+    if format == "onnx":
+        missing = [name for name in ("tf2onnx", "onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"format='onnx' needs the packages {missing}: pip install 'cnnkit[onnx]'. "
+                             f"Received: format={format!r}")
+    return quantize or "float32"
+
+
+def _check_target(path, overwrite) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"`path` must be a directory path. Received: path={path!r}")
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir() or path.is_symlink():
+            raise ValueError(f"`path` exists and is not a directory; an export is a directory. Received: path={str(path)!r}")
+        if not overwrite:
+            raise ValueError(f"`path` already exists; pass overwrite=True to replace it. Received: path={str(path)!r}")
+    return path
+
+
+def _resolve_run(run_or_model, class_names):
+    import keras
+
+    import cnnkit
+
+    if isinstance(run_or_model, (str, os.PathLike)):
+        run = cnnkit.load(run_or_model)
+    elif isinstance(run_or_model, Run):
+        run = run_or_model
+    elif isinstance(run_or_model, keras.Model):
+        run = Run(run_or_model)
+    else:
+        raise ValueError("`run_or_model` must be a cnnkit.Run, a keras.Model, or the path of a run directory or "
+                         f".keras file. Received: run_or_model of type {type(run_or_model).__name__}")
+    if class_names is not None:
+        run = Run(run.model, metrics=run.metrics, run_dir=run.run_dir, config=run.config, class_names=class_names)
+    return run
+
+
+def _check_class_names(names) -> list[str]:
+    for name in names:
+        if not name or "\n" in name or "\r" in name or name != name.strip():
+            raise ValueError("Class names must be non-empty single lines without surrounding spaces (they become "
+                             f"lines of labels.txt). Received: class name {name!r}")
+    return list(names)
+
+
+def _image_shape(model) -> tuple[int, int, int]:
+    if len(model.inputs) != 1:
+        raise ValueError(f"Only models with one image input can be exported. Received: {len(model.inputs)} inputs")
+    shape = tuple(model.inputs[0].shape[1:])
+    if len(shape) != 3 or any(dim is None for dim in shape):
+        raise ValueError(f"The model input must be one image of known shape (H, W, C). Received: input shape "
+                         f"{tuple(model.inputs[0].shape)}")
+    return tuple(int(dim) for dim in shape)
+
+
+def _float32_copy(model):
+    """``(model, note)``: the model itself when it computes in float32, else a float32 copy."""
+    import keras
+
+    policies = {layer.dtype_policy.name for layer in model._flatten_layers() if hasattr(layer, "dtype_policy")}
+    if policies <= {"float32"}:
+        return model, "the Keras model (float32)"
+
+    def to_float32(value):
+        if isinstance(value, dict):
+            if value.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and isinstance(value.get("config"), dict):
+                return {**value, "config": {**value["config"], "name": "float32"}}
+            return {key: to_float32(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [to_float32(item) for item in value]
+        return value
+
+    _import_custom_objects()
+    copy = keras.saving.deserialize_keras_object(to_float32(keras.saving.serialize_keras_object(model)))
+    copy.set_weights(model.get_weights())
+    copy(np.zeros((1, *model.inputs[0].shape[1:]), dtype=model.inputs[0].dtype), training=False)  # built and called
+    mixed = ", ".join(sorted(policies - {"float32"}))
+    return copy, f"a float32 copy of the Keras model (which computes in {mixed}; same weights)"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _resolve_data(data, run, *, required):
+    """``(ImageData or None, note)``: ``data``, else the run's recorded data when it loads."""
+    from cnnkit.recipes.pipeline import resolve_data
+
+    if data is not None:
+        resolved = resolve_data(data)
+        return resolved, resolved.source
+    recorded = _recorded_data(run.config)
+    if recorded is None:
+        if required:
+            raise ValueError("quantize='int8' needs sample images: pass data= (an ImageData, a dataset name or "
+                             "from_folder arguments) or representative_data=; the model has no recorded data. "
+                             "Received: data=None")
+        return None, "none recorded with the model (parity uses random pixels)"
+    try:
+        resolved = resolve_data(recorded)
+    except (ValueError, OSError) as error:
+        if required:
+            raise ValueError(f"quantize='int8' needs the run's data {recorded!r}, which does not load: {error} "
+                             "Pass data= or representative_data=. Received: data=None") from error
+        return None, f"the run's data {recorded!r} does not load here ({error}); parity uses random pixels"
+    return resolved, resolved.source
+
+
+def _recorded_data(config: dict):
+    arguments = config.get("arguments") if isinstance(config.get("arguments"), dict) else {}
+    for value in (arguments.get("data"), config.get("data")):
+        if isinstance(value, str) and not value.startswith("<"):
+            return value
+        if isinstance(value, dict) and "path" in value:
+            return value
+    return None
+
+
+def _representative_images(representative_data, data, image_shape, count) -> np.ndarray:
+    if representative_data is not None:
+        images = np.asarray(representative_data)
+        if images.dtype != np.uint8 or images.shape[1:] != image_shape or len(images) == 0:
+            raise ValueError(f"`representative_data` must be uint8 images of shape (N, {', '.join(map(str, image_shape))}) "
+                             f"with N >= 1. Received: dtype={images.dtype}, shape={images.shape}")
+        return images
+    images, _ = data.arrays("train")
+    _check_data_shape(images, image_shape)
+    chosen = np.random.default_rng(0).choice(len(images), size=min(count, len(images)), replace=False)
+    return images[np.sort(chosen)]
+
+
+def _check_data_shape(images, image_shape) -> None:
+    if images.shape[1:] != image_shape:
+        raise ValueError(f"The data's images do not fit the model input {image_shape}. "
+                         f"Received: data images of shape {images.shape[1:]}")
+
+
+def _check_images(data, image_shape, *, whole_split):
+    """``(images, labels or None, note)``: the images the export is checked on."""
+    if data is not None:
+        split = next((name for name in ("test", "val", "train") if getattr(data, name) is not None), None)
+        images, labels = data.arrays(split)
+        _check_data_shape(images, image_shape)
+        if not whole_split:
+            images, labels = images[:PARITY_SAMPLES], labels[:PARITY_SAMPLES]
+        return images, labels, f"{len(images)} images of the {split} split"
+    images = np.random.default_rng(0).integers(0, 256, (PARITY_SAMPLES, *image_shape), dtype=np.uint8)
+    return images, None, f"{PARITY_SAMPLES} random uint8 images"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def _staging_dir(path: Path, overwrite: bool):
+    """A temporary sibling of ``path`` that becomes ``path`` when the block succeeds.
+
+    On any exception the staging directory is removed and ``path`` is left as it was. With
+    ``overwrite`` an existing ``path`` is moved aside, replaced, then deleted.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    try:
+        file_mode = _default_file_mode()
+        os.chmod(staging, file_mode | (file_mode & 0o444) >> 2)  # mkdtemp's 0o700 -> as mkdir would
+        yield staging
+        if path.exists() and not overwrite:
+            raise ValueError(f"`path` was created while exporting; pass overwrite=True to replace it. "
+                             f"Received: path={str(path)!r}")
+        previous = None
+        if path.exists():
+            previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, previous / path.name)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _size(artifact: Path) -> int:
+    if artifact.is_file():
+        return artifact.stat().st_size
+    return sum(file.stat().st_size for file in artifact.rglob("*") if file.is_file())
+
+
+def _write_artifact(model, staging: Path, format, quantize, calibration, names, image_shape) -> Path:
+    """Write the model; return what its runtime loads (the SavedModel directory or the file)."""
+    if format == "savedmodel":
+        archive = _serving_archive(model, names, image_shape)
+        archive.write_out(str(staging), verbose=False)
+        return staging
+    artifact = staging / MODEL_FILES[format]
+    if format == "onnx":
+        with warnings.catch_warnings():  # keras's tf2onnx patch for numpy 2 probes np.object
+            warnings.simplefilter("ignore", FutureWarning)
+            model.export(str(artifact), format="onnx", verbose=False)
+    else:
+        model.export(str(artifact), format="litert", verbose=False, **_converter_options(quantize, calibration))
+    return artifact
+
+
+def _serving_archive(model, names, image_shape):
+    """A ``keras.export.ExportArchive`` with the uint8 and the encoded-bytes signatures."""
+    import keras
+    import tensorflow as tf
+
+    height, width, channels = image_shape
+    input_dtype = model.inputs[0].dtype
+
+    def classify(images):
+        probabilities = tf.cast(model(tf.cast(images, input_dtype), training=False), tf.float32)
+        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+        return {"probabilities": probabilities, "class_id": class_id,
+                "class_name": tf.gather(tf.constant(names), class_id)}
+
+    def decode(data):
+        image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+        image = tf.image.resize(image, (height, width), method="bilinear", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+    def classify_bytes(image_bytes):
+        return classify(tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(image_shape, tf.uint8)))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", classify,
+                         input_signature=[tf.TensorSpec((None, *image_shape), tf.uint8, name="images")])
+    archive.add_endpoint(BYTES_SIGNATURE, classify_bytes,
+                         input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes")])
+    return archive
+
+
+def _converter_options(quantize, calibration) -> dict:
+    """``tf.lite.TFLiteConverter`` settings of a quantisation mode (``model.export`` kwargs)."""
+    import tensorflow as tf
+
+    if quantize == "float32":
+        return {}
+    options = {"optimizations": [tf.lite.Optimize.DEFAULT]}
+    if quantize == "float16":
+        options["target_spec"] = {"supported_types": [tf.float16]}
+    elif quantize == "int8":
+        def representative_dataset():
+            for image in calibration:
+                yield [image[np.newaxis].astype(np.float32)]
+
+        options["representative_dataset"] = representative_dataset
+        options["target_spec"] = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]}
+    return options
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _keras_probabilities(model, images) -> np.ndarray:
+    """The reference: the model in inference mode, compiled, on the CPU (as the fresh process runs it)."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: model(tf.cast(x, model.inputs[0].dtype), training=False),
+                          input_signature=[tf.TensorSpec((None, *images.shape[1:]), tf.uint8)], autograph=False)
+    with tf.device("/CPU:0"):
+        return np.concatenate([np.asarray(forward(images[start:start + _CHUNK]), dtype=np.float32)
+                               for start in range(0, len(images), _CHUNK)])
+
+
+def _fresh_process(format, artifact: Path, images: np.ndarray) -> dict:
+    with tempfile.TemporaryDirectory(prefix="cnnkit-verify-") as scratch:
+        inputs, outputs = Path(scratch) / "inputs.npz", Path(scratch) / "outputs.npz"
+        np.savez(inputs, images=images)
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+        done = subprocess.run([sys.executable, "-c", _CHECKS[format], str(artifact), str(inputs), str(outputs)],
+                              cwd=scratch, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not outputs.is_file():
+            tail = " | ".join(line for line in done.stderr.strip().splitlines()[-6:])
+            raise ExportVerificationError(f"The {format} export at {artifact} did not run in a fresh process "
+                                          f"(exit {done.returncode}): {tail}")
+        with np.load(outputs) as results:
+            return {key: results[key] for key in results.files}
+
+
+def _verify(model, artifact, format, images, labels, quantised, tolerance, names) -> dict:
+    expected = _keras_probabilities(model, images)
+    results = _fresh_process(format, artifact, images)
+    got = results["probabilities"]
+    if got.shape != expected.shape:
+        raise ExportVerificationError(f"The {format} export returned probabilities of shape {got.shape}; the Keras "
+                                      f"model {expected.shape}")
+    report = {
+        "verified": "in a fresh process",
+        "runtime": str(results["runtime"]),
+        "cnnkit_imported": bool(results["cnnkit_imported"]),
+        "examples": len(images),
+        "max_abs_diff": float(np.max(np.abs(got - expected), initial=0.0)),
+        "class_agreement": float(np.mean(got.argmax(axis=1) == expected.argmax(axis=1))),
+        "tolerance": None if quantised else tolerance,
+    }
+    if labels is not None:
+        keras_accuracy = float(np.mean(expected.argmax(axis=1) == labels))
+        export_accuracy = float(np.mean(got.argmax(axis=1) == labels))
+        report.update(keras_accuracy=keras_accuracy, export_accuracy=export_accuracy,
+                      accuracy_change_points=round(100.0 * (export_accuracy - keras_accuracy), 4))
+    problems = []
+    if report["cnnkit_imported"]:
+        problems.append("the check imported cnnkit")
+    if not quantised and report["max_abs_diff"] > tolerance:
+        problems.append(f"max abs difference {report['max_abs_diff']:.3g} > tolerance {tolerance:.3g}")
+    if format == "savedmodel":
+        report.update(_signature_checks(results, got, names))
+        if report["bytes_class_agreement"] != 1.0:
+            problems.append(f"the bytes signature agrees with the uint8 one on {report['bytes_class_agreement']:.2%} "
+                            "of the PNG-encoded images")
+        if report["class_name_agreement"] != 1.0:
+            problems.append("class_id/class_name do not match the probabilities and labels")
+    report["passed"] = not problems
+    if problems:
+        raise ExportVerificationError(f"The {format} export failed its check ({'; '.join(problems)}); nothing was "
+                                      f"written. Report: {json.dumps(report)}")
+    return report
+
+
+def _signature_checks(results, probabilities, names) -> dict:
+    """How the SavedModel's class outputs and its bytes signature agree with its probabilities."""
+    class_id = results["class_id"]
+    consistent = (class_id == probabilities.argmax(axis=1)) & (results["class_name"] == np.asarray(names)[class_id])
+    return {
+        "bytes_class_agreement": float(np.mean(results["bytes_class_id"] == class_id)),
+        "bytes_max_abs_diff": float(np.max(np.abs(results["bytes_probabilities"] - probabilities), initial=0.0)),
+        "class_name_agreement": float(np.mean(consistent)),
+    }
+
+
+# --------------------------------------------------------------------------- report and card
+
+
+def report_text(report: dict, path) -> str:
+    """The verification report as printed after an export.
+
+    Example:
+        >>> print(report_text({"format": "onnx", "file": "model.onnx", "size_bytes": 10,
+        ...                    "verified": "skipped (verify=False)"}, "exports/x"))
+        onnx export: exports/x/model.onnx (10 bytes)
+          verified: skipped (verify=False)
+    """
+    title = report["format"] + (f" ({report['quantize']})" if report.get("quantize") not in (None, "float32") else "")
+    location = Path(path) if report["format"] == "savedmodel" else Path(path) / report["file"]
+    lines = [f"{title} export: {location} ({report['size_bytes']:,} bytes)", f"  verified: {report['verified']}"]
+    if "runtime" in report:
+        lines.append(f"  runtime: {report['runtime']} on {report['sample']}")
+        line = f"  max |export - keras| = {report['max_abs_diff']:.3g}"
+        if report.get("tolerance") is not None:
+            line += f" (tolerance {report['tolerance']:g}: {'ok' if report['passed'] else 'FAILED'})"
+        lines.append(line + f"; same class on {report['class_agreement']:.2%}")
+        if "keras_accuracy" in report:
+            lines.append(f"  accuracy: keras {report['keras_accuracy']:.2%}, export {report['export_accuracy']:.2%} "
+                         f"(change {report['accuracy_change_points']:+.2f} points)")
+        if "bytes_class_agreement" in report:
+            lines.append(f"  serving_bytes (PNG) vs serving_default: same class on {report['bytes_class_agreement']:.2%}, "
+                         f"max diff {report['bytes_max_abs_diff']:.3g}")
+    return "\n".join(lines)
+
+
+def _card(name: str, report: dict) -> str:
+    height, width, channels = report["image_shape"]
+    names = report["class_names"]
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+    title = _FORMAT_TITLES[report["format"]] + (f", {report['quantize']}" if report.get("quantize") else "")
+    lines = [f"# {name}", "", f"A {title} export of a cnnkit image classifier.", "",
+             "| | |", "|---|---|",
+             f"| Source | `{report['source']}` |",
+             f"| Exported model | {report['reference']} |",
+             f"| Classes | {len(names)}: {shown} (`labels.txt`: line i names class id i) |"]
+    for key, value in report["source_metrics"].items():
+        lines.append(f"| Source {key.replace('_', ' ')} | {value:.4f} |")
+    lines += ["", "## Inputs and outputs", ""]
+    if report["format"] == "savedmodel":
+        lines += [f"- `serving_default(images)`: uint8 `[N, {height}, {width}, {channels}]` raw pixels.",
+                  f"- `{BYTES_SIGNATURE}(image_bytes)`: string `[N]` of encoded JPEG/PNG/GIF/BMP images, decoded to "
+                  f"{channels} channel(s) and resized to {height}x{width} (bilinear) in the graph.",
+                  "- Both return `probabilities` float32 `[N, K]`, `class_id` int64 `[N]`, `class_name` string `[N]`.",
+                  "", "```python", "import tensorflow as tf", "",
+                  f'model = tf.saved_model.load("{name}")',
+                  'out = model.signatures["serving_default"](images=tf.constant(images_uint8))',
+                  'out["class_name"]',
+                  "```"]
+    else:
+        lines += [f"Input float32 `[N, {height}, {width}, {channels}]` raw pixels 0-255 (the model scales them); "
+                  "output probabilities float32 `[N, K]`; class id = argmax, its name = that line of `labels.txt`.",
+                  "", "```python"]
+        if report["format"] == "tflite":
+            lines += ["from ai_edge_litert.interpreter import Interpreter", "",
+                      f'interpreter = Interpreter(model_path="{name}/{report["file"]}")',
+                      'source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]',
+                      'interpreter.resize_tensor_input(source["index"], images.shape)',
+                      "interpreter.allocate_tensors()",
+                      'interpreter.set_tensor(source["index"], images.astype("float32"))',
+                      "interpreter.invoke()",
+                      'probabilities = interpreter.get_tensor(target["index"])']
+        else:
+            lines += ["import onnxruntime", "",
+                      f'session = onnxruntime.InferenceSession("{name}/{report["file"]}")',
+                      'probabilities = session.run(None, {session.get_inputs()[0].name: images.astype("float32")})[0]']
+        lines.append("```")
+    lines += ["", "Preprocessing is inside the model and training-only layers (augmentation, dropout) are inactive.",
+              "", "## Verification", "", "```text", report_text(report, name), "```", "",
+              f"The full report is `{REPORT_FILE}`.", ""]
+    return "\n".join(lines)

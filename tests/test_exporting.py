@@ -1,0 +1,261 @@
+"""cnnkit.export: SavedModel / TFLite / ONNX, verified in a fresh process, written atomically."""
+
+import io
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+from PIL import Image
+
+import cnnkit
+from cnnkit import exporting
+from cnnkit.runs import Run
+
+SEED_NET = "20C5-MP2-50C5-MP2-FC256"
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    """400 train / 100 test real digits from the bundled MNIST sample."""
+    sample = cnnkit.data.load("mnist-sample")
+    x, y = sample.arrays("train")
+    x_test, y_test = sample.arrays("test")
+    return cnnkit.data.from_arrays(x[:400], y[:400], x_test=x_test[:100], y_test=y_test[:100], seed=0)
+
+
+@pytest.fixture(scope="module")
+def seed_run(tiny_data, tmp_path_factory):
+    """The seed's conv net, one epoch on the tiny digits, float32."""
+    run_dir = tmp_path_factory.mktemp("seed") / "run"
+    return cnnkit.recipes.train(SEED_NET, tiny_data, epochs=1, batch_size=64, precision="float32",
+                                run_dir=run_dir, verbose=0)
+
+
+def _report(path):
+    return json.loads((path / exporting.REPORT_FILE).read_text())
+
+
+def _encode(image, fmt):
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _calibrate_batch_norm(model, images):
+    """Set every batch norm's moving statistics to those of ``images`` (untrained nets output constants)."""
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    model(images.astype("float32"), training=True)
+
+
+# -- SavedModel -------------------------------------------------------------------------------
+
+
+def test_savedmodel_of_the_seed_net_matches_keras_in_a_fresh_process(seed_run, tiny_data, tmp_path):
+    out = cnnkit.export(seed_run, tmp_path / "lenet", data=tiny_data, verbose=0)
+    assert out == tmp_path / "lenet"
+    assert (out / "saved_model.pb").is_file() and (out / "variables").is_dir()
+    (tmp_path / "plain").mkdir()
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777  # not mkdtemp's 0o700
+    assert (out / exporting.LABELS_FILE).read_text().splitlines() == [str(d) for d in range(10)]
+    report = _report(out)
+    assert report["passed"] and report["verified"] == "in a fresh process" and report["file"] == "saved_model.pb"
+    assert report["runtime"].startswith("tensorflow ") and report["cnnkit_imported"] is False
+    assert report["max_abs_diff"] <= 1e-5 and report["class_agreement"] == 1.0
+    assert report["bytes_class_agreement"] == 1.0 and report["class_name_agreement"] == 1.0
+    assert report["examples"] == exporting.PARITY_SAMPLES and "test split" in report["sample"]
+    card = (out / exporting.CARD_FILE).read_text()
+    assert "serving_bytes" in card and "uint8 `[N, 28, 28, 1]`" in card and "max |export - keras|" in card
+
+    # the signatures, read here with plain TensorFlow
+    images, _ = tiny_data.arrays("test")
+    images = images[:8]
+    loaded = tf.saved_model.load(str(out))
+    plain = loaded.signatures["serving_default"](images=tf.constant(images))
+    expected = seed_run.model(images.astype("float32"), training=False).numpy()
+    np.testing.assert_allclose(plain["probabilities"].numpy(), expected, atol=1e-5)
+    np.testing.assert_array_equal(plain["class_id"].numpy(), expected.argmax(axis=1))
+    assert [name.decode() for name in plain["class_name"].numpy()] == [str(i) for i in expected.argmax(axis=1)]
+    encoded = loaded.signatures["serving_bytes"]
+    png = encoded(image_bytes=tf.constant([_encode(image, "PNG") for image in images]))
+    np.testing.assert_array_equal(png["class_id"].numpy(), plain["class_id"].numpy())
+    np.testing.assert_allclose(png["probabilities"].numpy(), plain["probabilities"].numpy(), atol=1e-6)
+    big = np.kron(images[0], np.ones((3, 2, 1), np.uint8))  # 84x56, resized to 28x28 in the graph
+    jpeg = encoded(image_bytes=tf.constant([_encode(big, "JPEG"), _encode(np.repeat(images[1], 3, -1), "JPEG")]))
+    assert jpeg["probabilities"].shape == (2, 10)
+    np.testing.assert_allclose(jpeg["probabilities"].numpy().sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_batch_norm_and_dropout_are_inactive_in_the_export(tmp_path):
+    keras.utils.set_random_seed(1)
+    model = cnnkit.build("8C3-BN-MP2-D0.5-FC16-D0.5", (12, 10, 3), 2, batch_norm=True)
+    images = np.random.default_rng(1).integers(0, 256, (32, 12, 10, 3), dtype=np.uint8)
+    _calibrate_batch_norm(model, images)
+    out = cnnkit.export(model, tmp_path / "bn", class_names=["cat", "dog"], verbose=0)
+    report = _report(out)
+    assert report["passed"] and report["max_abs_diff"] <= 1e-5 and report["bytes_class_agreement"] == 1.0
+    serve = tf.saved_model.load(str(out)).signatures["serving_default"]
+    first = serve(images=tf.constant(images))["probabilities"].numpy()
+    np.testing.assert_array_equal(first, serve(images=tf.constant(images))["probabilities"].numpy())
+    np.testing.assert_allclose(first, model(images.astype("float32"), training=False).numpy(), atol=1e-5)
+    training_mode = model(images.astype("float32"), training=True).numpy()
+    assert np.abs(training_mode - first).max() > 1e-3  # dropout / batch statistics would show
+    assert (out / exporting.LABELS_FILE).read_text() == "cat\ndog\n"
+
+
+def test_nested_backbone_model_exports_with_parity(tmp_path):
+    keras.utils.set_random_seed(2)
+    backbone = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(32, 32, 3))
+    inputs = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(backbone(x))
+    x = keras.layers.Dropout(0.3)(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    images = np.random.default_rng(2).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    _calibrate_batch_norm(model, images)
+    assert model(images.astype("float32"), training=False).numpy().std(axis=0).min() > 1e-3  # outputs vary
+    report = _report(cnnkit.export(model, tmp_path / "mobilenet", verbose=0))
+    assert report["passed"] and report["max_abs_diff"] <= 1e-5 and report["bytes_class_agreement"] == 1.0
+
+
+def test_finetuned_backbone_run_exports_with_parity(tmp_path):
+    sample = cnnkit.data.load("mnist-sample")
+    source = sample.subset(classes=range(5), per_class=40, val_per_class=5)
+    target = sample.subset(classes=range(5, 10), per_class=16, val_per_class=4)
+    pretrained = cnnkit.recipes.train("4C3-BN-MP2-8C3-BN-FC16", source, epochs=1, batch_size=32,
+                                      run_dir=tmp_path / "pretrained", verbose=0)
+    tuned = cnnkit.recipes.finetune(pretrained.run_dir, target, batch_size=16, run_dir=tmp_path / "tuned", verbose=0,
+                                    stages=[{"unfreeze": "all", "epochs": 1, "learning_rate": 1e-2}])
+    out = cnnkit.export(tuned.run_dir, tmp_path / "export", data=target, verbose=0)  # a run directory path
+    report = _report(out)
+    assert report["passed"] and report["max_abs_diff"] <= 1e-5 and report["bytes_class_agreement"] == 1.0
+    assert report["source"] == str(tmp_path / "tuned")
+    assert (out / exporting.LABELS_FILE).read_text().split() == ["5", "6", "7", "8", "9"]
+
+
+# -- TFLite and ONNX --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "runtime"), [("tflite", "ai-edge-litert"), ("onnx", "onnxruntime")])
+def test_float_tflite_and_onnx_match_keras(seed_run, tiny_data, tmp_path, fmt, runtime):
+    out = cnnkit.export(seed_run, tmp_path / fmt, format=fmt, data=tiny_data, verbose=0)
+    report = _report(out)
+    assert report["file"] == exporting.MODEL_FILES[fmt] and (out / report["file"]).is_file()
+    assert report["runtime"].startswith(runtime) and report["cnnkit_imported"] is False
+    assert report["passed"] and report["max_abs_diff"] <= 1e-5 and report["tolerance"] == 1e-5
+    assert report["keras_accuracy"] == report["export_accuracy"]
+
+
+def test_mixed_precision_model_is_exported_as_a_float32_copy(tmp_path):
+    keras.utils.set_random_seed(3)
+    model = cnnkit.build(SEED_NET, (28, 28, 1), 10, dtype="mixed_bfloat16")
+    out = cnnkit.export(model, tmp_path / "mixed", format="tflite", verbose=0)
+    report = _report(out)
+    assert "float32 copy" in report["reference"] and "mixed_bfloat16" in report["reference"]
+    assert report["passed"] and report["max_abs_diff"] <= 1e-5
+    assert model.get_layer("conv1").dtype_policy.name == "mixed_bfloat16"  # the caller's model is untouched
+
+
+@pytest.mark.parametrize("quantize", ["float16", "dynamic", "int8"])
+def test_quantised_tflite_reports_its_accuracy_change_on_the_recorded_test_split(seed_run, tmp_path, quantize):
+    run = Run(seed_run.model, config={"arguments": {"data": "mnist-sample"}}, class_names=seed_run.class_names)
+    out = cnnkit.export(run, tmp_path / quantize, format="tflite", quantize=quantize, representative_samples=50,
+                        verbose=0)
+    report = _report(out)
+    assert report["quantize"] == quantize and report["tolerance"] is None and report["passed"]
+    assert report["examples"] == 1000 and "mnist-sample" in report["data"]  # the whole test split
+    assert report["accuracy_change_points"] == pytest.approx(
+        100 * (report["export_accuracy"] - report["keras_accuracy"]), abs=1e-3)
+    assert report["keras_accuracy"] > 0.5 and abs(report["accuracy_change_points"]) <= 5
+    assert report["calibration_images"] == (50 if quantize == "int8" else None)
+    float_size = 4 * seed_run.model.count_params()
+    assert report["size_bytes"] < (0.6 if quantize == "float16" else 0.35) * float_size
+    if quantize == "int8":
+        details = Interpreter(model_path=str(out / "model.tflite")).get_tensor_details()
+        assert sum(d["dtype"] == np.int8 for d in details) > sum(d["dtype"] == np.float32 for d in details)
+
+
+def test_int8_needs_sample_images(seed_run, tmp_path):
+    bare = Run(seed_run.model)
+    with pytest.raises(ValueError, match="representative_data"):
+        cnnkit.export(bare, tmp_path / "int8", format="tflite", quantize="int8", verbose=0)
+    assert not (tmp_path / "int8").exists()
+    images = cnnkit.data.load("mnist-sample").arrays("train")[0][:20]
+    report = _report(cnnkit.export(bare, tmp_path / "int8", format="tflite", quantize="int8",
+                                   representative_data=images, verbose=0))
+    assert report["calibration_images"] == 20 and "keras_accuracy" not in report and report["passed"]
+    with pytest.raises(ValueError, match="representative_data"):
+        cnnkit.export(bare, tmp_path / "bad", format="tflite", quantize="int8",
+                      representative_data=images.astype("float32"), verbose=0)
+
+
+# -- atomicity, overwrite, arguments ----------------------------------------------------------
+
+
+def test_an_export_that_fails_halfway_leaves_nothing(seed_run, tmp_path, monkeypatch):
+    def broken_card(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(exporting, "_card", broken_card)
+    with pytest.raises(OSError, match="disk full"):
+        cnnkit.export(seed_run, tmp_path / "export", format="tflite", verbose=0)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary sibling
+
+
+def test_a_failed_check_leaves_nothing_and_keeps_the_old_export(seed_run, tmp_path, monkeypatch):
+    out = cnnkit.export(seed_run, tmp_path / "export", format="onnx", verbose=0)
+    before = (out / "model.onnx").read_bytes()
+    real = exporting._keras_probabilities
+    monkeypatch.setattr(exporting, "_keras_probabilities", lambda model, images: real(model, images) + 1e-3)
+    with pytest.raises(exporting.ExportVerificationError, match="tolerance"):
+        cnnkit.export(seed_run, out, format="tflite", overwrite=True, verbose=0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]
+    assert (out / "model.onnx").read_bytes() == before and not (out / "model.tflite").exists()
+
+
+def test_existing_target_needs_overwrite(seed_run, tmp_path, capsys):
+    out = cnnkit.export(seed_run, tmp_path / "export", format="onnx", verify=False)
+    assert "verified: skipped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="overwrite=True"):
+        cnnkit.export(seed_run, out, format="tflite", verify=False, verbose=0)
+    cnnkit.export(seed_run, out, format="tflite", verify=False, overwrite=True, verbose=0)
+    assert sorted(path.name for path in out.iterdir()) == ["README.md", "labels.txt", "model.tflite",
+                                                          "verification.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"format": "pb"}, "format='pb'"),
+    ({"format": "savedmodel", "quantize": "int8"}, "quantize='int8'"),
+    ({"format": "tflite", "quantize": "int4"}, "quantize='int4'"),
+    ({"representative_samples": 0}, "representative_samples=0"),
+    ({"tolerance": -1.0}, "tolerance=-1.0"),
+    ({"class_names": ["a", "b"]}, "one name per model output"),
+    ({"class_names": [f"c{i}" for i in range(9)] + ["two\nlines"]}, "two\\\\nlines"),
+])
+def test_bad_arguments_are_refused_before_writing(seed_run, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cnnkit.export(seed_run, tmp_path / "export", verbose=0, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_sources_and_targets(seed_run, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        cnnkit.export(seed_run, tmp_path / "file", overwrite=True, verbose=0)
+    with pytest.raises(ValueError, match="run_or_model"):
+        cnnkit.export(object(), tmp_path / "export", verbose=0)
+    with pytest.raises(FileNotFoundError, match="no-such-run"):
+        cnnkit.export(tmp_path / "no-such-run", tmp_path / "export", verbose=0)
+    flat = keras.Sequential([keras.Input((16,)), keras.layers.Dense(2, activation="softmax")])
+    with pytest.raises(ValueError, match=r"\(H, W, C\)"):
+        cnnkit.export(flat, tmp_path / "export", verbose=0)
+
+
+def test_cnnkit_export_is_the_function():
+    assert cnnkit.export is exporting.export
+    assert callable(cnnkit.export)

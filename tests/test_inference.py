@@ -1,0 +1,139 @@
+"""cnnkit.inference: one strict predictor over runs, .keras files and exported SavedModels."""
+
+import csv
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import cnnkit
+from cnnkit import inference
+from cnnkit.runs import Run
+
+NAMES = [f"digit{d}" for d in range(10)]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """An untrained seed net saved three ways: run directory, .keras file, exported SavedModel."""
+    root = tmp_path_factory.mktemp("inference")
+    keras.utils.set_random_seed(0)
+    model = cnnkit.build("8C5-MP2-FC32", (28, 28, 1), 10)
+    run_dir = Run(model, class_names=NAMES).save(root / "run")
+    cnnkit.export(model, root / "savedmodel", class_names=NAMES, verify=False, verbose=0)
+    return {"model": model, "run": run_dir, "keras": run_dir / "model.keras", "savedmodel": root / "savedmodel"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return cnnkit.data.load("mnist-sample").arrays("test")[0][:6]
+
+
+@pytest.mark.parametrize("kind", ["run", "keras", "savedmodel"])
+def test_every_source_gives_the_models_probabilities(saved, digits, kind):
+    predictor = inference.load_predictor(saved[kind])
+    assert predictor.image_shape == (28, 28, 1)
+    assert predictor.class_names == (NAMES if kind != "keras" else [str(d) for d in range(10)])
+    expected = saved["model"](digits.astype("float32"), training=False).numpy()
+    probabilities = predictor.predict(digits)
+    assert probabilities.dtype == np.float32 and probabilities.shape == (6, 10)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    np.testing.assert_allclose(predictor.predict(digits[0]), expected[:1], atol=1e-5)  # one image
+    np.testing.assert_allclose(predictor.predict(digits[..., 0]), expected, atol=1e-5)  # no channel axis
+    np.testing.assert_allclose(predictor.predict(digits, batch_size=4), expected, atol=1e-5)
+    assert predictor.predict(digits[:0]).shape == (0, 10)
+
+
+@pytest.mark.parametrize("kind", ["run", "savedmodel"])
+def test_wrong_dtype_or_shape_is_a_clear_error(saved, digits, kind):
+    predictor = inference.load_predictor(saved[kind])
+    with pytest.raises(ValueError, match=r"uint8 raw pixels .* Received: images.dtype=float32"):
+        predictor.predict(digits.astype("float32"))
+    with pytest.raises(ValueError, match=r"one image \(28, 28, 1\) or a batch \(N, 28, 28, 1\).*\(6, 20, 28, 1\)"):
+        predictor.predict(digits[:, :20])
+    with pytest.raises(ValueError, match=r"images.shape=\(6, 28, 28, 3\)"):
+        predictor.predict(np.repeat(digits, 3, axis=-1))
+    with pytest.raises(ValueError, match="batch_size=0"):
+        predictor.predict(digits, batch_size=0)
+
+
+def test_keras_predictions_are_one_compiled_call_not_model_predict(saved, digits, monkeypatch):
+    model = saved["model"]
+    predictor = inference.keras_predictor(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model.predict was called")
+
+    monkeypatch.setattr(model, "predict", refuse)
+    for size in (1, 3, 6, 2):
+        predictor.predict(digits[:size])
+    assert predictor._forward.experimental_get_tracing_count() == 1  # one trace for every batch size
+
+
+def test_top_k_is_sorted_and_capped(saved, digits):
+    predictor = inference.load_predictor(saved["run"])
+    probabilities = predictor.predict(digits)
+    best = predictor.top_k(digits, k=3)
+    assert len(best) == 6 and all(len(row) == 3 for row in best)
+    for row, values in zip(best, probabilities):
+        assert [p for _, p in row] == sorted(values, reverse=True)[:3]
+        assert row[0][0] == NAMES[int(values.argmax())]
+    assert len(predictor.top_k(digits[0], k=50)[0]) == 10
+    with pytest.raises(ValueError, match="k=0"):
+        predictor.top_k(digits, k=0)
+
+
+def test_files_and_folders_are_decoded_like_training_images(saved, digits, tmp_path):
+    folder = tmp_path / "images"
+    (folder / "more").mkdir(parents=True)
+    Image.fromarray(digits[0, ..., 0]).save(folder / "a.png")
+    Image.fromarray(np.kron(digits[1, ..., 0], np.ones((2, 2), np.uint8))).convert("RGB").save(folder / "more" / "b.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"junk")
+    extra = tmp_path / "c.png"
+    Image.fromarray(digits[2, ..., 0]).save(extra)
+
+    files, skipped = inference.image_files([folder, extra])
+    assert files == [folder / "a.png", folder / "more" / "b.jpg", extra]
+    assert skipped == [folder / "notes.txt"]
+    predictor = inference.load_predictor(saved["savedmodel"])
+    batch = predictor.load_images(files)
+    assert batch.shape == (3, 28, 28, 1) and batch.dtype == np.uint8
+    np.testing.assert_array_equal(batch[0], digits[0])  # a PNG of the right size is read exactly
+    results = predictor.predict_files(files, k=2, batch_size=2)
+    assert [path for path, _ in results] == files
+    alone = predictor.top_k(digits[0], k=2)[0]
+    assert [name for name, _ in results[0][1]] == [name for name, _ in alone]
+    np.testing.assert_allclose([p for _, p in results[0][1]], [p for _, p in alone], atol=1e-5)
+
+    path = inference.write_csv(results, tmp_path / "out.csv")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and rows[0]["path"] == str(files[0]) and rows[1]["rank"] == "2"
+    assert rows[0]["class_name"] == results[0][1][0][0]
+    assert float(rows[0]["probability"]) == pytest.approx(results[0][1][0][1], rel=1e-5)
+
+
+def test_bad_files_and_paths_are_named(saved, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    predictor = inference.load_predictor(saved["run"])
+    with pytest.raises(ValueError, match="broken.png"):
+        predictor.predict_files([broken])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        inference.image_files([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No image files"):
+        inference.image_files(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        inference.load_predictor(tmp_path / "nowhere")
+
+
+def test_a_savedmodel_without_the_uint8_signature_is_refused(tmp_path):
+    module = tf.Module()
+    module.serve = tf.function(lambda x: {"scores": x * 2.0}, input_signature=[tf.TensorSpec((None, 4), tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "other"), signatures={"serving_default": module.serve})
+    with pytest.raises(ValueError, match="not a SavedModel exported by cnnkit"):
+        inference.load_predictor(tmp_path / "other")
