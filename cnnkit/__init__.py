@@ -23,7 +23,7 @@ _LAZY = {
     "predict_map": ("cnnkit.models.convert", "predict_map"),
     "export": ("cnnkit.exporting", "export"),
 }
-_SUBPACKAGES = {"models", "data", "recipes"}
+_SUBPACKAGES = {"models", "data", "recipes", "tuner"}
 
 __all__ = ["SpecError", "__version__", *_LAZY, *sorted(_SUBPACKAGES)]
 
