@@ -170,6 +170,8 @@ class TrainingInputs:
         if self.resampled is not None:
             config["train_class_counts"] = {"before": list(self.resampled.counts_before),
                                             "after": list(self.resampled.counts_after)}
+            if self.resampled.second_stage is not None:
+                config["train_class_counts"]["second_stage"] = list(self.resampled.second_stage.counts_after)
         return config
 
 

@@ -1,0 +1,318 @@
+"""Class-imbalance strategies: resample the training split or weight its classes.
+
+``resample(imbalance, data, seed=...)`` returns a :class:`Resampled`: the (unbatched, finite)
+training dataset to fit on, the class weights to pass to ``fit``, and the class counts before
+and after. Validation and test splits are never resampled: they measure the model on the data's
+own distribution (the test split of ``long_tailed`` stays balanced).
+
+Strategies (``STRATEGIES``, with each one's options and defaults):
+
+* ``"none"``: the data as it is.
+* ``"class_weight"``: the data as it is, with "balanced" loss weights
+  ``n_samples / (n_classes * count_c)`` (scikit-learn's formula; ``fit(class_weight=...)``
+  applies them to ``tf.data`` input).
+* ``"oversample"``: every class replicated up to the largest class's count (each example
+  ``target // n_c`` times, plus a random ``target % n_c`` once more). With
+  ``augmented_copies=True`` the replicas (never the originals) are minority crops: a random
+  crop of 85-90% of the area scaled back to full size, shifted by up to 7% of the side
+  (``keras.layers.RandomZoom`` + ``RandomTranslation``, seeded), drawn once.
+* ``"undersample"``: every class cut down to the smallest class's count, chosen at random;
+  ``Resampled.dropped`` says how many examples that leaves out.
+* ``"balanced_batches"``: each epoch draws as many examples as the training split holds, each
+  from a uniformly chosen class (``tf.data.Dataset.sample_from_datasets`` over per-class
+  shuffled, repeated datasets), freshly every epoch.
+* ``"two_stage"``: Wei's schedule: train on the data as it is, then fine-tune for
+  ``second_stage_epochs`` (3) epochs at ``second_stage_lr_factor`` (0.1) times the learning
+  rate on class-balanced batches (``Resampled.second_stage``).
+
+Classes with no training example are left out of the balancing (nothing to replicate; they do
+not set the undersampling target) and get no class weight.
+
+Resampled splits index the training images held in memory (``ImageData.arrays("train")``),
+so only indices are repeated, not images (augmented copies are the exception: they are new
+images). The order is shuffled once with ``seed``; the input pipeline reshuffles every epoch.
+
+Example:
+    >>> import numpy as np, cnnkit
+    >>> x = np.zeros((60, 8, 8), np.uint8)
+    >>> y = np.array([0] * 40 + [1] * 15 + [2] * 5)
+    >>> data = cnnkit.data.from_arrays(x, y, val_split=0)
+    >>> resample("oversample", data).counts_after
+    [40, 40, 40]
+    >>> resample({"strategy": "undersample"}, data).counts_after
+    [5, 5, 5]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import numbers
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cnnkit.data.imagedata import count_classes
+
+__all__ = ["STRATEGIES", "Resampled", "long_tailed", "resample"]
+
+STRATEGIES = {
+    "none": {},
+    "class_weight": {},
+    "oversample": {"augmented_copies": False},
+    "undersample": {},
+    "balanced_batches": {},
+    "two_stage": {"second_stage_epochs": 3, "second_stage_lr_factor": 0.1},
+}
+CROP_AREA = (0.85, 0.90)  # fraction of the image an augmented copy's crop keeps
+SHIFT = 0.07  # an augmented copy's translation, as a fraction of the side
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Resampled:
+    """A training split prepared for one imbalance strategy.
+
+    Attributes:
+        strategy: the strategy's name (a key of ``STRATEGIES``).
+        options: the strategy's options, defaults filled in.
+        dataset: unbatched, finite ``tf.data.Dataset`` of ``(uint8 image, int32 label)``.
+        size: examples in one pass over ``dataset``.
+        class_weight: ``{class: weight}`` for ``model.fit``, or ``None``.
+        counts_before: training examples per class before resampling.
+        counts_after: examples per class in one pass over ``dataset`` (for "balanced_batches"
+            the expected counts: the draw is random).
+        dropped: training examples that ``dataset`` never yields (undersampling only).
+        second_stage: the class-balanced split of Wei's second stage, or ``None``.
+        config: plain data for ``config.yaml``: ``{"strategy": ..., **options}``.
+
+    Example:
+        >>> resampled = resample("class_weight", data)  # doctest: +SKIP
+        >>> model.fit(resampled.dataset.batch(128), class_weight=resampled.class_weight)  # doctest: +SKIP
+    """
+
+    strategy: str
+    options: dict
+    dataset: tf.data.Dataset
+    size: int
+    class_weight: dict | None
+    counts_before: list[int]
+    counts_after: list[int]
+    dropped: int = 0
+    second_stage: Resampled | None = None
+
+    @property
+    def config(self) -> dict:
+        """``{"strategy": ..., **options}``, the argument that recreates this resample."""
+        return {"strategy": self.strategy, **self.options}
+
+    def __repr__(self) -> str:
+        return (f"Resampled(strategy={self.strategy!r}, options={self.options}, size={self.size}, "
+                f"counts_before={self.counts_before}, counts_after={self.counts_after})")
+
+
+def resample(imbalance, data, *, seed: int = 0) -> Resampled:
+    """Prepare the training split of ``data`` for an imbalance strategy.
+
+    Args:
+        imbalance: ``None`` (as "none"), a strategy name from ``STRATEGIES``, or a dict
+            ``{"strategy": name, **options}`` such as
+            ``{"strategy": "two_stage", "second_stage_epochs": 2}``.
+        data: a ``cnnkit.data.ImageData``.
+        seed: seeds the choice of examples, augmented copies and the balanced draw.
+
+    Returns:
+        A :class:`Resampled`.
+
+    Raises:
+        ValueError: an unknown strategy or option (naming it and the valid ones), a bad option
+            value, or a training split without examples.
+
+    Example:
+        >>> resampled = resample({"strategy": "oversample", "augmented_copies": True}, data, seed=1)  # doctest: +SKIP
+        >>> resampled.counts_before, resampled.counts_after  # doctest: +SKIP
+        ([5000, 2997, ...], [5000, 5000, ...])
+    """
+    strategy, options = _parse(imbalance)
+    counts = list(data.class_counts["train"])
+    if sum(counts) == 0:
+        raise ValueError("The training split has no examples to resample")
+    if strategy in ("none", "class_weight", "two_stage"):
+        weights = _balanced_weights(counts) if strategy == "class_weight" else None
+        second = _balanced_batches(data, counts, seed) if strategy == "two_stage" else None
+        return Resampled(strategy, options, data.train.cache(), sum(counts), weights, counts, counts,
+                         second_stage=second)
+    if strategy == "balanced_batches":
+        return _balanced_batches(data, counts, seed)
+    images, labels = data.arrays("train")
+    rng = np.random.default_rng(seed)
+    present = [c for c, n in enumerate(counts) if n]
+    if strategy == "undersample":
+        target = min(counts[c] for c in present)
+        chosen = [rng.choice(np.flatnonzero(labels == c), target, replace=False) for c in present]
+        indices = rng.permutation(np.concatenate(chosen))
+        return Resampled(strategy, options, _gather(images, labels, indices), len(indices), None, counts,
+                         count_classes(labels[indices], len(counts)), dropped=len(labels) - len(indices))
+    target = max(counts)
+    originals, replicas = [], []
+    for c in present:
+        members = np.flatnonzero(labels == c)
+        originals.append(members)
+        replicas += [members] * (target // len(members) - 1)
+        replicas.append(rng.choice(members, target % len(members), replace=False))
+    originals, replicas = np.concatenate(originals), np.concatenate(replicas).astype(np.int64)
+    if options["augmented_copies"] and len(replicas):  # the replicas become new, cropped images
+        copies, copy_labels = _minority_crops(images[replicas], seed), labels[replicas]
+        replicas = len(images) + np.arange(len(replicas))
+        images, labels = np.concatenate([images, copies]), np.concatenate([labels, copy_labels])
+    indices = rng.permutation(np.concatenate([originals, replicas]))
+    return Resampled(strategy, options, _gather(images, labels, indices), len(indices), None, counts,
+                     count_classes(labels[indices], len(counts)))
+
+
+def long_tailed(data, *, largest: int = 5000, smallest: int = 50, seed: int = 0):
+    """A long-tailed version of ``data``: training counts falling geometrically over the classes.
+
+    Class ``c`` of ``K`` keeps ``round(largest * (smallest / largest) ** (c / (K - 1)))`` of its
+    training examples, chosen at random with ``seed`` (class 0 keeps ``largest``, class ``K-1``
+    keeps ``smallest``). The validation split is thinned by the same per-class fractions (at
+    least one example a class), so model selection sees the distribution training does; the test
+    split is kept whole, so it stays as balanced as it was.
+
+    Args:
+        data: a ``cnnkit.data.ImageData`` with at least ``largest`` training examples of class
+            0, and as many as each class's target of the others.
+        largest: examples kept of class 0.
+        smallest: examples kept of the last class (at most ``largest``).
+        seed: seeds the choice of examples.
+
+    Returns:
+        A new ``ImageData`` (source and fingerprint say how it was made).
+
+    Raises:
+        ValueError: bad counts, fewer than 2 classes, or a class with too few examples.
+
+    Example:
+        >>> data = long_tailed(cnnkit.data.load("mnist"), largest=5000, smallest=50)  # doctest: +SKIP
+        >>> data.class_counts["train"]  # doctest: +SKIP
+        [5000, 2997, 1797, 1077, 646, 387, 232, 139, 83, 50]
+    """
+    for name, value in (("largest", largest), ("smallest", smallest)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
+    if smallest > largest:
+        raise ValueError(f"smallest must not exceed largest. Received: largest={largest}, smallest={smallest}")
+    if data.num_classes < 2:
+        raise ValueError(f"A long tail needs at least 2 classes. Received: {data.num_classes} class(es)")
+    last = data.num_classes - 1
+    targets = [round(largest * (smallest / largest) ** (c / last)) for c in range(data.num_classes)]
+    available = data.class_counts["train"]
+    short = [c for c in range(data.num_classes) if available[c] < targets[c]]
+    if short:
+        c = short[0]
+        raise ValueError(f"Class {data.class_names[c]!r} has {available[c]} training examples; the long tail needs "
+                         f"{targets[c]}. Received: largest={largest}, smallest={smallest}")
+    x, y = data.arrays("train")
+    keep = _per_class_sample(y, targets, seed)
+    splits = {"train": (x[keep], y[keep])}
+    if data.val is not None:
+        x_val, y_val = data.arrays("val")
+        val_counts = data.class_counts["val"]
+        val_targets = [min(n, max(1, round(n * targets[c] / available[c]))) for c, n in enumerate(val_counts)]
+        keep = _per_class_sample(y_val, val_targets, seed + 1)
+        splits["val"] = (x_val[keep], y_val[keep])
+    datasets = {split: tf.data.Dataset.from_tensor_slices(arrays) for split, arrays in splits.items()}
+    counts = {split: count_classes(labels, data.num_classes) for split, (_, labels) in splits.items()}
+    if data.test is not None:
+        counts["test"] = list(data.class_counts["test"])
+    fingerprint = hashlib.sha256(f"{data.fingerprint}/long_tailed/{largest}/{smallest}/{seed}".encode()).hexdigest()
+    return dataclasses.replace(
+        data, train=datasets["train"], val=datasets.get("val"), class_counts=counts, fingerprint=fingerprint,
+        source=f"{data.source}, long-tailed {largest}->{smallest} (seed {seed})",
+    )
+
+
+def _parse(imbalance) -> tuple[str, dict]:
+    if imbalance is None:
+        return "none", {}
+    if isinstance(imbalance, str):
+        spec = {"strategy": imbalance}
+    elif isinstance(imbalance, dict):
+        spec = dict(imbalance)
+    else:
+        raise ValueError(f"imbalance must be None, a strategy name or a dict with 'strategy'. "
+                         f"Received: imbalance={imbalance!r}")
+    strategy = spec.pop("strategy", None)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown imbalance strategy {strategy!r}; choose from {list(STRATEGIES)}. "
+                         f"Received: imbalance={imbalance!r}")
+    unknown = sorted(set(spec) - set(STRATEGIES[strategy]))
+    if unknown:
+        valid = ["strategy", *STRATEGIES[strategy]]
+        raise ValueError(f"Unknown option {unknown[0]!r} for imbalance strategy {strategy!r}; valid keys: {valid}. "
+                         f"Received: imbalance={imbalance!r}")
+    options = {**STRATEGIES[strategy], **spec}
+    if not isinstance(options.get("augmented_copies", False), bool):
+        raise ValueError(f"augmented_copies must be True or False. Received: "
+                         f"augmented_copies={options['augmented_copies']!r}")
+    epochs = options.get("second_stage_epochs", 1)
+    if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"second_stage_epochs must be an integer >= 1. Received: second_stage_epochs={epochs!r}")
+    factor = options.get("second_stage_lr_factor", 1.0)
+    if not isinstance(factor, numbers.Real) or isinstance(factor, bool) or not factor > 0:
+        raise ValueError(f"second_stage_lr_factor must be a number > 0. Received: second_stage_lr_factor={factor!r}")
+    return strategy, options
+
+
+def _balanced_weights(counts) -> dict:
+    present = [c for c, n in enumerate(counts) if n]
+    total = sum(counts)
+    return {c: total / (len(present) * counts[c]) for c in present}
+
+
+def _balanced_batches(data, counts, seed) -> Resampled:
+    images, labels = data.arrays("train")
+    present = [c for c, n in enumerate(counts) if n]
+    per_class = [
+        tf.data.Dataset.from_tensor_slices(np.flatnonzero(labels == c))
+        .shuffle(counts[c], seed=seed + c, reshuffle_each_iteration=True)
+        .repeat()
+        for c in present
+    ]
+    size = sum(counts)
+    indices = tf.data.Dataset.sample_from_datasets(
+        per_class, weights=[1 / len(present)] * len(present), seed=seed, rerandomize_each_iteration=True
+    ).take(size)
+    expected = [0] * len(counts)
+    for rank, c in enumerate(present):
+        expected[c] = size // len(present) + (rank < size % len(present))
+    return Resampled("balanced_batches", {}, _gather_dataset(images, labels, indices), size, None, counts, expected)
+
+
+def _gather(images, labels, indices) -> tf.data.Dataset:
+    return _gather_dataset(images, labels, tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64)))
+
+
+def _gather_dataset(images, labels, indices: tf.data.Dataset) -> tf.data.Dataset:
+    images, labels = tf.constant(images), tf.constant(labels, tf.int32)
+    return indices.map(lambda index: (tf.gather(images, index), tf.gather(labels, index)),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _minority_crops(images: np.ndarray, seed: int) -> np.ndarray:
+    """Augmented copies: a random 85-90%-area crop scaled back to full size, then a small shift."""
+    zoom = (np.sqrt(CROP_AREA[0]) - 1, np.sqrt(CROP_AREA[1]) - 1)  # negative factors zoom in
+    crop = keras.Sequential([
+        keras.layers.RandomZoom(zoom, fill_mode="nearest", seed=seed),
+        keras.layers.RandomTranslation(SHIFT, SHIFT, fill_mode="nearest", seed=seed + 1),
+    ])
+    copies = [np.asarray(crop(images[start:start + 1024].astype(np.float32), training=True))
+              for start in range(0, len(images), 1024)]
+    return np.clip(np.rint(np.concatenate(copies)), 0, 255).astype(np.uint8)
+
+
+def _per_class_sample(labels, targets, seed) -> np.ndarray:
+    """Sorted indices of ``targets[c]`` examples of each class ``c``, chosen with ``seed``."""
+    chosen = [np.random.default_rng([seed, c]).choice(np.flatnonzero(labels == c), n, replace=False)
+              for c, n in enumerate(targets)]
+    return np.sort(np.concatenate(chosen))

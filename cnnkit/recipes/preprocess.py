@@ -1,0 +1,258 @@
+"""Input preprocessing fitted on the training split and kept inside the model as layers.
+
+``fit_preprocessing`` turns a name (or a list of names) into Keras layers holding statistics
+fitted on the training images, scaled to [0, 1]. The layers go first in the model
+(``cnnkit.build(..., preprocessing=layers)``), so a saved or exported model still takes raw
+0-255 pixels and applies exactly what it was trained with.
+
+The choices, after CS231n ("Data preprocessing"):
+
+* ``"scale"`` (the default): pixels / 255, to [0, 1]. This layer, ``Rescaling(1/255)`` named
+  ``"rescale"``, starts every preprocessing.
+* ``"center_pixel"``: subtract the mean image (one mean per pixel and channel).
+* ``"center_channel"``: subtract one mean per channel (the VGG way).
+* ``"standardize"``: subtract the per-channel mean and divide by the per-channel standard
+  deviation (``sqrt(variance + 1e-5)``).
+* ``"pca"``: PCA whitening, ``(x - mean) U / sqrt(S + 1e-5)`` with ``U, S`` the eigenvectors
+  and eigenvalues of the training covariance ``X^T X / N`` (components in decreasing order of
+  variance, laid out in the image's shape, so the output is no longer spatially arranged).
+* ``"zca"``: ZCA whitening, the PCA-whitened data rotated back by ``U^T``: it decorrelates the
+  pixels while keeping the result looking like an image, so convolutions still make sense.
+
+A list applies its steps in order, each fitted on the output of the ones before it
+(``["center_pixel", "standardize"]``). Whitening stores a ``d x d`` matrix for ``d = H*W*C``
+and needs many more than ``d`` images to estimate it, so it is refused above
+``MAX_WHITENING_DIM`` (64x64 grayscale).
+
+Example:
+    >>> import numpy as np, cnnkit
+    >>> images = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 1), dtype=np.uint8)
+    >>> layers = fit_preprocessing("zca", images)
+    >>> [layer.name for layer in layers]
+    ['rescale', 'whiten']
+    >>> model = cnnkit.build("FC16", (8, 8, 1), 3, preprocessing=layers)
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+__all__ = ["PREPROCESSORS", "Whitening", "fit_preprocessing"]
+
+PREPROCESSORS = ("scale", "center_pixel", "center_channel", "standardize", "pca", "zca")
+EPSILON = 1e-5  # added to the eigenvalues (whitening) and variances (standardize), as in CS231n
+MAX_WHITENING_DIM = 4096  # 64x64x1: a 16M-entry matrix (64 MiB float32)
+FIT_SAMPLE_BYTES = 256 * 2**20  # statistics use every training image that fits here as float32
+_LAYER_NAMES = {"center_pixel": "center", "center_channel": "center", "standardize": "standardize",
+                "pca": "whiten", "zca": "whiten"}
+
+
+def fit_preprocessing(preprocess, train_images, *, dtype=None, seed: int = 0) -> list[keras.layers.Layer]:
+    """Fit preprocessing on training images and return it as the model's first layers.
+
+    Statistics are computed in float64 on the training images scaled to [0, 1]: on all of them
+    when they fit in ``FIT_SAMPLE_BYTES`` (256 MiB) as float32 (all 54,000 MNIST digits;
+    16,384 images of 64x64x1), else on a random sample of that many, drawn with ``seed``.
+
+    Args:
+        preprocess: one of ``PREPROCESSORS`` or a list of them, applied in order; ``"scale"``
+            may only come first (every preprocessing starts by scaling). Two steps making
+            layers of the same name (both centrings, both whitenings) are refused.
+        train_images: the training split as raw pixels, ``(N, H, W, C)`` integers in 0-255
+            (``ImageData.arrays("train")[0]``).
+        dtype: the model's dtype policy (``"mixed_bfloat16"``, a ``keras.DTypePolicy``, or
+            ``None`` for Keras's default). The layers compute at its *variable* precision
+            (float32 under the mixed policies): whitening multiplies low-variance directions
+            by up to ``1/sqrt(1e-5) = 316``, which would blow bfloat16's rounding of the
+            input up into the signal. The network's first layer casts their float32 output
+            to its own compute dtype.
+        seed: picks the sample when the images do not all fit in ``FIT_SAMPLE_BYTES``.
+
+    Returns:
+        Layers mapping raw 0-255 pixels to what the network should see: ``Rescaling``
+        (``"rescale"``), then ``Normalization`` (``"center"``, ``"standardize"``) and/or
+        :class:`Whitening` (``"whiten"``) with the fitted statistics as constants.
+
+    Raises:
+        ValueError: an unknown or misplaced name, images that are not raw integer pixels,
+            or whitening of images with more than ``MAX_WHITENING_DIM`` values.
+
+    Example:
+        >>> x_train, _ = cnnkit.data.load("mnist-sample").arrays("train")  # doctest: +SKIP
+        >>> layers = fit_preprocessing(["center_pixel", "standardize"], x_train)  # doctest: +SKIP
+        >>> model = cnnkit.build("lenet5", (28, 28, 1), 10, preprocessing=layers)  # doctest: +SKIP
+    """
+    steps = _parse_steps(preprocess)
+    images = _check_images(train_images)
+    dimension = math.prod(images.shape[1:])
+    if {"pca", "zca"} & set(steps) and dimension > MAX_WHITENING_DIM:
+        h, w, c = images.shape[1:]
+        raise ValueError(
+            f"Whitening images of {h}x{w}x{c} = {dimension} values needs a {dimension}x{dimension} matrix and far "
+            f"more than {dimension} images to estimate it; cnnkit whitens up to {MAX_WHITENING_DIM} values "
+            f"(64x64x1). Resize the images or use 'standardize'. Received: preprocess={preprocess!r}"
+        )
+    layer_dtype = None if dtype is None else keras.dtype_policies.get(dtype).variable_dtype
+    layers = [keras.layers.Rescaling(1 / 255, name="rescale", dtype=layer_dtype)]
+    fitted_steps = [step for step in steps if step != "scale"]
+    if not fitted_steps:
+        return layers
+    if len(images) < 2:
+        raise ValueError(f"Fitting {fitted_steps} needs at least 2 training images. Received: {len(images)} image(s)")
+    x = _fitting_sample(images, seed)
+    for index, step in enumerate(fitted_steps):
+        layer = _fit_step(step, x, layer_dtype)
+        layers.append(layer)
+        if index + 1 < len(fitted_steps):
+            x = np.concatenate([np.asarray(layer(x[start:start + 4096])) for start in range(0, len(x), 4096)])
+    return layers
+
+
+@keras.saving.register_keras_serializable(package="cnnkit")
+class Whitening(keras.layers.Layer):
+    """``(x - mean) @ matrix`` on each flattened image, reshaped back to the image's shape.
+
+    The mean vector and the matrix are non-trainable weights, so they are saved with the model
+    (in its weights file, not its JSON config). ``fit_preprocessing("pca" | "zca", ...)`` makes
+    this layer; constructing it without ``mean`` and ``matrix`` is for loading a saved model,
+    whose weights then fill them in.
+
+    Args:
+        mean: ``(d,)`` mean of the flattened training images, ``d = H*W*C``.
+        matrix: ``(d, d)`` whitening matrix (PCA: ``U / sqrt(S + eps)``; ZCA: that times ``U^T``).
+        **kwargs: standard ``keras.layers.Layer`` arguments (``name``, ``dtype``, ...).
+
+    Input shape:
+        ``(batch, H, W, C)`` with ``H*W*C == d``.
+
+    Output shape:
+        Same as the input.
+
+    Example:
+        >>> import numpy as np
+        >>> layer = Whitening(np.full(4, 0.5), 2 * np.eye(4))
+        >>> np.asarray(layer(np.ones((1, 2, 2, 1)))).ravel().tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
+
+    def __init__(self, mean=None, matrix=None, **kwargs):
+        super().__init__(**kwargs)
+        if (mean is None) != (matrix is None):
+            raise ValueError("Pass Whitening both `mean` and `matrix`, or neither (when loading a saved model)")
+        self._fitted = None
+        if mean is not None:
+            mean, matrix = np.asarray(mean, np.float64), np.asarray(matrix, np.float64)
+            if mean.ndim != 1 or matrix.shape != (mean.size, mean.size):
+                raise ValueError(f"Whitening needs a mean of shape (d,) and a matrix of shape (d, d). "
+                                 f"Received: mean.shape={mean.shape}, matrix.shape={matrix.shape}")
+            self._fitted = (mean, matrix)
+
+    def build(self, input_shape):
+        dims = tuple(input_shape[1:])
+        if None in dims:
+            raise ValueError(f"Whitening needs a fully known image shape. Received: input_shape={tuple(input_shape)}")
+        dimension = math.prod(dims)
+        if self._fitted is not None and self._fitted[0].size != dimension:
+            raise ValueError(f"This Whitening was fitted on {self._fitted[0].size} values per image; the input has "
+                             f"{dimension}. Received: input_shape={tuple(input_shape)}")
+        self.mean = self.add_weight(name="mean", shape=(dimension,), initializer="zeros", trainable=False)
+        self.matrix = self.add_weight(name="matrix", shape=(dimension, dimension), initializer="zeros",
+                                      trainable=False)
+        if self._fitted is not None:
+            self.mean.assign(self._fitted[0])
+            self.matrix.assign(self._fitted[1])
+        self._image_shape = dims
+
+    def call(self, inputs):
+        x = ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, self.mean.shape[0]))
+        mean = ops.cast(self.mean, self.compute_dtype)
+        matrix = ops.cast(self.matrix, self.compute_dtype)
+        return ops.reshape(ops.matmul(x - mean, matrix), (-1, *self._image_shape))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return super().get_config()  # the fitted arrays are weights, saved with the model's weights
+
+
+def _parse_steps(preprocess) -> list[str]:
+    steps = [preprocess] if isinstance(preprocess, str) else preprocess
+    if not isinstance(steps, (list, tuple)) or not steps or not all(isinstance(step, str) for step in steps):
+        raise ValueError(f"preprocess must be one of {list(PREPROCESSORS)} or a non-empty list of them. "
+                         f"Received: preprocess={preprocess!r}")
+    for step in steps:
+        if step not in PREPROCESSORS:
+            close = difflib.get_close_matches(step, PREPROCESSORS, n=2)
+            hint = f" Did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
+            raise ValueError(f"Unknown preprocessing {step!r}; choose from {list(PREPROCESSORS)}.{hint} "
+                             f"Received: preprocess={preprocess!r}")
+    if "scale" in steps[1:]:
+        raise ValueError(f"'scale' can only be the first step (every preprocessing starts by scaling to [0, 1]). "
+                         f"Received: preprocess={preprocess!r}")
+    names = [_LAYER_NAMES[step] for step in steps if step != "scale"]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"preprocess has two steps making a {repeated[0]!r} layer (centre or whiten once). "
+                         f"Received: preprocess={preprocess!r}")
+    return list(steps)
+
+
+def _check_images(train_images) -> np.ndarray:
+    images = np.asarray(train_images)
+    if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"train_images must be a non-empty (N, H, W, C) array with C in {{1, 3}}. "
+                         f"Received: train_images.shape={images.shape}")
+    if not np.issubdtype(images.dtype, np.integer):
+        raise ValueError(f"train_images must be raw integer pixels 0-255 (as the model receives them). "
+                         f"Received: train_images.dtype={images.dtype}")
+    if images.dtype != np.uint8 and (images.min() < 0 or images.max() > 255):
+        raise ValueError(f"train_images must hold pixels 0-255. Received: range {images.min()}..{images.max()}")
+    return images
+
+
+def _fitting_sample(images: np.ndarray, seed: int) -> np.ndarray:
+    """The images to fit on, scaled to [0, 1] float32: all, or a seeded sample within FIT_SAMPLE_BYTES."""
+    limit = max(2, FIT_SAMPLE_BYTES // (4 * math.prod(images.shape[1:])))
+    if len(images) > limit:
+        images = images[np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))]
+    return images.astype(np.float32) / np.float32(255)
+
+
+def _fit_step(step: str, x: np.ndarray, dtype) -> keras.layers.Layer:
+    name = _LAYER_NAMES[step]
+    if step == "center_pixel":
+        mean = x.mean(axis=0, dtype=np.float64)
+        return keras.layers.Normalization(axis=(1, 2, 3), mean=_f32(mean), variance=np.ones_like(_f32(mean)),
+                                          name=name, dtype=dtype)
+    if step in ("center_channel", "standardize"):
+        mean = x.mean(axis=(0, 1, 2), dtype=np.float64)
+        variance = x.var(axis=(0, 1, 2), dtype=np.float64) + EPSILON if step == "standardize" else np.ones_like(mean)
+        return keras.layers.Normalization(axis=-1, mean=_f32(mean), variance=_f32(variance), name=name, dtype=dtype)
+    mean, matrix = _whitening(x.reshape(len(x), -1), zca=step == "zca")
+    return Whitening(_f32(mean), _f32(matrix), name=name, dtype=dtype)
+
+
+def _whitening(flat: np.ndarray, *, zca: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and whitening matrix of ``flat`` (N, d): CS231n's recipe, covariance X^T X / N."""
+    mean = flat.mean(axis=0, dtype=np.float64)
+    covariance = np.zeros((flat.shape[1], flat.shape[1]))
+    for start in range(0, len(flat), 4096):
+        centred = flat[start:start + 4096].astype(np.float64) - mean
+        covariance += centred.T @ centred
+    covariance /= len(flat)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)  # the SVD of a symmetric PSD matrix, ascending
+    eigenvalues, eigenvectors = np.clip(eigenvalues[::-1], 0, None), eigenvectors[:, ::-1]
+    matrix = eigenvectors / np.sqrt(eigenvalues + EPSILON)
+    if zca:
+        matrix = matrix @ eigenvectors.T
+    return mean, matrix
+
+
+def _f32(array) -> np.ndarray:
+    return np.asarray(array, np.float32)
