@@ -10,6 +10,7 @@ Commands::
     cnnkit quickstart [key=value ...]         pretrain on digits 0-4, fine-tune on 50 labels of 5-9, vs scratch
     cnnkit export RUN --format savedmodel|tflite|onnx [--quantize float16|dynamic|int8] --out DIR
     cnnkit predict MODEL IMAGE_OR_FOLDER... [--top-k 5] [--csv FILE]
+    cnnkit tune FILE_OR_NAME [key=value ...]  run a Keras Tuner search from a search-space file (tuner/)
 
 A mistake a user can make (a bad notation token, an unknown recipe key, a missing file) prints
 one line ``cnnkit: error: <message>`` on stderr and exits with status 2, never a traceback; set
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("overrides", metavar="key=value", nargs="*", help="override a key of the recipe")
     quickstart.set_defaults(handler=_cmd_quickstart)
     _add_export_and_predict(commands)
+    _add_tune(commands)
     return parser
 
 
@@ -263,6 +265,39 @@ def _cmd_predict(args) -> int:
         print(f"{path}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
     if args.csv:
         print(f"predictions written to {write_csv(predictions, args.csv)}")
+    return 0
+
+
+def _add_tune(commands) -> None:
+    """The ``tune`` subcommand (``cnnkit.tuner.search``)."""
+    tune = commands.add_parser(
+        "tune",
+        help="run a hyperparameter search from a search-space file",
+        description="Run a Keras Tuner search from a search-space file (a path, or the name of a packaged one in "
+        "tuner/). key=value arguments override its keys (max_trials=5, epochs=2, space.hyperparameters.k1=[3,5]). "
+        "Prints a line per trial and a final table; writes trials.csv, best_recipe.yaml and sensitivity.png to "
+        "the search directory. Run the same command again to resume an interrupted search.",
+    )
+    tune.add_argument("space", metavar="FILE_OR_NAME", help="a search-space .yaml file or a packaged space name")
+    tune.add_argument("overrides", metavar="key=value", nargs="*", help="override a key of the file")
+    tune.set_defaults(handler=_cmd_tune)
+
+
+def _cmd_tune(args) -> int:
+    from cnnkit.config import load_recipe
+    from cnnkit.tuner import SearchError
+
+    recipe = load_recipe(args.space, args.overrides, kind="tuner")
+    print(f"{PROG}: searching {recipe.name} ({recipe.qualname}) from {recipe.path}", flush=True)
+    try:
+        result = _run_recipe(recipe)
+    except (SearchError, ImportError) as error:
+        if os.environ.get("CNNKIT_DEBUG", "").strip() not in ("", "0"):
+            raise
+        print(f"{PROG}: error: {_error_message(error)}", file=sys.stderr)
+        return 2
+    if "best_recipe" in result.files:
+        print(f"train the best configuration: {PROG} run {result.files['best_recipe']}")
     return 0
 
 

@@ -259,3 +259,59 @@ def test_export_and_predict_user_errors_are_one_line(saved_run, tmp_path, capsys
         assert len(lines) == 1 and lines[0].startswith("cnnkit: error: ") and text in lines[0], lines
     assert main(["export", str(run_dir), "--format", "pb", "--out", str(tmp_path / "y")]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+# -- tune ---------------------------------------------------------------------------------------
+
+
+def _tiny_space_file(tmp_path: Path) -> Path:
+    """A folder of 2 classes x 16 grey 8x8 PNGs and a search-space file searching over it."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in range(2):
+        (tmp_path / "images" / f"class{label}").mkdir(parents=True)
+        for index in range(16):
+            pixels = rng.integers(0, 100, (8, 8), dtype=np.uint8)
+            pixels[:4] += 150 * label
+            Image.fromarray(pixels).save(tmp_path / "images" / f"class{label}" / f"{index}.png")
+    data = {"path": str(tmp_path / "images"), "image_size": 8, "color_mode": "grayscale", "val_split": 0.25}
+    space = {"name": "tiny", "arch": "{f}C3-MP2-FC{units}",
+             "hyperparameters": {"f": [2, 4], "units": [4, 8], "learning_rate": 0.05, "batch_size": 8}}
+    path = tmp_path / "tiny_space.yaml"
+    path.write_text("# Tiny: a search over a folder of 8x8 images (a test).\n" + yaml.safe_dump(
+        {"recipe": "search", "space": space, "data": data, "max_trials": 3, "epochs": 2, "precision": "float32",
+         "directory": str(tmp_path / "search")}, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_tune_prints_trials_and_the_best_recipe_reproduces_its_score(tmp_path, capsys):
+    path = _tiny_space_file(tmp_path)
+    assert main(["tune", str(path), "max_trials=2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^trial 0 \[1/2\]  COMPLETED  val_accuracy \d\.\d{4}", out, re.M), out
+    assert re.search(r"^trial 1 \[2/2\]  COMPLETED", out, re.M) and "2 trials (2 completed)" in out
+    recipe_path = tmp_path / "search" / "best_recipe.yaml"
+    assert f"train the best configuration: cnnkit run {recipe_path}" in out
+    for name in ("trials.csv", "sensitivity.png", "sensitivity.csv", "search.yaml"):
+        assert (tmp_path / "search" / name).is_file(), name
+    best = float(re.search(r"^best: trial \d+, val_accuracy (\d\.\d+)", out, re.M).group(1))
+
+    assert main(["run", str(recipe_path), f"run_dir={tmp_path / 'best'}", "verbose=0"]) == 0
+    metrics = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    assert metrics["best_val_accuracy"] == pytest.approx(best, abs=1e-4)
+
+
+def test_tune_user_errors_are_one_line(tmp_path, capsys):
+    path = _tiny_space_file(tmp_path)
+    for overrides, text in [
+        (["max_trial=2"], "unknown override 'max_trial' for cnnkit.tuner.search (did you mean 'max_trials'?)"),
+        (["space.hyperparameters.optimizer=adamm"], "knob optimizer must be one of"),
+        (['space.arch="{f}C9-FC{units}"'], "no network of search space 'tiny' fits input (8, 8, 1)"),
+        (["data.path=" + str(tmp_path / "nowhere")], "nowhere"),
+    ]:
+        assert main(["tune", str(path), *overrides]) == 2, overrides
+        lines = _error_lines(capsys.readouterr())
+        assert len(lines) == 1 and lines[0].startswith("cnnkit: error: ") and text in lines[0], lines
+    assert not (tmp_path / "search").exists()

@@ -244,3 +244,11 @@ def test_packaged_recipe_file_is_valid(path):
     header = path.read_text(encoding="utf-8").lstrip().splitlines()[0]
     assert header.startswith("#"), f"{path.name} needs a header comment saying what it reproduces"
     assert recipe.name == path.stem
+
+
+def test_packaged_search_space_by_name_with_nested_overrides():
+    recipe = config.load_recipe("mnist_conv", ["space.hyperparameters.k1=[3]", "epochs=2"], kind="tuner")
+    assert recipe.qualname == "cnnkit.tuner.search"
+    assert recipe.kwargs["space"]["hyperparameters"]["k1"] == [3] and recipe.kwargs["epochs"] == 2
+    with pytest.raises(ConfigError, match=r"unknown override 'max_trial' .*did you mean 'max_trials'"):
+        config.load_recipe("mnist_conv", ["max_trial=3"], kind="tuner")

@@ -1,0 +1,571 @@
+"""``cnnkit.tuner.search``: a Keras Tuner search over a search space, resumable, its results on disk.
+
+Keras Tuner does the searching: its oracles (random, grid, Bayesian optimisation, Hyperband)
+propose values, its ``Tuner`` runs trials, checkpoints each trial's best epoch and saves its
+state after every trial. cnnkit adds what a search of convolutional networks needs around it:
+
+* The planner checks each proposed network before anything is built. One that does not fit the
+  input is recorded as an ``INVALID`` trial with the planner's reason, is not trained, and does
+  not count towards ``max_trials``.
+* A trial that fails (out of memory, a NaN loss, an error in training) is recorded as ``FAILED``
+  with its error and the search goes on; ``max_consecutive_failed_trials`` failures in a row
+  stop it (something is wrong with every trial, not with one). A setup error (the data cannot
+  be read, a missing package, a bad knob value) stops the search at once: the data, the knob
+  values and the existence of a network that fits are all checked before the first trial.
+* Each trial starts from a cleared Keras session (Keras Tuner clears it before every build), and
+  the gradient functions TensorFlow registers for the trial's graphs are dropped when it ends
+  (see ``_gradient_registry``), so memory does not grow from trial to trial.
+* The same call resumes: with ``overwrite=False`` a search directory is reloaded, finished trials
+  are kept and a trial interrupted mid-way (even by SIGKILL) runs again. Keras Tuner's state
+  files are written atomically here, so a kill never leaves a half-written one. A call whose
+  settings differ from the directory's (``search.yaml``) is refused rather than mixed in.
+
+The search directory::
+
+    search.yaml          the settings (space, algorithm, objective, epochs, seed, data fingerprint)
+    keras_tuner/         Keras Tuner's project: oracle.json, trial_<id>/ (trial.json, checkpoint,
+                         cnnkit.json with the trial's wall time and build/first-step timings)
+    trials.csv           one row per trial (rewritten after every trial)
+    best_recipe.yaml     the best configuration as a `cnnkit run` recipe
+    sensitivity.png      how the objective moves with each hyperparameter (and sensitivity.csv)
+
+Example:
+    >>> import cnnkit
+    >>> space = {"arch": "{f}C{k}-MP2-FC{units}", "hyperparameters": {
+    ...     "f": [8, 16], "k": [3, 5], "units": [32, 64], "learning_rate": {"min": 1e-4, "max": 1e-2, "sampling": "log"}}}
+    >>> result = cnnkit.tuner.search(space, "mnist-sample", algorithm="random", max_trials=4, epochs=2,
+    ...                              directory="runs/tune-demo")  # doctest: +SKIP
+    >>> result.best_arch  # doctest: +SKIP
+    '16C5-MP2-FC64'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import keras_tuner as kt
+import tensorflow as tf
+import yaml
+from tensorflow.python.framework import ops as tf_ops
+
+import cnnkit
+from cnnkit.recipes.optimization import OPTIMIZERS, make_optimizer, resolve_precision
+from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
+from cnnkit.report import package_versions
+from cnnkit.runs import atomic_write_text
+from cnnkit.tuner.metrics import BalancedAccuracy
+from cnnkit.tuner.result import INVALID_PREFIX, RECORD_FILE, SearchResult, TrialRecord, train_defaults
+from cnnkit.tuner.space import KNOBS, SearchSpace
+
+ALGORITHMS = ("random", "grid", "bayesian", "hyperband")
+OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_balanced_accuracy": "max"}
+"""Objective name -> direction. Balanced accuracy is the mean per-class recall on validation."""
+
+PROJECT = "keras_tuner"
+SETTINGS_FILE = "search.yaml"
+MAX_INVALID_IN_A_ROW = 100
+"""The search stops when this many proposed networks in a row do not fit the input."""
+
+_OUTPUTS = ("trials.csv", "best_recipe.yaml", "sensitivity.png", "sensitivity.csv", SETTINGS_FILE)
+_SAMPLE_IMAGES = 256
+
+
+class SearchError(RuntimeError):
+    """A search stopped before its end: a setup error inside a trial, or too many failures in a row.
+
+    The trials finished so far stay in the search directory; the same call resumes after the
+    cause is fixed.
+
+    Example:
+        >>> raise SearchError("3 trials in a row failed; the last: out of memory")  # doctest: +SKIP
+    """
+
+
+def search(
+    space,
+    data,
+    *,
+    algorithm: str = "random",
+    objective: str = "val_accuracy",
+    max_trials: int | None = 10,
+    epochs: int = 3,
+    factor: int = 3,
+    hyperband_iterations: int = 1,
+    executions_per_trial: int = 1,
+    max_consecutive_failed_trials: int = 3,
+    precision: str = "auto",
+    steps_per_execution: int = 16,
+    seed: int = 0,
+    callbacks: list | None = None,
+    directory=None,
+    overwrite: bool = False,
+    verbose: int = 1,
+) -> SearchResult:
+    """Search a space of networks and training settings with Keras Tuner.
+
+    Args:
+        space: a :class:`cnnkit.tuner.SearchSpace`, or a mapping with ``arch`` (the notation
+            template), ``hyperparameters`` and optionally ``name`` (see
+            :mod:`cnnkit.tuner.space`).
+        data: a ``cnnkit.data.ImageData``, a dataset name ("mnist", "mnist-sample"), or a
+            mapping of ``cnnkit.data.from_folder`` arguments with "path". It needs a
+            validation split: trials are scored on it.
+        algorithm: "random", "grid", "bayesian" (needs scipy and scikit-learn) or "hyperband".
+        objective: "val_accuracy", "val_loss" or "val_balanced_accuracy"; a trial's score is its
+            best epoch's value.
+        max_trials: trials to train at most (invalid ones not counted); ``None``: until the
+            algorithm stops (grid: every combination; hyperband: its brackets).
+        epochs: epochs per trial; for hyperband, the most epochs one network trains
+            (Hyperband's ``max_epochs``: its brackets train for ``epochs / factor**k``).
+        factor: Hyperband's reduction factor (ignored by the other algorithms).
+        hyperband_iterations: how many times Hyperband sweeps its brackets; one sweep trains
+            about ``epochs * log_factor(epochs)**2`` epochs in all.
+        executions_per_trial: trainings per trial from different initialisations (seeds
+            ``seed``, ``seed + 1``, ...); the score is their mean.
+        max_consecutive_failed_trials: stop after this many failed trials in a row.
+        precision: as ``cnnkit.recipes.train`` ("auto", "float32", "mixed_bfloat16", ...).
+        steps_per_execution: training steps per call into the compiled graph.
+        seed: seeds the algorithm's proposals and each trial's weights, shuffling and
+            augmentation.
+        callbacks: extra Keras callbacks for every trial's ``fit`` (deep-copied per trial).
+        directory: the search directory; default ``runs/tune-<space name>``.
+        overwrite: start afresh, deleting an earlier search in ``directory``. With ``False`` an
+            earlier search with the same settings is resumed.
+        verbose: 0 silent, 1 a line per trial and the final table, 2 also Keras progress per epoch.
+
+    Returns:
+        A :class:`cnnkit.tuner.SearchResult`; its files are in ``directory``.
+
+    Raises:
+        ValueError: a bad argument, a space none of whose networks fits, a bad knob value, data
+            without a validation split, or a directory holding a search with other settings.
+        ImportError: a package the algorithm or a knob needs is missing.
+        SearchError: a setup error inside a trial, or too many failures in a row.
+
+    Example:
+        >>> result = search(space, "mnist-sample", algorithm="hyperband", epochs=9, max_trials=None)  # doctest: +SKIP
+        >>> print(result.sensitivity.table())  # doctest: +SKIP
+    """
+    _check_arguments(algorithm=algorithm, objective=objective, max_trials=max_trials, epochs=epochs, factor=factor,
+                     hyperband_iterations=hyperband_iterations, executions_per_trial=executions_per_trial,
+                     max_consecutive_failed_trials=max_consecutive_failed_trials,
+                     steps_per_execution=steps_per_execution, seed=seed, verbose=verbose)
+    space = SearchSpace.coerce(space)
+    if space.kind != "train":
+        raise ValueError(f"search space {space.name!r} names a backbone: fine-tuning spaces (unfreeze_depth, "
+                         "lr_multiplier) are declared but cannot be searched yet; give an arch template")
+    data_argument = data
+    data = resolve_data(data)
+    if data.val is None:
+        raise ValueError("a search scores trials on the validation split; the data has none (val_split=0)")
+    space.check_fits(data.image_shape, data.num_classes, seed=seed)
+    resolved = resolve_precision(precision)
+    dtype = None if resolved == "float32" else resolved
+    _check_knobs(space, data, dtype)
+    oracle = _make_oracle(algorithm, objective=objective, max_trials=max_trials, epochs=epochs, factor=factor,
+                          hyperband_iterations=hyperband_iterations, seed=seed,
+                          max_consecutive_failed_trials=max_consecutive_failed_trials)
+    directory = Path(directory) if directory is not None else Path("runs") / f"tune-{space.name}"
+    settings = {"space": space.to_dict(), "data": data.fingerprint, "algorithm": algorithm, "objective": objective,
+                "direction": OBJECTIVES[objective], "epochs": epochs,
+                "factor": factor if algorithm == "hyperband" else None,
+                "hyperband_iterations": hyperband_iterations if algorithm == "hyperband" else None,
+                "executions_per_trial": executions_per_trial, "precision": resolved,
+                "steps_per_execution": steps_per_execution, "seed": seed}
+    _prepare_directory(directory, settings, overwrite=overwrite, max_trials=max_trials, source=data.source)
+    hypermodel = _SpaceHyperModel(space, data, objective=objective, dtype=dtype, seed=seed,
+                                  steps_per_execution=steps_per_execution, verbose=verbose)
+    tuner_class = _HyperbandTuner if algorithm == "hyperband" else _Tuner
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras Tuner's "Reloading Tuner from ..."; we say it below
+        tuner = tuner_class(oracle=oracle, hypermodel=hypermodel, directory=str(directory), project_name=PROJECT,
+                            executions_per_trial=executions_per_trial)
+    tuner.report = _Reporter(tuner, space, settings, directory, data, data_argument, verbose=verbose,
+                             total=max_trials)
+    if verbose:
+        done = sum(trial.status != "RUNNING" for trial in tuner.oracle.trials.values())
+        resumed = f", resuming after {done} finished trials" if done else ""
+        print(f"search {space.name!r}: {algorithm}, {objective}, {epochs} epochs{resumed}; directory {directory}",
+              flush=True)
+    try:
+        tuner.search(epochs=epochs, callbacks=list(callbacks or []), verbose=0)
+    except kt.errors.FatalError as error:
+        raise SearchError(str(error)) from error
+    except RuntimeError as error:
+        if "consecutive failures" not in str(error):
+            raise
+        tuner.report.result().write()
+        last = str(error).strip().splitlines()[-1]
+        raise SearchError(f"{max_consecutive_failed_trials} trials in a row failed, so the search stopped; the last "
+                          f"error: {last}. Finished trials are kept in {directory}") from error
+    finally:
+        hypermodel.inputs = None
+    result = tuner.report.result()
+    result.write()
+    if verbose:
+        print(result.table())
+        print(result.sensitivity.table())
+        print("written: " + ", ".join(str(path) for path in result.files.values()))
+    return result
+
+
+def _check_arguments(*, algorithm, objective, max_trials, epochs, factor, hyperband_iterations, executions_per_trial,
+                     max_consecutive_failed_trials, steps_per_execution, seed, verbose):
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}. Received: algorithm={algorithm!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}. Received: objective={objective!r}")
+    for name, value, low in [("epochs", epochs, 1), ("factor", factor, 2), ("hyperband_iterations", hyperband_iterations, 1),
+                             ("executions_per_trial", executions_per_trial, 1),
+                             ("max_consecutive_failed_trials", max_consecutive_failed_trials, 1),
+                             ("steps_per_execution", steps_per_execution, 1), ("seed", seed, 0),
+                             ("verbose", verbose, 0), ("max_trials", 1 if max_trials is None else max_trials, 1)]:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}. Received: {name}={value!r}")
+
+
+def _check_knobs(space, data, dtype):
+    """Try every listed value (or range end) of the knobs that name things, before any trial."""
+    sample = None
+    for name, declaration in space.hyperparameters.items():
+        if name not in KNOBS:
+            continue
+        choices = declaration if isinstance(declaration, list) else [declaration]
+        for value in choices:
+            if isinstance(value, dict):
+                continue
+            if name == "optimizer" and value not in OPTIMIZERS:
+                raise ValueError(f"knob optimizer must be one of {', '.join(OPTIMIZERS)}. Received: optimizer={value!r}")
+            if name in ("activation", "padding", "batch_norm"):
+                cnnkit.plan("FC2", data.image_shape, data.num_classes, **{name: value})
+            if name == "initializer":
+                from cnnkit.models.builder import INITIALIZERS
+
+                if value not in INITIALIZERS:
+                    raise ValueError(f"knob initializer must be one of {', '.join(INITIALIZERS)}. "
+                                     f"Received: initializer={value!r}")
+            if name == "augment" and value not in (None, "none"):
+                from cnnkit.recipes.augment import make_augmentation
+
+                sample = sample if sample is not None else _sample(data)
+                make_augmentation(value, image_shape=data.image_shape, num_classes=data.num_classes, train_images=sample)
+            if name == "preprocess" and value != "scale":
+                from cnnkit.recipes.preprocess import fit_preprocessing
+
+                sample = sample if sample is not None else _sample(data)
+                fit_preprocessing(value, sample, dtype=dtype)
+
+
+def _sample(data):
+    return next(iter(data.train.take(_SAMPLE_IMAGES).batch(_SAMPLE_IMAGES).map(lambda images, labels: images))).numpy()
+
+
+def _prepare_directory(directory, settings, *, overwrite, max_trials, source):
+    path = directory / SETTINGS_FILE
+    if overwrite:
+        shutil.rmtree(directory / PROJECT, ignore_errors=True)
+        for name in _OUTPUTS:
+            (directory / name).unlink(missing_ok=True)
+    elif path.is_file():
+        earlier = yaml.safe_load(path.read_text(encoding="utf-8")).get("settings", {})
+        current = yaml.safe_load(yaml.safe_dump(settings))
+        for key, value in current.items():
+            if earlier.get(key) != value:
+                shown = "the data fingerprint" if key == "data" else f"{key}={earlier.get(key)!r}"
+                raise ValueError(f"{directory} holds a search with {shown}; this call has "
+                                 f"{'other data' if key == 'data' else f'{key}={value!r}'}. Pass overwrite=True "
+                                 "to start over, or another directory")
+    record = {"settings": settings, "max_trials": max_trials, "data_source": source, "versions": package_versions()}
+    atomic_write_text(path, yaml.safe_dump(record, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- the hypermodel
+
+
+class _TrialTimer(keras.callbacks.Callback):
+    """Times the start of fit: to the end of the first training call, then later calls of the first epoch."""
+
+    def on_train_begin(self, logs=None):
+        self.begin, self.calls, self.recording = time.perf_counter(), [], True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.recording:
+            self.calls.append((batch, time.perf_counter()))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.recording = False
+
+    def timing(self, build_seconds) -> dict:
+        if not self.calls:
+            return {"build_seconds": build_seconds}
+        (first_batch, first_time), (last_batch, last_time) = self.calls[0], self.calls[-1]
+        timing = {"build_seconds": build_seconds, "first_step_seconds": first_time - self.begin}
+        if last_batch > first_batch:
+            step = (last_time - first_time) / (last_batch - first_batch)
+            timing["step_seconds"] = step
+            timing["overhead_seconds"] = build_seconds + timing["first_step_seconds"] - (first_batch + 1) * step
+        return timing
+
+
+class _SpaceHyperModel(kt.HyperModel):
+    """Builds a trial's network with ``cnnkit.build`` and trains it with Keras ``fit`` on the recipe pipeline."""
+
+    def __init__(self, space, data, *, objective, dtype, seed, steps_per_execution, verbose):
+        super().__init__(name=space.name)
+        self.space, self.data, self.objective, self.dtype = space, data, objective, dtype
+        self.seed, self.steps_per_execution, self.verbose = seed, steps_per_execution, verbose
+        self.inputs, self.execution, self.timing = None, 0, {}
+
+    def declare_hyperparameters(self, hp):
+        self.space.declare(hp)
+
+    def start_trial(self):
+        self.execution, self.timing = 0, {}
+
+    def settings(self, hp) -> dict:
+        return {**train_defaults(), **self.space.values(hp.values)}
+
+    def build(self, hp):
+        started = time.perf_counter()
+        values = self.settings(hp)
+        seed = self.seed + self.execution
+        keras.utils.set_random_seed(seed)
+        self.inputs = prepare_inputs(self.data, augment=values["augment"], preprocess=values["preprocess"], seed=seed,
+                                     dtype=self.dtype)
+        options = self.space.model_options(values)
+        if self.inputs.preprocessing is not None:
+            options["preprocessing"] = self.inputs.preprocessing
+        model = cnnkit.build(self.space.arch_for(values), self.data.image_shape, self.data.num_classes,
+                             dtype=self.dtype, **options)
+        optimizer = make_optimizer(values["optimizer"], learning_rate=values["learning_rate"],
+                                   momentum=values["momentum"], weight_decay=values["weight_decay"],
+                                   steps_per_epoch=math.ceil(self.inputs.train_size / values["batch_size"]), epochs=1)
+        metrics = ["accuracy"]
+        if self.objective == "val_balanced_accuracy":
+            metrics.append(BalancedAccuracy(self.data.num_classes))
+        model.compile(optimizer=optimizer, loss=self.inputs.loss, metrics=metrics,
+                      steps_per_execution=self.steps_per_execution)
+        self.build_seconds = time.perf_counter() - started
+        return model
+
+    def fit(self, hp, model, *args, **kwargs):
+        values = self.settings(hp)
+        seed = self.seed + self.execution
+        timer = _TrialTimer()
+        initial_epoch = kwargs.get("initial_epoch", 0)
+        history = model.fit(
+            self.inputs.train_pipeline(values["batch_size"], seed),
+            validation_data=self.inputs.validation_pipeline(),
+            epochs=kwargs["epochs"],
+            initial_epoch=initial_epoch,
+            class_weight=self.inputs.class_weight,
+            shuffle=False,  # the pipeline shuffles
+            callbacks=[keras.callbacks.TerminateOnNaN(), timer, *kwargs.get("callbacks", [])],
+            verbose=2 if self.verbose >= 2 else 0,
+        )
+        if self.execution == 0:
+            self.timing = timer.timing(self.build_seconds)
+        self.execution += 1
+        self.inputs = None
+        losses = history.history.get("loss", [])
+        bad = [epoch for epoch, value in enumerate(losses, initial_epoch + 1) if not math.isfinite(value)]
+        if bad:
+            raise kt.errors.FailedTrialError(f"the training loss became {losses[bad[0] - initial_epoch - 1]} in epoch "
+                                             f"{bad[0]}")
+        return history
+
+
+# ----------------------------------------------------------------------------- oracle and tuner
+
+
+def _rejected(trial) -> bool:
+    """Whether the planner rejected this trial's network (then it stays INVALID and is not counted)."""
+    return trial.status == "INVALID" and (trial.message or "").startswith(INVALID_PREFIX)
+
+
+class _Oracle(kt.Oracle):
+    """Keras Tuner's oracle, with trials the planner rejects kept INVALID (no retry, not a failure, not
+    counted towards ``budget``) and its state files written atomically."""
+
+    budget = None
+
+    def create_trial(self, tuner_id):
+        if tuner_id not in self.ongoing_trials:
+            streak = 0
+            for trial_id in reversed(self.end_order):
+                if not _rejected(self.trials[trial_id]):
+                    break
+                streak += 1
+            if streak >= MAX_INVALID_IN_A_ROW:
+                last = self.trials[self.end_order[-1]].message[len(INVALID_PREFIX):]
+                raise SearchError(f"{streak} proposed networks in a row do not fit the input (the last: {last}); "
+                                  "narrow the search space")
+            if self.budget is not None:
+                self.max_trials = self.budget + sum(_rejected(trial) for trial in self.trials.values())
+        return super().create_trial(tuner_id)
+
+    def _retry(self, trial):
+        return False if _rejected(trial) else super()._retry(trial)
+
+    def save(self):
+        atomic_write_text(self._get_oracle_fname(), json.dumps(self.get_state()))
+
+    def _save_trial(self, trial):
+        atomic_write_text(Path(self._get_trial_dir(trial.trial_id)) / "trial.json", json.dumps(trial.get_state()))
+
+
+class _RandomOracle(_Oracle, kt.oracles.RandomSearchOracle):
+    pass
+
+
+class _GridOracle(_Oracle, kt.oracles.GridSearchOracle):
+    pass
+
+
+class _BayesianOracle(_Oracle, kt.oracles.BayesianOptimizationOracle):
+    pass
+
+
+class _HyperbandOracle(_Oracle, kt.oracles.HyperbandOracle):
+    """Hyperband whose brackets do not keep a slot for a network the planner rejected (a new one fills it)."""
+
+    def end_trial(self, trial):
+        super().end_trial(trial)
+        if _rejected(self.trials[trial.trial_id]):
+            for bracket in self._brackets:
+                bracket["rounds"][0] = [info for info in bracket["rounds"][0] if info["id"] != trial.trial_id]
+            self.save()
+
+
+class _Tuner(kt.Tuner):
+    """Keras Tuner's ``Tuner`` with the planner's check before each trial and a record after it."""
+
+    report = None
+
+    def _populate_initial_space(self):
+        # The space has no conditional hyperparameters, so declaring them is enough; Keras Tuner's
+        # default would also build a model to discover hyperparameters declared while building.
+        hp = self.oracle.get_space()
+        self.hypermodel.declare_hyperparameters(hp)
+        self.oracle.update_space(hp)
+
+    def on_trial_begin(self, trial):
+        super().on_trial_begin(trial)
+        self._started = time.perf_counter()
+        self._gradients_before = set(_gradient_registry())
+        self.hypermodel.start_trial()
+
+    def _try_run_and_update_trial(self, trial, *args, **kwargs):
+        # The planner's check comes first: a network that does not fit is marked INVALID with the
+        # reason, without raising (Keras Tuner would print a traceback for it).
+        hypermodel = self.hypermodel
+        values = hypermodel.space.values(trial.hyperparameters.values)
+        reason = hypermodel.space.invalid_reason(values, hypermodel.data.image_shape, hypermodel.data.num_classes)
+        if reason is None:
+            super()._try_run_and_update_trial(trial, *args, **kwargs)
+        else:
+            trial.status, trial.message = kt.engine.trial.TrialStatus.INVALID, INVALID_PREFIX + reason
+
+    def run_trial(self, trial, *args, **kwargs):
+        try:
+            return super().run_trial(trial, *args, **kwargs)
+        except (tf.errors.ResourceExhaustedError, MemoryError) as error:
+            raise kt.errors.FailedTrialError(f"out of memory: {_first_line(error)}") from error
+        except (ImportError, OSError, tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as error:
+            raise kt.errors.FatalError(f"trial {trial.trial_id} hit a setup error, so the search stopped: "
+                                       f"{type(error).__name__}: {_first_line(error)}") from error
+
+    def on_trial_end(self, trial):
+        record = {"seconds": time.perf_counter() - self._started, **self.hypermodel.timing}
+        atomic_write_text(Path(self.get_trial_dir(trial.trial_id)) / RECORD_FILE, json.dumps(record))
+        super().on_trial_end(trial)
+        registry = _gradient_registry()
+        for name in set(registry) - self._gradients_before:
+            if name.startswith("CustomGradient-"):
+                del registry[name]
+        self.report.trial_done(trial.trial_id)
+
+    def save(self):
+        if not self._is_worker():
+            self.oracle.save()
+        atomic_write_text(self._get_tuner_fname(), json.dumps(self.get_state()))
+
+
+class _HyperbandTuner(_Tuner, kt.Hyperband):
+    """``keras_tuner.Hyperband`` (epochs per round, weights carried from the previous round) on our oracle."""
+
+    def __init__(self, oracle, **kwargs):
+        kt.Tuner.__init__(self, oracle=oracle, **kwargs)  # Hyperband's own __init__ makes its own oracle
+
+
+def _make_oracle(algorithm, *, objective, max_trials, epochs, factor, hyperband_iterations, seed,
+                 max_consecutive_failed_trials):
+    common = {"objective": kt.Objective(objective, OBJECTIVES[objective]),
+              "seed": seed + 1,  # Keras Tuner draws a random seed for 0
+              "max_consecutive_failed_trials": max_consecutive_failed_trials}
+    if algorithm == "hyperband":
+        oracle = _HyperbandOracle(max_epochs=epochs, factor=factor, hyperband_iterations=hyperband_iterations, **common)
+    elif algorithm == "bayesian":
+        try:
+            oracle = _BayesianOracle(max_trials=max_trials, **common)
+        except ImportError as error:
+            raise ImportError(f"algorithm='bayesian' needs scipy and scikit-learn: pip install scipy scikit-learn "
+                              f"({error})") from None
+    else:
+        oracle = (_GridOracle if algorithm == "grid" else _RandomOracle)(max_trials=max_trials, **common)
+    oracle.budget = max_trials
+    return oracle
+
+
+class _Reporter:
+    """Turns the oracle's trials into records: a progress line and trials.csv after each trial."""
+
+    def __init__(self, tuner, space, settings, directory, data, data_argument, *, verbose, total):
+        self.tuner, self.space, self.settings, self.directory = tuner, space, settings, directory
+        self.data, self.data_argument, self.verbose, self.total = data, data_argument, verbose, total
+
+    def result(self) -> SearchResult:
+        oracle = self.tuner.oracle
+        records = [TrialRecord.from_trial(oracle.trials[trial_id], self.space, self.tuner.get_trial_dir(trial_id),
+                                          epochs=self.settings["epochs"])
+                   for trial_id in sorted(oracle.trials, key=int)]
+        return SearchResult(trials=records, space=self.space, settings=self.settings, directory=self.directory,
+                            data=self.data, data_argument=self.data_argument, tuner=self.tuner)
+
+    def trial_done(self, trial_id):
+        result = self.result()
+        atomic_write_text(self.directory / "trials.csv", result.trials_csv())
+        if self.verbose:
+            record = next(trial for trial in result.trials if trial.trial_id == trial_id)
+            counted = sum(trial.status != "INVALID" for trial in result.trials)
+            progress = f"{counted}/{self.total}" if self.total else str(counted)
+            print(record.line(result.objective, progress=progress, best=result.best_score,
+                              placeholders=self.space.placeholders), flush=True)
+
+
+def _gradient_registry() -> dict:
+    """TensorFlow's process-wide registry of gradient functions, by name (empty if its layout changed).
+
+    TensorFlow 2.21 registers a new gradient function there (``CustomGradient-<n>``) every time a
+    graph calls a ``tf.custom_gradient`` function, which Keras's optimizer step does through the
+    distribution strategy's all-reduce, and never removes it. The function keeps its graph
+    alive, and the graph keeps the trial's variables: weights and optimizer slots, about three
+    times the model's size, leaked per trial. The search drops a trial's entries when the trial
+    ends, when nothing can run its graphs any more.
+    """
+    registry = getattr(getattr(tf_ops, "_gradient_registry", None), "_registry", None)
+    return registry if isinstance(registry, dict) else {}
+
+
+def _first_line(error) -> str:
+    text = str(getattr(error, "message", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+__all__ = ["ALGORITHMS", "OBJECTIVES", "SearchError", "search"]

@@ -1,0 +1,54 @@
+"""cnnkit.tuner.search: resuming, Hyperband, other objectives, retraining the best configuration."""
+
+import numpy as np
+import pytest
+
+import cnnkit
+from cnnkit.tuner import search
+
+FAST = {"epochs": 1, "precision": "float32", "verbose": 0}
+
+
+def test_the_same_call_resumes_and_other_settings_are_refused(tiny_data, tiny_space, tmp_path, counter):
+    first = search(tiny_space, tiny_data, max_trials=2, directory=tmp_path / "search", callbacks=[counter()], **FAST)
+    again = search(tiny_space, tiny_data, max_trials=2, directory=tmp_path / "search", callbacks=[counter()], **FAST)
+    assert counter.calls == 2
+    assert [(t.values, t.score) for t in again.trials] == [(t.values, t.score) for t in first.trials]
+    more = search(tiny_space, tiny_data, max_trials=3, directory=tmp_path / "search", callbacks=[counter()], **FAST)
+    assert counter.calls == 3 and len(more.trials) == 3
+    with pytest.raises(ValueError, match=r"holds a search with epochs=1; this call has epochs=2.*overwrite=True"):
+        search(tiny_space, tiny_data, max_trials=3, directory=tmp_path / "search", **{**FAST, "epochs": 2})
+    fresh = search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", overwrite=True,
+                   callbacks=[counter()], **{**FAST, "epochs": 2})
+    assert counter.calls == 4 and len(fresh.trials) == 1 and fresh.trials[0].epochs == 2
+
+
+def test_hyperband_continues_networks_and_compares_one_budget(tiny_data, tiny_space, tmp_path):
+    result = search(tiny_space, tiny_data, algorithm="hyperband", factor=2, max_trials=None,
+                    objective="val_balanced_accuracy", directory=tmp_path / "hyperband", **{**FAST, "epochs": 2})
+    budgets = sorted({trial.epochs for trial in result.trials})
+    assert budgets == [1, 2]
+    continued = [trial for trial in result.trials if trial.initial_epoch == 1]  # carried on from a 1-epoch trial
+    assert continued and all(trial.epochs == 2 and trial.best_epoch == 2 for trial in continued)
+    completed = [trial for trial in result.trials if trial.status == "COMPLETED"]
+    assert all(trial.metrics["val_balanced_accuracy"] == trial.score for trial in completed)
+    assert result.sensitivity.note.startswith("trials trained for ")
+    assert result.settings["direction"] == "max" and result.settings["factor"] == 2
+
+
+def test_val_loss_objective_picks_the_lowest(tiny_data, tiny_space, tmp_path):
+    result = search(tiny_space, tiny_data, objective="val_loss", max_trials=2, directory=tmp_path / "loss", **FAST)
+    assert result.direction == "min"
+    assert result.best_score == min(trial.score for trial in result.trials) == result.best_trial.metrics["val_loss"]
+
+
+def test_retrain_uses_training_and_validation(tmp_path, tiny_space):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 100, (60, 8, 8), dtype=np.uint8)
+    y = np.arange(60) % 2
+    x[y == 1, :4] += 150
+    data = cnnkit.data.from_arrays(x[:40], y[:40], x_test=x[40:], y_test=y[40:], val_split=0.25)
+    result = search(tiny_space, data, max_trials=1, directory=tmp_path / "search", **FAST)
+    run = result.retrain(run_dir=tmp_path / "retrained", verbose=0)
+    assert run.config["data"]["class_counts"]["train"] == [20, 20]  # 30 training + 10 validation images
+    assert run.metrics["num_examples"] == 20 and "best_val_accuracy" not in run.metrics

@@ -1,0 +1,151 @@
+"""cnnkit.tuner.search on tiny data: trials, invalid and failed ones, setup errors, the files it writes."""
+
+import csv
+import io
+
+import numpy as np
+import pytest
+import yaml
+
+import cnnkit
+from cnnkit import config
+from cnnkit.recipes.train import train
+from cnnkit.tuner import SearchError, search
+
+FAST = {"epochs": 1, "precision": "float32", "verbose": 0}
+
+
+def _rows(path):
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def _custom_gradients():
+    from tensorflow.python.framework import ops
+
+    return {name for name in ops._gradient_registry._registry if name.startswith("CustomGradient-")}
+
+
+def test_random_search_records_trials_and_writes_its_files(tiny_data, tiny_space, tmp_path, capsys, counter):
+    gradients = _custom_gradients()
+    result = search(tiny_space, tiny_data, max_trials=3, directory=tmp_path / "search", callbacks=[counter()],
+                    epochs=1, precision="float32", verbose=1)
+    # TensorFlow registers a gradient per traced train step that would keep each trial's variables alive
+    assert _custom_gradients() == gradients
+    output = capsys.readouterr().out
+    assert counter.calls == 3 and len(result.trials) == 3
+    assert [line.split()[2] for line in output.splitlines() if line.startswith("trial ")] == ["[1/3]", "[2/3]", "[3/3]"]
+    assert "Sensitivity of val_accuracy" in output and result.table().splitlines()[0] in output
+    assert {trial.status for trial in result.trials} == {"COMPLETED"}
+    assert result.best_score == max(trial.score for trial in result.trials)
+    assert result.best_arch == tiny_space["arch"].format(**result.best_hyperparameters)
+    first = result.trials[0]
+    assert first.timing["build_seconds"] > 0 and first.timing["first_step_seconds"] > 0 and first.seconds > 0
+    assert first.metrics["val_accuracy"] == first.score and first.best_epoch == 1
+    rows = _rows(tmp_path / "search" / "trials.csv")
+    assert [row["status"] for row in rows] == ["COMPLETED"] * 3
+    assert float(rows[0]["score"]) == first.score and rows[0]["arch"] == first.arch
+    assert (tmp_path / "search" / "sensitivity.png").stat().st_size > 0
+    assert (tmp_path / "search" / "search.yaml").is_file()
+
+    recipe_path = tmp_path / "search" / "best_recipe.yaml"
+    text = recipe_path.read_text()
+    assert text.startswith("# Best configuration of search 'tiny'") and f"cnnkit run {recipe_path}" in text
+    recipe = yaml.safe_load(text)
+    assert recipe.pop("recipe") == "train"
+    config.validate_kwargs(train, recipe)
+    assert (recipe["arch"], recipe["learning_rate"], recipe["batch_size"], recipe["epochs"], recipe["schedule"]) == (
+        result.best_arch, 0.05, 8, 1, "constant")
+
+    model = result.best_model()  # the best trial's weights: its validation accuracy is the score
+    images, labels = tiny_data.arrays("val")
+    predicted = np.argmax(model.predict(images, verbose=0), axis=1)
+    assert np.mean(predicted == labels) == pytest.approx(result.best_score, abs=1e-6)
+
+
+def test_invalid_networks_are_recorded_untrained_and_not_counted(tiny_data, tmp_path, counter):
+    space = {"arch": "{f}C{k}-MP2-FC4", "hyperparameters": {"f": [2], "k": [9, 3], "learning_rate": 0.05}}
+    result = search(space, tiny_data, algorithm="grid", max_trials=1, directory=tmp_path / "grid",
+                    callbacks=[counter()], **FAST)
+    assert [(trial.status, trial.values["k"]) for trial in result.trials] == [("INVALID", 9), ("COMPLETED", 3)]
+    assert counter.calls == 1
+    invalid = result.trials[0]
+    assert invalid.error.startswith("2C9-MP2-FC4: ") and "(8 - 9 + 0)/1 + 1 = 0" in invalid.error
+    assert not list((tmp_path / "grid" / "keras_tuner" / "trial_0").glob("checkpoint*"))
+    assert [row["status"] for row in _rows(tmp_path / "grid" / "trials.csv")] == ["INVALID", "COMPLETED"]
+
+
+def test_failed_trials_are_recorded_and_the_search_goes_on(tiny_data, tiny_space, tmp_path, counter):
+    counter.actions = {2: "oom", 3: "nan"}
+    result = search(tiny_space, tiny_data, max_trials=4, directory=tmp_path / "search", callbacks=[counter()],
+                    **FAST)
+    assert [trial.status for trial in result.trials] == ["COMPLETED", "FAILED", "FAILED", "COMPLETED"]
+    assert result.trials[1].error == "out of memory: OOM when allocating tensor of shape [8,8]"
+    assert result.trials[2].error == "the training loss became nan in epoch 1"
+    assert result.best_trial.trial_id in ("0", "3")
+
+
+def test_failures_in_a_row_stop_the_search_and_keep_the_trials(tiny_data, tiny_space, tmp_path, counter):
+    counter.actions = {1: "error", 2: "error"}
+    with pytest.raises(SearchError, match="2 trials in a row failed.*RuntimeError: boom in training"):
+        search(tiny_space, tiny_data, max_trials=4, max_consecutive_failed_trials=2, directory=tmp_path / "search",
+               callbacks=[counter()], **FAST)
+    assert [row["status"] for row in _rows(tmp_path / "search" / "trials.csv")] == ["FAILED", "FAILED"]
+
+
+def test_a_setup_error_in_a_trial_stops_at_once_and_the_trial_reruns(tiny_data, tiny_space, tmp_path, counter):
+    counter.actions = {2: "setup"}
+    with pytest.raises(SearchError, match="trial 1 hit a setup error.*FileNotFoundError: images/0001.png"):
+        search(tiny_space, tiny_data, max_trials=3, directory=tmp_path / "search", callbacks=[counter()], **FAST)
+    assert counter.calls == 2  # no trial burned after the error
+    counter.calls, counter.actions = 0, {}
+    result = search(tiny_space, tiny_data, max_trials=3, directory=tmp_path / "search", callbacks=[counter()], **FAST)
+    assert counter.calls == 2  # the interrupted trial 1, then trial 2
+    assert [(trial.trial_id, trial.status) for trial in result.trials] == [("0", "COMPLETED"), ("1", "COMPLETED"),
+                                                                          ("2", "COMPLETED")]
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"data": "no-val"}, ValueError, "validation split"),
+    ({"data": {"path": "does/not/exist", "image_size": 8}}, ValueError, "Folder not found: does/not/exist"),
+    ({"knob": {"optimizer": ["adam", "adamm"]}}, ValueError, "knob optimizer must be one of"),
+    ({"knob": {"augment": ["none", "shiftt"]}}, ValueError, "unknown augmentation 'shiftt'"),
+    ({"knob": {"activation": ["relu", "rellu"]}}, ValueError, "rellu"),
+    ({"arch": "{f}C9-FC{units}"}, ValueError, "no network of search space 'tiny' fits input"),
+    ({"algorithm": "evolution"}, ValueError, "algorithm must be one of random, grid, bayesian, hyperband"),
+    ({"objective": "accuracy"}, ValueError, "objective must be one of val_accuracy, val_loss"),
+    ({"max_trials": 0}, ValueError, "max_trials must be an integer >= 1"),
+    ({"space": {"backbone": "mobilenet_v2", "hyperparameters": {"unfreeze_depth": [1, 2]}}}, ValueError,
+     "fine-tuning spaces"),
+])
+def test_setup_errors_stop_before_any_trial(tiny_data, tiny_space, tmp_path, change, error, message):
+    space = dict(tiny_space, hyperparameters={**tiny_space["hyperparameters"], **change.get("knob", {})})
+    if "arch" in change:
+        space["arch"] = change["arch"]
+    data = tiny_data
+    if change.get("data") == "no-val":
+        data = cnnkit.data.from_arrays(*tiny_data.arrays("train"), val_split=0)
+    elif "data" in change:
+        data = change["data"]
+    options = {key: change[key] for key in ("algorithm", "objective", "max_trials") if key in change}
+    with pytest.raises(error, match=message):
+        search(change.get("space", space), data, directory=tmp_path / "search", **{**FAST, **options})
+    assert not (tmp_path / "search").exists()
+
+
+def test_bayesian_without_its_packages_says_what_to_install(tiny_data, tiny_space, tmp_path, monkeypatch):
+    from keras_tuner.src.tuners import bayesian
+
+    monkeypatch.setattr(bayesian, "scipy", None)
+    with pytest.raises(ImportError, match="algorithm='bayesian' needs scipy and scikit-learn"):
+        search(tiny_space, tiny_data, algorithm="bayesian", directory=tmp_path / "search", **FAST)
+    assert not (tmp_path / "search").exists()
+
+
+
+def test_too_many_invalid_networks_in_a_row_stop_the_search(tiny_data, tmp_path, monkeypatch):
+    from cnnkit.tuner import tuning
+
+    monkeypatch.setattr(tuning, "MAX_INVALID_IN_A_ROW", 2)
+    space = {"arch": "{f}C{k}", "hyperparameters": {"f": [2], "k": [9, 11, 3]}}
+    with pytest.raises(SearchError, match=r"2 proposed networks in a row do not fit the input \(the last: 2C11: "):
+        search(space, tiny_data, algorithm="grid", directory=tmp_path / "grid", **FAST)
