@@ -515,7 +515,7 @@ def _make_oracle(algorithm, *, objective, max_trials, epochs, factor, hyperband_
         try:
             oracle = _BayesianOracle(max_trials=max_trials, **common)
         except ImportError as error:
-            raise ImportError(f"algorithm='bayesian' needs scipy and scikit-learn: pip install scipy scikit-learn "
+            raise ImportError(f"algorithm='bayesian' needs scipy and scikit-learn: pip install 'cnnkit[bayesian]' "
                               f"({error})") from None
     else:
         oracle = (_GridOracle if algorithm == "grid" else _RandomOracle)(max_trials=max_trials, **common)
