@@ -8,7 +8,8 @@ Example:
 
 from cnnkit.models.registry import Architecture, describe, get_architecture, list_models, register_model
 
-__all__ = ["Architecture", "describe", "get_architecture", "list_models", "register_model", "to_fully_convolutional"]
+__all__ = ["Architecture", "describe", "get_architecture", "list_backbones", "list_models", "register_model",
+           "to_fully_convolutional"]
 
 
 def __getattr__(name):
@@ -16,4 +17,8 @@ def __getattr__(name):
         from cnnkit.models.convert import to_fully_convolutional
 
         return to_fully_convolutional
+    if name == "list_backbones":
+        from cnnkit.models.backbones import list_backbones
+
+        return list_backbones
     raise AttributeError(f"module 'cnnkit.models' has no attribute {name!r}")

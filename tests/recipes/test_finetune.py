@@ -184,3 +184,50 @@ def test_the_packaged_finetune_recipe_runs_with_overrides(image_folder, tmp_path
     assert run.class_names == ["cat", "dog"]
     assert run.config["recipe"] == "finetune" and run.config["wei_case"] == 1
 
+
+
+class _WeightsAfterFirstEpoch(keras.callbacks.Callback):
+    """Keeps a copy of every backbone weight at the end of the first epoch (the frozen stage)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            backbone = next(layer for layer in self.model.layers if isinstance(layer, keras.Model))
+            self.weights = [[weight.numpy().copy() for weight in layer.weights] for layer in backbone.layers]
+
+
+@pytest.fixture(scope="module")
+def rgb_images():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    return cnnkit.data.from_arrays(x, np.arange(12) % 2, x_test=x[:4], y_test=np.arange(4) % 2, val_split=0)
+
+
+@pytest.mark.parametrize("name", cnnkit.models.list_backbones())
+def test_every_applications_backbone_fine_tunes_from_a_local_weights_file(name, rgb_images, tmp_path):
+    from cnnkit.models.backbones import build_backbone, get_backbone, layer_groups
+
+    size = get_backbone(name).min_input_size
+    source = build_backbone(name, input_shape=(*size, 3), weights=None)  # the untrained path
+    path = tmp_path / f"{name}.weights.h5"
+    source.save_weights(path)
+    groups = layer_groups(source, get_backbone(name))
+    trainable = [group for group, layers in groups.items()
+                 if any(layer.weights and not isinstance(layer, keras.layers.BatchNormalization) for layer in layers)]
+    unfrozen = trainable[-1]
+    snapshot = _WeightsAfterFirstEpoch()
+    run = cnnkit.recipes.finetune(name, rgb_images, weights=str(path), input_size=size, batch_size=6, verbose=0,
+                                  stages=[{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-2},
+                                          {"unfreeze": [unfrozen], "epochs": 1, "learning_rate": 1e-2}],
+                                  callbacks=[snapshot], run_dir=tmp_path / "run")
+    # Layers correspond by position (auto-numbered layer names differ from build to build).
+    start = [[weight.numpy() for weight in layer.weights] for layer in source.layers]
+    for before, after in zip(start, snapshot.weights, strict=True):  # the frozen stage: as loaded, statistics too
+        for a, b in zip(before, after, strict=True):
+            np.testing.assert_array_equal(a, b)
+    backbone = next(layer for layer in run.model.layers if isinstance(layer, keras.Model))
+    position = {id(layer): index for index, layer in enumerate(source.layers)}
+    changed = {group for group, layers in groups.items() for layer in layers
+               if any(not np.array_equal(weight.numpy(), before) for weight, before in
+                      zip(backbone.layers[position[id(layer)]].weights, start[position[id(layer)]], strict=True))}
+    assert changed == {unfrozen}
+    assert run.model.input_shape == (None, 32, 32, 3) and run.model.output_shape == (None, 2)
