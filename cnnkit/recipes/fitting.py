@@ -5,6 +5,10 @@ frozen-backbone stage and then unfreezing stages. Each stage compiles the model 
 optimiser (Keras needs a recompile after ``trainable`` changes) and continues the epoch count,
 so history, TensorBoard curves and ``history.csv`` run on across stages.
 
+``CNNKIT_EAGER=1`` in the environment compiles with ``run_eagerly=True``: Keras runs each step
+as Python, with no graph tracing (for debugging, and for tests of big backbones taking one step,
+where tracing costs ten times the step).
+
 Resume: every stage keeps a ``BackupAndRestore`` backup under ``run_dir/backup/stage<i>``; a
 finished stage of a multi-stage run leaves its weights and history there, so a run killed in
 stage 3 restarts at stage 3's last completed epoch without redoing stages 1 and 2.
@@ -20,6 +24,7 @@ import dataclasses
 import datetime
 import inspect
 import json
+import os
 import re
 import shutil
 import time
@@ -121,7 +126,8 @@ def fit_stages(model, stages, *, validation, run_dir, loss="sparse_categorical_c
 
 def _fit_stage(model, stage, backup_dir, *, validation, run_dir, loss, steps_per_execution, early_stopping,
                callbacks, initial_epoch, verbose):
-    model.compile(optimizer=stage.optimizer, loss=loss, metrics=["accuracy"], steps_per_execution=steps_per_execution)
+    model.compile(optimizer=stage.optimizer, loss=loss, metrics=["accuracy"], steps_per_execution=steps_per_execution,
+                  run_eagerly=os.environ.get("CNNKIT_EAGER") == "1")
     timer = EpochTimer()
     stage_callbacks = [
         keras.callbacks.BackupAndRestore(str(backup_dir)),
