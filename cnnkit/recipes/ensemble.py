@@ -27,10 +27,9 @@ import numpy as np
 from keras import ops
 
 import cnnkit
-from cnnkit.recipes.fitting import prepare_run_dir, recorded_arguments
+from cnnkit.recipes.fitting import prepare_run_dir, recorded_arguments, run_config
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train
-from cnnkit.report import package_versions
 from cnnkit.runs import Run, atomic_save_model, write_run
 
 COMBINE_MODES = ("mean", "geometric", "vote")
@@ -337,18 +336,7 @@ def ensemble(
 
     arguments.update(members=members if isinstance(members, (int, str)) else labels,
                      train_options={key: _plain_option(value) for key, value in options.items()})
-    config = {
-        "recipe": "ensemble",
-        "arguments": arguments,
-        "members": labels,
-        "combine": combine,
-        "tta": tta,
-        "data": {"source": data.source, "fingerprint": data.fingerprint, "class_counts": data.class_counts},
-        "class_names": list(data.class_names),
-        "image_shape": list(data.image_shape),
-        "seed": seed,
-        "versions": package_versions(),
-    }
+    config = run_config("ensemble", arguments, data, seed=seed, members=labels, combine=combine, tta=tta)
     run = Run(model, run_dir=run_dir, class_names=data.class_names, config=config)
     metrics = {}
     if data.test is not None:

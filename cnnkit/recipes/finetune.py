@@ -25,10 +25,9 @@ from pathlib import Path
 
 import keras
 
-from cnnkit.recipes.fitting import Stage, finish_run, fit_stages, prepare_run_dir, recorded_arguments
+from cnnkit.recipes.fitting import Stage, finish_run, fit_stages, prepare_run_dir, recorded_arguments, run_config
 from cnnkit.recipes.optimization import make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
-from cnnkit.report import package_versions
 from cnnkit.runs import Run
 
 BATCH_NORM_POLICIES = ("frozen", "scale_shift", "recalibrate")
@@ -159,21 +158,9 @@ def finetune(
     plain = make_optimizer(optimizer, learning_rate=learning_rate, steps_per_epoch=1, epochs=1)
     model.compile(optimizer=plain, loss=recipe.loss, metrics=["accuracy"])
     plain.build(model.trainable_variables)  # so a reloaded model's optimizer matches the saved one
-    config = {
-        "recipe": "finetune",
-        "arguments": arguments,
-        "backbone": source,
-        "precision": precision,
-        "data": {"source": data.source, "fingerprint": data.fingerprint, "class_counts": data.class_counts},
-        **recipe.config(),
-        "wei_case": plan["case"] if plan else None,
-        "groups": group_names,
-        "stages": [{**spec, **record} for spec, record in zip(stage_specs, stage_records)],
-        "class_names": list(data.class_names),
-        "image_shape": list(data.image_shape),
-        "seed": seed,
-        "versions": package_versions(),
-    }
+    config = run_config("finetune", arguments, data, seed=seed, backbone=source, precision=precision,
+                        **recipe.config(), wei_case=plan["case"] if plan else None, groups=group_names,
+                        stages=[{**spec, **record} for spec, record in zip(stage_specs, stage_records)])
     return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
                       verbose=verbose)
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from cnnkit.report import package_versions
 from cnnkit.runs import Run, atomic_write_text, write_run
 
 
@@ -169,6 +170,26 @@ def prepare_run_dir(run_dir, label) -> Path:
         raise ValueError(f"run directory {run_dir} already holds a finished run; pass another run_dir or remove it")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def run_config(recipe, arguments, data, *, seed, **details) -> dict:
+    """A run's ``config.yaml`` content: the recipe and its arguments, ``details`` (what the recipe
+    resolved: arch, precision, stages...), then the data, class names, image shape, seed and versions.
+
+    Example:
+        >>> run_config("train", {"epochs": 3}, data, seed=0, precision="float32")["recipe"]  # doctest: +SKIP
+        'train'
+    """
+    return {
+        "recipe": recipe,
+        "arguments": arguments,
+        **details,
+        "data": {"source": data.source, "fingerprint": data.fingerprint, "class_counts": data.class_counts},
+        "class_names": list(data.class_names),
+        "image_shape": list(data.image_shape),
+        "seed": seed,
+        "versions": package_versions(),
+    }
 
 
 def finish_run(model, data, *, history, fit_seconds, config, run_dir, verbose=1, extra_metrics=None) -> Run:

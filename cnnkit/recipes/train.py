@@ -15,10 +15,9 @@ import keras
 import tensorflow as tf
 
 import cnnkit
-from cnnkit.recipes.fitting import Stage, finish_run, fit_stages, prepare_run_dir, recorded_arguments
+from cnnkit.recipes.fitting import Stage, finish_run, fit_stages, prepare_run_dir, recorded_arguments, run_config
 from cnnkit.recipes.optimization import make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
-from cnnkit.report import package_versions
 from cnnkit.runs import Run
 
 
@@ -138,19 +137,9 @@ def train(
         steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
         verbose=verbose,
     )
-    config = {
-        "recipe": "train",
-        "arguments": arguments,
-        "arch": label if isinstance(arch, str) else f"<keras.Model {arch.name}>",
-        "precision": precision,
-        "data": {"source": data.source, "fingerprint": data.fingerprint, "class_counts": data.class_counts},
-        **recipe.config(),
-        "stages": stage_records,
-        "class_names": list(data.class_names),
-        "image_shape": list(data.image_shape),
-        "seed": seed,
-        "versions": package_versions(),
-    }
+    config = run_config("train", arguments, data, seed=seed,
+                        arch=label if isinstance(arch, str) else f"<keras.Model {arch.name}>",
+                        precision=precision, **recipe.config(), stages=stage_records)
     return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
                       verbose=verbose)
 
