@@ -20,10 +20,11 @@ _LAZY = {
     "Plan": ("cnnkit.planner", "Plan"),
     "load": ("cnnkit.runs", "load"),
     "Run": ("cnnkit.runs", "Run"),
+    "TrainingDiverged": ("cnnkit.runs", "TrainingDiverged"),
     "predict_map": ("cnnkit.models.convert", "predict_map"),
     "export": ("cnnkit.exporting", "export"),
 }
-_SUBPACKAGES = {"models", "data", "recipes", "tuner"}
+_SUBPACKAGES = {"models", "data", "recipes", "tuner", "visualize", "distribute"}
 
 __all__ = ["SpecError", "__version__", *_LAZY, *sorted(_SUBPACKAGES)]
 

@@ -8,9 +8,14 @@ Commands::
     cnnkit plan SPEC_OR_NAME --input-shape 28,28,1 [--classes 10] [--batch-size 128]
                 [--precision float32|mixed_bfloat16|mixed_float16] [--optimizer adam]
     cnnkit quickstart [key=value ...]         pretrain on digits 0-4, fine-tune on 50 labels of 5-9, vs scratch
-    cnnkit export RUN --format savedmodel|tflite|onnx [--quantize float16|dynamic|int8] --out DIR
-    cnnkit predict MODEL IMAGE_OR_FOLDER... [--top-k 5] [--csv FILE]
+    cnnkit export RUN --format savedmodel|tflite|onnx [--quantize float16|dynamic|int8] --out DIR [--trust-model]
+    cnnkit predict MODEL IMAGE_OR_FOLDER... [--top-k 5] [--csv FILE] [--trust-model]
     cnnkit tune FILE_OR_NAME [key=value ...]  run a Keras Tuner search from a search-space file (tuner/)
+                [--role chief|worker] [--oracle-address HOST:PORT] [--worker-id NAME] [--worker-timeout S]
+    cnnkit data audit PATH [--test-path P] [--json]   counts, unusable files, duplicates, leakage;
+                                              exits 0 when clean, 1 when problems are found
+    cnnkit report RUN [--data NAME] [--out FILE]   write RUN/report.html (a search directory: its trials page)
+    cnnkit visualize kernels|feature-maps|filters|grad-cam MODEL [IMAGE] --out PNG [--layer L] [--class C]
 
 A mistake a user can make (a bad notation token, an unknown recipe key, a missing file) prints
 one line ``cnnkit: error: <message>`` on stderr and exits with status 2, never a traceback; set
@@ -129,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.set_defaults(handler=_cmd_quickstart)
     _add_export_and_predict(commands)
     _add_tune(commands)
+    _add_data(commands)
+    _add_report_and_visualize(commands)
     return parser
 
 
@@ -149,6 +156,8 @@ def _add_export_and_predict(commands) -> None:
                         help="dataset for samples and int8 calibration (default: the run's recorded data)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the fresh-process check")
+    export.add_argument("--trust-model", action="store_true",
+                        help="load a model that holds Python code (a Lambda layer); only for files you trust")
     export.set_defaults(handler=_cmd_export)
 
     predict = commands.add_parser(
@@ -162,6 +171,9 @@ def _add_export_and_predict(commands) -> None:
     predict.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes shown per image")
     predict.add_argument("--csv", default=None, metavar="FILE", help="also write path,rank,class_name,probability")
     predict.add_argument("--batch-size", type=_positive_int, default=256, help="images per model call")
+    predict.add_argument("--trust-model", action="store_true",
+                         help="load a model that holds code: any SavedModel (a graph can run any operation), or a "
+                         "Keras file with Lambda layers; only for models you trust")
     predict.set_defaults(handler=_cmd_predict)
 
 
@@ -244,8 +256,13 @@ def _cmd_quickstart(args) -> int:
 def _cmd_export(args) -> int:
     from cnnkit.exporting import ExportVerificationError, export
 
+    source = args.run
+    if args.trust_model:
+        import cnnkit
+
+        source = cnnkit.load(args.run, trust=True)
     try:
-        export(args.run, args.out, format=args.format, quantize=args.quantize, data=args.data,
+        export(source, args.out, format=args.format, quantize=args.quantize, data=args.data,
                overwrite=args.overwrite, verify=args.verify)
     except ExportVerificationError as error:
         print(f"{PROG}: export failed: {_error_message(error)}", file=sys.stderr)
@@ -260,7 +277,8 @@ def _cmd_predict(args) -> int:
     if skipped:
         shown = ", ".join(str(path) for path in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         print(f"{PROG}: skipped {len(skipped)} files that are not images: {shown}", file=sys.stderr)
-    predictions = load_predictor(args.model).predict_files(files, k=args.top_k, batch_size=args.batch_size)
+    predictor = load_predictor(args.model, trust=args.trust_model)
+    predictions = predictor.predict_files(files, k=args.top_k, batch_size=args.batch_size)
     for path, ranked in predictions:
         print(f"{path}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
     if args.csv:
@@ -276,10 +294,21 @@ def _add_tune(commands) -> None:
         description="Run a Keras Tuner search from a search-space file (a path, or the name of a packaged one in "
         "tuner/). key=value arguments override its keys (max_trials=5, epochs=2, space.hyperparameters.k1=[3,5]). "
         "Prints a line per trial and a final table; writes trials.csv, best_recipe.yaml and sensitivity.png to "
-        "the search directory. Run the same command again to resume an interrupted search.",
+        "the search directory. Run the same command again to resume an interrupted search. With --role, one "
+        "search runs on several processes or hosts sharing the search directory: one chief serves it to any number "
+        "of workers (see docs/SCALING.md); a worker that dies has its trial given to another.",
     )
     tune.add_argument("space", metavar="FILE_OR_NAME", help="a search-space .yaml file or a packaged space name")
     tune.add_argument("overrides", metavar="key=value", nargs="*", help="override a key of the file")
+    tune.add_argument("--role", choices=["chief", "worker"], default=None,
+                      help="distributed search: the chief serves trials and records them, workers train them "
+                      "(default: one process, or Keras Tuner's KERASTUNER_* environment variables)")
+    tune.add_argument("--oracle-address", default=None, metavar="HOST:PORT",
+                      help="where the chief listens and workers call (default 127.0.0.1:8000: this host only)")
+    tune.add_argument("--worker-id", default=None, metavar="NAME",
+                      help="a worker's name, unique in the search (default <host>-<pid>)")
+    tune.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
+                      help="a worker silent this long has its trial given to another (default 60; same on all)")
     tune.set_defaults(handler=_cmd_tune)
 
 
@@ -288,16 +317,127 @@ def _cmd_tune(args) -> int:
     from cnnkit.tuner import SearchError
 
     recipe = load_recipe(args.space, args.overrides, kind="tuner")
+    for key in ("role", "oracle_address", "worker_id", "worker_timeout"):
+        if getattr(args, key, None) is not None:
+            recipe.kwargs[key] = getattr(args, key)
     print(f"{PROG}: searching {recipe.name} ({recipe.qualname}) from {recipe.path}", flush=True)
     try:
         result = _run_recipe(recipe)
-    except (SearchError, ImportError) as error:
+    except (SearchError, ImportError, OSError) as error:
         if os.environ.get("CNNKIT_DEBUG", "").strip() not in ("", "0"):
             raise
         print(f"{PROG}: error: {_error_message(error)}", file=sys.stderr)
         return 2
     if "best_recipe" in result.files:
         print(f"train the best configuration: {PROG} run {result.files['best_recipe']}")
+    return 0
+
+
+def _add_data(commands) -> None:
+    """The ``data audit`` subcommand (``cnnkit.data.audit``)."""
+    data = commands.add_parser("data", help="inspect image folders", description="Inspect image folders.")
+    actions = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    audit = actions.add_parser(
+        "audit",
+        help="check a class-per-subfolder image folder: counts, unusable files, duplicates, leakage",
+        description="Audit a folder with one subfolder per class (and its test folder): images per class, files "
+        "that cannot be used (with the reason), and exact duplicates (identical bytes, SHA-256) within a class, "
+        "across classes (conflicting labels) and across train and test (leakage). Exit status: 0 clean, "
+        "1 problems found, 2 usage error (e.g. a missing folder).",
+    )
+    audit.add_argument("path", metavar="PATH", help="folder with one subfolder of images per class")
+    audit.add_argument("--test-path", default=None, metavar="P", help="the test folder, same layout")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit.set_defaults(handler=_cmd_data_audit)
+
+
+def _cmd_data_audit(args) -> int:
+    import json
+
+    from cnnkit.data import audit
+
+    report = audit(args.path, test_path=args.test_path)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0 if report.clean else 1
+
+
+def _add_report_and_visualize(commands) -> None:
+    """The ``report`` and ``visualize`` subcommands (``cnnkit.html_report``, ``cnnkit.visualize``)."""
+    report = commands.add_parser(
+        "report",
+        help="write report.html of a run directory (or a search directory)",
+        description="Write a self-contained report.html into a run directory: metrics, confusion matrix, training "
+        "curves with a diagnosis, the most confident mistakes, first-layer kernels, feature maps, Grad-CAM and the "
+        "layer table. Test images come from --data, else the run's own data. A search directory (with search.yaml) "
+        "gets its trials table and sensitivity plot instead.",
+    )
+    report.add_argument("path", metavar="RUN", help="a run directory, a .keras file or a search directory")
+    report.add_argument("--data", default=None, metavar="NAME", help="test data (default: the run's recorded data)")
+    report.add_argument("--out", default=None, metavar="FILE", help="the HTML file (default RUN/report.html)")
+    report.add_argument("--examples", type=_positive_int, default=8, metavar="N", help="mistakes and Grad-CAM images")
+    report.set_defaults(handler=_cmd_report)
+
+    visualize = commands.add_parser(
+        "visualize",
+        help="draw kernels, feature maps, filter patterns or Grad-CAM of a model as a PNG",
+        description="Draw what a model (a run directory or .keras file) has learned: its kernels, the feature maps "
+        "of an image, the patterns that excite its filters most (activation maximisation), or a Grad-CAM map of "
+        "where the evidence for a class lies in an image.",
+    )
+    visualize.add_argument("what", choices=["kernels", "feature-maps", "filters", "grad-cam"])
+    visualize.add_argument("model", metavar="MODEL", help="a run directory or a .keras file")
+    visualize.add_argument("image", metavar="IMAGE", nargs="?", help="an image file (feature-maps, grad-cam)")
+    visualize.add_argument("--out", required=True, metavar="PNG", help="the PNG to write")
+    visualize.add_argument("--layer", default=None, help="layer name (default: first or last convolution)")
+    visualize.add_argument("--filters", type=_positive_int, default=16, metavar="N", help="filters: how many")
+    visualize.add_argument("--steps", type=_positive_int, default=64, metavar="N", help="filters: ascent steps")
+    visualize.add_argument("--class", dest="class_", default=None, metavar="NAME",
+                           help="grad-cam: the class (name or index; default the predicted one)")
+    visualize.set_defaults(handler=_cmd_visualize)
+
+
+def _cmd_report(args) -> int:
+    from pathlib import Path
+
+    from cnnkit.html_report import write_report, write_search_report
+
+    if (Path(args.path) / "search.yaml").is_file():
+        path = write_search_report(args.path, out=args.out, strict=True)
+    else:
+        path = write_report(args.path, data=args.data, out=args.out, strict=True, examples=args.examples)
+    print(f"report written to {path}")
+    return 0
+
+
+def _cmd_visualize(args) -> int:
+    import cnnkit
+    from cnnkit import visualize
+    from cnnkit.inference import keras_predictor
+
+    run = cnnkit.load(args.model)
+    image = None
+    if args.what in ("feature-maps", "grad-cam"):
+        if not args.image:
+            raise ValueError(f"'visualize {args.what}' needs an IMAGE file. Received: no image")
+        image = keras_predictor(run.model, class_names=run.class_names).load_images([args.image])[0]
+    if args.what == "kernels":
+        visualize.kernels(run.model, args.layer, save=args.out)
+    elif args.what == "feature-maps":
+        visualize.feature_maps(run.model, image, None if args.layer is None else [args.layer], save=args.out)
+    elif args.what == "filters":
+        visualize.filter_patterns(run.model, args.layer, args.filters, steps=args.steps, save=args.out)
+    else:
+        names = run.class_names
+        index = None
+        if args.class_ is not None:
+            if args.class_ not in names and not args.class_.isdigit():
+                raise ValueError(f"--class must be a class name or index. Received: {args.class_!r}; classes: {names}")
+            index = names.index(args.class_) if args.class_ in names else int(args.class_)
+        probabilities = run.predict(image)[0]
+        index = int(probabilities.argmax()) if index is None else index
+        visualize.grad_cam(run.model, image, class_index=index, layer=args.layer, save=args.out)
+        print(f"{args.image}: class {names[index]} (probability {probabilities[index]:.4f})")
+    print(f"{args.what} written to {args.out}")
     return 0
 
 
@@ -321,7 +461,8 @@ def main(argv=None) -> int:
     Returns:
         The exit status: 0 on success, 2 for a usage error or an error the user can fix (bad
         notation, unknown or invalid recipe, missing file), which is printed as one line
-        ``cnnkit: error: <message>`` on stderr. ``--help`` and ``--version`` return 0.
+        ``cnnkit: error: <message>`` on stderr; 3 when training diverged (NaN loss: the message
+        names the epoch, the step and the checkpoint kept). ``--help`` and ``--version`` return 0.
         With ``CNNKIT_DEBUG=1`` in the environment such errors are raised instead.
 
     Example:
@@ -335,6 +476,7 @@ def main(argv=None) -> int:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 2)
     from cnnkit.config import ConfigError
+    from cnnkit.runs import TrainingDiverged
     from cnnkit.spec import SpecError
 
     try:
@@ -344,6 +486,9 @@ def main(argv=None) -> int:
             raise
         print(f"{PROG}: error: {_error_message(error)}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"{PROG}: {_error_message(error)}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -4,7 +4,8 @@ A recipe file starts with a header comment (what it reproduces, the command that
 trade-offs of its settings), then maps argument names to values. One key is reserved:
 ``recipe:`` names the function in :mod:`cnnkit.recipes` to call (default ``train``); files in
 the packaged ``tuner/`` folder call a function in :mod:`cnnkit.tuner` instead (default
-``search``). Keys are checked against that function's signature before anything runs::
+``search``). Keys are checked against that function's signature, values against its
+annotations and notation against the grammar, before anything runs::
 
     # Reproduces: the Theano tutorial's LeNet (20C5-MP2-50C5-MP2-FC500, tanh) on MNIST.
     # Run: cnnkit run mnist_lenet
@@ -36,6 +37,8 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import numbers
+import os
 import re
 from pathlib import Path
 
@@ -378,7 +381,15 @@ def resolve_function(module: str, name: str, *, source=None):
 
 
 def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, override_keys=()) -> None:
-    """Check keyword arguments against ``function``'s signature.
+    """Check keyword arguments against ``function``'s signature, before anything runs.
+
+    Checks, in order: every key is a parameter; no required argument is missing; each value
+    fits its parameter's annotation (``epochs: int`` refuses ``"ten"``, ``learning_rate:
+    float`` refuses ``[1]``; parameters without an annotation are not checked). For cnnkit's
+    own functions also: ``arch`` is a registered name or valid notation (the message names the
+    bad token) and ``model_options`` holds build options; ``data`` is a known dataset name or
+    a mapping of ``cnnkit.data.from_folder`` arguments; ``backbone`` is a registered backbone
+    or a path. Whether paths exist is checked by :func:`check_paths`.
 
     Args:
         function: the function to be called.
@@ -388,15 +399,20 @@ def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, overr
         override_keys: top-level keys set by command-line overrides (the message says so).
 
     Raises:
-        ConfigError: an unknown key (naming the key, a close match, and the valid keys) or
-            missing required arguments (naming them).
+        ConfigError: one line naming the key (and the bad value or token): an unknown key (with
+            a close match and the valid keys), missing required arguments, a value of the
+            wrong type, bad notation, an unknown dataset or backbone name.
 
     Example:
-        >>> def train(arch, data, *, epochs=10): ...
+        >>> def train(arch, data, *, epochs: int = 10): ...
         >>> validate_kwargs(train, {"arch": "lenet", "data": "mnist", "epoch": 3})
         Traceback (most recent call last):
         ...
         cnnkit.config.ConfigError: unknown key 'epoch' for train (did you mean 'epochs'?); valid keys: arch, data, epochs
+        >>> validate_kwargs(train, {"arch": "lenet", "data": "mnist", "epochs": "ten"})
+        Traceback (most recent call last):
+        ...
+        cnnkit.config.ConfigError: epochs must be an integer. Received: epochs='ten'
     """
     prefix = f"{source}: " if source is not None else ""
     qualname = qualname or getattr(function, "__qualname__", repr(function))
@@ -423,6 +439,120 @@ def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, overr
         names = ", ".join(repr(name) for name in missing)
         plural = "s" if len(missing) > 1 else ""
         raise ConfigError(f"{prefix}missing required argument{plural} {names} for {qualname}")
+    for key, value in kwargs.items():
+        if key in parameters:
+            _check_type(key, value, parameters[key].annotation, prefix)
+    if getattr(function, "__module__", "").startswith("cnnkit."):
+        for key, check in _VALUE_CHECKS.items():
+            if key in kwargs and key in parameters:
+                check(kwargs[key], kwargs, source)
+
+
+# annotation name -> (accepted types, words for the message); bool is refused where int or float is meant
+_TYPES = {
+    "int": ((numbers.Integral,), "an integer"),
+    "float": ((numbers.Real,), "a number"),
+    "str": ((str,), "a string"),
+    "bool": ((bool,), "true or false"),
+    "dict": ((dict,), "a mapping"),
+    "list": ((list, tuple), "a list"),
+    "tuple": ((list, tuple), "a list"),
+    "None": ((type(None),), "null"),
+}
+
+
+def _check_type(key: str, value, annotation, prefix: str = "") -> None:
+    """Refuse ``value`` when it fits none of the types of a simple annotation like ``int | None``."""
+    if annotation is inspect.Parameter.empty:
+        return
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    names = [part.strip() for part in text.split("|")]
+    if not all(name in _TYPES for name in names):  # an annotation this check does not read
+        return
+    for name in names:
+        types, _ = _TYPES[name]
+        if isinstance(value, types) and not (isinstance(value, bool) and name in ("int", "float")):
+            return
+    expected = " or ".join(_TYPES[name][1] for name in names)
+    raise ConfigError(f"{prefix}{key} must be {expected}. Received: {key}={value!r}")
+
+
+def _check_arch(arch, kwargs: dict, source) -> None:
+    """A registered name or notation (naming the bad token), and known ``model_options``."""
+    if not isinstance(arch, str):
+        return
+    prefix = f"{source}: " if source is not None else ""
+    from cnnkit.models.registry import resolve_arch
+
+    options = kwargs.get("model_options")
+    try:
+        resolve_arch(arch, options if isinstance(options, dict) else {})
+    except ValueError as error:  # SpecError is a ValueError
+        raise ConfigError(f"{prefix}arch: {error}") from None
+
+
+def _check_data(data, kwargs: dict, source) -> None:
+    """A known dataset name, or a mapping of ``cnnkit.data.from_folder`` arguments; other values are the recipe's to check."""
+    import cnnkit.data
+    from cnnkit.data.folder import from_folder
+
+    prefix = f"{source}: " if source is not None else ""
+    if isinstance(data, str):
+        known = cnnkit.data.list_datasets()
+        if data.strip().lower().replace("_", "-") not in known:
+            close = difflib.get_close_matches(data.lower(), known, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{prefix}data: unknown dataset {data!r}{hint}; known datasets: {', '.join(known)}, "
+                              "or a folder as a mapping like {path: images/, image_size: [160, 160]}")
+    elif isinstance(data, dict):
+        validate_kwargs(from_folder, data, source=source, qualname="data (cnnkit.data.from_folder)")
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or os.sep in text or text.endswith(".keras") or Path(text).exists()
+
+
+def _check_backbone(backbone, kwargs: dict, source) -> None:
+    """A registered ``keras.applications`` backbone, unless it names a ``.keras`` file or run directory."""
+    if not isinstance(backbone, str) or _looks_like_path(backbone):
+        return
+    prefix = f"{source}: " if source is not None else ""
+    from cnnkit.models.backbones import get_backbone
+
+    try:
+        get_backbone(backbone)
+    except ValueError as error:
+        raise ConfigError(f"{prefix}backbone (a registered name, a .keras file or a run directory): {error}") from None
+
+
+_VALUE_CHECKS = {"arch": _check_arch, "data": _check_data, "backbone": _check_backbone}
+
+
+def check_paths(kwargs: dict, *, source=None) -> None:
+    """Check that the paths a recipe call reads exist: ``data.path``, ``data.test_path``, ``backbone``.
+
+    Run by :func:`run_recipe` just before the call, so a missing folder fails before any data
+    is loaded or run directory written; :func:`check_recipe_file` leaves it out, as packaged
+    templates name folders of the user's.
+
+    Raises:
+        ConfigError: naming the key and the path.
+
+    Example:
+        >>> check_paths({"data": {"path": "/nope", "image_size": 28}})
+        Traceback (most recent call last):
+        ...
+        cnnkit.config.ConfigError: data.path: no such folder '/nope'
+    """
+    prefix = f"{source}: " if source is not None else ""
+    data = kwargs.get("data")
+    if isinstance(data, dict):
+        for key in ("path", "test_path"):
+            if isinstance(data.get(key), (str, os.PathLike)) and not Path(data[key]).expanduser().is_dir():
+                raise ConfigError(f"{prefix}data.{key}: no such folder {str(data[key])!r}")
+    backbone = kwargs.get("backbone")
+    if isinstance(backbone, str) and _looks_like_path(backbone) and not Path(backbone).exists():
+        raise ConfigError(f"{prefix}backbone: no .keras file or run directory at {backbone!r}")
 
 
 def load_recipe(path_or_name, overrides=(), *, kind: str | None = None) -> Recipe:
@@ -441,7 +571,8 @@ def load_recipe(path_or_name, overrides=(), *, kind: str | None = None) -> Recip
 
     Raises:
         ConfigError: unknown recipe name, bad YAML (naming file and line), a top level that is
-            not a mapping, a malformed override, an unknown key or a missing required argument.
+            not a mapping, a malformed override, or a call :func:`validate_kwargs` refuses
+            (unknown key, missing argument, wrong type, bad notation, unknown dataset).
         FileNotFoundError: a path that does not exist.
 
     Example:
@@ -492,13 +623,19 @@ def check_recipe_file(path) -> Recipe:
 def run_recipe(recipe: Recipe):
     """Call the recipe's function with its keyword arguments and return what it returns.
 
-    The function itself writes the resolved arguments, versions and seed into its run directory.
+    The arguments are checked again (:func:`validate_kwargs`), and the paths they name
+    (:func:`check_paths`), before the call: a bad recipe fails before any data is loaded or
+    run directory written. The function itself writes the resolved arguments, versions and
+    seed into its run directory.
 
     Args:
         recipe: a :class:`Recipe` from :func:`load_recipe`.
 
     Returns:
         The function's result (a ``cnnkit.Run`` for :mod:`cnnkit.recipes` functions).
+
+    Raises:
+        ConfigError: as :func:`validate_kwargs` and :func:`check_paths`.
 
     Example:
         >>> run = run_recipe(load_recipe("quickstart", ["epochs=1"]))  # doctest: +SKIP
@@ -507,6 +644,7 @@ def run_recipe(recipe: Recipe):
     """
     function = resolve_function(recipe.module, recipe.function, source=recipe.path)
     validate_kwargs(function, recipe.kwargs, source=recipe.path, qualname=recipe.qualname)
+    check_paths(recipe.kwargs, source=recipe.path)
     kwargs = dict(recipe.kwargs)
     args = []
     for parameter in inspect.signature(function).parameters.values():
@@ -521,6 +659,7 @@ __all__ = [
     "ConfigError",
     "Recipe",
     "apply_overrides",
+    "check_paths",
     "check_recipe_file",
     "find_recipe",
     "list_recipes",

@@ -2,6 +2,8 @@
 
 A ``Predictor`` wraps a run directory, a ``.keras`` file or an exported SavedModel (see
 ``cnnkit.export``) behind one strict interface: uint8 raw pixels in, class probabilities out.
+Loading is safe by default: a model that holds code (a Keras ``Lambda`` layer; any SavedModel,
+as a TensorFlow graph can run any operation) needs ``trust=True``.
 It checks the shape and dtype of what it is given and says what it expected, so a mistake
 never reaches the graph as an opaque TensorFlow error. Keras models run through one compiled
 ``tf.function`` with a fixed input signature (no retracing, none of the set-up that makes
@@ -15,6 +17,7 @@ Example:
     >>> predictor.top_k(image, k=2)                                 # doctest: +SKIP
     [[('7', 0.998), ('1', 0.001)]]
     >>> predictor.predict_files(["digits/"], k=1)                   # doctest: +SKIP
+    >>> exported = load_predictor("exports/lenet-mnist", trust=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class Predictor:
         source: What the predictor was loaded from (shown in messages).
 
     Example:
-        >>> predictor = load_predictor("exports/lenet")            # doctest: +SKIP
+        >>> predictor = load_predictor("exports/lenet", trust=True)  # doctest: +SKIP
         >>> predictor.predict(np.zeros((28, 28, 1), np.uint8)).shape  # doctest: +SKIP
         (1, 10)
     """
@@ -176,30 +179,46 @@ class Predictor:
         return f"Predictor(source={self.source!r}, image_shape={self.image_shape}, classes={len(self.class_names)})"
 
 
-def load_predictor(path, *, safe_mode: bool = True) -> Predictor:
+def load_predictor(path, *, trust: bool = False) -> Predictor:
     """A :class:`Predictor` for a run directory, a ``.keras`` file or an exported SavedModel.
+
+    Loading is safe by default. A Keras file holding Python code (a ``Lambda`` layer) is
+    refused, as by ``cnnkit.load``. A SavedModel is a TensorFlow graph, and a graph can run
+    any operation it holds (read or write files, for one), so every SavedModel, cnnkit's own
+    exports included, is loaded only with ``trust=True`` (``--trust-model`` for ``cnnkit
+    predict``): pass it for models you exported or otherwise trust.
 
     Args:
         path: A run directory (``model.keras`` + ``config.yaml`` class names), a ``.keras``
             file (class names ``"0".."K-1"``), or a SavedModel directory written by
             ``cnnkit.export`` (class names from its ``labels.txt``).
-        safe_mode: Forwarded to ``cnnkit.load`` for Keras files.
+        trust: Load code the model holds: any SavedModel, or a Keras file with ``Lambda``
+            layers (Keras ``safe_mode=False``).
 
     Raises:
         FileNotFoundError: If ``path`` does not exist or holds no model.
-        ValueError: If the model does not take one image or a SavedModel lacks the uint8
-            ``serving_default`` signature returning ``probabilities``.
+        ValueError: If the model holds code and ``trust`` is False (one line naming the path
+            and ``trust=True`` / ``--trust-model``), the model does not take one image, or a
+            SavedModel lacks the uint8 ``serving_default`` signature returning ``probabilities``.
 
     Example:
-        >>> load_predictor("runs/lenet-mnist").class_names[:3]  # doctest: +SKIP
+        >>> load_predictor("runs/lenet-mnist").class_names[:3]                # doctest: +SKIP
         ['0', '1', '2']
+        >>> load_predictor("exports/lenet-mnist", trust=True).image_shape     # doctest: +SKIP
+        (28, 28, 1)
     """
     path = Path(path)
     if path.is_dir() and (path / SAVED_MODEL_FILE).is_file():
+        if not trust:
+            raise ValueError(
+                f"Refusing to load the SavedModel {str(path)!r}: a SavedModel is a TensorFlow graph that can run "
+                "any operation (read or write files, for one), even one exported by cnnkit. If you trust where it "
+                "came from, pass trust=True (command line: --trust-model)."
+            )
         return _saved_model_predictor(path)
     import cnnkit
 
-    run = cnnkit.load(path, safe_mode=safe_mode)
+    run = cnnkit.load(path, trust=trust)
     return keras_predictor(run.model, class_names=run.class_names, source=str(path))
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import importlib
 import importlib.util
 import io
@@ -63,6 +64,7 @@ CONFIG_FILE = "config.yaml"
 README_FILE = "README.md"
 CURVES_FILE = "training_curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
+MANIFEST_FILE = "manifest.json"
 
 # Modules whose import registers cnnkit's custom layers with Keras serialization. They are
 # imported (when they exist) before a model is loaded.
@@ -192,6 +194,24 @@ def atomic_write_text(path, text: str, *, encoding: str = "utf-8") -> Path:
     return atomic_write_bytes(path, text.encode(encoding))
 
 
+@contextlib.contextmanager
+def atomic_file(path, *, suffix: str = ".tmp"):
+    """A temporary path beside ``path`` for writers that take a file name; renamed over ``path`` at the end.
+
+    The block writes the temporary file (``suffix`` keeps the extension a writer checks, such as
+    ``.weights.h5``); when it ends without error the file is fsynced and renamed over ``path``.
+    On any error the temporary file is removed and ``path`` is left as it was.
+
+    Example:
+        >>> with atomic_file("runs/demo/epoch001.weights.h5", suffix=".tmp.weights.h5") as temporary:  # doctest: +SKIP
+        ...     model.save_weights(temporary)
+    """
+    with _temp_beside(Path(path), suffix=suffix) as tmp_path:
+        yield tmp_path
+        with open(tmp_path, "rb+") as written:
+            os.fsync(written.fileno())
+
+
 def atomic_save_model(model, path) -> Path:
     """Save a Keras model to ``path`` atomically.
 
@@ -215,10 +235,8 @@ def atomic_save_model(model, path) -> Path:
     path = Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"A model file must end in '.keras'. Received: path={str(path)!r}")
-    with _temp_beside(path, suffix=".tmp.keras") as tmp_path:
+    with atomic_file(path, suffix=".tmp.keras") as tmp_path:
         model.save(tmp_path)
-        with open(tmp_path, "rb+") as saved:
-            os.fsync(saved.fileno())
     return path
 
 
@@ -318,6 +336,16 @@ def _shape_matches(shape, expected) -> bool:
 
 def _fmt_shape(shape) -> str:
     return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+class TrainingDiverged(RuntimeError):
+    """A run's loss became NaN or infinite; the message names the epoch, the step and the checkpoint kept.
+
+    ``cnnkit run`` prints it as one line and exits with status 3.
+
+    Example:
+        >>> raise TrainingDiverged("training diverged: the loss is nan at epoch 3, step 40")  # doctest: +SKIP
+    """
 
 
 class Run:
@@ -599,7 +627,65 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
         history=history,
     )
     atomic_write_text(run_dir / README_FILE, card)
+    write_manifest(run_dir)
     return run_dir
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks.
+
+    Example:
+        >>> file_sha256("runs/demo/model.keras")  # doctest: +SKIP
+        '9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _artifacts(run_dir: Path) -> list[Path]:
+    """The run's files, without the TensorBoard logs, the resume backup and the manifest itself."""
+    skip = {"logs", "backup"}
+    return sorted(path for path in run_dir.rglob("*") if path.is_file() and path.name != MANIFEST_FILE
+                  and not path.name.startswith(".") and skip.isdisjoint(path.relative_to(run_dir).parts[:1]))
+
+
+def write_manifest(run_dir) -> Path:
+    """Write ``manifest.json``: the SHA-256 and size of every artifact in the run directory.
+
+    Example:
+        >>> write_manifest("runs/demo")  # doctest: +SKIP
+        PosixPath('runs/demo/manifest.json')
+    """
+    run_dir = Path(run_dir)
+    files = {path.relative_to(run_dir).as_posix(): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+             for path in _artifacts(run_dir)}
+    return atomic_write_text(run_dir / MANIFEST_FILE, json.dumps({"files": files}, indent=1) + "\n")
+
+
+def verify_manifest(run_dir) -> list[str]:
+    """The problems found checking a run directory against its ``manifest.json`` (empty: intact).
+
+    Each problem names the file: changed (SHA-256 differs) or missing. A run directory without a
+    manifest (written before cnnkit had one) has nothing to check.
+
+    Example:
+        >>> verify_manifest("runs/demo")  # doctest: +SKIP
+        ['model.keras: SHA-256 differs from manifest.json (changed or corrupt)']
+    """
+    path = Path(run_dir) / MANIFEST_FILE
+    if not path.exists():
+        return []
+    problems = []
+    for name, record in json.loads(path.read_text(encoding="utf-8"))["files"].items():
+        file = Path(run_dir) / name
+        if not file.is_file():
+            problems.append(f"{name}: missing (listed in {MANIFEST_FILE})")
+        elif file_sha256(file) != record["sha256"]:
+            problems.append(f"{name}: SHA-256 differs from {MANIFEST_FILE} (changed or corrupt)")
+    return problems
 
 
 def _import_custom_objects() -> None:
@@ -613,23 +699,35 @@ def _import_custom_objects() -> None:
             importlib.import_module(module_name)
 
 
-def _load_model(path: Path, safe_mode: bool):
+def _load_model(path: Path, trust: bool):
     _import_custom_objects()
     import keras
 
+    if trust:
+        return keras.saving.load_model(path, safe_mode=False)
     try:
-        return keras.saving.load_model(path, safe_mode=safe_mode)
+        with _safe_mode_scope():
+            return keras.saving.load_model(path, safe_mode=True)
     except ValueError as err:
-        if safe_mode and "safe_mode" in str(err):
-            raise ValueError(
-                f"Refusing to load {str(path)!r}: it contains Python code (e.g. a Lambda layer) and "
-                "safe_mode=True. Pass safe_mode=False only for files you trust. "
-                f"Keras said: {err}"
-            ) from err
-        raise
+        if "safe_mode" not in str(err):
+            raise
+        raise ValueError(
+            f"Refusing to load {str(path)!r}: it contains Python code (a Lambda layer or another object Keras "
+            "safe mode blocks) that would run on this machine. If you trust where it came from, pass trust=True "
+            "(command line: --trust-model)."
+        ) from err
 
 
-def load(path, *, safe_mode: bool = True) -> Run:
+def _safe_mode_scope():
+    """Keras's safe-mode scope, so ``keras.config.enable_unsafe_deserialization()`` elsewhere cannot lift it."""
+    try:
+        from keras.src.saving.serialization_lib import SafeModeScope
+    except ImportError:  # a Keras without it: load_model(safe_mode=True) alone
+        return contextlib.nullcontext()
+    return SafeModeScope(True)
+
+
+def load(path, *, trust: bool = False) -> Run:
     """Load a run directory or a ``.keras`` file as a :class:`Run`.
 
     A run directory must contain ``model.keras``; ``history.csv``, ``metrics.json`` and
@@ -637,29 +735,32 @@ def load(path, *, safe_mode: bool = True) -> Run:
     ``config.yaml``. A bare ``.keras`` file gives a Run with empty history, metrics and config
     and class names ``"0".."K-1"`` from the model's output size.
 
-    ``safe_mode=True`` (the default) is passed to ``keras.saving.load_model``: it refuses to
-    deserialise arbitrary Python code such as ``Lambda`` layers, so loading a file from
-    someone else cannot run code. Use ``safe_mode=False`` only for files you trust.
+    Loading is safe by default: Keras safe mode refuses to deserialise Python code such as a
+    ``Lambda`` layer, so a model file from someone else cannot run code on this machine (even
+    where ``keras.config.enable_unsafe_deserialization()`` was called). Pass ``trust=True``
+    (``--trust-model`` on the command line) only for files you trust.
 
     cnnkit's custom layers (``cnnkit.models.layers``) are imported first so their
     serialisation is registered.
 
     Args:
         path: A run directory or a ``.keras`` file.
-        safe_mode: Forwarded to ``keras.saving.load_model``.
+        trust: Load Python code in the file too (Keras ``safe_mode=False``).
 
     Returns:
         A :class:`Run` with ``run_dir`` set for a directory (``None`` for a bare file).
 
     Raises:
         FileNotFoundError: If ``path`` does not exist, or is a directory without ``model.keras``.
-        ValueError: If ``path`` is a file that is not ``.keras``, or the model needs
-            ``safe_mode=False``.
+        ValueError: If ``path`` is a file that is not ``.keras``, a run directory whose files do
+            not match the SHA-256s in its ``manifest.json`` (naming each file), or the model
+            holds code and ``trust`` is False (one line naming the file and ``trust=True``).
 
     Example:
-        >>> run = cnnkit.load("runs/lenet5-mnist")  # doctest: +SKIP
-        >>> run.metrics["test_accuracy"]             # doctest: +SKIP
+        >>> run = cnnkit.load("runs/lenet5-mnist")             # doctest: +SKIP
+        >>> run.metrics["test_accuracy"]                        # doctest: +SKIP
         0.9912
+        >>> cnnkit.load("from-a-colleague.keras", trust=True)   # doctest: +SKIP
     """
     path = Path(path)
     if not path.exists():
@@ -667,10 +768,16 @@ def load(path, *, safe_mode: bool = True) -> Run:
     if path.is_dir():
         model_path = path / MODEL_FILE
         if not model_path.is_file():
+            hint = ("; it is a SavedModel: use cnnkit.inference.load_predictor(path, trust=True)"
+                    if (path / "saved_model.pb").is_file() else "")
             raise FileNotFoundError(
-                f"{str(path)!r} is not a run directory: expected a {MODEL_FILE!r} file in it. "
+                f"{str(path)!r} is not a run directory: expected a {MODEL_FILE!r} file in it{hint}. "
                 f"Received: path={str(path)!r}"
             )
+        problems = verify_manifest(path)
+        if problems:
+            raise ValueError(f"run directory {str(path)!r} does not match its {MANIFEST_FILE}: {'; '.join(problems)}. "
+                             "Restore the files, or train again")
         history_path, metrics_path, config_path = path / HISTORY_FILE, path / METRICS_FILE, path / CONFIG_FILE
         history = _history_from_csv(history_path.read_text(encoding="utf-8")) if history_path.is_file() else {}
         metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
@@ -679,11 +786,11 @@ def load(path, *, safe_mode: bool = True) -> Run:
             config = {}
         if not isinstance(config, dict):
             raise ValueError(f"{str(config_path)!r} must hold a mapping. Received: {type(config).__name__}")
-        model = _load_model(model_path, safe_mode)
+        model = _load_model(model_path, trust)
         return Run(
             model, history=history, metrics=metrics, config=config, run_dir=path, class_names=config.get("class_names")
         )
     if path.suffix != ".keras":
         raise ValueError(f"Expected a run directory or a '.keras' model file. Received: path={str(path)!r}")
-    model = _load_model(path, safe_mode)
+    model = _load_model(path, trust)
     return Run(model)

@@ -232,7 +232,8 @@ def test_export_then_predict_with_the_export(saved_run, tmp_path, capsys):
     assert main(["export", str(run_dir), "--out", str(tmp_path / "sm"), "--no-verify"]) == 0
     capsys.readouterr()
     csv_path = tmp_path / "predictions.csv"
-    assert main(["predict", str(tmp_path / "sm"), str(images), "--top-k", "3", "--csv", str(csv_path)]) == 0
+    assert main(["predict", str(tmp_path / "sm"), str(images), "--top-k", "3", "--csv", str(csv_path),
+                 "--trust-model"]) == 0  # a SavedModel is code: it needs the opt-in
     captured = capsys.readouterr()
     lines = [line for line in captured.out.splitlines() if line.startswith(str(images))]
     assert len(lines) == 2 and all(len(line.split(": ")[1].split(", ")) == 3 for line in lines)

@@ -33,7 +33,7 @@ def digits():
 
 @pytest.mark.parametrize("kind", ["run", "keras", "savedmodel"])
 def test_every_source_gives_the_models_probabilities(saved, digits, kind):
-    predictor = inference.load_predictor(saved[kind])
+    predictor = inference.load_predictor(saved[kind], trust=kind == "savedmodel")  # a SavedModel is code
     assert predictor.image_shape == (28, 28, 1)
     assert predictor.class_names == (NAMES if kind != "keras" else [str(d) for d in range(10)])
     expected = saved["model"](digits.astype("float32"), training=False).numpy()
@@ -48,7 +48,7 @@ def test_every_source_gives_the_models_probabilities(saved, digits, kind):
 
 @pytest.mark.parametrize("kind", ["run", "savedmodel"])
 def test_wrong_dtype_or_shape_is_a_clear_error(saved, digits, kind):
-    predictor = inference.load_predictor(saved[kind])
+    predictor = inference.load_predictor(saved[kind], trust=kind == "savedmodel")
     with pytest.raises(ValueError, match=r"uint8 raw pixels .* Received: images.dtype=float32"):
         predictor.predict(digits.astype("float32"))
     with pytest.raises(ValueError, match=r"one image \(28, 28, 1\) or a batch \(N, 28, 28, 1\).*\(6, 20, 28, 1\)"):
@@ -98,7 +98,7 @@ def test_files_and_folders_are_decoded_like_training_images(saved, digits, tmp_p
     files, skipped = inference.image_files([folder, extra])
     assert files == [folder / "a.png", folder / "more" / "b.jpg", extra]
     assert skipped == [folder / "notes.txt"]
-    predictor = inference.load_predictor(saved["savedmodel"])
+    predictor = inference.load_predictor(saved["savedmodel"], trust=True)
     batch = predictor.load_images(files)
     assert batch.shape == (3, 28, 28, 1) and batch.dtype == np.uint8
     np.testing.assert_array_equal(batch[0], digits[0])  # a PNG of the right size is read exactly
@@ -136,4 +136,4 @@ def test_a_savedmodel_without_the_uint8_signature_is_refused(tmp_path):
     module.serve = tf.function(lambda x: {"scores": x * 2.0}, input_signature=[tf.TensorSpec((None, 4), tf.float32)])
     tf.saved_model.save(module, str(tmp_path / "other"), signatures={"serving_default": module.serve})
     with pytest.raises(ValueError, match="not a SavedModel exported by cnnkit"):
-        inference.load_predictor(tmp_path / "other")
+        inference.load_predictor(tmp_path / "other", trust=True)

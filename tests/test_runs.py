@@ -244,6 +244,7 @@ def test_write_run_then_load_round_trip(tmp_path, trained, data):
             "config.yaml",
             "confusion_matrix.png",
             "history.csv",
+            "manifest.json",
             "metrics.json",
             "model.keras",
             "training_curves.png",
@@ -342,9 +343,9 @@ def test_load_is_safe_by_default(tmp_path):
     inputs = keras.Input((4,))
     outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.Lambda(lambda t: t * 2.0)(inputs))
     path = atomic_save_model(keras.Model(inputs, outputs), tmp_path / "lambda.keras")
-    with pytest.raises(ValueError, match="safe_mode"):
+    with pytest.raises(ValueError, match="lambda.keras.*trust=True"):
         load(path)
-    run = load(path, safe_mode=False)
+    run = load(path, trust=True)
     assert run.predict(np.ones(4)).shape == (1, 2)
 
 

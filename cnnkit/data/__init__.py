@@ -9,10 +9,21 @@ Example:
     >>> data = cnnkit.data.load("mnist-sample")
     >>> print(data.summary())  # doctest: +SKIP
     >>> data = cnnkit.data.from_folder("pets/", image_size=(128, 128))  # doctest: +SKIP
+    >>> print(cnnkit.data.audit("pets/", test_path="pets-test/"))  # doctest: +SKIP
 """
 
+from cnnkit.data.audit import AuditReport, audit
 from cnnkit.data.datasets import list_datasets, load
-from cnnkit.data.folder import from_folder
+from cnnkit.data.folder import MAX_IMAGE_PIXELS, from_folder
 from cnnkit.data.imagedata import ImageData, from_arrays
 
-__all__ = ["ImageData", "from_arrays", "from_folder", "list_datasets", "load"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "AuditReport",
+    "ImageData",
+    "audit",
+    "from_arrays",
+    "from_folder",
+    "list_datasets",
+    "load",
+]

@@ -1,13 +1,24 @@
-"""`from_folder`: images in one subfolder per class, decoded with PIL inside tf.data."""
+"""`from_folder`: images in one subfolder per class, checked when listed, decoded with PIL inside tf.data.
+
+A folder of real-world files holds surprises: zero-byte and truncated files, text named `.png`,
+16-bit, CMYK, palette and transparent images, EXIF-rotated photos, decompression bombs. None of
+them may crash a pipeline, and none may be dropped silently: every listed file is checked once
+when the folder is scanned (`scan_folder`, shared with `cnnkit.data.audit`), the usable ones are
+converted the same documented way every time (`convert_image`), and each excluded file is
+recorded with its reason in `ImageData.skipped` and named in a warning.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import numbers
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,8 +31,42 @@ from cnnkit.data.imagedata import (
 )
 
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
+
+MAX_IMAGE_PIXELS = 89_478_485
+"""Default `max_pixels` (width * height): PIL's own default `PIL.Image.MAX_IMAGE_PIXELS`, about
+9459 x 9459, i.e. 256 MiB once decoded to 8-bit RGB. Larger files are skipped as possible
+decompression bombs, judged from the header before any pixel is decoded."""
+
+ALPHA_BACKGROUND = (255, 255, 255)
+"""Colour that transparent pixels are composited onto: white. Transparent regions of cut-out
+photos, icons, logos and line art are made to be seen on a (white) page, as viewers and browsers
+show them; dark content stays visible on white but would vanish on black. Merely dropping the
+alpha channel (what `Image.convert("RGB")` or `tf.io.decode_png(channels=3)` do) would instead
+expose whatever colour the invisible pixels happen to store."""
+
 _COLOR_MODES = {"rgb": ("RGB", 3), "grayscale": ("L", 1)}
 _SHOW_SKIPPED = 5  # paths named in the warning
+_SCAN_THREADS = min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding
+
+
+class FolderScan(NamedTuple):
+    """What `scan_folder` found in a class-per-subfolder tree.
+
+    Attributes:
+        root: The folder scanned (resolved).
+        class_names: Sorted names of the class subfolders.
+        files: Paths of the usable images, in class order then sorted relative path.
+        labels: Class index of each file in `files`.
+        sizes: Size in bytes of each file in `files`.
+        skipped: `(path, reason)` for each listed file that cannot be used, in listing order.
+    """
+
+    root: Path
+    class_names: list[str]
+    files: list[str]
+    labels: list[int]
+    sizes: list[int]
+    skipped: list[tuple[str, str]]
 
 
 def from_folder(
@@ -33,24 +78,38 @@ def from_folder(
     test_path=None,
     seed: int = 0,
     extensions=DEFAULT_EXTENSIONS,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    verify: bool = True,
 ) -> ImageData:
     """Images stored one subfolder per class, as an `ImageData`.
 
     Layout: `path/<class name>/**/<image>`; the sorted subfolder names are the class names
     (hidden entries, starting with `.`, are ignored). Files are listed recursively with the
     given extensions (case-insensitive), sorted by relative path, so the same folder always
-    gives the same datasets.
+    gives the same datasets. The extension only selects files: the format is detected from
+    the content, so a PNG named `.jpg` is read as the PNG it is.
 
-    Every listed file's header is opened with PIL at scan time (format and size only, no
-    pixel decoding). Files PIL cannot open are excluded, named in a warning and recorded in
-    `ImageData.skipped` as `(path, reason)`; nothing is dropped silently. A file that passes
-    the header check but fails to decode later (e.g. truncated data) raises an error naming
-    it while iterating.
+    Every listed file is checked when the folder is scanned, and a file is skipped when it is
+    empty, not an image PIL can identify, larger than `max_pixels` (judged from the header,
+    before anything is decoded: a decompression bomb costs nothing), or, with `verify=True`,
+    fails to decode (truncated or corrupt data). Skipped files are named in one warning (the
+    count and the first few) and listed with their reasons in `ImageData.skipped`; PIL's own
+    `DecompressionBombWarning`/`Error` never escape. Verifying means decoding every file once
+    at scan time (in a thread pool; JPEGs at 1/8 scale, which still reads every byte), so that
+    iterating the datasets cannot fail on a bad file halfway through training. Measured on 2,000
+    JPEGs (busy 2-core machine, best of 5): `from_folder` takes 0.18 s with `verify=False` and
+    0.47 s with `verify=True` at 128x96 pixels, 0.12 s and 2.2 s at 500x375, a third to a half
+    of what one epoch of pipeline decoding costs (1.0 s and 6-7.5 s, resizing to 64x64). Pass
+    `verify=False` for very large folders you trust: then a file that passes the header check
+    but fails to decode raises an error naming it while iterating, as does a file that
+    changes after the scan.
 
-    Decoding happens in the tf.data pipeline (`tf.numpy_function`, parallel `map`, AUTOTUNE):
-    PIL opens the file, applies the EXIF orientation (`ImageOps.exif_transpose`), converts
-    to RGB or L (alpha is dropped, palettes expanded) and resizes to `image_size` with
-    bilinear resampling; elements are `uint8` `[H, W, C]` images with `int32` labels.
+    Decoding happens in the tf.data pipeline (`tf.numpy_function`, parallel `map`, AUTOTUNE)
+    with `convert_image`: EXIF orientation applied; 16-bit images scaled to 8 bits
+    (`round(v / 257)`: 65535 -> 255, 32896 -> 128), not clipped; transparency composited onto
+    white (`ALPHA_BACKGROUND`); CMYK, palette and other modes converted to RGB or L by PIL;
+    the first frame of an animation. Images are then resized to `image_size` with bilinear
+    resampling; elements are `uint8` `[H, W, C]` images with `int32` labels.
 
     Args:
         path: Folder with one subfolder per class.
@@ -62,14 +121,19 @@ def from_folder(
             the test split.
         seed: Non-negative integer seed of the validation split.
         extensions: File name endings to include, compared case-insensitively.
+        max_pixels: Largest `width * height` accepted; larger files are skipped unread.
+            PIL's own `PIL.Image.MAX_IMAGE_PIXELS` applies too where it is lower (the reason
+            names the limit; raise PIL's to go beyond it).
+        verify: Decode every file once at scan time (`True`) or only read headers (`False`).
 
     Returns:
-        An `ImageData` with `source="folder PATH"` (plus the test folder) and a fingerprint of
-        the sorted relative paths and sizes of the files used, with the class names.
+        An `ImageData` with `source="folder PATH"` (plus the test folder), a fingerprint of
+        the sorted relative paths and sizes of the files used, with the class names, and
+        `skipped` listing `(path, reason)` for every file left out (train folder first).
 
     Raises:
         ValueError: If a folder is missing or is not a folder, has no class subfolders, or a
-            class has no readable images; if the test folder's classes differ; or on a bad
+            class has no usable images; if the test folder's classes differ; or on a bad
             argument. The message names the path or the argument.
 
     Example:
@@ -77,9 +141,11 @@ def from_folder(
         >>> data = from_folder("flowers/train", image_size=(64, 64),
         ...                    test_path="flowers/test")  # doctest: +SKIP
         >>> print(data.summary())  # doctest: +SKIP
+        >>> data.skipped  # doctest: +SKIP
+        [('/data/flowers/train/rose/0042.jpg', 'cannot decode: OSError: image file is truncated ...')]
     """
-    root = _check_dir(path, "path")
-    test_root = _check_dir(test_path, "test_path") if test_path is not None else None
+    root = check_dir(path, "path")
+    test_root = check_dir(test_path, "test_path") if test_path is not None else None
     height, width = _check_image_size(image_size)
     if color_mode not in _COLOR_MODES:
         raise ValueError(
@@ -88,51 +154,48 @@ def from_folder(
     pil_mode, channels = _COLOR_MODES[color_mode]
     val_split = check_val_split(val_split)
     seed = check_seed(seed)
-    extensions = _check_extensions(extensions)
+    extensions = check_extensions(extensions)
+    max_pixels = check_max_pixels(max_pixels)
+    if not isinstance(verify, bool):
+        raise ValueError(f"verify must be True or False. Received: verify={verify!r}")
+    scan_options = {"max_pixels": max_pixels, "verify": verify, "pil_mode": pil_mode}
 
-    class_names, files, labels, sizes, skipped = _scan(root, extensions, "path")
-    test = None
+    train_scan = scan_folder(root, extensions, name="path", **scan_options)
+    _require_images(train_scan, extensions, "path")
+    skipped = list(train_scan.skipped)
+    test_scan = None
     if test_root is not None:
-        test_classes, t_files, t_labels, t_sizes, t_skipped = _scan(
-            test_root, extensions, "test_path"
-        )
-        if test_classes != class_names:
+        test_scan = scan_folder(test_root, extensions, name="test_path", **scan_options)
+        if test_scan.class_names != train_scan.class_names:
             raise ValueError(
                 f"The test folder's class subfolders must match the train folder's. "
-                f"Train folder {root} has {class_names}; test folder {test_root} has "
-                f"{test_classes}. Received: path={str(path)!r}, test_path={str(test_path)!r}"
+                f"Train folder {root} has {train_scan.class_names}; test folder {test_root} has "
+                f"{test_scan.class_names}. Received: path={str(path)!r}, test_path={str(test_path)!r}"
             )
-        test = (t_files, t_labels)
-        skipped += t_skipped
+        _require_images(test_scan, extensions, "test_path")
+        skipped += test_scan.skipped
     if skipped:
-        shown = "; ".join(f"{p} ({reason})" for p, reason in skipped[:_SHOW_SKIPPED])
-        more = (
-            f"; ... and {len(skipped) - _SHOW_SKIPPED} more" if len(skipped) > _SHOW_SKIPPED else ""
-        )
-        warnings.warn(
-            f"from_folder skipped {len(skipped)} file(s) that PIL cannot open: {shown}{more}. "
-            "The full list is in ImageData.skipped.",
-            stacklevel=2,
-        )
+        warnings.warn(_skipped_message(skipped), stacklevel=2)
 
-    labels = np.asarray(labels, np.int32)
+    class_names, files = train_scan.class_names, train_scan.files
+    labels = np.asarray(train_scan.labels, np.int32)
     num_classes = len(class_names)
     train_idx, val_idx = stratified_split(labels, num_classes, val_split, seed)
     splits = {"train": ([files[i] for i in train_idx], labels[train_idx])}
     if val_idx is not None:
         splits["val"] = ([files[i] for i in val_idx], labels[val_idx])
-    if test is not None:
-        splits["test"] = (test[0], np.asarray(test[1], np.int32))
+    if test_scan is not None:
+        splits["test"] = (test_scan.files, np.asarray(test_scan.labels, np.int32))
 
     datasets = {
         split: _make_dataset(split_files, split_labels, (height, width), pil_mode, channels)
         for split, (split_files, split_labels) in splits.items()
     }
 
-    listing = {"train": _listing(root, files, sizes)}
+    listing = {"train": _listing(root, files, train_scan.sizes)}
     source = f"folder {root}"
-    if test_root is not None:
-        listing["test"] = _listing(test_root, test[0], t_sizes)
+    if test_scan is not None:
+        listing["test"] = _listing(test_root, test_scan.files, test_scan.sizes)
         source += f" (test: folder {test_root})"
     digest = hashlib.sha256(b"cnnkit.data.from_folder/v1\n")
     digest.update(json.dumps({"class_names": class_names, "files": listing}).encode())
@@ -153,7 +216,200 @@ def from_folder(
     )
 
 
-def _check_dir(path, name: str) -> Path:
+def scan_folder(
+    root: Path, extensions, *, max_pixels: int, verify: bool, pil_mode: str = "RGB", name: str = "path"
+) -> FolderScan:
+    """List a class-per-subfolder tree and check every listed file with `check_image`.
+
+    Arguments are taken as already checked (`from_folder` and `audit` do that). Empty classes
+    are not an error here: callers decide.
+
+    Args:
+        root: Resolved folder with one subfolder per class.
+        extensions: Lower-case file endings to list.
+        max_pixels: Largest `width * height` accepted.
+        verify: Whether to decode each file (else the header only).
+        pil_mode: `"RGB"` or `"L"`, the mode verification converts to.
+        name: Argument name used in the error message.
+
+    Returns:
+        A `FolderScan`.
+
+    Raises:
+        ValueError: If `root` has no class subfolders.
+
+    Example:
+        >>> scan = scan_folder(Path("pets").resolve(), (".jpg",), max_pixels=MAX_IMAGE_PIXELS,
+        ...                    verify=True)  # doctest: +SKIP
+        >>> scan.class_names, len(scan.files), scan.skipped  # doctest: +SKIP
+        (['cat', 'dog'], 200, [])
+    """
+    from PIL import Image
+
+    class_dirs = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
+    if not class_dirs:
+        raise ValueError(
+            f"No class subfolders in {root}: expected one subfolder of images per class "
+            f"(e.g. {root / 'cats'}/1.jpg). Received: {name}={str(root)!r}"
+        )
+    listed = [
+        (str(file), label)
+        for label, class_dir in enumerate(class_dirs)
+        for file in _list_images(class_dir, extensions)
+    ]
+    check = functools.partial(check_image, max_pixels=max_pixels, verify=verify, pil_mode=pil_mode)
+    with warnings.catch_warnings():
+        # PIL warns on opening a file above its limit; such a file is skipped with a reason here.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if verify and len(listed) > 1 and _SCAN_THREADS > 1:
+            with ThreadPoolExecutor(_SCAN_THREADS) as pool:
+                results = list(pool.map(check, [file for file, _ in listed]))
+        else:
+            results = [check(file) for file, _ in listed]
+    scan = FolderScan(root, [p.name for p in class_dirs], [], [], [], [])
+    for (file, label), (size, reason) in zip(listed, results):
+        if reason is not None:
+            scan.skipped.append((file, reason))
+            continue
+        scan.files.append(file)
+        scan.labels.append(label)
+        scan.sizes.append(size)
+    return scan
+
+
+def check_image(path, *, max_pixels: int = MAX_IMAGE_PIXELS, verify: bool = True, pil_mode: str = "RGB"):
+    """Whether one file can be used as an image, and if not, why.
+
+    Order of the checks: the file's size (empty files), PIL's header parse (format from the
+    content), `width * height` against `max_pixels` or PIL's own `PIL.Image.MAX_IMAGE_PIXELS`,
+    whichever is lower (before any decoding), then with `verify` a full decode, EXIF
+    orientation and `convert_image` (JPEGs decoded at 1/8 scale with `Image.draft`, which
+    still reads and checks every byte). Never raises.
+
+    Args:
+        path: File to check.
+        max_pixels: Largest `width * height` accepted.
+        verify: Decode the pixels (`True`) or stop after the header (`False`).
+        pil_mode: `"RGB"` or `"L"`, the mode to convert to when verifying.
+
+    Returns:
+        `(size_in_bytes, reason)`: `reason` is `None` for a usable file, else one line.
+
+    Example:
+        >>> check_image("cats/empty.jpg")  # doctest: +SKIP
+        (0, 'empty file (0 bytes)')
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        return 0, f"cannot read the file: {exc.strerror or exc}"
+    if size == 0:
+        return 0, "empty file (0 bytes)"
+    stage = "cannot read the header"
+    limit, limit_name = max_pixels, "max_pixels"
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        limit, limit_name = Image.MAX_IMAGE_PIXELS, "PIL.Image.MAX_IMAGE_PIXELS"  # PIL would warn above it
+    try:
+        with Image.open(path) as image:  # parses the header only; no pixels decoded yet
+            width, height = image.size
+            if width * height > limit:
+                return size, (
+                    f"too many pixels, possible decompression bomb: {width}x{height} = {width * height:,} "
+                    f"> {limit_name}={limit:,} (judged from the header; nothing decoded)"
+                )
+            if verify:
+                stage = "cannot decode"
+                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))  # JPEG only; others ignore it
+                convert_image(ImageOps.exif_transpose(image), pil_mode)
+    except Image.DecompressionBombError as exc:  # over PIL's own hard limit (2 x its MAX_IMAGE_PIXELS)
+        return size, f"too many pixels, possible decompression bomb: {exc}"
+    except Image.UnidentifiedImageError:
+        return size, "cannot identify image file: not an image, or a format PIL cannot read"
+    except Exception as exc:  # noqa: BLE001  (PIL raises many types for bad files)
+        return size, f"{stage}: {type(exc).__name__}: {exc}"
+    return size, None
+
+
+def convert_image(image, pil_mode: str):
+    """Convert a PIL image to `"RGB"` or `"L"` without losing what PIL's `convert` loses.
+
+    16-bit and 32-bit integer modes (`I;16`, `I;16B`, `I`) are scaled as 16-bit data with
+    `round(v / 257)` (65535 -> 255, 32896 -> 128; values outside 0..65535 clipped) where
+    `convert("L")` would clip everything above 255 to white. Images with transparency (an
+    alpha channel, or a transparent palette entry or colour) are composited onto
+    `ALPHA_BACKGROUND` (white). Everything else (CMYK, palette, 1-bit, YCbCr, ...) uses
+    PIL's `convert`; CMYK uses PIL's plain formula, without an ICC profile.
+
+    Args:
+        image: A PIL image (EXIF orientation already applied if wanted).
+        pil_mode: `"RGB"` or `"L"`.
+
+    Returns:
+        A PIL image in `pil_mode`.
+
+    Example:
+        >>> from PIL import Image
+        >>> from cnnkit.data.folder import convert_image
+        >>> convert_image(Image.new("I;16", (1, 1), 32896), "L").getpixel((0, 0))
+        128
+        >>> convert_image(Image.new("RGBA", (1, 1), (9, 9, 9, 0)), "RGB").getpixel((0, 0))
+        (255, 255, 255)
+    """
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
+    elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, (*ALPHA_BACKGROUND, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image if image.mode == pil_mode else image.convert(pil_mode)
+
+
+def check_max_pixels(max_pixels) -> int:
+    """Return `max_pixels` as a positive int, or raise ValueError."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral) or max_pixels < 1:
+        raise ValueError(
+            f"max_pixels must be a positive integer (width * height). Received: max_pixels={max_pixels!r}"
+        )
+    return int(max_pixels)
+
+
+def _require_images(scan: FolderScan, extensions, name: str) -> None:
+    """Raise ValueError naming the first class folder of `scan` without a usable image."""
+    counts = count_classes(scan.labels, len(scan.class_names))
+    for class_name, count in zip(scan.class_names, counts):
+        if count:
+            continue
+        class_dir = scan.root / class_name
+        unusable = [item for item in scan.skipped if Path(item[0]).is_relative_to(class_dir)]
+        detail = (
+            f" ({len(unusable)} file(s) were skipped, e.g. {unusable[0][0]}: {unusable[0][1]})"
+            if unusable
+            else ""
+        )
+        raise ValueError(
+            f"Class folder {class_dir} has no readable images with extensions "
+            f"{list(extensions)}{detail}. Received: {name}={str(scan.root)!r}"
+        )
+
+
+def _skipped_message(skipped) -> str:
+    shown = "; ".join(f"{p} ({reason})" for p, reason in skipped[:_SHOW_SKIPPED])
+    more = f"; ... and {len(skipped) - _SHOW_SKIPPED} more" if len(skipped) > _SHOW_SKIPPED else ""
+    return (
+        f"from_folder skipped {len(skipped)} file(s) that cannot be used as images: {shown}{more}. "
+        "The full list is in ImageData.skipped."
+    )
+
+
+def check_dir(path, name: str) -> Path:
+    """Return `path` as a resolved existing folder, or raise ValueError naming the argument `name`."""
     if path is None or not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"{name} must be a folder path. Received: {name}={path!r}")
     folder = Path(path).expanduser()
@@ -183,7 +439,8 @@ def _check_image_size(image_size) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _check_extensions(extensions) -> tuple[str, ...]:
+def check_extensions(extensions) -> tuple[str, ...]:
+    """Return `extensions` as a tuple of lower-case endings, or raise ValueError."""
     if isinstance(extensions, str):
         extensions = (extensions,)
     try:
@@ -196,49 +453,6 @@ def _check_extensions(extensions) -> tuple[str, ...]:
             f"Received: extensions={extensions!r}"
         )
     return result
-
-
-def _scan(root: Path, extensions, name: str):
-    """List a class-per-subfolder tree: (class_names, files, labels, sizes, skipped)."""
-    from PIL import Image
-
-    class_dirs = sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-        key=lambda p: p.name,
-    )
-    if not class_dirs:
-        raise ValueError(
-            f"No class subfolders in {root}: expected one subfolder of images per class "
-            f"(e.g. {root / 'cats'}/1.jpg). Received: {name}={str(root)!r}"
-        )
-    class_names = [p.name for p in class_dirs]
-    files, labels, sizes, skipped = [], [], [], []
-    for label, class_dir in enumerate(class_dirs):
-        found = 0
-        for file in _list_images(class_dir, extensions):
-            try:
-                with Image.open(file):  # parses the header only; no pixels decoded
-                    pass
-            except Exception as exc:  # noqa: BLE001  (PIL raises many types for bad files)
-                skipped.append((str(file), f"{type(exc).__name__}: {exc}"))
-                continue
-            files.append(str(file))
-            labels.append(label)
-            sizes.append(file.stat().st_size)
-            found += 1
-        if not found:
-            unreadable = [item for item in skipped if Path(item[0]).is_relative_to(class_dir)]
-            detail = (
-                f" ({len(unreadable)} file(s) could not be opened, e.g. "
-                f"{unreadable[0][0]}: {unreadable[0][1]})"
-                if unreadable
-                else ""
-            )
-            raise ValueError(
-                f"Class folder {class_dir} has no readable images with extensions "
-                f"{list(extensions)}{detail}. Received: {name}={str(root)!r}"
-            )
-    return class_names, files, labels, sizes, skipped
 
 
 def _list_images(folder: Path, extensions) -> list[Path]:
@@ -279,17 +493,13 @@ def _make_dataset(files, labels, size, pil_mode, channels):
 
 
 def _load_image(path: str, size: tuple[int, int], pil_mode: str) -> np.ndarray:
-    """Decode one file with PIL: EXIF orientation, mode conversion, bilinear resize."""
+    """Decode one file with PIL: EXIF orientation, `convert_image`, bilinear resize."""
     from PIL import Image, ImageOps
 
     height, width = size
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode != pil_mode:
-                if image.mode == "P" and "transparency" in image.info:
-                    image = image.convert("RGBA")  # avoids PIL's palette-transparency warning
-                image = image.convert(pil_mode)
+            image = convert_image(ImageOps.exif_transpose(image), pil_mode)
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)

@@ -11,8 +11,10 @@ TensorFlow is imported on first use, so `import cnnkit.data` stays cheap.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
+import io
 import json
 import numbers
 import warnings
@@ -42,8 +44,9 @@ class ImageData:
         source: Human description, e.g. `"mnist (/data/mnist.npz)"` or `"folder /x/y"`.
         fingerprint: sha256 hex digest identifying the content (pixel and label bytes for
             arrays; sorted relative paths and sizes for folders).
-        skipped: `(path, reason)` for each file a folder source excluded because it could not
-            be opened as an image. Empty for other sources.
+        skipped: `(path, reason)` (plain strings) for each file a folder source excluded
+            because it cannot be used as an image (empty, not an image, too many pixels,
+            truncated or corrupt). Empty for other sources. `skipped_csv()` formats it.
 
     Example:
         >>> import numpy as np
@@ -114,6 +117,23 @@ class ImageData:
             lines.append(f"  skipped: {len(self.skipped)} unreadable file(s), see .skipped")
         lines.append(f"  fingerprint: {self.fingerprint[:12]}")
         return "\n".join(lines)
+
+    def skipped_csv(self) -> str:
+        """`skipped` as CSV text: a `path,reason` header, then one row per skipped file.
+
+        Returns:
+            The CSV text (just the header when nothing was skipped), e.g. for a run directory's
+            `skipped_files.csv`.
+
+        Example:
+            >>> data.skipped_csv()  # doctest: +SKIP
+            'path,reason\n/data/x/cat/empty.jpg,empty file (0 bytes)\n'
+        """
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["path", "reason"])
+        writer.writerows(self.skipped)
+        return buffer.getvalue()
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Materialise one split as numpy arrays.

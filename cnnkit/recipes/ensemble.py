@@ -8,6 +8,7 @@ their probabilities into the ensemble's. It saves, loads (``cnnkit.load``,
 Members come from seeds, from different architectures, from existing runs, or from the cycles
 of one training run (snapshot ensembles: Huang et al. 2017). Test-time augmentation
 (``with_tta``) averages a model's probabilities over flipped and shifted views of each image.
+The run directory also gets ``report.html`` (``cnnkit.html_report``) with how often the members agree.
 
 Example:
     >>> import cnnkit
@@ -27,15 +28,17 @@ import numpy as np
 from keras import ops
 
 import cnnkit
+from cnnkit.distribute import describe, distributed
+from cnnkit.html_report import write_report
 from cnnkit.recipes.fitting import prepare_run_dir, recorded_arguments, run_config
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train
-from cnnkit.runs import Run, atomic_save_model, write_run
+from cnnkit.runs import Run, atomic_save_model, write_manifest, write_run
 
 COMBINE_MODES = ("mean", "geometric", "vote")
 TTA_MODES = ("flip", "crops", "ten_crop")
 # train() arguments the ensemble sets itself, per member.
-_SET_BY_ENSEMBLE = ("arch", "data", "seed", "run_dir", "verbose")
+_SET_BY_ENSEMBLE = ("arch", "data", "seed", "strategy", "run_dir", "verbose")
 _TRAIN_PARAMETERS = inspect.signature(train).parameters
 
 
@@ -260,6 +263,7 @@ class SnapshotSaver(keras.callbacks.Callback):
             atomic_save_model(self.model, self.directory / f"cycle_{(epoch + 1) // self.every}.keras")
 
 
+@distributed
 def ensemble(
     members,
     data,
@@ -270,6 +274,7 @@ def ensemble(
     tta: str | None = None,
     train_options: dict | None = None,
     seed: int = 0,
+    strategy="auto",
     run_dir=None,
     verbose: int = 1,
 ) -> Run:
@@ -296,10 +301,13 @@ def ensemble(
             ``tta_test_accuracy``, ``tta_test_error`` and ``tta_balanced_accuracy``; the saved
             model stays the plain ensemble.
         train_options: keyword arguments of ``cnnkit.recipes.train`` for trained members
-            (epochs, optimizer, augment, ...), except arch, data, seed, run_dir and verbose,
-            which the ensemble sets. A snapshot ensemble sets the schedule itself and refuses
+            (epochs, optimizer, augment, ...), except arch, data, seed, strategy, run_dir and
+            verbose, which the ensemble sets. A snapshot ensemble sets the schedule itself and refuses
             early stopping (it would cut cycles short).
         seed: the first member's seed.
+        strategy: "auto", "mirrored", "multi_worker", "tpu" or a ``tf.distribute.Strategy``, as for
+            ``train``: every trained member trains under it (``train_options`` may add
+            ``scale_learning_rate``); only the chief writes ``run_dir``.
         run_dir: the ensemble's run directory (default ``runs/ensemble-<timestamp>``). Trained
             members go to ``members/<i>``, a snapshot run to ``training`` with its snapshots
             in ``snapshots``. A finished ensemble there is refused; a finished member there is
@@ -336,7 +344,8 @@ def ensemble(
 
     arguments.update(members=members if isinstance(members, (int, str)) else labels,
                      train_options={key: _plain_option(value) for key, value in options.items()})
-    config = run_config("ensemble", arguments, data, seed=seed, members=labels, combine=combine, tta=tta)
+    config = run_config("ensemble", arguments, data, seed=seed, members=labels, combine=combine, tta=tta,
+                        distribution=describe())
     run = Run(model, run_dir=run_dir, class_names=data.class_names, config=config)
     metrics = {}
     if data.test is not None:
@@ -350,6 +359,8 @@ def ensemble(
     metrics["num_members"] = len(models)
     run.metrics = metrics
     write_run(run_dir, model=model, history={}, metrics=metrics, config=config, class_names=data.class_names)
+    write_report(run_dir, model=model, data=data)  # report.html with member agreement; a failure only warns
+    write_manifest(run_dir)
     if verbose:
         print(_result_line(run))
     return run

@@ -24,8 +24,18 @@ import math
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 
-from cnnkit.recipes.fitting import Stage, finish_run, fit_stages, prepare_run_dir, recorded_arguments, run_config
+from cnnkit.distribute import describe, distributed, learning_rate_scale, shard
+from cnnkit.recipes.fitting import (
+    Stage,
+    finish_run,
+    fit_stages,
+    prepare_run_dir,
+    recorded_arguments,
+    run_config,
+    run_key,
+)
 from cnnkit.recipes.optimization import make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.runs import Run
@@ -36,11 +46,13 @@ SMALL_PER_CLASS = 1000  # fewer training images per class than this counts as a 
 _STAGE_KEYS = {"unfreeze", "epochs", "learning_rate", "lr_multipliers", "name"}
 
 
+@distributed
 def finetune(
     backbone,
     data,
     *,
     weights="imagenet",
+    trust: bool = False,
     stages="auto",
     similarity: str = "similar",
     batch_norm: str = "frozen",
@@ -57,8 +69,12 @@ def finetune(
     precision: str = "auto",
     steps_per_execution: int = 1,
     seed: int = 0,
+    deterministic: bool = False,
+    strategy="auto",
+    scale_learning_rate: bool = False,
     callbacks: list | None = None,
     run_dir=None,
+    overwrite: bool = False,
     verbose: int = 1,
 ) -> Run:
     """Fine-tune a pretrained backbone on ``data`` in stages and write the run directory.
@@ -71,6 +87,8 @@ def finetune(
         data: an ``ImageData``, a dataset name, or ``from_folder`` arguments (as for ``train``).
         weights: for an applications backbone: "imagenet" (Keras downloads and caches them), a
             path to a weights file of the headless model, or ``None`` (untrained).
+        trust: for a ``.keras`` file or run directory as backbone: load it even when it holds
+            Python code (a Lambda layer). Only for files you trust; refused otherwise.
         stages: "auto" (chosen by dataset size and ``similarity``, Wei's four cases; printed),
             or a list of stages, each a dict with ``unfreeze`` (0 or ``None``: head only; an int
             n: the top n groups; a list of group names; "all"), ``epochs``, ``learning_rate``
@@ -100,8 +118,14 @@ def finetune(
         precision: as for ``train``.
         steps_per_execution: training steps per call into the compiled graph.
         seed: seeds the head, shuffling, augmentation and dropout.
+        deterministic: also make TensorFlow's kernels deterministic, as for ``train``.
+        strategy: "auto", "mirrored", "multi_worker", "tpu" or a ``tf.distribute.Strategy``, as for
+            ``train`` (``batch_size`` is the global batch; only the chief writes ``run_dir``).
+        scale_learning_rate: multiply every stage's learning rate by the number of replicas.
         callbacks: extra Keras callbacks.
-        run_dir: the run directory (resumes an interrupted run, refuses a finished one).
+        run_dir: the run directory, as for ``train`` (resumes an interrupted run of the same
+            arguments, refuses a finished or other one).
+        overwrite: replace a run directory that holds a finished or other run.
         verbose: 0 silent, 1 progress bars, 2 one line per epoch.
 
     Returns:
@@ -120,11 +144,14 @@ def finetune(
             raise ValueError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
     if not 0 <= head_dropout < 1:
         raise ValueError(f"head_dropout must be in [0, 1). Received: head_dropout={head_dropout!r}")
+    scale = learning_rate_scale(batch_size, scale_learning_rate)
     keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
     data = resolve_data(data)
     precision = resolve_precision(precision)
     with _dtype_policy(precision):
-        features, groups, adapt_input, source = _load_backbone(backbone, weights, data, input_size)
+        features, groups, adapt_input, source = _load_backbone(backbone, weights, data, input_size, trust)
     group_names = [name for name, _ in groups]
     plan = _auto_stages(data, similarity, learning_rate, epochs, group_names) if stages == "auto" else None
     stage_specs = plan["stages"] if plan else _check_stages(stages, group_names)
@@ -133,11 +160,11 @@ def finetune(
     recipe = prepare_inputs(data, augment=augment, imbalance=imbalance, seed=seed)
     model = _attach_head(features, data, adapt_input, head_dropout)
     steps_per_epoch = math.ceil(recipe.train_size / batch_size)
-    pipeline = recipe.train_pipeline(batch_size, seed)
+    pipeline = shard(recipe.train_pipeline(batch_size, seed))
     fit_plan = []
     for spec in stage_specs:
         unfrozen = _unfrozen_groups(spec["unfreeze"], group_names)
-        base = make_optimizer(optimizer, learning_rate=spec["learning_rate"], weight_decay=weight_decay,
+        base = make_optimizer(optimizer, learning_rate=spec["learning_rate"] * scale, weight_decay=weight_decay,
                               schedule="cosine" if unfrozen else "constant", steps_per_epoch=steps_per_epoch,
                               epochs=spec["epochs"])
         multipliers = {name: factor for name, factor in (spec.get("lr_multipliers") or {}).items() if name in unfrozen}
@@ -146,13 +173,13 @@ def finetune(
             pipeline, class_weight=recipe.class_weight,
             prepare=_freezer(features, groups, unfrozen, batch_norm),
         ))
-    run_dir = prepare_run_dir(run_dir, f"finetune-{source['name']}")
+    run_dir = prepare_run_dir(run_dir, f"finetune-{source['name']}", key=run_key(arguments, data), overwrite=overwrite)
     if verbose:
         print(data.summary())
     history, fit_seconds, stage_records = fit_stages(
-        model, fit_plan, validation=recipe.validation_pipeline(), run_dir=run_dir, loss=recipe.loss,
+        model, fit_plan, validation=shard(recipe.validation_pipeline()), run_dir=run_dir, seed=seed, loss=recipe.loss,
         steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
-        verbose=verbose,
+        seeded=recipe.augmentation.layers if recipe.augmentation else (), verbose=verbose,
     )
     # A plain optimiser for the saved model: the discriminative-rate wrapper is not serializable.
     plain = make_optimizer(optimizer, learning_rate=learning_rate, steps_per_epoch=1, epochs=1)
@@ -160,7 +187,8 @@ def finetune(
     plain.build(model.trainable_variables)  # so a reloaded model's optimizer matches the saved one
     config = run_config("finetune", arguments, data, seed=seed, backbone=source, precision=precision,
                         **recipe.config(), wei_case=plan["case"] if plan else None, groups=group_names,
-                        stages=[{**spec, **record} for spec, record in zip(stage_specs, stage_records)])
+                        stages=[{**spec, **record} for spec, record in zip(stage_specs, stage_records)],
+                        distribution=describe())
     return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
                       verbose=verbose)
 
@@ -209,11 +237,11 @@ def _dtype_policy(precision):
         keras.config.set_dtype_policy(previous)
 
 
-def _load_backbone(backbone, weights, data, input_size):
+def _load_backbone(backbone, weights, data, input_size, trust):
     """``(feature model, [(group, layers)], input adapter, source description)``; the adapter maps the
     raw image tensor to the backbone's input (resize, grayscale to RGB, the backbone's preprocessing)."""
     if isinstance(backbone, (str, Path)) and _is_saved_model(backbone):
-        return _saved_backbone(Path(backbone), data, input_size)
+        return _saved_backbone(Path(backbone), data, input_size, trust)
     from cnnkit.models import backbones
 
     if not isinstance(backbone, str):
@@ -248,11 +276,11 @@ def _is_saved_model(path) -> bool:
     return path.suffix == ".keras" or path.is_dir() or "/" in str(path)
 
 
-def _saved_backbone(path, data, input_size):
+def _saved_backbone(path, data, input_size, trust):
     """A saved classifier cut at the input of its last dense layer, grouped by weighted layer."""
     import cnnkit
 
-    model = cnnkit.load(path).model  # a clear error for a missing or unreadable file
+    model = cnnkit.load(path, trust=trust).model  # a clear error for a missing, unreadable or unsafe file
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     if not dense:
         raise ValueError(f"{path}: the model has no dense classifier to cut off")

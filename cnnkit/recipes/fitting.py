@@ -9,9 +9,11 @@ so history, TensorBoard curves and ``history.csv`` run on across stages.
 as Python, with no graph tracing (for debugging, and for tests of big backbones taking one step,
 where tracing costs ten times the step).
 
-Resume: every stage keeps a ``BackupAndRestore`` backup under ``run_dir/backup/stage<i>``; a
-finished stage of a multi-stage run leaves its weights and history there, so a run killed in
-stage 3 restarts at stage 3's last completed epoch without redoing stages 1 and 2.
+Resume: every stage checkpoints each epoch under ``run_dir/backup/stage<i>``
+(``cnnkit.recipes.resume.EpochCheckpoint``: atomic, hashed, with epoch-derived seeds, so a resumed
+run with a fixed seed ends with the weights an uninterrupted one would have); a finished stage of
+a multi-stage run leaves its weights and history there, so a run killed in stage 3 restarts at
+stage 3's last completed epoch without redoing stages 1 and 2.
 
 Example:
     >>> stage = Stage("train", epochs=3, optimizer=keras.optimizers.Adam(), train=pipeline)  # doctest: +SKIP
@@ -22,20 +24,24 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import inspect
 import json
 import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from cnnkit.html_report import write_report
+from cnnkit.recipes.resume import EpochCheckpoint, explain_determinism_error
 from cnnkit.report import package_versions
-from cnnkit.runs import Run, atomic_write_text, write_run
+from cnnkit.runs import Run, atomic_file, atomic_write_text, file_sha256, write_manifest, write_run
 
 
 @dataclasses.dataclass
@@ -85,37 +91,53 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def fit_stages(model, stages, *, validation, run_dir, loss="sparse_categorical_crossentropy",
-               steps_per_execution=1, early_stopping=None, callbacks=(), verbose=1):
+def fit_stages(model, stages, *, validation, run_dir, seed, loss="sparse_categorical_crossentropy",
+               steps_per_execution=1, early_stopping=None, callbacks=(), seeded=(), verbose=1):
     """Compile and fit ``model`` stage by stage; return ``(history, fit_seconds, stage_records)``.
+
+    Each stage checkpoints every epoch under ``run_dir/backup/stage<i>`` (``EpochCheckpoint``:
+    epoch-derived seeds for the model and the ``seeded`` augmentation layers, hashed atomic
+    checkpoints, a stop on a NaN loss). A run killed and started again goes on from the last
+    completed epoch; a finished stage of a multi-stage run leaves its final weights there and is
+    not fitted again.
 
     ``history`` holds one list per Keras metric over all stages plus ``epoch_seconds``;
     ``stage_records`` has each stage's name and epochs run (early stopping may end one early).
 
     Example:
-        >>> history, seconds, records = fit_stages(model, stages, validation=val, run_dir=run_dir)  # doctest: +SKIP
+        >>> history, seconds, records = fit_stages(model, stages, validation=val, run_dir=run_dir, seed=0)  # doctest: +SKIP
         >>> records
         [{'name': 'head', 'epochs_run': 2}, {'name': 'top', 'epochs_run': 3}]
     """
+    try:
+        return _fit_all(model, stages, validation=validation, run_dir=run_dir, seed=seed, loss=loss,
+                        steps_per_execution=steps_per_execution, early_stopping=early_stopping,
+                        callbacks=callbacks, seeded=seeded, verbose=verbose)
+    except BaseException:
+        remove_if_failed_start(run_dir)
+        raise
+
+
+def _fit_all(model, stages, *, validation, run_dir, seed, loss, steps_per_execution, early_stopping, callbacks,
+             seeded, verbose):
     history, records, fit_seconds, epoch = {}, [], 0.0, 0
     backup = Path(run_dir) / "backup"
     for index, stage in enumerate(stages, 1):
         if stage.prepare is not None:
             stage.prepare(model)
-        finished_weights = backup / f"stage{index}.weights.h5"
-        finished_history = backup / f"stage{index}.history.json"
-        if finished_weights.exists() and finished_history.exists():
-            model.load_weights(finished_weights)
-            stage_history, seconds = json.loads(finished_history.read_text()), 0.0
+        stage_dir = backup / f"stage{index}"
+        finished = _finished_stage(stage_dir)
+        if finished is not None:
+            model.load_weights(stage_dir / FINAL_WEIGHTS)
+            stage_history, seconds = finished, 0.0
         else:
             stage_history, seconds = _fit_stage(
-                model, stage, backup / f"stage{index}", validation=validation, run_dir=run_dir, loss=loss,
+                model, stage, stage_dir, validation=validation, run_dir=run_dir, seed=seed, loss=loss,
                 steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks,
-                initial_epoch=epoch, verbose=verbose,
+                seeded=seeded, initial_epoch=epoch, verbose=verbose,
             )
             if len(stages) > 1:
-                model.save_weights(finished_weights)
-                atomic_write_text(finished_history, json.dumps(stage_history))
+                _mark_finished(model, stage_dir, stage_history)
         epochs_run = len(stage_history.get("loss", []))
         for key, values in stage_history.items():
             history.setdefault(key, []).extend(values)
@@ -125,51 +147,125 @@ def fit_stages(model, stages, *, validation, run_dir, loss="sparse_categorical_c
     return history, fit_seconds, records
 
 
-def _fit_stage(model, stage, backup_dir, *, validation, run_dir, loss, steps_per_execution, early_stopping,
-               callbacks, initial_epoch, verbose):
+FINAL_WEIGHTS, FINISHED_FILE = "final.weights.h5", "finished.json"
+
+
+def _mark_finished(model, stage_dir: Path, stage_history: dict) -> None:
+    with atomic_file(stage_dir / FINAL_WEIGHTS, suffix=".tmp.weights.h5") as temporary:
+        model.save_weights(temporary)
+    digest = file_sha256(stage_dir / FINAL_WEIGHTS)
+    atomic_write_text(stage_dir / FINISHED_FILE, json.dumps({"sha256": digest, "history": stage_history}))
+
+
+def _finished_stage(stage_dir: Path) -> dict | None:
+    """The history of a stage that finished in an earlier process, or ``None`` (also when its weights changed)."""
+    marker, weights = stage_dir / FINISHED_FILE, stage_dir / FINAL_WEIGHTS
+    if not marker.exists():
+        return None
+    record = json.loads(marker.read_text())
+    if not weights.exists() or file_sha256(weights) != record["sha256"]:
+        warnings.warn(f"{weights} does not match its SHA-256 in {marker}; fitting the stage again from its "
+                      "last intact epoch checkpoint", stacklevel=3)
+        return None
+    return record["history"]
+
+
+def _fit_stage(model, stage, stage_dir, *, validation, run_dir, seed, loss, steps_per_execution, early_stopping,
+               callbacks, seeded, initial_epoch, verbose):
     model.compile(optimizer=stage.optimizer, loss=loss, metrics=["accuracy"], steps_per_execution=steps_per_execution,
                   run_eagerly=os.environ.get("CNNKIT_EAGER") == "1")
-    timer = EpochTimer()
-    stage_callbacks = [
-        keras.callbacks.BackupAndRestore(str(backup_dir)),
-        keras.callbacks.TensorBoard(str(Path(run_dir) / "logs"), write_graph=False),
-    ]
+    checkpoint = EpochCheckpoint(stage_dir, seed=seed, seeded=seeded)
+    restored = checkpoint.restore(model)
+    stage_callbacks = [keras.callbacks.TensorBoard(str(Path(run_dir) / "logs"), write_graph=False)]
     if early_stopping:
         stage_callbacks.append(keras.callbacks.EarlyStopping(patience=early_stopping, restore_best_weights=True))
     stage_callbacks += list(callbacks)
-    stage_callbacks.append(timer)  # last, so each epoch's time includes the other callbacks' work
+    stage_callbacks.append(checkpoint)  # last: an epoch's time includes the other callbacks' work
     started = time.perf_counter()
-    history = model.fit(
-        stage.train,
-        validation_data=validation,
-        initial_epoch=initial_epoch,
-        epochs=initial_epoch + stage.epochs,
-        shuffle=False,  # the pipeline shuffles
-        class_weight=stage.class_weight,
-        callbacks=stage_callbacks,
-        verbose=verbose,
-    ).history
-    seconds = time.perf_counter() - started
-    history = {key: [float(value) for value in values] for key, values in history.items()}
-    history["epoch_seconds"] = timer.seconds[-len(history.get("loss", [])):]
-    return history, seconds
+    first = restored if restored is not None else initial_epoch
+    if first < initial_epoch + stage.epochs:
+        try:
+            model.fit(stage.train, validation_data=validation, initial_epoch=first,
+                      epochs=initial_epoch + stage.epochs, shuffle=False,  # the pipeline shuffles, by seed and epoch
+                      class_weight=stage.class_weight, callbacks=stage_callbacks, verbose=verbose)
+        except Exception as error:
+            explained = explain_determinism_error(error)
+            if explained is error:
+                raise
+            raise explained from error
+    return checkpoint.history, time.perf_counter() - started
 
 
-def prepare_run_dir(run_dir, label) -> Path:
+RUN_MARKERS = ("metrics.json", "config.yaml", "model.keras", "backup")  # what makes a folder a run directory
+_created_here: set[Path] = set()
+
+
+def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool = False) -> Path:
     """The run directory to write, created; a finished run there is refused, an interrupted one resumes.
 
+    Without ``run_dir`` the name is ``runs/<label>-<key[:8]>`` (``key``: a digest of the call's
+    arguments and data, see :func:`run_key`), so the same command finds its interrupted run again;
+    without ``key`` it is timestamped. A directory holding a finished run, or an interrupted run of
+    other arguments, is refused unless ``overwrite=True``, which deletes it first (only a folder
+    that looks like a run directory, never an arbitrary one). If training then fails before its
+    first checkpoint, :func:`remove_if_failed_start` takes the new directory away again.
+
     Example:
-        >>> prepare_run_dir(None, "20C5-MP2-FC64")  # doctest: +SKIP
-        PosixPath('runs/20C5-MP2-FC64-20261123-101500')
+        >>> prepare_run_dir(None, "20C5-MP2-FC64", key="3f2a9c1e77")  # doctest: +SKIP
+        PosixPath('runs/20C5-MP2-FC64-3f2a9c1e')
     """
     if run_dir is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)[:60]}-{stamp}"
+        suffix = key[:8] if key else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)[:60]}-{suffix}"
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.json").exists() and not (run_dir / "backup").exists():
-        raise ValueError(f"run directory {run_dir} already holds a finished run; pass another run_dir or remove it")
+    recorded = run_dir / "backup" / "key"
+    finished = (run_dir / "metrics.json").exists() and not (run_dir / "backup").exists()
+    other = key is not None and recorded.exists() and recorded.read_text() != key
+    if finished or other:
+        if not overwrite:
+            what = "a finished run" if finished else "an interrupted run of other arguments or data"
+            raise ValueError(f"run directory {run_dir} already holds {what}; pass overwrite=True to replace it, "
+                             "or another run_dir")
+        shutil.rmtree(run_dir)
+    elif overwrite and run_dir.exists():
+        if any(run_dir.iterdir()) and not any((run_dir / name).exists() for name in RUN_MARKERS):
+            raise ValueError(f"overwrite=True deletes a run directory, and {run_dir} is not one (no "
+                             f"{', '.join(RUN_MARKERS)}); pass another run_dir")
+        shutil.rmtree(run_dir)
+    if not run_dir.exists():
+        _created_here.add(run_dir.resolve())
     run_dir.mkdir(parents=True, exist_ok=True)
+    if key is not None and not recorded.exists():
+        atomic_write_text(recorded, key)
     return run_dir
+
+
+def run_key(arguments: dict, data) -> str:
+    """A digest of a recipe call's recorded arguments and its data's fingerprint.
+
+    Example:
+        >>> run_key({"arch": "lenet", "epochs": 3}, data)[:8]  # doctest: +SKIP
+        '3f2a9c1e'
+    """
+    plain = {key: value for key, value in arguments.items() if key not in ("run_dir", "verbose", "overwrite", "callbacks")}
+    text = json.dumps([plain, data.fingerprint], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def remove_if_failed_start(run_dir) -> None:
+    """Delete ``run_dir`` if this process created it and no epoch has been checkpointed in it yet.
+
+    Called when a run fails, so that a failed start leaves no directory behind while a run that
+    got somewhere keeps what it needs to resume.
+
+    Example:
+        >>> remove_if_failed_start(Path("runs/x"))  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    if run_dir.resolve() in _created_here and not any(run_dir.glob("**/checkpoints.json")) \
+            and not any(run_dir.glob("**/metrics.json")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        _created_here.discard(run_dir.resolve())
 
 
 def run_config(recipe, arguments, data, *, seed, **details) -> dict:
@@ -184,7 +280,8 @@ def run_config(recipe, arguments, data, *, seed, **details) -> dict:
         "recipe": recipe,
         "arguments": arguments,
         **details,
-        "data": {"source": data.source, "fingerprint": data.fingerprint, "class_counts": data.class_counts},
+        "data": {"source": data.source, "fingerprint": data.fingerprint, "class_counts": data.class_counts,
+                 "skipped_files": len(data.skipped)},
         "class_names": list(data.class_names),
         "image_shape": list(data.image_shape),
         "seed": seed,
@@ -211,6 +308,10 @@ def finish_run(model, data, *, history, fit_seconds, config, run_dir, verbose=1,
     metrics.update(extra_metrics or {})
     run.metrics = metrics
     write_run(run_dir, model=model, history=history, metrics=metrics, config=config, class_names=data.class_names)
+    if data.skipped:  # the files from_folder left out, with reasons
+        atomic_write_text(Path(run_dir) / "skipped_files.csv", data.skipped_csv())
+    write_report(run_dir, model=model, data=data)  # report.html; a failure only warns: the run is saved
+    write_manifest(run_dir)
     shutil.rmtree(Path(run_dir) / "backup", ignore_errors=True)
     if verbose:
         print(result_line(run))

@@ -20,7 +20,7 @@ Strategies (``STRATEGIES``, with each one's options and defaults):
   ``Resampled.dropped`` says how many examples that leaves out.
 * ``"balanced_batches"``: each epoch draws as many examples as the training split holds, each
   from a uniformly chosen class (``tf.data.Dataset.sample_from_datasets`` over per-class
-  shuffled, repeated datasets), freshly every epoch.
+  shuffled, repeated datasets), freshly every epoch, seeded by the seed and the epoch.
 * ``"two_stage"``: Wei's schedule: train on the data as it is, then fine-tune for
   ``second_stage_epochs`` (3) epochs at ``second_stage_lr_factor`` (0.1) times the learning
   rate on class-balanced batches (``Resampled.second_stage``).
@@ -271,18 +271,20 @@ def _balanced_weights(counts) -> dict:
 
 
 def _balanced_batches(data, counts, seed) -> Resampled:
+    from cnnkit.recipes.resume import per_epoch
+
     images, labels = data.arrays("train")
     present = [c for c, n in enumerate(counts) if n]
-    per_class = [
-        tf.data.Dataset.from_tensor_slices(np.flatnonzero(labels == c))
-        .shuffle(counts[c], seed=seed + c, reshuffle_each_iteration=True)
-        .repeat()
-        for c in present
-    ]
+    members = [np.flatnonzero(labels == c) for c in present]
     size = sum(counts)
-    indices = tf.data.Dataset.sample_from_datasets(
-        per_class, weights=[1 / len(present)] * len(present), seed=seed, rerandomize_each_iteration=True
-    ).take(size)
+
+    def draw(epoch_seed):  # a fresh draw each epoch, seeded by (seed, epoch): a resumed run draws the same
+        per_class = [tf.data.Dataset.from_tensor_slices(indices).shuffle(len(indices), seed=epoch_seed + c).repeat()
+                     for c, indices in zip(present, members)]
+        return tf.data.Dataset.sample_from_datasets(per_class, weights=[1 / len(present)] * len(present),
+                                                    seed=epoch_seed).take(size)
+
+    indices = per_epoch(draw, seed, size)
     expected = [0] * len(counts)
     for rank, c in enumerate(present):
         expected[c] = size // len(present) + (rank < size % len(present))

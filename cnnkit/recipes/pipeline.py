@@ -51,7 +51,8 @@ def input_pipeline(data, split: str, *, batch_size: int, shuffle: bool = False, 
 
     The shuffle buffer holds the whole split when it fits in 512 MiB of uint8 images (a full
     shuffle, as for MNIST), else as many images as fit. The order is a function of ``seed`` and
-    the epoch.
+    the epoch being trained (``cnnkit.recipes.resume.training_epoch``), not of how often the
+    pipeline was iterated, so a resumed run sees the orders an uninterrupted one would.
 
     Args:
         data: the ``ImageData``.
@@ -72,9 +73,7 @@ def input_pipeline(data, split: str, *, batch_size: int, shuffle: bool = False, 
             return None
         dataset, size = dataset.cache(), data.sizes[split]
     if shuffle:
-        image_bytes = max(1, math.prod(data.image_shape))
-        buffer = max(1, min(size, SHUFFLE_BUFFER_BYTES // image_bytes))
-        dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        dataset = _epoch_shuffled(dataset, size, data.image_shape, seed)
     dataset = dataset.batch(batch_size)
     if augmentation is not None:
         dataset = augmentation.apply(dataset)
@@ -83,6 +82,15 @@ def input_pipeline(data, split: str, *, batch_size: int, shuffle: bool = False, 
         dataset = dataset.map(lambda images, labels: (images, tf.one_hot(labels, depth)),
                               num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_shuffled(dataset, size, image_shape, seed):
+    """``dataset`` shuffled afresh for each epoch, with the seed ``epoch_seed(seed, epoch)``."""
+    from cnnkit.recipes.resume import per_epoch
+
+    buffer = max(1, min(size, SHUFFLE_BUFFER_BYTES // max(1, math.prod(image_shape))))
+    return per_epoch(lambda epoch_seed: dataset.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False),
+                     seed, size)
 
 
 SAMPLE_BYTES = 256 * 2**20

@@ -15,12 +15,22 @@ import keras
 import tensorflow as tf
 
 import cnnkit
-from cnnkit.recipes.fitting import Stage, finish_run, fit_stages, prepare_run_dir, recorded_arguments, run_config
+from cnnkit.distribute import describe, distributed, learning_rate_scale, shard
+from cnnkit.recipes.fitting import (
+    Stage,
+    finish_run,
+    fit_stages,
+    prepare_run_dir,
+    recorded_arguments,
+    run_config,
+    run_key,
+)
 from cnnkit.recipes.optimization import make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.runs import Run
 
 
+@distributed
 def train(
     arch,
     data,
@@ -41,8 +51,11 @@ def train(
     steps_per_execution: int = 16,
     seed: int = 0,
     deterministic: bool = False,
+    strategy="auto",
+    scale_learning_rate: bool = False,
     callbacks: list | None = None,
     run_dir=None,
+    overwrite: bool = False,
     verbose: int = 1,
 ) -> Run:
     """Train a network from scratch, evaluate it on the test split, and write its run directory.
@@ -80,12 +93,22 @@ def train(
         steps_per_execution: training steps run per call into the compiled graph; more
             amortises Python overhead on small networks (callbacks then see every N-th batch).
         seed: seeds weights, shuffling, augmentation, resampling and dropout.
-        deterministic: also make TensorFlow's kernels deterministic (slower, process-wide).
+        deterministic: also make TensorFlow's kernels deterministic (slower, process-wide):
+            two runs with the same seed then end with identical weights and metrics.
+        strategy: "auto" (one device, or all GPUs when there are several), "mirrored",
+            "multi_worker" (the hosts of ``TF_CONFIG``), "tpu" or a ``tf.distribute.Strategy``;
+            see ``cnnkit.distribute``. ``batch_size`` is the global batch, split across replicas;
+            only the chief writes ``run_dir``.
+        scale_learning_rate: multiply the learning rate by the number of replicas (the linear
+            scaling rule, for a global batch that many times the one the rate was tuned for).
         callbacks: extra ``keras.callbacks.Callback`` objects, run after cnnkit's own (resume
             backup, TensorBoard, early stopping).
-        run_dir: where to write the run; default ``runs/<arch>-<timestamp>``. A directory
-            that already holds a finished run is refused rather than overwritten; one holding
-            an interrupted run (``backup/``) resumes from its last completed epoch.
+        run_dir: where to write the run; default ``runs/<arch>-<digest of the arguments and
+            data>``, so the same call finds its interrupted run again. A directory holding an
+            interrupted run of the same arguments resumes from its last completed epoch (with
+            a fixed seed, to the weights an uninterrupted run ends with); one holding a finished
+            run, or another call's run, is refused.
+        overwrite: replace a run directory that holds a finished or other run.
         verbose: 0 silent, 1 progress bar, 2 one line per epoch.
 
     Returns:
@@ -105,6 +128,7 @@ def train(
     if early_stopping is not None and (not isinstance(early_stopping, int) or early_stopping < 1):
         raise ValueError(f"early_stopping must be a patience in epochs (>= 1) or None. Received: "
                          f"early_stopping={early_stopping!r}")
+    learning_rate = learning_rate * learning_rate_scale(batch_size, scale_learning_rate)
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -119,7 +143,7 @@ def train(
     stages = [Stage("train", epochs, make_optimizer(
         optimizer, learning_rate=learning_rate, schedule=schedule, momentum=momentum, weight_decay=weight_decay,
         steps_per_epoch=steps_per_epoch, epochs=epochs,
-    ), recipe.train_pipeline(batch_size, seed), class_weight=recipe.class_weight)]
+    ), shard(recipe.train_pipeline(batch_size, seed)), class_weight=recipe.class_weight)]
     second = recipe.resampled.second_stage if recipe.resampled is not None else None
     if second is not None:  # Wei's two-stage schedule: then fine-tune on a class-balanced resample
         options = recipe.resampled.options
@@ -127,19 +151,19 @@ def train(
         stages.append(Stage("balanced", second_epochs, make_optimizer(
             optimizer, learning_rate=learning_rate * options["second_stage_lr_factor"], momentum=momentum,
             weight_decay=weight_decay, steps_per_epoch=math.ceil(second.size / batch_size), epochs=second_epochs,
-        ), recipe.train_pipeline(batch_size, seed, resampled=second), class_weight=second.class_weight))
+        ), shard(recipe.train_pipeline(batch_size, seed, resampled=second)), class_weight=second.class_weight))
     label = arch if isinstance(arch, str) else arch.name
-    run_dir = prepare_run_dir(run_dir, label)  # only once every argument has been checked
+    run_dir = prepare_run_dir(run_dir, label, key=run_key(arguments, data), overwrite=overwrite)  # args checked
     if verbose:
         print(data.summary())
     history, fit_seconds, stage_records = fit_stages(
-        model, stages, validation=recipe.validation_pipeline(), run_dir=run_dir, loss=recipe.loss,
+        model, stages, validation=shard(recipe.validation_pipeline()), run_dir=run_dir, seed=seed, loss=recipe.loss,
         steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
-        verbose=verbose,
+        seeded=recipe.augmentation.layers if recipe.augmentation else (), verbose=verbose,
     )
     config = run_config("train", arguments, data, seed=seed,
                         arch=label if isinstance(arch, str) else f"<keras.Model {arch.name}>",
-                        precision=precision, **recipe.config(), stages=stage_records)
+                        precision=precision, **recipe.config(), stages=stage_records, distribution=describe())
     return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
                       verbose=verbose)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from cnnkit.html_report import write_search_report
 from cnnkit.runs import atomic_write_text
 from cnnkit.tuner.sensitivity import sensitivity
 
@@ -383,20 +384,23 @@ class SearchResult:
         return out.getvalue()
 
     def write(self) -> dict:
-        """Write trials.csv, sensitivity.csv and .png, and (when a trial completed) best_recipe.yaml.
+        """Write trials.csv, sensitivity.csv and .png, (when a trial completed) best_recipe.yaml, and report.html.
 
         Returns:
             name -> path of each file written (also kept in ``files``).
 
         Example:
             >>> sorted(result.write())  # doctest: +SKIP
-            ['best_recipe', 'sensitivity_csv', 'sensitivity_png', 'trials']
+            ['best_recipe', 'report', 'sensitivity_csv', 'sensitivity_png', 'trials']
         """
         files = {"trials": atomic_write_text(self.directory / TRIALS_FILE, self.trials_csv())}
         files["sensitivity_csv"] = atomic_write_text(self.directory / SENSITIVITY_CSV, self.sensitivity.to_csv())
         files["sensitivity_png"] = self.sensitivity.plot(self.directory / SENSITIVITY_PNG)
         if self.best_trial is not None:
             files["best_recipe"] = atomic_write_text(self.directory / RECIPE_FILE, self.recipe_text())
+        report = write_search_report(self.directory)  # a failure warns: the search's own files come first
+        if report is not None:
+            files["report"] = report
         self.files = files
         return files
 

@@ -19,6 +19,10 @@ state after every trial. cnnkit adds what a search of convolutional networks nee
   are kept and a trial interrupted mid-way (even by SIGKILL) runs again. Keras Tuner's state
   files are written atomically here, so a kill never leaves a half-written one. A call whose
   settings differ from the directory's (``search.yaml``) is refused rather than mixed in.
+* The same call runs on several processes or hosts: ``role="chief"`` serves the search,
+  ``role="worker"`` trains its trials (Keras Tuner's chief/worker mode over gRPC, sharing the
+  search directory); a worker that dies has its trial handed to another. See
+  :mod:`cnnkit.tuner.distributed` and docs/SCALING.md.
 
 The search directory::
 
@@ -45,6 +49,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -60,6 +65,7 @@ from cnnkit.recipes.optimization import OPTIMIZERS, make_optimizer, resolve_prec
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.report import package_versions
 from cnnkit.runs import atomic_write_text
+from cnnkit.tuner.distributed import POLL_SECONDS, Heartbeat, LivenessMixin, environment, resolve_role, serve
 from cnnkit.tuner.metrics import BalancedAccuracy
 from cnnkit.tuner.result import INVALID_PREFIX, RECORD_FILE, SearchResult, TrialRecord, train_defaults
 from cnnkit.tuner.space import KNOBS, SearchSpace
@@ -106,6 +112,10 @@ def search(
     callbacks: list | None = None,
     directory=None,
     overwrite: bool = False,
+    role: str | None = None,
+    oracle_address: str | None = None,
+    worker_id: str | None = None,
+    worker_timeout: float = 60.0,
     verbose: int = 1,
 ) -> SearchResult:
     """Search a space of networks and training settings with Keras Tuner.
@@ -137,11 +147,27 @@ def search(
         callbacks: extra Keras callbacks for every trial's ``fit`` (deep-copied per trial).
         directory: the search directory; default ``runs/tune-<space name>``.
         overwrite: start afresh, deleting an earlier search in ``directory``. With ``False`` an
-            earlier search with the same settings is resumed.
+            earlier search with the same settings is resumed. (On the chief only; a worker
+            never deletes.)
+        role: ``None`` (one process, or the role Keras Tuner's ``KERASTUNER_*`` environment
+            variables give), "chief" (serves the search to workers and records it; trains
+            nothing) or "worker" (trains the trials the chief hands out). Chief and workers
+            share ``directory`` (the same path on a shared filesystem for several hosts) and
+            every other argument.
+        oracle_address: ``HOST:PORT`` the chief listens on and workers call; default
+            ``127.0.0.1:8000`` (this host only). A chief serving other hosts listens on one
+            of its addresses (or ``0.0.0.0:PORT``); there is no authentication, so only on a
+            private network.
+        worker_id: a worker's name, unique in the search; default ``<host>-<pid>``. A worker
+            restarted with the same name resumes its unfinished trial.
+        worker_timeout: seconds without a sign of life (workers send one every
+            ``worker_timeout / 5`` s while training) after which the chief gives a worker's
+            trial to another worker. Give chief and workers the same value.
         verbose: 0 silent, 1 a line per trial and the final table, 2 also Keras progress per epoch.
 
     Returns:
-        A :class:`cnnkit.tuner.SearchResult`; its files are in ``directory``.
+        A :class:`cnnkit.tuner.SearchResult`; its files are in ``directory`` (the chief writes
+        them; a worker's result is the record as it stood when the chief stopped it).
 
     Raises:
         ValueError: a bad argument, a space none of whose networks fits, a bad knob value, data
@@ -157,6 +183,9 @@ def search(
                      hyperband_iterations=hyperband_iterations, executions_per_trial=executions_per_trial,
                      max_consecutive_failed_trials=max_consecutive_failed_trials,
                      steps_per_execution=steps_per_execution, seed=seed, verbose=verbose)
+    role, variables = resolve_role(role, oracle_address, worker_id)
+    if isinstance(worker_timeout, bool) or not isinstance(worker_timeout, (int, float)) or not worker_timeout > 0:
+        raise ValueError(f"worker_timeout must be a number of seconds > 0. Received: worker_timeout={worker_timeout!r}")
     space = SearchSpace.coerce(space)
     if space.kind != "train":
         raise ValueError(f"search space {space.name!r} names a backbone: fine-tuning spaces (unfreeze_depth, "
@@ -179,40 +208,61 @@ def search(
                 "hyperband_iterations": hyperband_iterations if algorithm == "hyperband" else None,
                 "executions_per_trial": executions_per_trial, "precision": resolved,
                 "steps_per_execution": steps_per_execution, "seed": seed}
-    _prepare_directory(directory, settings, overwrite=overwrite, max_trials=max_trials, source=data.source)
+    _prepare_directory(directory, settings, overwrite=overwrite and role != "worker", max_trials=max_trials,
+                       source=data.source, write=role != "worker")
     hypermodel = _SpaceHyperModel(space, data, objective=objective, dtype=dtype, seed=seed,
                                   steps_per_execution=steps_per_execution, verbose=verbose)
     tuner_class = _HyperbandTuner if algorithm == "hyperband" else _Tuner
-    with contextlib.redirect_stdout(io.StringIO()):  # Keras Tuner's "Reloading Tuner from ..."; we say it below
-        tuner = tuner_class(oracle=oracle, hypermodel=hypermodel, directory=str(directory), project_name=PROJECT,
-                            executions_per_trial=executions_per_trial)
-    tuner.report = _Reporter(tuner, space, settings, directory, data, data_argument, verbose=verbose,
-                             total=max_trials)
-    if verbose:
-        done = sum(trial.status != "RUNNING" for trial in tuner.oracle.trials.values())
-        resumed = f", resuming after {done} finished trials" if done else ""
-        print(f"search {space.name!r}: {algorithm}, {objective}, {epochs} epochs{resumed}; directory {directory}",
-              flush=True)
-    try:
-        tuner.search(epochs=epochs, callbacks=list(callbacks or []), verbose=0)
-    except kt.errors.FatalError as error:
-        raise SearchError(str(error)) from error
-    except RuntimeError as error:
-        if "consecutive failures" not in str(error):
-            raise
-        tuner.report.result().write()
-        last = str(error).strip().splitlines()[-1]
-        raise SearchError(f"{max_consecutive_failed_trials} trials in a row failed, so the search stopped; the last "
-                          f"error: {last}. Finished trials are kept in {directory}") from error
-    finally:
-        hypermodel.inputs = None
+    with environment(variables):  # Keras Tuner reads its KERASTUNER_* variables throughout the search
+        with contextlib.redirect_stdout(io.StringIO()):  # Keras Tuner's "Reloading Tuner from ..."; we say it below
+            tuner = tuner_class(oracle=oracle, hypermodel=hypermodel, directory=str(directory), project_name=PROJECT,
+                                executions_per_trial=executions_per_trial)
+        tuner.role, tuner.worker_timeout = role, float(worker_timeout)
+        tuner.report = _Reporter(tuner, space, settings, directory, data, data_argument, verbose=verbose,
+                                 total=max_trials)
+        if role == "chief":
+            oracle.distributed, oracle.trial_ended = True, tuner.report.trial_done
+        if verbose:
+            done = sum(trial.status != "RUNNING" for trial in tuner.report.trials().values())
+            resumed = f", resuming after {done} finished trials" if done else ""
+            where = f"; {role} {variables['KERASTUNER_TUNER_ID']!r}" if role == "worker" else ""
+            print(f"search {space.name!r}: {algorithm}, {objective}, {epochs} epochs{resumed}; directory {directory}"
+                  f"{where}", flush=True)
+        try:
+            tuner.search(epochs=epochs, callbacks=list(callbacks or []), verbose=0)
+        except kt.errors.FatalError as error:
+            raise SearchError(str(error)) from error
+        except RuntimeError as error:
+            if "consecutive failures" not in str(error):
+                raise
+            _stopped(tuner, error, max_consecutive_failed_trials, directory)
+        finally:
+            hypermodel.inputs = None
+    if role == "chief" and oracle.stop_reason is not None:
+        _stopped(tuner, oracle.stop_reason, max_consecutive_failed_trials, directory)
     result = tuner.report.result()
+    if role == "worker":
+        if verbose:
+            print(f"worker {variables['KERASTUNER_TUNER_ID']!r}: the search has ended ({len(result.trials)} trials); "
+                  f"the chief writes its results to {directory}", flush=True)
+        return result
     result.write()
     if verbose:
         print(result.table())
         print(result.sensitivity.table())
         print("written: " + ", ".join(str(path) for path in result.files.values()))
     return result
+
+
+def _stopped(tuner, error, max_consecutive_failed_trials, directory):
+    """Raise the SearchError of a search stopped by failures (its trials so far written first)."""
+    if isinstance(error, SearchError) or (isinstance(error, str) and "consecutive failures" not in error):
+        raise error if isinstance(error, SearchError) else SearchError(error)
+    if tuner.role != "worker":
+        tuner.report.result().write()
+    last = str(error).strip().splitlines()[-1]
+    raise SearchError(f"{max_consecutive_failed_trials} trials in a row failed, so the search stopped; the last "
+                      f"error: {last}. Finished trials are kept in {directory}")
 
 
 def _check_arguments(*, algorithm, objective, max_trials, epochs, factor, hyperband_iterations, executions_per_trial,
@@ -266,7 +316,7 @@ def _sample(data):
     return next(iter(data.train.take(_SAMPLE_IMAGES).batch(_SAMPLE_IMAGES).map(lambda images, labels: images))).numpy()
 
 
-def _prepare_directory(directory, settings, *, overwrite, max_trials, source):
+def _prepare_directory(directory, settings, *, overwrite, max_trials, source, write=True):
     path = directory / SETTINGS_FILE
     if overwrite:
         shutil.rmtree(directory / PROJECT, ignore_errors=True)
@@ -281,8 +331,9 @@ def _prepare_directory(directory, settings, *, overwrite, max_trials, source):
                 raise ValueError(f"{directory} holds a search with {shown}; this call has "
                                  f"{'other data' if key == 'data' else f'{key}={value!r}'}. Pass overwrite=True "
                                  "to start over, or another directory")
-    record = {"settings": settings, "max_trials": max_trials, "data_source": source, "versions": package_versions()}
-    atomic_write_text(path, yaml.safe_dump(record, sort_keys=False))
+    if write:  # a worker only checks: the chief writes
+        record = {"settings": settings, "max_trials": max_trials, "data_source": source, "versions": package_versions()}
+        atomic_write_text(path, yaml.safe_dump(record, sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- the hypermodel
@@ -389,13 +440,47 @@ def _rejected(trial) -> bool:
     return trial.status == "INVALID" and (trial.message or "").startswith(INVALID_PREFIX)
 
 
-class _Oracle(kt.Oracle):
+class _Oracle(LivenessMixin, kt.Oracle):
     """Keras Tuner's oracle, with trials the planner rejects kept INVALID (no retry, not a failure, not
-    counted towards ``budget``) and its state files written atomically."""
+    counted towards ``budget``) and its state files written atomically. On a chief (``distributed``)
+    it also keeps track of its workers (:class:`cnnkit.tuner.distributed.LivenessMixin`)."""
 
     budget = None
+    distributed = False
 
+    @kt.synchronized
     def create_trial(self, tuner_id):
+        if not self.distributed:
+            return self._create(tuner_id)
+        try:
+            return self._create_trial(tuner_id, self._create)
+        except SearchError as error:  # too many misfits in a row: every worker is told to stop
+            self.stop_reason = error
+            return self._create_trial(tuner_id, self._create)
+
+    @kt.synchronized
+    def get_trial(self, trial_id):
+        if self.distributed:
+            self._seen_trial(trial_id)  # a worker's heartbeat
+        return super().get_trial(trial_id)
+
+    @kt.synchronized
+    def update_trial(self, trial_id, metrics, step=0):
+        if self.distributed:
+            self._seen_trial(trial_id)
+        return super().update_trial(trial_id, metrics, step=step)
+
+    @kt.synchronized
+    def end_trial(self, trial):
+        if not self.distributed:
+            return super().end_trial(trial)
+        if trial.message is None:  # Keras Tuner's gRPC message has no field for it: the worker left it on disk
+            record = Path(self._get_trial_dir(trial.trial_id)) / RECORD_FILE
+            with contextlib.suppress(OSError, ValueError):
+                trial.message = json.loads(record.read_text()).get("message")
+        self._end_trial(trial, super().end_trial)
+
+    def _create(self, tuner_id):
         if tuner_id not in self.ongoing_trials:
             streak = 0
             for trial_id in reversed(self.end_order):
@@ -435,6 +520,7 @@ class _BayesianOracle(_Oracle, kt.oracles.BayesianOptimizationOracle):
 class _HyperbandOracle(_Oracle, kt.oracles.HyperbandOracle):
     """Hyperband whose brackets do not keep a slot for a network the planner rejected (a new one fills it)."""
 
+    @kt.synchronized
     def end_trial(self, trial):
         super().end_trial(trial)
         if _rejected(self.trials[trial.trial_id]):
@@ -444,9 +530,31 @@ class _HyperbandOracle(_Oracle, kt.oracles.HyperbandOracle):
 
 
 class _Tuner(kt.Tuner):
-    """Keras Tuner's ``Tuner`` with the planner's check before each trial and a record after it."""
+    """Keras Tuner's ``Tuner`` with the planner's check before each trial and a record after it.
+
+    As a distributed search's chief it serves the oracle (:func:`cnnkit.tuner.distributed.serve`);
+    as a worker it sends heartbeats while a trial trains and waits between ``IDLE`` answers.
+    """
 
     report = None
+    role = None
+    worker_timeout = 60.0
+    _waiting = False
+    _heartbeat = None
+
+    def search(self, *fit_args, **fit_kwargs):
+        if self.role != "chief":
+            return super().search(*fit_args, **fit_kwargs)
+        self.oracle.verbose = 0  # Keras Tuner's own display; the reporter prints a line per trial
+        self.save()
+        host, port = os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"]
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        serve(self.oracle, address, worker_timeout=self.worker_timeout, verbose=self.hypermodel.verbose)
+
+    def pre_create_trial(self):
+        if self._waiting:  # the last answer was IDLE (other trials still run): ask again in a moment
+            time.sleep(POLL_SECONDS)
+        self._waiting = True
 
     def _populate_initial_space(self):
         # The space has no conditional hyperparameters, so declaring them is enough; Keras Tuner's
@@ -456,6 +564,9 @@ class _Tuner(kt.Tuner):
         self.oracle.update_space(hp)
 
     def on_trial_begin(self, trial):
+        self._waiting = False
+        if self.role == "worker":
+            self._heartbeat = Heartbeat(self.oracle, trial.trial_id, interval=self.worker_timeout / 5).__enter__()
         super().on_trial_begin(trial)
         self._started = time.perf_counter()
         self._gradients_before = set(_gradient_registry())
@@ -482,14 +593,22 @@ class _Tuner(kt.Tuner):
                                        f"{type(error).__name__}: {_first_line(error)}") from error
 
     def on_trial_end(self, trial):
+        if self._heartbeat is not None:
+            self._heartbeat.__exit__(None, None, None)
+            self._heartbeat = None
         record = {"seconds": time.perf_counter() - self._started, **self.hypermodel.timing}
+        if trial.message:  # for a chief, which gets the trial over gRPC without it
+            record["message"] = trial.message
         atomic_write_text(Path(self.get_trial_dir(trial.trial_id)) / RECORD_FILE, json.dumps(record))
         super().on_trial_end(trial)
         registry = _gradient_registry()
         for name in set(registry) - self._gradients_before:
             if name.startswith("CustomGradient-"):
                 del registry[name]
-        self.report.trial_done(trial.trial_id)
+        if self.role is None:
+            self.report.trial_done(trial.trial_id)
+        elif self.hypermodel.verbose:
+            print(f"worker {self.tuner_id!r}: trial {trial.trial_id} {trial.status}", flush=True)
 
     def save(self):
         if not self._is_worker():
@@ -530,20 +649,28 @@ class _Reporter:
         self.tuner, self.space, self.settings, self.directory = tuner, space, settings, directory
         self.data, self.data_argument, self.verbose, self.total = data, data_argument, verbose, total
 
+    def trials(self) -> dict:
+        """trial id -> Keras Tuner ``Trial``: the oracle's, or on a worker (no oracle) the chief's files."""
+        if isinstance(self.tuner.oracle, kt.Oracle):
+            return self.tuner.oracle.trials
+        loaded = (kt.engine.trial.Trial.load(str(path)) for path in Path(self.tuner.project_dir).glob("trial_*/trial.json"))
+        return {trial.trial_id: trial for trial in loaded}
+
     def result(self) -> SearchResult:
-        oracle = self.tuner.oracle
-        records = [TrialRecord.from_trial(oracle.trials[trial_id], self.space, self.tuner.get_trial_dir(trial_id),
+        trials = self.trials()
+        records = [TrialRecord.from_trial(trials[trial_id], self.space, self.tuner.get_trial_dir(trial_id),
                                           epochs=self.settings["epochs"])
-                   for trial_id in sorted(oracle.trials, key=int)]
+                   for trial_id in sorted(trials, key=int)]
         return SearchResult(trials=records, space=self.space, settings=self.settings, directory=self.directory,
-                            data=self.data, data_argument=self.data_argument, tuner=self.tuner)
+                            data=self.data, data_argument=self.data_argument,
+                            tuner=self.tuner if isinstance(self.tuner.oracle, kt.Oracle) else None)
 
     def trial_done(self, trial_id):
         result = self.result()
         atomic_write_text(self.directory / "trials.csv", result.trials_csv())
         if self.verbose:
             record = next(trial for trial in result.trials if trial.trial_id == trial_id)
-            counted = sum(trial.status != "INVALID" for trial in result.trials)
+            counted = sum(trial.status not in ("INVALID", "RUNNING") for trial in result.trials)
             progress = f"{counted}/{self.total}" if self.total else str(counted)
             print(record.line(result.objective, progress=progress, best=result.best_score,
                               placeholders=self.space.placeholders), flush=True)

@@ -85,7 +85,7 @@ def test_grayscale_mode_converts_rgb_with_pil_luma(tmp_path):
     assert (images[1] == 76).all()  # PIL L = 0.299 R + 0.587 G + 0.114 B
 
 
-def test_rgb_mode_expands_grayscale_palette_and_drops_alpha(tmp_path):
+def test_rgb_mode_expands_grayscale_palette_and_composites_alpha_on_white(tmp_path):
     save(tmp_path / "a" / "gray.png", np.full((3, 3), 100, np.uint8))
     rgba = np.zeros((3, 3, 4), np.uint8)
     rgba[...] = (10, 20, 30, 0)
@@ -100,7 +100,7 @@ def test_rgb_mode_expands_grayscale_palette_and_drops_alpha(tmp_path):
     assert images.shape == (3, 3, 3, 3)
     assert (images[0] == 100).all()
     assert (images[1, ..., 0] == 200).all()  # b/pal.gif sorts before b/rgba.png
-    assert (images[2] == (10, 20, 30)).all()
+    assert (images[2] == 255).all()  # fully transparent: the white background, not (10, 20, 30)
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -258,7 +258,7 @@ def test_class_whose_only_file_is_unreadable(tmp_path):
     (tmp_path / "b" / "fake.jpg").write_text("text")
     with pytest.raises(ValueError, match="Class folder .*b has no readable images") as info:
         from_folder(tmp_path, image_size=(2, 2))
-    assert "1 file(s) could not be opened" in str(info.value)
+    assert "1 file(s) were skipped" in str(info.value)
     assert "fake.jpg" in str(info.value)
 
 

@@ -4,6 +4,7 @@ import pytest
 
 import cnnkit
 from cnnkit.recipes.imbalance import STRATEGIES, long_tailed, resample
+from cnnkit.recipes.resume import training_epoch
 
 COUNTS = [40, 15, 5]
 
@@ -123,13 +124,17 @@ def test_resampling_is_seeded(skewed, strategy):
 def test_balanced_batches_draw_classes_uniformly_and_afresh_each_epoch(skewed):
     resampled = resample("balanced_batches", skewed, seed=0)
     assert resampled.size == 60 and resampled.counts_after == [20, 20, 20]
-    epochs = [_collect(resampled.dataset)[1] for _ in range(20)]
+    epochs = []
+    for epoch in range(20):
+        training_epoch().assign(epoch)  # what EpochCheckpoint does at each epoch's start
+        epochs.append(_collect(resampled.dataset)[1])
     assert all(len(labels) == 60 for labels in epochs)  # an epoch is the original training size
-    assert not np.array_equal(epochs[0], epochs[1])  # a new draw every pass
+    assert not np.array_equal(epochs[0], epochs[1])  # a new draw every epoch
     frequencies = np.bincount(np.concatenate(epochs), minlength=3) / 1200
     np.testing.assert_allclose(frequencies, 1 / 3, atol=0.04)
-    same = resample("balanced_batches", skewed, seed=0)
-    np.testing.assert_array_equal(_collect(same.dataset)[1], epochs[0])
+    same = resample("balanced_batches", skewed, seed=0)  # a resumed run draws epoch 19 as the first did
+    np.testing.assert_array_equal(_collect(same.dataset)[1], epochs[19])
+    training_epoch().assign(0)
     images, labels = _collect(resampled.dataset)
     x, y = skewed.arrays("train")
     by_key = {image.tobytes(): label for image, label in zip(x, y)}

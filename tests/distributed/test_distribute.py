@@ -1,0 +1,108 @@
+"""cnnkit.distribute in one process: naming strategies, the global batch, sharding, the recipe decorator."""
+
+import json
+import types
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import cnnkit
+from cnnkit import distribute
+
+
+def _tiny_data():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 100, (64, 8, 8), dtype=np.uint8)
+    y = np.arange(64) % 2
+    x[y == 1, :4] += 150
+    return cnnkit.data.from_arrays(x, y, x_test=x[:16], y_test=y[:16], val_split=0.25)
+
+
+def test_auto_is_one_device_here_and_the_chief_writes():
+    strategy = distribute.get_strategy("auto")
+    assert strategy is tf.distribute.get_strategy()
+    assert distribute.is_chief(strategy)
+    assert distribute.describe(strategy) == {"strategy": "default (one device)", "replicas": 1, "workers": 1}
+
+
+def test_auto_inside_a_scope_is_that_strategy():
+    mirrored = distribute.get_strategy("mirrored")
+    with mirrored.scope():
+        assert distribute.get_strategy("auto") is mirrored
+    assert distribute.get_strategy("mirrored") is mirrored  # made once per process
+
+
+def test_bad_names_and_a_missing_cluster_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="Received: strategy='ring'"):
+        distribute.get_strategy("ring")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        distribute.get_strategy("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
+        distribute.get_strategy("multi_worker")
+
+
+def test_multi_worker_after_tensorflow_started_says_to_create_it_first(monkeypatch):
+    tf.constant(1.0) + 1  # TensorFlow has run something in this process
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))
+    with pytest.raises(RuntimeError, match=r"get_strategy\('multi_worker'\) first thing"):
+        distribute.get_strategy("multi_worker")
+
+
+def test_the_global_batch_splits_evenly_and_the_rate_scales_only_when_asked():
+    four = types.SimpleNamespace(num_replicas_in_sync=4)
+    assert distribute.learning_rate_scale(128, False, strategy=four) == 1
+    assert distribute.learning_rate_scale(128, True, strategy=four) == 4
+    with pytest.raises(ValueError, match="multiple of 4. Received: batch_size=30"):
+        distribute.learning_rate_scale(30, strategy=four)
+
+
+def test_shard_sets_data_sharding():
+    assert distribute.shard(None) is None
+    dataset = distribute.shard(tf.data.Dataset.range(8).batch(4))
+    assert dataset.options().experimental_distribute.auto_shard_policy == tf.data.experimental.AutoShardPolicy.DATA
+    assert [batch.tolist() for batch in dataset.as_numpy_iterator()] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_train_under_mirrored_records_the_strategy(tmp_path):
+    run = cnnkit.recipes.train("4C3-MP2-FC8", _tiny_data(), strategy="mirrored", scale_learning_rate=True, epochs=1,
+                               batch_size=16, precision="float32", run_dir=tmp_path / "run", verbose=0)
+    assert run.config["distribution"] == {"strategy": "MirroredStrategy", "replicas": 1, "workers": 1}
+    assert run.config["arguments"]["strategy"] == "mirrored"
+    assert run.model.distribute_strategy is distribute.get_strategy("mirrored")
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_finetune_and_ensemble_train_under_the_strategy(tmp_path):
+    data, mirrored = _tiny_data(), distribute.get_strategy("mirrored")
+    cnnkit.recipes.train("4C3-MP2-FC8", data, epochs=1, batch_size=16, precision="float32",
+                         run_dir=tmp_path / "base", verbose=0)
+    tuned = cnnkit.recipes.finetune(tmp_path / "base", data, strategy="mirrored", batch_size=16, precision="float32",
+                                    stages=[{"unfreeze": "all", "epochs": 1, "learning_rate": 1e-3}],
+                                    run_dir=tmp_path / "tuned", verbose=0)
+    assert tuned.model.distribute_strategy is mirrored
+    assert tuned.config["distribution"]["strategy"] == "MirroredStrategy"
+    members = cnnkit.recipes.ensemble(2, data, arch="4C3-MP2-FC8", strategy=mirrored, run_dir=tmp_path / "ensemble",
+                                      train_options={"epochs": 1, "batch_size": 16, "precision": "float32"}, verbose=0)
+    assert members.config["arguments"]["strategy"] == "MirroredStrategy"
+    member = cnnkit.load(tmp_path / "ensemble" / "members" / "1")
+    assert member.config["distribution"]["strategy"] == "MirroredStrategy"  # members inherit the ensemble's
+    with pytest.raises(ValueError, match="may not set 'strategy'"):
+        cnnkit.recipes.ensemble(2, data, arch="4C3-MP2-FC8", train_options={"strategy": "mirrored"})
+
+
+def test_a_model_built_outside_the_strategy_scope_is_refused(tmp_path):
+    model = cnnkit.build("FC4", (8, 8, 1), 2)
+    with pytest.raises(ValueError, match="built outside the scope"):
+        cnnkit.recipes.train(model, _tiny_data(), strategy="mirrored", epochs=1, run_dir=tmp_path / "run", verbose=0)
+    assert not (tmp_path / "run").exists()
+    with distribute.get_strategy("mirrored").scope():
+        inside = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                                   keras.layers.Dense(2, activation="softmax")])
+    run = cnnkit.recipes.train(inside, _tiny_data(), strategy="mirrored", epochs=1, batch_size=16,
+                               run_dir=tmp_path / "run", verbose=0)
+    assert run.metrics["epochs_run"] == 1

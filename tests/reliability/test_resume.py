@@ -1,0 +1,134 @@
+"""Guarantees 1, 2 and 9: a run killed at any moment resumes to the weights of an uninterrupted run;
+a failed checkpoint write keeps the previous one; two runs with one seed are identical.
+
+Each run is a separate process (``train_job.py``): SIGKILL, a file-size limit and TensorFlow's
+process-wide determinism switch must not touch the test process. The tests share one xdist
+worker so the reference run is made once.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+JOB = Path(__file__).with_name("train_job.py")
+pytestmark = pytest.mark.xdist_group("resume")
+
+
+def _job(run_dir, *faults):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(JOB), str(run_dir), *faults], capture_output=True, text=True,
+                          timeout=300, env=env)
+    weights = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("WEIGHTS ")]
+    return done, (weights[0] if weights else None)
+
+
+def _checkpoints(run_dir):
+    path = Path(run_dir) / "backup" / "stage1" / "checkpoints.json"
+    return json.loads(path.read_text())["checkpoints"] if path.exists() else []
+
+
+def _metrics(run_dir):
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    return {key: value for key, value in metrics.items() if "seconds" not in key and "per_second" not in key}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    done, weights = _job(run_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run_dir, weights
+
+
+@pytest.mark.parametrize("kill", ["kill@1.3", "kill@2.3", "kill@3.6"])
+def test_a_killed_run_resumes_to_the_uninterrupted_weights(reference, tmp_path, kill):
+    run_dir = tmp_path / "run"
+    done, weights = _job(run_dir, kill)
+    assert done.returncode == -9 and weights is None  # SIGKILL: no cleanup ran
+    epoch = int(kill[5])
+    assert [record["epoch"] for record in _checkpoints(run_dir)] == list(range(1, epoch))[-2:]
+    done, weights = _job(run_dir)  # the same command again
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert weights == reference[1]
+    assert _metrics(run_dir) == _metrics(reference[0])
+    assert not (run_dir / "backup").exists()
+
+
+def test_a_kill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    done, _ = _job(run_dir, "kill-in-save@2")
+    assert done.returncode == -9
+    assert [record["epoch"] for record in _checkpoints(run_dir)] == [1]
+    stage = run_dir / "backup" / "stage1"
+    assert not (stage / "epoch002.weights.h5").exists()  # the half-written file never took the name
+    assert list(stage.glob(".epoch002*"))  # it is a temporary file beside it
+    done, weights = _job(run_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert weights == reference[1]
+
+
+def test_a_failed_checkpoint_write_surfaces_and_keeps_the_previous_checkpoint(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    done, _ = _job(run_dir, "fsize@2")  # RLIMIT_FSIZE: epoch 2's checkpoint cannot be written
+    assert done.returncode != 0
+    assert "could not write the checkpoint of epoch 2" in done.stderr
+    assert "the checkpoint of epoch 1" in done.stderr and "is intact" in done.stderr
+    (record,) = _checkpoints(run_dir)
+    from cnnkit.runs import file_sha256
+
+    assert record["epoch"] == 1 and file_sha256(run_dir / "backup" / "stage1" / record["file"]) == record["sha256"]
+    done, weights = _job(run_dir)  # loadable: the run goes on from it
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert weights == reference[1]
+
+
+def test_two_deterministic_runs_with_one_seed_are_identical(reference, tmp_path):
+    done, weights = _job(tmp_path / "again")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert weights == reference[1]
+    assert _metrics(tmp_path / "again") == _metrics(reference[0])
+
+
+def test_augmentation_and_balanced_batches_resume_identically(tmp_path):
+    done, uninterrupted = _job(tmp_path / "whole", "augment", "balanced")
+    assert done.returncode == 0, done.stderr[-2000:]
+    done, _ = _job(tmp_path / "killed", "augment", "balanced", "kill@2.2")
+    assert done.returncode == -9
+    done, resumed = _job(tmp_path / "killed", "augment", "balanced")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert resumed == uninterrupted
+
+
+def test_an_op_without_a_deterministic_kernel_is_named(tmp_path):
+    # TensorFlow's CPU kernels are all deterministic; its GPU error for one that is not is raised
+    # here from inside the graph, as a GPU kernel raises it.
+    script = """
+import numpy as np, tensorflow as tf, keras, cnnkit
+
+def gpu_only_kernel(x):
+    raise tf.errors.UnimplementedError(None, None, "A deterministic GPU implementation of "
+                                       "SparseTensorDenseMatmulOp is not currently available.")
+
+class Sparse(keras.layers.Layer):
+    def call(self, x):
+        y = tf.py_function(gpu_only_kernel, [x], tf.float32)
+        y.set_shape(x.shape)
+        return y
+
+inputs = keras.Input((8, 8, 1))
+model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(Sparse()(inputs))))
+data = cnnkit.data.from_arrays(np.zeros((16, 8, 8), np.uint8), np.arange(16) % 2, val_split=0)
+try:
+    cnnkit.recipes.train(model, data, epochs=1, deterministic=True, run_dir=RUN_DIR, verbose=0)
+except ValueError as error:
+    print("ERROR", type(error).__name__, error)
+""".replace("RUN_DIR", repr(str(tmp_path / "run")))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    line = next(line for line in done.stdout.splitlines() if line.startswith("ERROR"))
+    assert "DeterminismError" in line and "SparseTensorDenseMatmulOp has no deterministic kernel" in line
+    assert not (tmp_path / "run").exists()  # a failed start leaves no run directory

@@ -1,0 +1,154 @@
+"""Guarantees 2, 3, 4 and 8: atomic hashed artifacts, the manifest, a NaN stop that keeps the last
+good checkpoint, and run directories that are never overwritten by accident nor left by a failed start."""
+
+import json
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import cnnkit
+from cnnkit.cli import main
+from cnnkit.recipes.resume import EpochCheckpoint
+from cnnkit.runs import MANIFEST_FILE, TrainingDiverged, file_sha256, verify_manifest
+
+
+@pytest.fixture(scope="module")
+def digits():
+    sample = cnnkit.data.load("mnist-sample")
+    (x, y), (x_test, y_test) = sample.arrays("train"), sample.arrays("test")
+    return cnnkit.data.from_arrays(x[:256], y[:256], x_test=x_test[:64], y_test=y_test[:64], seed=0)
+
+
+def _train(data, run_dir, **options):
+    return cnnkit.recipes.train("4C3-MP2-FC16", data, **{"epochs": 2, "batch_size": 64, "run_dir": run_dir,
+                                                          "verbose": 0, **options})
+
+
+class _Poison(keras.callbacks.Callback):
+    """Makes the weights NaN at the start of epoch ``epoch`` (1-based), as a diverging run would."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            kernel = [layer for layer in self.model.layers if isinstance(layer, keras.layers.Dense)][-1].kernel
+            kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+
+def test_the_manifest_lists_every_artifact_and_load_checks_it(digits, tmp_path):
+    run = _train(digits, tmp_path / "run")
+    manifest = json.loads((run.run_dir / MANIFEST_FILE).read_text())["files"]
+    assert {"model.keras", "metrics.json", "config.yaml", "history.csv", "README.md", "training_curves.png",
+            "confusion_matrix.png"} <= set(manifest)
+    assert all(file_sha256(run.run_dir / name) == record["sha256"] for name, record in manifest.items())
+    assert verify_manifest(run.run_dir) == []
+    with open(run.run_dir / "model.keras", "r+b") as model_file:  # one flipped byte
+        model_file.seek(100)
+        byte = model_file.read(1)
+        model_file.seek(100)
+        model_file.write(bytes([byte[0] ^ 0xFF]))
+    assert verify_manifest(run.run_dir) == ["model.keras: SHA-256 differs from manifest.json (changed or corrupt)"]
+    with pytest.raises(ValueError, match="model.keras: SHA-256 differs"):
+        cnnkit.load(run.run_dir)
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_corrupt(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
+    model.compile("adam", "mse")
+    checkpoint = EpochCheckpoint(tmp_path / "stage1", seed=0)
+    x, y = np.ones((8, 4), "float32"), np.zeros((8, 2), "float32")
+    weights_after = {}
+
+    class Remember(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            weights_after[epoch + 1] = [w.copy() for w in self.model.get_weights()]
+
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[checkpoint, Remember()])
+    records = json.loads((tmp_path / "stage1" / "checkpoints.json").read_text())["checkpoints"]
+    assert [record["epoch"] for record in records] == [2, 3]  # the two newest are kept
+    assert not (tmp_path / "stage1" / "epoch001.weights.h5").exists()
+    (tmp_path / "stage1" / "epoch003.weights.h5").write_bytes(b"garbage")
+
+    fresh = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
+    fresh.compile("adam", "mse")
+    resumed = EpochCheckpoint(tmp_path / "stage1", seed=0)
+    with pytest.warns(UserWarning, match="epoch003.weights.h5 does not match its SHA-256"):
+        assert resumed.restore(fresh) == 2
+    for restored, expected in zip(fresh.get_weights(), weights_after[2]):
+        np.testing.assert_array_equal(restored, expected)
+    assert int(fresh.optimizer.iterations.numpy()) == 2  # the optimizer state came back too
+    assert len(resumed.history["loss"]) == 2
+
+
+def test_a_nan_loss_stops_the_run_naming_epoch_and_step_and_keeps_the_checkpoint(digits, tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, step \d+") as error:
+        _train(digits, tmp_path / "run", epochs=3, steps_per_execution=1, callbacks=[_Poison(2)])
+    assert "the checkpoint of epoch 1 is kept" in str(error.value)
+    stage = tmp_path / "run" / "backup" / "stage1"
+    (record,) = json.loads((stage / "checkpoints.json").read_text())["checkpoints"]
+    assert record["epoch"] == 1 and file_sha256(stage / record["file"]) == record["sha256"]
+    assert all(np.isfinite(record["history"]["loss"]))
+
+
+def test_cnnkit_run_exits_3_on_a_diverged_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "diverge.yaml").write_text(
+        "# diverges: a learning rate of 1e12\nrecipe: train\narch: 4C3-MP2-FC16\ndata: mnist-sample\n"
+        "optimizer: sgd\nlearning_rate: 1.0e12\nepochs: 1\nsteps_per_execution: 1\nverbose: 0\n")
+    assert main(["run", "diverge.yaml", "run_dir=runs/diverged"]) == 3
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "training diverged: the loss is" in lines[0] and "at epoch 1, step" in lines[0]
+    assert not (tmp_path / "runs" / "diverged").exists()  # diverged before any checkpoint: a failed start
+
+
+def test_a_finished_run_is_never_overwritten_without_overwrite(digits, tmp_path):
+    first = _train(digits, tmp_path / "run", seed=1)
+    before = (tmp_path / "run" / "model.keras").read_bytes()
+    with pytest.raises(ValueError, match="already holds a finished run; pass overwrite=True"):
+        _train(digits, tmp_path / "run", seed=2)
+    assert (tmp_path / "run" / "model.keras").read_bytes() == before
+    second = _train(digits, tmp_path / "run", seed=2, overwrite=True)
+    assert second.run_dir == first.run_dir and (tmp_path / "run" / "model.keras").read_bytes() != before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="not one"):
+        _train(digits, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_failed_start_leaves_no_run_directory(digits, tmp_path):
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise RuntimeError("out of memory, say")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _train(digits, tmp_path / "run", callbacks=[Crash()])
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_same_call_finds_its_interrupted_run_and_another_call_is_refused(digits, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("killed in epoch 2")
+
+    with pytest.raises(RuntimeError):
+        _train(digits, None, callbacks=[Crash()])
+    (run_dir,) = (tmp_path / "runs").iterdir()  # runs/4C3-MP2-FC16-<digest of the arguments and data>
+    assert (run_dir / "backup" / "stage1" / "checkpoints.json").exists()
+    with pytest.raises(ValueError, match="an interrupted run of other arguments"):
+        _train(digits, run_dir, epochs=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = _train(digits, None)  # the same call: resumes at epoch 2
+    assert not [str(w.message) for w in caught if "SHA-256" in str(w.message)]  # nothing was corrupt
+    assert run.run_dir == run_dir.relative_to(tmp_path) and len(run.history["loss"]) == 2
+    with pytest.raises(ValueError, match="already holds a finished run"):
+        _train(digits, None)

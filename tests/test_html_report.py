@@ -1,0 +1,175 @@
+"""cnnkit.html_report: the diagnosis rules, member agreement, and pages of small runs, ensembles and searches.
+
+The full report of a real MNIST run, opened in a browser, is tested in test_report_browser.py.
+"""
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+import cnnkit
+from cnnkit import html_report
+from cnnkit.cli import main
+from cnnkit.html_report import diagnose, member_agreement, render_report, write_report, write_search_report
+
+FAST = {"epochs": 1, "batch_size": 16, "precision": "float32"}
+
+
+def _kinds(history):
+    return [finding.kind for finding in diagnose(history)]
+
+
+@pytest.mark.parametrize("history, kinds", [
+    pytest.param({"loss": [1.0, 0.6, 0.4, 0.3, 0.25], "val_loss": [1.0, 0.65, 0.45, 0.36, 0.358],
+                  "accuracy": [0.6, 0.8, 0.88, 0.9, 0.91], "val_accuracy": [0.6, 0.78, 0.86, 0.89, 0.9]},
+                 ["gap", "healthy"], id="healthy"),
+    pytest.param({"loss": [1.0, 0.5, 0.3, 0.2, 0.1], "val_loss": [1.0, 0.6, 0.7, 0.8, 0.9],
+                  "accuracy": [0.6, 0.85, 0.92, 0.96, 0.99], "val_accuracy": [0.6, 0.8, 0.8, 0.8, 0.79]},
+                 ["overfitting", "gap"], id="overfitting"),
+    pytest.param({"loss": [2.3, 1.8, 2.5, 2.0, 2.6, 2.4]}, ["lr_too_high"], id="lr-too-high"),
+    pytest.param({"loss": [1.0, 0.8, 1.1]}, ["lr_too_high"], id="no-net-progress"),
+    pytest.param({"loss": [2.30, 2.25, 2.20, 2.15, 2.10], "val_loss": [2.29, 2.24, 2.19, 2.14, 2.09]},
+                 ["lr_too_low", "still_improving"], id="lr-too-low"),
+    pytest.param({"loss": [0.10, 0.09, 0.085, 0.08], "accuracy": [0.97, 0.975, 0.978, 0.98]},
+                 ["still_improving", "healthy"], id="slow-but-already-accurate"),
+    pytest.param({"loss": [0.9, 0.5], "val_loss": [0.6, 0.4]}, ["too_short", "still_improving"], id="two-epochs"),
+    pytest.param({"loss": [0.9], "val_loss": [0.3], "accuracy": [0.7], "val_accuracy": [0.9]}, ["too_short"],
+                 id="one-epoch"),
+    pytest.param({"loss": [1.0, math.nan, math.nan], "val_loss": [1.0, 2.0, 3.0]}, ["diverged"], id="diverged"),
+    pytest.param({}, ["no_history"], id="no-history"),
+])
+def test_diagnosis_rules(history, kinds):
+    assert _kinds(history) == kinds
+
+
+def test_diagnosis_messages_carry_the_numbers_and_the_advice():
+    overfit = diagnose({"loss": [1.0, 0.5, 0.3, 0.2, 0.1], "val_loss": [1.0, 0.6, 0.7, 0.8, 0.9]})[0]
+    assert overfit.severity == "warning"
+    assert "lowest at epoch 2 (0.6)" in overfit.message and "50% higher at epoch 5" in overfit.message
+    assert "early_stopping" in overfit.message
+    high = diagnose({"loss": [2.3, 1.8, 2.5, 2.0, 2.6, 2.4]})[0]
+    assert "rose in 2 of 5 epochs" in high.message and "lower" in high.message
+    assert "did not fall (2.3 at epoch 1" in diagnose({"loss": [2.3, 2.3, 2.3]})[0].message
+    diverged = diagnose({"loss": [1.0, math.inf]})[0]
+    assert diverged.severity == "error" and "epoch 2" in diverged.message
+    below = diagnose({"loss": [1.0, 0.5], "accuracy": [0.7, 0.85], "val_accuracy": [0.8, 0.9]})
+    assert [f.severity for f in below if f.kind == "gap"] == ["ok"]  # validation above training is no problem
+    with pytest.raises(ValueError, match="Received: history of type list"):
+        diagnose([1.0, 0.5])
+
+
+def test_member_agreement():
+    labels = np.array([0, 1, 1, 0])
+    a = np.eye(2)[[0, 1, 1, 1]]  # right on 0, 1, 2
+    b = np.eye(2)[[0, 0, 1, 0]]  # right on 0, 2, 3
+    c = np.eye(2)[[0, 1, 1, 0]] * 0.6 + 0.2  # right everywhere
+    agreement = member_agreement([a, b, c], labels)
+    assert agreement["member_accuracy"] == [0.75, 0.75, 1.0]
+    assert agreement["pairwise"][0] == [1.0, 0.5, 0.75] and agreement["pairwise"][1][2] == 0.75
+    assert agreement["all_agree"] == 0.5  # images 0 and 2
+    assert agreement["accuracy_when_all_agree"] == 1.0 and agreement["oracle_accuracy"] == 1.0
+    assert agreement["mean_accuracy"] == 1.0 and agreement["accuracy_when_split"] == 1.0
+    with pytest.raises(ValueError, match="one \\(N, K\\) array per member"):
+        member_agreement([a], labels[:3])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """90 8x8 images of 3 classes (a bright band per class) with a test split, in memory."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 60, (90, 8, 8, 1), dtype=np.uint8)
+    y = np.arange(90) % 3
+    for label in range(3):
+        x[y == label, 2 * label:2 * label + 3] += 180
+    return cnnkit.data.from_arrays(x[:60], y[:60], x_test=x[60:], y_test=y[60:], val_split=0.2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny, tmp_path_factory):
+    return cnnkit.recipes.train("4C3-MP2-FC8", tiny, run_dir=tmp_path_factory.mktemp("tiny") / "run", verbose=0, **FAST)
+
+
+def _sections(page):
+    return re.findall(r'<h2 id="([^"]+)">', page)
+
+
+def test_a_run_without_loadable_data_still_renders_and_says_what_is_missing(tiny_run):
+    page = render_report(tiny_run.run_dir)
+    assert "No test images" in page and "in-memory arrays" in page and "--data NAME" in page
+    assert _sections(page) == ["summary", "metrics", "confusion-matrix", "training", "kernels", "layers",
+                               "configuration"]
+    assert page.count("<img ") == 3  # confusion matrix, curves, kernels
+    assert "Could not draw" not in page
+    other = render_report(tiny_run.run_dir, model=tiny_run.model, data="mnist-sample")
+    assert "No test images" in other and "has other classes than the run" in other
+
+
+def test_given_data_adds_the_parts_that_need_images(tiny_run, tiny):
+    page = render_report(tiny_run.run_dir, model=tiny_run.model, data=tiny, examples=4)
+    assert _sections(page) == ["summary", "metrics", "confusion-matrix", "training", "mistakes", "kernels",
+                               "feature-maps", "grad-cam", "layers", "configuration"]
+    assert "No test images" not in page and "Could not draw" not in page
+    assert "4C3-MP2-FC8" in page and "conv1" in page  # the planner's table
+    assert page.count('src="data:image/png;base64,') == page.count("<img ") >= 6
+    assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing to fetch
+    fewer = render_report(tiny_run.run_dir, model=tiny_run.model, data=tiny, max_test_images=10)
+    assert "among the first 10 of 30 test images" in fewer and "mistakes" in _sections(fewer)
+
+
+def test_a_keras_file_gets_its_metrics_computed_from_the_data(tiny_run, tiny, tmp_path):
+    model_path = tmp_path / "model.keras"
+    tiny_run.model.save(model_path)
+    written = write_report(model_path, data=tiny, strict=True)
+    assert written == tmp_path / "model.html"
+    page = written.read_text()
+    assert "computed now on the test split" in page
+    accuracy = re.search(r"test_accuracy</td><td>([0-9.]+)", page).group(1)
+    assert float(accuracy) == pytest.approx(tiny_run.metrics["test_accuracy"], abs=1e-4)
+    assert "No layer table" in page  # a bare model has no recorded notation
+
+
+def test_a_failing_part_becomes_a_note_and_a_failing_report_only_warns(tiny_run, tiny, monkeypatch, tmp_path):
+    def broken(model):
+        raise RuntimeError("kernel trouble")
+
+    monkeypatch.setattr(html_report, "_kernels_html", broken)
+    page = render_report(tiny_run.run_dir, model=tiny_run.model, data=tiny)
+    assert "Could not draw this part: RuntimeError: kernel trouble" in page and "grad-cam" in _sections(page)
+    with pytest.warns(UserWarning, match="could not write the report"):
+        assert write_report(tmp_path / "missing") is None
+    with pytest.raises(FileNotFoundError, match="No run directory"):
+        write_report(tmp_path / "missing", strict=True)
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_an_ensemble_run_reports_how_its_members_agree(tiny, tiny_run, tmp_path):
+    untrained = cnnkit.build("4C3-FC8", (8, 8, 1), 3)
+    run = cnnkit.recipes.ensemble([tiny_run.run_dir, untrained], tiny, run_dir=tmp_path / "ens", verbose=0)
+    page = (run.run_dir / "report.html").read_text()  # written by the recipe
+    assert "members" in _sections(page)
+    assert "images all members classify alike" in page and "some member right (oracle)" in page
+    assert "kernels" not in _sections(page) and "Could not draw" not in page
+    assert page.count("<img ") == 3  # confusion matrix, mistakes, agreement (an ensemble has no curves)
+
+
+def test_a_search_directory_gets_a_trials_and_sensitivity_page(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 100, (64, 8, 8), dtype=np.uint8)
+    y = np.arange(64) % 2
+    x[y == 1, :4] += 150
+    data = cnnkit.data.from_arrays(x, y, val_split=0.25, seed=0)
+    space = {"name": "tiny", "arch": "{f}C3-MP2-FC8", "hyperparameters": {"f": [2, 4], "learning_rate": 0.05}}
+    result = cnnkit.tuner.search(space, data, max_trials=2, epochs=1, precision="float32", verbose=0,
+                                 directory=tmp_path / "search")
+    page = result.files["report"].read_text()
+    assert _sections(page) == ["trials", "sensitivity"]
+    assert "2C3-MP2-FC8" in page and "4C3-MP2-FC8" in page and "val_accuracy" in page
+    assert f"Best: trial {result.best_trial.trial_id}" in page and "best_recipe.yaml" in page
+    assert page.count('<img src="data:image/png;base64,') == 1
+    (tmp_path / "search" / "report.html").unlink()
+    assert main(["report", str(tmp_path / "search")]) == 0
+    assert (tmp_path / "search" / "report.html").is_file() and "report written to" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="not a search directory"):
+        write_search_report(tmp_path, strict=True)

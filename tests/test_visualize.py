@@ -1,0 +1,211 @@
+"""cnnkit.visualize on the seed's conv net trained for an epoch on the bundled MNIST sample."""
+
+import io
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import cnnkit
+from cnnkit import visualize
+from cnnkit.cli import main
+
+SEED_NET = "20C5-MP2-50C5-MP2-FC256"
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    sample = cnnkit.data.load("mnist-sample")
+    return sample.arrays("train"), sample.arrays("test")
+
+
+@pytest.fixture(scope="module")
+def net(mnist):
+    """The seed's net, float32, one epoch on the 4,500 training images of the sample (about 93% accuracy)."""
+    (x, y), _ = mnist
+    keras.utils.set_random_seed(0)
+    model = cnnkit.build(SEED_NET, (28, 28, 1), 10)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=64, verbose=0)
+    return model
+
+
+def _png(path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("L"), dtype=np.float64)
+
+
+def test_kernels_tile_every_filter_with_zero_at_mid_grey(tmp_path):
+    model = cnnkit.build("4C3-FC8", (8, 8, 1), 2)
+    kernel = np.zeros((3, 3, 1, 4), np.float32)
+    kernel[1, 1, 0, 0], kernel[0, 0, 0, 3] = 2.0, -1.0
+    model.get_layer("conv1").kernel.assign(kernel)
+    grid = visualize.kernels(model, save=tmp_path / "k.png")
+    assert grid.shape == (7, 7)  # 4 tiles of 3x3 in 2 columns, 1-pixel gaps
+    assert grid[1, 1] == 1.0 and grid[4, 4] == 0.0 and grid[0, 0] == 0.5  # each tile's +-max -> white/black, 0 grey
+    assert np.all(grid[4:7, 4:7][grid[4:7, 4:7] != 0.0] == 0.5) and np.all(grid[0:3, 4:7] == 0.5)  # an empty kernel
+    assert grid[3, 0] == 1.0  # a gap
+    assert _png(tmp_path / "k.png").std() > 10
+    assert [p.name for p in tmp_path.iterdir()] == ["k.png"]  # written atomically: no temporary file left
+
+
+def test_kernels_of_a_deeper_layer_give_a_row_per_filter(net):
+    assert visualize.kernels(net, "conv2").shape == (50 * 6 - 1, 20 * 6 - 1)  # 50 filters x 20 input channels
+    with pytest.raises(ValueError, match="no 4-D convolution kernel"):
+        visualize.kernels(net, "fc1")
+
+
+def test_feature_maps_are_each_convolution_after_its_activation(net, mnist):
+    _, (x_test, _) = mnist
+    maps = visualize.feature_maps(net, x_test[0, :, :, 0])  # no channel axis: added
+    assert {name: m.shape for name, m in maps.items()} == {"conv1": (24, 24, 20), "conv2": (8, 8, 50)}
+    expected = keras.Model(net.inputs[0], net.get_layer("conv2_act").output)(x_test[:1].astype("float32"))
+    np.testing.assert_allclose(maps["conv2"], np.asarray(expected)[0], rtol=1e-5, atol=1e-5)
+    assert maps["conv1"].min() >= 0  # after the ReLU
+    batch = visualize.feature_maps(net, x_test[:3], ["pool1"])
+    assert batch["pool1"].shape == (3, 12, 12, 20)
+
+
+def test_grad_cam_puts_its_mass_on_the_digit(net, mnist):
+    _, (x_test, y_test) = mnist
+    images = x_test[:100]
+    cams = visualize.grad_cam(net, images)
+    assert cams.shape == (100, 28, 28) and cams.dtype == np.float32
+    peaks = cams.reshape(100, -1).max(axis=1)
+    assert cams.min() >= 0 and set(np.unique(peaks)) <= {0.0, 1.0}  # scaled to a peak of 1, or all 0 (no evidence)
+    assert np.mean(peaks == 1.0) > 0.8  # a class whose logit this layer only lowers gets an empty map
+    digit = images[..., 0] > 127
+    ratio = cams[digit].mean() / cams[~digit].mean()
+    inverted = (1 - cams)[digit].mean() / (1 - cams)[~digit].mean()
+    print(f"Grad-CAM mean on digit pixels / background: {ratio:.2f} (inverted map: {inverted:.2f})")
+    assert ratio > 2.0 and ratio > inverted
+    uniform = visualize.grad_cam(net, np.full((28, 28), 0, np.uint8))  # a blank image: no evidence, no NaN
+    assert np.isfinite(uniform).all()
+
+
+def test_grad_cam_places_valid_convolution_features_at_their_receptive_field_centres(net):
+    # conv1 (5x5 valid) -> pool (2) -> conv2 (5x5 valid): feature i of conv2 centres on pixel 6.5 + 2i.
+    assert visualize._geometry(net, net.get_layer("conv2_act").output) == [(6.5, 2.0), (6.5, 2.0)]
+    same = cnnkit.build("4C3p1-MP2", (8, 8, 1), 2)
+    assert visualize._geometry(same, same.get_layer("pool1").output) == [(0.5, 2.0), (0.5, 2.0)]
+    cam = visualize._project(np.eye(2, dtype=np.float32)[np.newaxis], [(1.0, 2.0), (1.0, 2.0)], (6, 6))[0]
+    assert cam[1, 1] == cam[3, 3] == cam[4, 4] == 1.0 and cam[2, 2] == 0.5
+    assert cam[5, 5] == 0.0  # more than half a stride past the last feature centre
+
+
+def test_grad_cam_of_another_class_and_a_chosen_layer(net, mnist, tmp_path):
+    _, (x_test, y_test) = mnist
+    other = (int(y_test[0]) + 1) % 10
+    cam = visualize.grad_cam(net, x_test[0], class_index=other, layer="conv1", save=tmp_path / "cam.png")
+    assert cam.shape == (28, 28)
+    assert _png(tmp_path / "cam.png").std() > 10
+    with pytest.raises(ValueError, match=r"class_index.*\[0, 9\]"):
+        visualize.grad_cam(net, x_test[0], class_index=10)
+    with pytest.raises(ValueError, match="needs a layer with"):
+        visualize.grad_cam(net, x_test[0], layer="fc1")
+
+
+def test_activation_maximisation_raises_the_filter_activation_tenfold(net, tmp_path):
+    filters = list(range(8))
+    start = visualize.filter_patterns(net, "conv2", filters, steps=0)
+    patterns = visualize.filter_patterns(net, "conv2", filters, steps=48, save=tmp_path / "filters.png")
+    assert patterns.shape == (8, 28, 28, 1) and patterns.min() >= 0 and patterns.max() <= 255
+
+    def activation(images):
+        maps = visualize.feature_maps(net, images, ["conv2"])["conv2"]
+        return np.array([maps[i, ..., f].mean() for i, f in enumerate(filters)])
+
+    before, after = activation(start), activation(patterns)
+    print(f"activation of conv2 filters 0-7: x{after.sum() / before.sum():.1f} in all, "
+          f"each from {before.round(3)} to {after.round(3)}")
+    assert after.sum() >= 10 * before.sum()
+    assert np.all(after >= 2 * before) and np.all(after > 0.1)
+    assert _png(tmp_path / "filters.png").std() > 10
+
+
+def test_mixed_precision_models_give_float32_arrays():
+    model = cnnkit.build("4C3-MP2-6C3-FC8", (12, 12, 1), 3, dtype="mixed_bfloat16")
+    image = np.random.default_rng(0).integers(0, 256, (12, 12, 1))
+    cam = visualize.grad_cam(model, image)
+    maps = visualize.feature_maps(model, image)
+    patterns = visualize.filter_patterns(model, filters=2, steps=2)
+    for array in (cam, *maps.values(), patterns, visualize.kernels(model)):
+        assert array.dtype == np.float32 and np.isfinite(array).all()
+
+
+def test_a_nested_backbone_counts_as_one_convolution():
+    inner_input = keras.Input((10, 10, 1))
+    inner = keras.Model(inner_input, keras.layers.Conv2D(3, 3, name="inner_conv")(inner_input), name="backbone")
+    inputs = keras.Input((10, 10, 1))
+    x = inner(keras.layers.Rescaling(1 / 255)(inputs))
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    assert visualize.conv_layers(model) == ["backbone"]
+    assert visualize.kernels(model).shape == (7, 7)  # the first convolution inside the backbone: 3 tiles
+    assert visualize._geometry(model, model.get_layer("backbone").output) == [(1.0, 1.0)] * 2
+    assert visualize.grad_cam(model, np.zeros((10, 10))).shape == (10, 10)
+
+
+def test_a_sequential_model_with_augmentation_and_batch_norm():
+    model = keras.Sequential([
+        keras.Input((12, 12, 1)), keras.layers.Rescaling(1 / 255), keras.layers.RandomFlip(),
+        keras.layers.Conv2D(4, 3, name="conv_a"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.MaxPooling2D(), keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv_b"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3, activation="softmax"),
+    ])
+    image = np.random.default_rng(0).integers(0, 256, (12, 12, 1))
+    maps = visualize.feature_maps(model, image)
+    assert {name: m.shape for name, m in maps.items()} == {"conv_a": (10, 10, 4), "conv_b": (5, 5, 6)}
+    assert maps["conv_a"].min() >= 0  # read after the batch norm and the ReLU
+    again = visualize.feature_maps(model, image)
+    assert all(np.array_equal(again[name], maps[name]) for name in maps)  # RandomFlip is off at inference
+    assert visualize._geometry(model, model.layers[-3].output) == [(1.5, 2.0), (1.5, 2.0)]
+    assert visualize.grad_cam(model, image).shape == (12, 12)
+
+
+def test_top_losses_are_the_most_confident_mistakes(tmp_path):
+    model = cnnkit.build("FC4", (4, 4, 1), 3)
+    images = np.zeros((5, 4, 4, 1), np.uint8)
+    probabilities = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.25, 0.7, 0.05], [0.6, 0.3, 0.1], [0.3, 0.3, 0.4]])
+    worst = visualize.top_losses(model, images, [0, 0, 2, 1, 2], k=3, probabilities=probabilities,
+                                 class_names=["a", "b", "c"], save=tmp_path / "worst.png")
+    np.testing.assert_array_equal(worst.indices, [2, 1, 3])  # p(true) 0.05, 0.1, 0.3; images 0 and 4 are right
+    np.testing.assert_array_equal(worst.predicted, [1, 1, 0])
+    np.testing.assert_allclose(worst.losses, -np.log([0.05, 0.1, 0.3]))
+    np.testing.assert_allclose(worst.confidence, [0.7, 0.8, 0.6])
+    assert (tmp_path / "worst.png").is_file()
+
+
+def test_bad_arguments_say_what_was_received(net, tmp_path):
+    with pytest.raises(ValueError, match=r"no layer 'conv9'.*Received: layer='conv9'"):
+        visualize.feature_maps(net, np.zeros((28, 28)), ["conv9"])
+    with pytest.raises(ValueError, match="has no convolution"):
+        visualize.grad_cam(cnnkit.build("FC8", (28, 28, 1), 10), np.zeros((28, 28)))
+    with pytest.raises(ValueError, match=r"image.shape=\(32, 32\)"):
+        visualize.grad_cam(net, np.zeros((32, 32)))
+    with pytest.raises(ValueError, match="must be a .png"):
+        visualize.kernels(net, save=tmp_path / "k.jpg")
+    with pytest.raises(ValueError, match=r"filters.*\[0, 49\]"):
+        visualize.filter_patterns(net, "conv2", [50])
+    with pytest.raises(ValueError, match="`model` must be"):
+        visualize.kernels(42)
+
+
+def test_the_visualize_command_draws_each_picture(net, mnist, tmp_path, capsys):
+    _, (x_test, y_test) = mnist
+    net.save(tmp_path / "net.keras")
+    buffer = io.BytesIO()
+    Image.fromarray(x_test[0, :, :, 0]).save(buffer, format="PNG")
+    (tmp_path / "digit.png").write_bytes(buffer.getvalue())
+    model, digit = str(tmp_path / "net.keras"), str(tmp_path / "digit.png")
+    for what, extra in (("kernels", []), ("feature-maps", [digit]), ("grad-cam", [digit, "--class", "3"]),
+                        ("filters", ["--filters", "2", "--steps", "2", "--layer", "conv2"])):
+        out = tmp_path / f"{what}.png"
+        assert main(["visualize", what, model, *extra, "--out", str(out)]) == 0
+        assert _png(out).std() > 10
+    assert "class 3 (probability" in capsys.readouterr().out
+    assert main(["visualize", "grad-cam", model, "--out", str(tmp_path / "x.png")]) == 2
+    assert "needs an IMAGE file" in capsys.readouterr().err
