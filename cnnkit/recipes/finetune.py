@@ -75,6 +75,7 @@ def finetune(
     callbacks: list | None = None,
     run_dir=None,
     overwrite: bool = False,
+    report: bool = True,
     verbose: int = 1,
 ) -> Run:
     """Fine-tune a pretrained backbone on ``data`` in stages and write the run directory.
@@ -126,6 +127,8 @@ def finetune(
         run_dir: the run directory, as for ``train`` (resumes an interrupted run of the same
             arguments, refuses a finished or other one).
         overwrite: replace a run directory that holds a finished or other run.
+        report: write ``report.html`` in the run directory (``cnnkit.html_report``; a few seconds
+            for a small net, more for a large backbone); ``cnnkit report RUN`` writes it later too.
         verbose: 0 silent, 1 progress bars, 2 one line per epoch.
 
     Returns:
@@ -190,7 +193,7 @@ def finetune(
                         stages=[{**spec, **record} for spec, record in zip(stage_specs, stage_records)],
                         distribution=describe())
     return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
-                      verbose=verbose)
+                      verbose=verbose, report=report)
 
 
 def with_lr_multipliers(optimizer, multipliers):

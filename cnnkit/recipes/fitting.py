@@ -247,7 +247,7 @@ def run_key(arguments: dict, data) -> str:
         >>> run_key({"arch": "lenet", "epochs": 3}, data)[:8]  # doctest: +SKIP
         '3f2a9c1e'
     """
-    plain = {key: value for key, value in arguments.items() if key not in ("run_dir", "verbose", "overwrite", "callbacks")}
+    plain = {key: value for key, value in arguments.items() if key not in ("run_dir", "verbose", "overwrite", "callbacks", "report")}
     text = json.dumps([plain, data.fingerprint], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -289,8 +289,10 @@ def run_config(recipe, arguments, data, *, seed, **details) -> dict:
     }
 
 
-def finish_run(model, data, *, history, fit_seconds, config, run_dir, verbose=1, extra_metrics=None) -> Run:
-    """Evaluate on the test split, write the run directory, drop the resume backup, return the ``Run``.
+def finish_run(model, data, *, history, fit_seconds, config, run_dir, verbose=1, extra_metrics=None,
+               report=True) -> Run:
+    """Evaluate on the test split, write the run directory (with ``report.html`` when ``report``), drop the
+    resume backup, return the ``Run``.
 
     Example:
         >>> run = finish_run(model, data, history=h, fit_seconds=12.5, config=config, run_dir=run_dir)  # doctest: +SKIP
@@ -310,7 +312,8 @@ def finish_run(model, data, *, history, fit_seconds, config, run_dir, verbose=1,
     write_run(run_dir, model=model, history=history, metrics=metrics, config=config, class_names=data.class_names)
     if data.skipped:  # the files from_folder left out, with reasons
         atomic_write_text(Path(run_dir) / "skipped_files.csv", data.skipped_csv())
-    write_report(run_dir, model=model, data=data)  # report.html; a failure only warns: the run is saved
+    if report:
+        write_report(run_dir, model=model, data=data)  # a failure only warns: the run is saved
     write_manifest(run_dir)
     shutil.rmtree(Path(run_dir) / "backup", ignore_errors=True)
     if verbose:

@@ -56,6 +56,7 @@ def train(
     callbacks: list | None = None,
     run_dir=None,
     overwrite: bool = False,
+    report: bool = True,
     verbose: int = 1,
 ) -> Run:
     """Train a network from scratch, evaluate it on the test split, and write its run directory.
@@ -109,6 +110,8 @@ def train(
             a fixed seed, to the weights an uninterrupted run ends with); one holding a finished
             run, or another call's run, is refused.
         overwrite: replace a run directory that holds a finished or other run.
+        report: write ``report.html`` in the run directory (``cnnkit.html_report``; a few seconds
+            for a small net, more for a large backbone); ``cnnkit report RUN`` writes it later too.
         verbose: 0 silent, 1 progress bar, 2 one line per epoch.
 
     Returns:
@@ -165,7 +168,7 @@ def train(
                         arch=label if isinstance(arch, str) else f"<keras.Model {arch.name}>",
                         precision=precision, **recipe.config(), stages=stage_records, distribution=describe())
     return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
-                      verbose=verbose)
+                      verbose=verbose, report=report)
 
 
 def _make_model(arch, data, dtype, model_options, preprocessing):

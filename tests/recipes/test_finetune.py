@@ -220,7 +220,7 @@ def test_every_applications_backbone_fine_tunes_from_a_local_weights_file(name, 
     run = cnnkit.recipes.finetune(name, rgb_images, weights=str(path), input_size=size, batch_size=6, verbose=0,
                                   stages=[{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-2},
                                           {"unfreeze": [unfrozen], "epochs": 1, "learning_rate": 1e-2}],
-                                  callbacks=[snapshot], run_dir=tmp_path / "run")
+                                  callbacks=[snapshot], run_dir=tmp_path / "run", report=False)
     # Layers correspond by position (auto-numbered layer names differ from build to build).
     start = [[weight.numpy() for weight in layer.weights] for layer in source.layers]
     for before, after in zip(start, snapshot.weights, strict=True):  # the frozen stage: as loaded, statistics too
@@ -233,3 +233,4 @@ def test_every_applications_backbone_fine_tunes_from_a_local_weights_file(name, 
                       zip(backbone.layers[position[id(layer)]].weights, start[position[id(layer)]], strict=True))}
     assert changed == {unfrozen}
     assert run.model.input_shape == (None, 32, 32, 3) and run.model.output_shape == (None, 2)
+    assert not (run.run_dir / "report.html").exists()  # report=False

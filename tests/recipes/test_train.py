@@ -18,7 +18,7 @@ def test_train_writes_a_complete_run_directory(tiny_mnist, tmp_path):
     run = _train(tiny_mnist, tmp_path / "run")
     files = {path.name for path in (tmp_path / "run").iterdir()}
     assert {"model.keras", "history.csv", "metrics.json", "config.yaml", "README.md",
-            "training_curves.png", "confusion_matrix.png", "logs"} <= files
+            "training_curves.png", "confusion_matrix.png", "logs", "report.html", "manifest.json"} <= files
     assert "backup" not in files  # the resume backup is removed once the run finished
     assert len(run.history["loss"]) == 2 and len(run.history["epoch_seconds"]) == 2
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
