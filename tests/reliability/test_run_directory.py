@@ -152,3 +152,52 @@ def test_the_same_call_finds_its_interrupted_run_and_another_call_is_refused(dig
     assert run.run_dir == run_dir.relative_to(tmp_path) and len(run.history["loss"]) == 2
     with pytest.raises(ValueError, match="already holds a finished run"):
         _train(digits, None)
+
+
+class _CrashAt(keras.callbacks.Callback):
+    """Raises at the start of the ``epoch``-th epoch (1-based) it sees, once: a run dying mid-way."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch, self.seen, self.fired = epoch, 0, False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seen += 1
+        if self.seen == self.epoch and not self.fired:
+            self.fired = True
+            raise RuntimeError("the machine went away")
+
+
+def test_a_two_stage_run_resumes_in_its_second_stage_without_redoing_the_first(digits, tmp_path):
+    options = dict(imbalance={"strategy": "two_stage", "second_stage_epochs": 2}, epochs=2)
+    with pytest.raises(RuntimeError, match="went away"):
+        _train(digits, tmp_path / "run", callbacks=[_CrashAt(4)], **options)  # the 2nd epoch of stage 2
+    assert (tmp_path / "run" / "backup" / "stage1" / "finished.json").exists()
+
+    class Begun(keras.callbacks.Callback):
+        epochs = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epochs.append(epoch)
+
+    run = _train(digits, tmp_path / "run", callbacks=[Begun()], **options)
+    assert Begun.epochs == [3]  # stage 1 loaded from its final weights, stage 2 from its epoch-3 checkpoint
+    assert len(run.history["loss"]) == 4 and [stage["epochs_run"] for stage in run.config["stages"]] == [2, 2]
+    assert not (tmp_path / "run" / "backup").exists()
+
+
+def test_an_ensemble_killed_in_its_second_member_reuses_the_first_and_resumes_the_second(digits, tmp_path):
+    options = {"epochs": 2, "batch_size": 64, "report": False}
+    crash = _CrashAt(4)  # member 0 sees epochs 1-2; member 1 dies at the start of its second
+    with pytest.raises(RuntimeError, match="went away"):
+        cnnkit.recipes.ensemble(2, digits, arch="4C3-MP2-FC16", train_options={**options, "callbacks": [crash]},
+                                run_dir=tmp_path / "ensemble", verbose=0)
+    first = tmp_path / "ensemble" / "members" / "0" / "model.keras"
+    assert first.exists() and (tmp_path / "ensemble" / "members" / "1" / "backup" / "stage1"
+                               / "checkpoints.json").exists()
+    written = first.stat().st_mtime_ns
+    run = cnnkit.recipes.ensemble(2, digits, arch="4C3-MP2-FC16", train_options=options,
+                                  run_dir=tmp_path / "ensemble", verbose=0)
+    assert first.stat().st_mtime_ns == written  # the finished member was reused
+    second = cnnkit.load(tmp_path / "ensemble" / "members" / "1")
+    assert len(second.history["loss"]) == 2 and run.metrics["num_members"] == 2
