@@ -7,7 +7,6 @@ naming the file and the opt-in. The models here create a marker file when their 
 "refused" is checked as "the code did not run".
 """
 
-import inspect
 
 import keras
 import numpy as np
@@ -143,8 +142,6 @@ def test_finetune_refuses_a_lambda_backbone_before_training(payload, tmp_path, m
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif("trust" not in inspect.signature(cnnkit.recipes.finetune).parameters,
-                    reason="cnnkit.recipes.finetune has no trust= argument yet")
 def test_finetune_loads_a_trusted_lambda_backbone(payload, tmp_path):
     path, marker = payload
     sample = cnnkit.data.load("mnist-sample")
