@@ -139,8 +139,36 @@ def seed_generator_states(*owners) -> list:
     return states
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Epoch-derived seeds, an atomic hashed checkpoint per epoch, and a stop on a NaN loss.
+class EpochSeeds(keras.callbacks.Callback):
+    """At each epoch's start: set :func:`training_epoch` and reset every ``SeedGenerator`` from the seed and epoch.
+
+    Any ``fit`` of a cnnkit training pipeline needs it (the pipeline's shuffle reads the epoch);
+    :class:`EpochCheckpoint` is one, and the tuner's trials use it directly.
+
+    Args:
+        seed: the run's seed.
+        seeded: further layers whose ``SeedGenerator`` states are reset each epoch (augmentation).
+
+    Example:
+        >>> model.fit(pipeline, epochs=3, callbacks=[EpochSeeds(seed=0)])  # doctest: +SKIP
+    """
+
+    def __init__(self, *, seed: int, seeded=()):
+        super().__init__()
+        self.seed = seed
+        self.seeded = list(seeded)
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        training_epoch().assign(epoch)
+        for index, state in enumerate(seed_generator_states(self.model, *self.seeded)):
+            derived = np.random.default_rng([self.seed, epoch, index]).integers(1, 2**31, size=2)
+            state.assign(tf.constant(derived, dtype=state.dtype))
+
+
+class EpochCheckpoint(EpochSeeds):
+    """Epoch-derived seeds (:class:`EpochSeeds`), an atomic hashed checkpoint per epoch, a stop on a NaN loss.
 
     Args:
         directory: where the checkpoints of this stage go.
@@ -157,12 +185,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """
 
     def __init__(self, directory, *, seed: int, seeded=()):
-        super().__init__()
+        super().__init__(seed=seed, seeded=seeded)
         self.directory = Path(directory)
-        self.seed = seed
-        self.seeded = list(seeded)
         self.history: dict = {}
-        self._epoch = 0
 
     # -- resume
     def _records(self) -> list:
@@ -193,13 +218,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return record["epoch"]
         return None
 
-    # -- seeds
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch, self._started = epoch, time.perf_counter()
-        training_epoch().assign(epoch)
-        for index, state in enumerate(seed_generator_states(self.model, *self.seeded)):
-            derived = np.random.default_rng([self.seed, epoch, index]).integers(1, 2**31, size=2)
-            state.assign(tf.constant(derived, dtype=state.dtype))
+        super().on_epoch_begin(epoch, logs)
+        self._started = time.perf_counter()
 
     # -- divergence
     def _check_loss(self, loss, where: str) -> None:

@@ -63,6 +63,7 @@ from tensorflow.python.framework import ops as tf_ops
 import cnnkit
 from cnnkit.recipes.optimization import OPTIMIZERS, make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
+from cnnkit.recipes.resume import EpochSeeds
 from cnnkit.report import package_versions
 from cnnkit.runs import atomic_write_text
 from cnnkit.tuner.distributed import POLL_SECONDS, Heartbeat, LivenessMixin, environment, resolve_role, serve
@@ -417,7 +418,8 @@ class _SpaceHyperModel(kt.HyperModel):
             initial_epoch=initial_epoch,
             class_weight=self.inputs.class_weight,
             shuffle=False,  # the pipeline shuffles
-            callbacks=[keras.callbacks.TerminateOnNaN(), timer, *kwargs.get("callbacks", [])],
+            callbacks=[EpochSeeds(seed=seed, seeded=self.inputs.augmentation.layers if self.inputs.augmentation else ()),
+                       keras.callbacks.TerminateOnNaN(), timer, *kwargs.get("callbacks", [])],
             verbose=2 if self.verbose >= 2 else 0,
         )
         if self.execution == 0:
