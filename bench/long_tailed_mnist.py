@@ -35,6 +35,7 @@ STRATEGIES = {  # label -> (imbalance argument, what it is)
     "undersample": ("undersample", "every class cut to 50"),
     "balanced_batches": ("balanced_batches", "each epoch draws classes uniformly"),
     "two_stage": ("two_stage", "Wei: as is, then balanced batches at 0.1x lr (+3 epochs)"),
+    "logit_adjusted": ("logit_adjusted", "Menon et al.: loss on logits + log prior (tau 1)"),
 }
 
 

@@ -30,7 +30,7 @@ from keras import ops
 import cnnkit
 from cnnkit.distribute import describe, distributed
 from cnnkit.html_report import write_report
-from cnnkit.recipes.fitting import prepare_run_dir, recorded_arguments, run_config
+from cnnkit.recipes.fitting import prepare_run_dir, recorded_arguments, remove_if_failed_start, run_config
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train
 from cnnkit.runs import Run, atomic_save_model, write_manifest, write_run
@@ -338,8 +338,12 @@ def ensemble(
         raise ValueError(f"tta must be one of {TTA_MODES} or None. Received: tta={tta!r}")
     data = resolve_data(data)
     run_dir = prepare_run_dir(run_dir, "ensemble")
-    models, labels = _gather(plan, data, options, run_dir, verbose)
-    _check_agreement(models, labels, data)
+    try:
+        models, labels = _gather(plan, data, options, run_dir, verbose)
+        _check_agreement(models, labels, data)
+    except BaseException:
+        remove_if_failed_start(run_dir)  # a member that trained an epoch keeps the folder, to resume
+        raise
     model = combine_models(models, combine=combine)
 
     arguments.update(members=members if isinstance(members, (int, str)) else labels,

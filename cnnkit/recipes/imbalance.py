@@ -24,6 +24,10 @@ Strategies (``STRATEGIES``, with each one's options and defaults):
 * ``"two_stage"``: Wei's schedule: train on the data as it is, then fine-tune for
   ``second_stage_epochs`` (3) epochs at ``second_stage_lr_factor`` (0.1) times the learning
   rate on class-balanced batches (``Resampled.second_stage``).
+* ``"logit_adjusted"``: the data as it is, trained with the logit-adjusted cross-entropy of
+  Menon et al. 2021 (``LogitAdjustedCrossentropy``: ``tau`` (1.0) times the log class prior
+  added to the logits in the loss only, so the trained model predicts for a balanced test set;
+  with ``tau=1`` this is Ren et al. 2020's balanced softmax).
 
 Classes with no training example are left out of the balancing (nothing to replicate; they do
 not set the undersampling target) and get no class weight.
@@ -55,7 +59,7 @@ import tensorflow as tf
 
 from cnnkit.data.imagedata import count_classes
 
-__all__ = ["STRATEGIES", "Resampled", "long_tailed", "resample"]
+__all__ = ["STRATEGIES", "LogitAdjustedCrossentropy", "Resampled", "long_tailed", "resample"]
 
 STRATEGIES = {
     "none": {},
@@ -64,6 +68,7 @@ STRATEGIES = {
     "undersample": {},
     "balanced_batches": {},
     "two_stage": {"second_stage_epochs": 3, "second_stage_lr_factor": 0.1},
+    "logit_adjusted": {"tau": 1.0},
 }
 CROP_AREA = (0.85, 0.90)  # fraction of the image an augmented copy's crop keeps
 SHIFT = 0.07  # an augmented copy's translation, as a fraction of the side
@@ -84,6 +89,7 @@ class Resampled:
             the expected counts: the draw is random).
         dropped: training examples that ``dataset`` never yields (undersampling only).
         second_stage: the class-balanced split of Wei's second stage, or ``None``.
+        loss_tau: the logit adjustment's ``tau`` ("logit_adjusted" only), else ``None``.
         config: plain data for ``config.yaml``: ``{"strategy": ..., **options}``.
 
     Example:
@@ -100,6 +106,18 @@ class Resampled:
     counts_after: list[int]
     dropped: int = 0
     second_stage: Resampled | None = None
+    loss_tau: float | None = None
+
+    def loss(self, *, sparse: bool = True) -> str | keras.losses.Loss:
+        """The training loss this strategy needs: cross-entropy, or the logit-adjusted one.
+
+        Example:
+            >>> resample("logit_adjusted", data).loss()  # doctest: +SKIP
+            <LogitAdjustedCrossentropy ...>
+        """
+        if self.loss_tau is not None:
+            return LogitAdjustedCrossentropy(self.counts_before, tau=self.loss_tau, sparse=sparse)
+        return "sparse_categorical_crossentropy" if sparse else "categorical_crossentropy"
 
     @property
     def config(self) -> dict:
@@ -137,11 +155,11 @@ def resample(imbalance, data, *, seed: int = 0) -> Resampled:
     counts = list(data.class_counts["train"])
     if sum(counts) == 0:
         raise ValueError("The training split has no examples to resample")
-    if strategy in ("none", "class_weight", "two_stage"):
+    if strategy in ("none", "class_weight", "two_stage", "logit_adjusted"):
         weights = _balanced_weights(counts) if strategy == "class_weight" else None
         second = _balanced_batches(data, counts, seed) if strategy == "two_stage" else None
         return Resampled(strategy, options, data.train.cache(), sum(counts), weights, counts, counts,
-                         second_stage=second)
+                         second_stage=second, loss_tau=options.get("tau"))
     if strategy == "balanced_batches":
         return _balanced_batches(data, counts, seed)
     images, labels = data.arrays("train")
@@ -261,7 +279,50 @@ def _parse(imbalance) -> tuple[str, dict]:
     factor = options.get("second_stage_lr_factor", 1.0)
     if not isinstance(factor, numbers.Real) or isinstance(factor, bool) or not factor > 0:
         raise ValueError(f"second_stage_lr_factor must be a number > 0. Received: second_stage_lr_factor={factor!r}")
+    tau = options.get("tau", 1.0)
+    if not isinstance(tau, numbers.Real) or isinstance(tau, bool) or not tau >= 0:
+        raise ValueError(f"tau must be a number >= 0. Received: tau={tau!r}")
     return strategy, options
+
+
+@keras.saving.register_keras_serializable(package="cnnkit")
+class LogitAdjustedCrossentropy(keras.losses.Loss):
+    """Cross-entropy on logits shifted by ``tau * log(prior)``: Menon et al. 2021's logit adjustment.
+
+    The model's probabilities ``p`` (its softmax output) are turned back into logits ``log p``;
+    the loss adds ``tau * log(n_c / n)`` to the logit of each class ``c`` before the softmax
+    cross-entropy. Frequent classes then have to win by a margin in training, rare ones less, and
+    the model's own (unshifted) output is the classifier for a balanced test distribution. Only
+    the loss changes: predictions, saved and exported models are plain. A class with no training
+    example is given a count of 1.
+
+    Args:
+        class_counts: training examples per class.
+        tau: strength of the adjustment; 0 is plain cross-entropy, 1 the balanced softmax.
+        sparse: integer labels (``True``) or one-hot/soft labels.
+
+    Example:
+        >>> loss = LogitAdjustedCrossentropy([900, 100], tau=1.0)
+        >>> round(float(loss(np.array([1]), np.array([[0.5, 0.5]]))), 4)  # log(1 + 0.9/0.1) = log 10
+        2.3026
+    """
+
+    def __init__(self, class_counts, tau: float = 1.0, sparse: bool = True,
+                 name: str = "logit_adjusted_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.class_counts, self.tau, self.sparse = [int(n) for n in class_counts], float(tau), bool(sparse)
+        counts = np.maximum(np.asarray(self.class_counts, np.float64), 1.0)
+        self._offsets = (self.tau * np.log(counts / counts.sum())).astype(np.float32)
+
+    def call(self, y_true, y_pred):
+        logits = keras.ops.log(keras.ops.clip(keras.ops.cast(y_pred, "float32"), keras.config.epsilon(), 1.0))
+        logits = logits + self._offsets
+        if self.sparse:
+            return keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
+        return keras.losses.categorical_crossentropy(y_true, logits, from_logits=True)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "class_counts": self.class_counts, "tau": self.tau, "sparse": self.sparse}
 
 
 def _balanced_weights(counts) -> dict:

@@ -123,7 +123,7 @@ class TrainingInputs:
         train_size: images per training epoch (after resampling).
         class_weight: per-class loss weights, or ``None``.
         loss: categorical cross-entropy when augmentation mixes labels (MixUp, CutMix), else
-            sparse categorical cross-entropy.
+            sparse categorical cross-entropy; logit-adjusted with ``imbalance="logit_adjusted"``.
 
     Example:
         >>> inputs = prepare_inputs(data, augment="shift", preprocess="scale", imbalance=None, seed=0)  # doctest: +SKIP
@@ -154,7 +154,8 @@ class TrainingInputs:
         self.train_size = self.resampled.size if self.resampled else data.sizes["train"]
         self.class_weight = self.resampled.class_weight if self.resampled else None
         self.soft_labels = bool(self.augmentation and self.augmentation.soft_labels)
-        self.loss = "categorical_crossentropy" if self.soft_labels else "sparse_categorical_crossentropy"
+        self.loss = (self.resampled.loss(sparse=not self.soft_labels) if self.resampled
+                     else "categorical_crossentropy" if self.soft_labels else "sparse_categorical_crossentropy")
         self._config = {"augment": self.augmentation.config if self.augmentation else None,
                         "preprocess": preprocess,
                         "imbalance": self.resampled.config if self.resampled else None}

@@ -76,7 +76,7 @@ def train(
             ("scale", "center_pixel", "center_channel", "standardize", "pca", "zca", or a
             list; see ``cnnkit.recipes.preprocess``), so the saved model takes raw pixels.
         imbalance: class-imbalance strategy ("class_weight", "oversample", "undersample",
-            "balanced_batches", "two_stage", or a dict with "strategy" and its options; see
+            "balanced_batches", "two_stage", "logit_adjusted", or a dict with "strategy" and its options; see
             ``cnnkit.recipes.imbalance``), or ``None`` to train on the data as it is.
         optimizer: "sgd", "momentum", "nesterov", "adam", "adamw" or "rmsprop".
         learning_rate: peak learning rate.

@@ -143,7 +143,7 @@ def test_layers_round_trip_their_config(layer):
     assert clone.get_config() == layer.get_config()
 
 
-def test_mismatched_members_are_rejected(data):
+def test_mismatched_members_are_rejected(data, tmp_path):
     small, other = cnnkit.build(ARCH, (8, 8, 1), 3), cnnkit.build(ARCH, (10, 10, 1), 3)
     with pytest.raises(ValueError, match=r"must agree on input shape and class count .*member 1 \(\w+\) takes "
                                          r"\(10, 10, 1\) images and gives 3 classes"):
@@ -151,7 +151,8 @@ def test_mismatched_members_are_rejected(data):
     four_classes = cnnkit.build(ARCH, (8, 8, 1), 4)
     with pytest.raises(ValueError, match=r"\(the data's: \(8, 8, 1\) images, 3 classes\): <keras.Model \w+> takes "
                                          r"\(8, 8, 1\) images and gives 4 classes"):
-        ensemble([small, four_classes], data, verbose=0, run_dir=None)
+        ensemble([small, four_classes], data, verbose=0, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # a failed start leaves no folder behind
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -184,6 +185,7 @@ def test_members_trained_on_other_classes_are_refused(seeded, data, tmp_path):
     with pytest.raises(ValueError, match=r"members/0 was trained on classes \['0', '1', '2'\]; the data has "
                                          r"\['a', 'b', 'c'\]"):
         ensemble([seeded.run_dir / "members" / "0"], renamed, run_dir=tmp_path / "renamed", verbose=0)
+    assert not (tmp_path / "renamed").exists()
 
 
 def test_the_same_model_twice_is_refused(data):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import cnnkit
-from cnnkit.recipes.imbalance import STRATEGIES, long_tailed, resample
+from cnnkit.recipes.imbalance import STRATEGIES, LogitAdjustedCrossentropy, long_tailed, resample
 from cnnkit.recipes.resume import training_epoch
 
 COUNTS = [40, 15, 5]
@@ -159,6 +159,40 @@ def test_train_runs_wei_two_stage_schedule(skewed, tmp_path):
     assert [stage["name"] for stage in run.config["stages"]] == ["train", "balanced"]
 
 
+def test_logit_adjusted_loss_shifts_logits_by_the_log_prior():
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.3, 0.3, 0.4]], np.float32)
+    labels = np.array([2, 0])
+    prior = np.array(COUNTS) / sum(COUNTS)
+    for tau in (0.0, 1.0, 2.0):
+        adjusted = np.log(probabilities) + tau * np.log(prior)
+        expected = np.mean([-(row[y] - np.log(np.exp(row).sum())) for row, y in zip(adjusted, labels)])
+        loss = LogitAdjustedCrossentropy(COUNTS, tau=tau)
+        assert float(loss(labels, probabilities)) == pytest.approx(expected, rel=1e-5)
+    plain = keras.losses.SparseCategoricalCrossentropy()(labels, probabilities)
+    assert float(LogitAdjustedCrossentropy(COUNTS, tau=0.0)(labels, probabilities)) == pytest.approx(float(plain), rel=1e-5)
+    soft = LogitAdjustedCrossentropy(COUNTS, sparse=False)(np.eye(3)[labels], probabilities)
+    assert float(soft) == pytest.approx(float(LogitAdjustedCrossentropy(COUNTS)(labels, probabilities)), rel=1e-5)
+    # a rare class's true logit is pushed up harder: its loss is larger at the same probability
+    rare, common = (float(LogitAdjustedCrossentropy(COUNTS)(np.array([y]), np.full((1, 3), 1 / 3, np.float32)))
+                    for y in (2, 0))
+    assert rare > common
+
+
+def test_train_with_logit_adjustment_keeps_the_data_and_saves_a_plain_model(skewed, tmp_path):
+    resampled = resample("logit_adjusted", skewed)
+    assert resampled.counts_after == COUNTS and resampled.class_weight is None and resampled.config == {
+        "strategy": "logit_adjusted", "tau": 1.0}
+    assert isinstance(resampled.loss(), LogitAdjustedCrossentropy) and resample("none", skewed).loss() == (
+        "sparse_categorical_crossentropy")
+    run = cnnkit.recipes.train("FC8", skewed, imbalance="logit_adjusted", epochs=2, batch_size=16,
+                               run_dir=tmp_path / "run", verbose=0)
+    assert run.model.loss.get_config()["class_counts"] == COUNTS
+    loaded = cnnkit.load(tmp_path / "run")
+    x, _ = skewed.arrays("train")
+    np.testing.assert_allclose(loaded.predict(x[:8]), run.predict(x[:8]), atol=1e-6)
+    assert loaded.config["imbalance"] == {"strategy": "logit_adjusted", "tau": 1.0}
+
+
 def test_a_class_without_examples_is_left_out():
     labels = np.array([0] * 6 + [2] * 2)
     data = cnnkit.data.from_arrays(_blobs(labels), labels, class_names=["a", "b", "c"], val_split=0)
@@ -180,6 +214,7 @@ def test_a_class_without_examples_is_left_out():
         ({"strategy": "two_stage", "second_stage_epochs": 0}, "second_stage_epochs=0"),
         ({"strategy": "two_stage", "second_stage_lr_factor": -1}, "second_stage_lr_factor=-1"),
         (["oversample"], "imbalance must be None"),
+        ({"strategy": "logit_adjusted", "tau": -0.5}, "tau=-0.5"),
     ],
 )
 def test_bad_imbalance_names_the_key(skewed, imbalance, match):
@@ -188,7 +223,9 @@ def test_bad_imbalance_names_the_key(skewed, imbalance, match):
 
 
 def test_strategies_have_documented_defaults():
-    assert set(STRATEGIES) == {"none", "class_weight", "oversample", "undersample", "balanced_batches", "two_stage"}
+    assert set(STRATEGIES) == {"none", "class_weight", "oversample", "undersample", "balanced_batches", "two_stage",
+                               "logit_adjusted"}
+    assert STRATEGIES["logit_adjusted"] == {"tau": 1.0}
     assert STRATEGIES["two_stage"] == {"second_stage_epochs": 3, "second_stage_lr_factor": 0.1}
 
 
