@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 
@@ -153,29 +154,22 @@ def finetune(
         tf.config.experimental.enable_op_determinism()
     data = resolve_data(data)
     precision = resolve_precision(precision)
-    with _dtype_policy(precision):
-        features, groups, adapt_input, source = _load_backbone(backbone, weights, data, input_size, trust)
-    group_names = [name for name, _ in groups]
+    built = build_finetune_model(backbone, data, weights=weights, trust=trust, input_size=input_size,
+                                 head_dropout=head_dropout, precision=precision)
+    group_names = built.group_names
     plan = _auto_stages(data, similarity, learning_rate, epochs, group_names) if stages == "auto" else None
     stage_specs = plan["stages"] if plan else _check_stages(stages, group_names)
     if plan and verbose:
         print(plan["message"])
     recipe = prepare_inputs(data, augment=augment, imbalance=imbalance, seed=seed)
-    model = _attach_head(features, data, adapt_input, head_dropout)
+    model = built.model
     steps_per_epoch = math.ceil(recipe.train_size / batch_size)
     pipeline = shard(recipe.train_pipeline(batch_size, seed))
-    fit_plan = []
-    for spec in stage_specs:
-        unfrozen = _unfrozen_groups(spec["unfreeze"], group_names)
-        base = make_optimizer(optimizer, learning_rate=spec["learning_rate"] * scale, weight_decay=weight_decay,
-                              schedule="cosine" if unfrozen else "constant", steps_per_epoch=steps_per_epoch,
-                              epochs=spec["epochs"])
-        multipliers = {name: factor for name, factor in (spec.get("lr_multipliers") or {}).items() if name in unfrozen}
-        fit_plan.append(Stage(
-            spec["name"], spec["epochs"], with_lr_multipliers(base, _variable_multipliers(groups, multipliers)),
-            pipeline, class_weight=recipe.class_weight,
-            prepare=_freezer(features, groups, unfrozen, batch_norm),
-        ))
+    fit_plan = [finetune_stage(built, spec, train=pipeline, steps_per_epoch=steps_per_epoch, optimizer=optimizer,
+                               weight_decay=weight_decay, batch_norm=batch_norm, class_weight=recipe.class_weight,
+                               rate_scale=scale)
+                for spec in stage_specs]
+    source = built.source
     run_dir = prepare_run_dir(run_dir, f"finetune-{source['name']}", key=run_key(arguments, data), overwrite=overwrite)
     if verbose:
         print(data.summary())
@@ -194,6 +188,82 @@ def finetune(
                         distribution=describe())
     return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
                       verbose=verbose, report=report)
+
+
+@dataclasses.dataclass
+class FinetuneModel:
+    """A backbone with a new head, and what staged fine-tuning needs to know of it.
+
+    Attributes:
+        model: ``image (raw pixels) -> resize / gray-to-RGB / preprocessing -> features -> global
+            pooling (if spatial) -> dropout -> classifier -> probabilities``.
+        features: the backbone, a nested model inside ``model``.
+        groups: ``[(group name, [layers])]`` of the backbone, from input to output.
+        source: what the backbone is, for ``config.yaml``.
+
+    Example:
+        >>> built = build_finetune_model("mobilenet_v2", data, weights=None)  # doctest: +SKIP
+        >>> built.group_names  # doctest: +SKIP
+        ['stem', 'blocks_1_2', 'blocks_3_5', 'blocks_6_12', 'blocks_13_16', 'top']
+    """
+
+    model: keras.Model
+    features: keras.Model
+    groups: list
+    source: dict
+
+    @property
+    def group_names(self) -> list[str]:
+        """The groups' names, from input to output (``unfreeze: n`` unfreezes the last n)."""
+        return [name for name, _ in self.groups]
+
+
+def build_finetune_model(backbone, data, *, weights="imagenet", trust: bool = False, input_size=None,
+                         head_dropout: float = 0.2, precision: str = "float32") -> FinetuneModel:
+    """The fine-tuning model of ``finetune``: the backbone, cut and grouped, with a new head for ``data``.
+
+    Args:
+        backbone, weights, trust, input_size, head_dropout: as for :func:`finetune`.
+        data: the ``ImageData`` (its image shape is the model's input, its classes the head's).
+        precision: a resolved precision ("float32", "mixed_bfloat16", ...): the backbone is built
+            under it (``keras.applications`` constructors take no dtype).
+
+    Returns:
+        A :class:`FinetuneModel`, not compiled; every layer trainable until a stage's ``prepare``.
+
+    Example:
+        >>> built = build_finetune_model("runs/digits-0-4", data)  # doctest: +SKIP
+        >>> built.group_names  # doctest: +SKIP
+        ['conv1', 'conv2', 'fc1']
+    """
+    with _dtype_policy(precision):
+        features, groups, adapt_input, source = _load_backbone(backbone, weights, data, input_size, trust)
+    return FinetuneModel(_attach_head(features, data, adapt_input, head_dropout), features, groups, source)
+
+
+def finetune_stage(built, spec, *, train, steps_per_epoch, optimizer="adam", weight_decay=0.0, batch_norm="frozen",
+                   class_weight=None, rate_scale=1.0) -> Stage:
+    """The ``Stage`` of one stage spec (a dict as in ``finetune(stages=[...])``) on a :class:`FinetuneModel`.
+
+    Its ``prepare`` sets ``trainable`` group by group: the head always trains, the groups the spec's
+    ``unfreeze`` selects train, batch norm as ``batch_norm`` says; call it, then compile with the
+    stage's optimiser (Keras needs a recompile after ``trainable`` changes), as ``fit_stages``
+    does. The optimiser runs at the spec's ``learning_rate`` (times ``rate_scale``),
+    cosine-decayed over the stage's epochs when it unfreezes a group and constant otherwise; the
+    variables of each unfrozen group in ``lr_multipliers`` move at that factor of the rate.
+
+    Example:
+        >>> stage = finetune_stage(built, {"name": "top1", "unfreeze": 1, "epochs": 2, "learning_rate": 1e-3,
+        ...                                "lr_multipliers": {"fc1": 0.1}}, train=pipeline, steps_per_epoch=10)  # doctest: +SKIP
+        >>> stage.prepare(built.model); built.model.compile(optimizer=stage.optimizer, loss="sparse_categorical_crossentropy")  # doctest: +SKIP
+    """
+    unfrozen = _unfrozen_groups(spec["unfreeze"], built.group_names)
+    base = make_optimizer(optimizer, learning_rate=spec["learning_rate"] * rate_scale,
+                          weight_decay=weight_decay, schedule="cosine" if unfrozen else "constant",
+                          steps_per_epoch=steps_per_epoch, epochs=spec["epochs"])
+    multipliers = {name: factor for name, factor in (spec.get("lr_multipliers") or {}).items() if name in unfrozen}
+    return Stage(spec["name"], spec["epochs"], with_lr_multipliers(base, _variable_multipliers(built.groups, multipliers)),
+                 train, class_weight=class_weight, prepare=_freezer(built.features, built.groups, unfrozen, batch_norm))
 
 
 def with_lr_multipliers(optimizer, multipliers):
@@ -267,8 +337,6 @@ def _load_backbone(backbone, weights, data, input_size, trust):
 
 
 def _with_input_size(meta, size):
-    import dataclasses
-
     if size[0] < meta.min_input_size[0] or size[1] < meta.min_input_size[1]:
         raise ValueError(f"{meta.name} needs inputs of at least {tuple(meta.min_input_size)}. Received: input_size={size}")
     return dataclasses.replace(meta, input_size=size)

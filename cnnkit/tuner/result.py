@@ -11,7 +11,9 @@
 
 ``best_recipe.yaml`` is the first of these as a ``cnnkit run`` recipe: the same network and
 settings, trained on the training split with validation, so its ``best_val_accuracy`` should
-come back within noise of the search's score.
+come back within noise of the search's score. For a fine-tuning space it is a ``finetune``
+recipe whose ``stages:`` are the best trial's (the head on the frozen backbone, then the top
+``unfreeze_depth`` groups with ``lr_multipliers``), and ``retrain()`` runs ``finetune``.
 
 Example:
     >>> result = cnnkit.tuner.search(space, "mnist-sample", algorithm="hyperband", epochs=9)  # doctest: +SKIP
@@ -64,6 +66,21 @@ def train_defaults() -> dict:
     return {name: parameters[name].default for name in names}
 
 
+def finetune_defaults() -> dict:
+    """The finetune recipe's defaults and ``FINETUNE_DEFAULTS`` for the knobs a fine-tuning space may leave out.
+
+    Example:
+        >>> finetune_defaults()["learning_rate"], finetune_defaults()["unfreeze_depth"]
+        (0.001, 1)
+    """
+    from cnnkit.recipes.finetune import finetune
+    from cnnkit.tuner.space import FINETUNE_DEFAULTS
+
+    parameters = inspect.signature(finetune).parameters
+    names = ("optimizer", "learning_rate", "weight_decay", "batch_size", "augment")
+    return {**{name: parameters[name].default for name in names}, **FINETUNE_DEFAULTS}
+
+
 @dataclasses.dataclass
 class TrialRecord:
     """One trial of a search.
@@ -74,7 +91,7 @@ class TrialRecord:
             error), ``"INVALID"`` (the planner rejected the network; not trained) or
             ``"RUNNING"`` (interrupted; a resumed search runs it again).
         values: the space's hyperparameter values.
-        arch: the network's notation string.
+        arch: the network's notation string (``None`` in a fine-tuning search).
         score: the objective at the best epoch (mean over executions), ``None`` unless completed.
         epochs: epochs the network had trained for at the end of the trial (hyperband: its budget).
         best_epoch: the epoch (from 1) the score comes from.
@@ -176,8 +193,11 @@ class SearchResult:
         trials: a :class:`TrialRecord` per trial, in the order they started.
         objective: the objective's name; ``direction`` is ``"max"`` or ``"min"``.
         best_trial: the completed trial with the best score, or ``None``.
-        best_hyperparameters: its values (``{}`` when there is none).
-        best_arch: its notation string.
+        best_hyperparameters: its values (``{}`` when there is none): in a fine-tuning search
+            the knobs (``unfreeze_depth``, ``lr_multiplier``, ``learning_rate``, ...).
+        best_arch: its notation string (``None`` in a fine-tuning search).
+        best_backbone: the backbone a fine-tuning search fine-tuned (``None`` otherwise or
+            when no trial completed); ``best_recipe()["stages"]`` are the best trial's stages.
         best_score: its score.
         sensitivity: a :class:`cnnkit.tuner.Sensitivity` over the completed trials (for
             hyperband, those trained for the epoch budget most trials reached).
@@ -190,7 +210,7 @@ class SearchResult:
         ('32C5-MP2-64C3-MP2-FC256-D0.25', 0.9876)
     """
 
-    def __init__(self, *, trials, space, settings, directory, data, data_argument, tuner=None):
+    def __init__(self, *, trials, space, settings, directory, data, data_argument, tuner=None, trust=False):
         self.trials = list(trials)
         self.space = space
         self.settings = dict(settings)
@@ -201,11 +221,13 @@ class SearchResult:
         self._data = data
         self._data_argument = data_argument
         self._tuner = tuner
+        self._trust = trust
         completed = [trial for trial in self.trials if trial.status == "COMPLETED" and trial.score is not None]
         better = max if self.direction == "max" else min
         self.best_trial = better(completed, key=lambda trial: trial.score) if completed else None
         self.best_hyperparameters = dict(self.best_trial.values) if self.best_trial else {}
         self.best_arch = self.best_trial.arch if self.best_trial else None
+        self.best_backbone = space.backbone if self.best_trial else None
         self.best_score = self.best_trial.score if self.best_trial else None
         self.sensitivity = self._sensitivity(completed)
 
@@ -245,8 +267,11 @@ class SearchResult:
         return self._tuner.load_model(self._tuner.oracle.trials[self.best_trial.trial_id])
 
     def best_recipe(self) -> dict:
-        """The best configuration as the keyword arguments of ``cnnkit.recipes.train`` (with ``recipe: train``).
+        """The best configuration as the keyword arguments of its recipe (with ``recipe: train`` or ``finetune``).
 
+        A search over an ``arch`` template gives ``train`` arguments; a fine-tuning search gives
+        ``finetune`` arguments whose ``stages`` are the best trial's, for its number of epochs
+        (:meth:`cnnkit.tuner.SearchSpace.stages_for`).
         ``data`` is the search's data argument when it was a name or a ``from_folder`` mapping,
         else ``None`` (set it when running the file: ``cnnkit run best_recipe.yaml data=...``).
 
@@ -260,8 +285,10 @@ class SearchResult:
         best = self.best_trial
         if best is None:
             raise ValueError(f"no trial of the search in {self.directory} completed, so there is no best configuration")
-        values = {**train_defaults(), **best.values}
         data = self._data_argument if isinstance(self._data_argument, (str, dict)) else None
+        if self.space.kind == "finetune":
+            return self._finetune_recipe(best, data)
+        values = {**train_defaults(), **best.values}
         recipe = {"recipe": "train", "arch": best.arch, "data": data}
         options = self.space.model_options(best.values)
         if options:
@@ -276,6 +303,30 @@ class SearchResult:
         recipe.update(schedule="constant", epochs=best.epochs, batch_size=values["batch_size"],
                       precision=self.settings["precision"], steps_per_execution=self.settings["steps_per_execution"],
                       seed=self.settings["seed"])
+        return recipe
+
+    def _finetune_recipe(self, best, data) -> dict:
+        from cnnkit.recipes.finetune import finetune
+
+        values = {**finetune_defaults(), **best.values}
+        defaults = inspect.signature(finetune).parameters
+        recipe = {"recipe": "finetune", "backbone": self.space.backbone}
+        if _is_applications(self.space.backbone):
+            recipe["weights"] = self.space.weights
+        if self.space.input_size is not None:
+            recipe["input_size"] = list(self.space.input_size)
+        if self._trust:
+            recipe["trust"] = True
+        recipe["data"] = data
+        recipe["stages"] = self.space.stages_for(values, self.settings["groups"], best.epochs)
+        recipe.update(batch_norm=defaults["batch_norm"].default, head_dropout=defaults["head_dropout"].default)
+        if "augment" in best.values:
+            recipe["augment"] = None if best.values["augment"] == "none" else best.values["augment"]
+        recipe.update(optimizer=values["optimizer"], learning_rate=values["learning_rate"])
+        if "weight_decay" in best.values:
+            recipe["weight_decay"] = best.values["weight_decay"]
+        recipe.update(batch_size=values["batch_size"], precision=self.settings["precision"],
+                      steps_per_execution=self.settings["steps_per_execution"], seed=self.settings["seed"])
         return recipe
 
     def recipe_text(self, path=None) -> str:
@@ -304,8 +355,12 @@ class SearchResult:
     def retrain(self, *, run_dir=None, verbose: int = 1):
         """Train the best configuration from scratch on training + validation; evaluate on the test split.
 
+        A fine-tuning search's best configuration is fine-tuned again from the backbone with
+        ``cnnkit.recipes.finetune`` and the best trial's stages.
+
         Args:
-            run_dir: the run directory (default ``runs/<arch>-<timestamp>``).
+            run_dir: the run directory (default ``runs/<arch>-<timestamp>``, or
+                ``runs/finetune-<backbone>-<key>``).
             verbose: as ``cnnkit.recipes.train``.
 
         Returns:
@@ -318,16 +373,17 @@ class SearchResult:
             0.991
         """
         from cnnkit.data import from_arrays
+        from cnnkit.recipes.finetune import finetune
         from cnnkit.recipes.train import train
 
         kwargs = self.best_recipe()
-        kwargs.pop("recipe")
+        recipe = finetune if kwargs.pop("recipe") == "finetune" else train
         data = self._data
         images, labels = zip(data.arrays("train"), data.arrays("val"))
         test = data.arrays("test") if data.test is not None else (None, None)
         kwargs["data"] = from_arrays(np.concatenate(images), np.concatenate(labels), x_test=test[0], y_test=test[1],
                                      val_split=0, class_names=list(data.class_names))
-        return train(**kwargs, run_dir=run_dir, verbose=verbose)
+        return recipe(**kwargs, run_dir=run_dir, verbose=verbose)
 
     # -- tables and files
 
@@ -342,13 +398,14 @@ class SearchResult:
         trials = sorted(self.trials, key=lambda trial: (order.get(trial.status, 4),
                                                         sign * trial.score if trial.score is not None else 0.0))
         knobs = [name for name in self.space.hyperparameters if name not in self.space.placeholders]
-        header = ["", "trial", "status", self.objective, "epoch", "seconds", "arch", *knobs, "note"]
+        arch = ["arch"] if self.space.kind == "train" else []
+        header = ["", "trial", "status", self.objective, "epoch", "seconds", *arch, *knobs, "note"]
         rows = []
         for trial in trials:
             star = "*" if trial is self.best_trial else ""
             rows.append([star, trial.trial_id, trial.status, "" if trial.score is None else f"{trial.score:.4f}",
                          "" if trial.best_epoch is None else f"{trial.best_epoch}/{trial.epochs}",
-                         "" if trial.seconds is None else f"{trial.seconds:.1f}", trial.arch or "",
+                         "" if trial.seconds is None else f"{trial.seconds:.1f}", *([trial.arch or ""] if arch else []),
                          *(_short(trial.values.get(name, "")) for name in knobs), trial.error or ""])
         widths = [max(len(header[i]), *(len(row[i]) for row in rows)) if rows else len(header[i])
                   for i in range(len(header))]
@@ -359,7 +416,7 @@ class SearchResult:
         lines.append(f"{len(self.trials)} trials ({summary or 'none'}); search directory {self.directory}")
         if self.best_trial is not None:
             lines.append(f"best: trial {self.best_trial.trial_id}, {self.objective} {self.best_score:.4f}, "
-                         f"{self.best_arch} (best_model(): its weights, trained on the training split; "
+                         f"{self._best_label()} (best_model(): its weights, trained on the training split; "
                          "retrain(): trained again on training + validation)")
         return "\n".join(lines)
 
@@ -404,9 +461,27 @@ class SearchResult:
         self.files = files
         return files
 
+    def _best_label(self) -> str:
+        """The best arch, or the backbone with the best trial's fine-tuning knobs."""
+        if self.space.kind == "train":
+            return self.best_arch
+        knobs = " ".join(f"{name}={_short(value)}" for name, value in self.best_hyperparameters.items())
+        return f"{self.best_backbone} {knobs}".strip()
+
     def __repr__(self):
-        best = f"{self.objective}={self.best_score:.4f} {self.best_arch}" if self.best_trial else "no completed trial"
+        best = f"{self.objective}={self.best_score:.4f} {self._best_label()}" if self.best_trial else "no completed trial"
         return f"SearchResult({len(self.trials)} trials, best: {best}, directory={str(self.directory)!r})"
+
+
+def _is_applications(backbone) -> bool:
+    """Whether a backbone is a registered ``keras.applications`` name (else a ``.keras`` file or run directory)."""
+    from cnnkit.models.backbones import get_backbone
+
+    try:
+        get_backbone(backbone)
+    except ValueError:
+        return False
+    return True
 
 
 def _error_line(message) -> str:
@@ -437,4 +512,4 @@ def _cell(value) -> str:
     return str(value)
 
 
-__all__ = ["INVALID_PREFIX", "RECORD_FILE", "SearchResult", "TrialRecord", "train_defaults"]
+__all__ = ["INVALID_PREFIX", "RECORD_FILE", "SearchResult", "TrialRecord", "finetune_defaults", "train_defaults"]

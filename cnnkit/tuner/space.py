@@ -1,9 +1,9 @@
-"""Search spaces: a notation template with named hyperparameters, plus the training knobs.
+"""Search spaces: a notation template (or a backbone to fine-tune) with named hyperparameters and knobs.
 
 A search space only declares hyperparameters and names what they build: an ``arch`` template in
-cnnkit's notation, filled in and handed to ``cnnkit.build``. It never trains and never picks an
-algorithm (that is a string given to ``cnnkit.tuner.search``). In YAML (the ``space:`` key of a
-file in ``tuner/``)::
+cnnkit's notation, filled in and handed to ``cnnkit.build``, or a ``backbone`` that
+``cnnkit.recipes.finetune`` fine-tunes. It never trains and never picks an algorithm (that is a
+string given to ``cnnkit.tuner.search``). In YAML (the ``space:`` key of a file in ``tuner/``)::
 
     space:
       name: mnist_conv
@@ -23,14 +23,31 @@ file in ``tuner/``)::
 Every name in ``{braces}`` of the template must be declared; every other declared name must be a
 knob from ``KNOBS``: build options (``batch_norm``, ``activation``, ...), training settings
 (``learning_rate``, ``batch_size``, ``optimizer``, ``augment``, ...) and the fine-tuning knobs
-(``unfreeze_depth``, ``lr_multiplier``), which belong to spaces that name a ``backbone`` instead
-of an ``arch``. A range is ``{min, max}`` with an optional ``step`` and ``sampling`` ("linear",
+(``unfreeze_depth``, ``lr_multiplier``, ``head_epochs``). A range is ``{min, max}`` with an optional ``step`` and ``sampling`` ("linear",
 "log", "reverse_log"); the declarations become Keras Tuner ``Choice``, ``Int``, ``Float`` and
 ``Fixed`` hyperparameters, so every Keras Tuner algorithm can search them.
 
 A combination whose network does not fit the input (a kernel larger than the feature map) is
 found by the planner before anything is built: :meth:`SearchSpace.invalid_reason` returns the
 planner's message, and the search records such a trial as invalid without training it.
+
+A fine-tuning space names a ``backbone`` (a ``keras.applications`` name with its ``weights``, a
+``.keras`` file or a cnnkit run directory) instead of an ``arch``; build knobs do not apply, and
+neither do ``momentum`` and ``preprocess`` (``finetune`` takes neither: the backbone brings its
+own preprocessing)::
+
+    space:
+      name: finetune_digits
+      backbone: runs/quickstart/pretrain                  # or mobilenet_v2 with weights: imagenet
+      hyperparameters:
+        unfreeze_depth: [0, 1, 2, 3]                      # top groups unfrozen after the head epochs
+        lr_multiplier: {min: 0.01, max: 1.0, sampling: log}
+        learning_rate: {min: 3.0e-4, max: 3.0e-3, sampling: log}
+        head_epochs: 1                                    # epochs on the frozen backbone first
+
+Each trial is two ``finetune`` stages (:meth:`SearchSpace.stages_for`): the head alone on the
+frozen backbone for the trial's first ``head_epochs`` epochs, then the top ``unfreeze_depth``
+groups with it for the rest, the groups at ``learning_rate * lr_multiplier``.
 
 Example:
     >>> space = SearchSpace("{f}C{k}-MP2-FC64", {"f": [8, 16], "k": [3, 5], "learning_rate": 0.01})
@@ -71,15 +88,21 @@ KNOBS = {
     "batch_size": ("train", "images per step"),
     "augment": ("train", "augmentation preset or op name (cnnkit.recipes.augment), none for none"),
     "preprocess": ("train", "input preprocessing (scale, standardize, ...; cnnkit.recipes.preprocess)"),
-    "unfreeze_depth": ("finetune", "how many backbone layer groups to unfreeze"),
+    "unfreeze_depth": ("finetune", "how many backbone layer groups to unfreeze (from the top) after the head epochs"),
     "lr_multiplier": ("finetune", "learning-rate multiplier of the unfrozen backbone layers"),
+    "head_epochs": ("finetune", "epochs of each trial that train the head alone on the frozen backbone first"),
 }
 """The training knobs a space may declare besides its template's placeholders."""
+
+FINETUNE_DEFAULTS = {"unfreeze_depth": 1, "lr_multiplier": 0.1, "head_epochs": 1}
+"""The fine-tuning knobs' values when a space leaves them out (fastai's ``fine_tune``: one frozen epoch)."""
+
+_NOT_FOR_FINETUNE = ("momentum", "preprocess")  # train-recipe knobs cnnkit.recipes.finetune has no argument for
 
 _RANGE_KEYS = ("min", "max", "step", "sampling")
 _SAMPLINGS = ("linear", "log", "reverse_log")
 _BOOLEAN_KNOBS = ("batch_norm",)
-_INTEGER_KNOBS = {"batch_size": 1, "unfreeze_depth": 0}  # knob -> smallest value
+_INTEGER_KNOBS = {"batch_size": 1, "unfreeze_depth": 0, "head_epochs": 0}  # knob -> smallest value
 _POSITIVE_KNOBS = ("learning_rate", "lr_multiplier", "max_norm")
 _NON_NEGATIVE_KNOBS = ("momentum", "weight_decay", "l2")
 _PLAN_OPTIONS = ("activation", "padding", "batch_norm")
@@ -95,13 +118,18 @@ class SearchSpace:
         hyperparameters: name -> declaration: a list (one of these values; ``None`` in a list of
             strings means the string ``"none"``), a mapping ``{min, max, step?, sampling?}`` (a
             range), or a single value (fixed).
-        backbone: the pretrained backbone a fine-tuning space searches over (instead of ``arch``).
+        backbone: the pretrained backbone a fine-tuning space fine-tunes (instead of ``arch``):
+            a ``keras.applications`` name (``cnnkit.models.list_backbones()``), a ``.keras``
+            file or a cnnkit run directory, as for ``cnnkit.recipes.finetune``.
         name: names the search (its default directory is ``runs/tune-<name>``).
+        weights: a fine-tuning space's ``keras.applications`` weights: "imagenet" (Keras
+            downloads and caches them), a local weights file, or ``None`` (untrained).
+        input_size: ``(height, width)`` the backbone sees, as for ``finetune``; default its own.
 
     Raises:
         ValueError: a template placeholder that is not declared, a declared name that is neither
-            a placeholder nor a knob, a malformed declaration, or a knob value out of range; the
-            message names the hyperparameter.
+            a placeholder nor a knob, a knob of the other kind of space, a malformed
+            declaration, or a knob value out of range; the message names the hyperparameter.
 
     Example:
         >>> space = SearchSpace("{f}C3-MP2-FC{units}", {"f": [16, 32], "units": {"min": 32, "max": 128, "step": 32}})
@@ -113,6 +141,8 @@ class SearchSpace:
     hyperparameters: dict = dataclasses.field(default_factory=dict)
     backbone: str | None = None
     name: str = "search"
+    weights: str | None = "imagenet"
+    input_size: list | None = None
 
     def __post_init__(self):
         if (self.arch is None) == (self.backbone is None):
@@ -125,6 +155,7 @@ class SearchSpace:
                              f"Received: hyperparameters={self.hyperparameters!r}")
         if self.arch is not None and not isinstance(self.arch, str):
             raise ValueError(f"arch must be a notation template string. Received: arch={self.arch!r}")
+        self._check_backbone_fields()
         placeholders = self.placeholders
         missing = [name for name in placeholders if name not in self.hyperparameters]
         if missing:
@@ -145,6 +176,9 @@ class SearchSpace:
                 needs = "a backbone:" if group == "finetune" else "an arch:"
                 raise ValueError(f"knob {name!r} applies to spaces with {needs} this space has "
                                  f"{'a backbone' if self.backbone else 'an arch'}")
+            if name in _NOT_FOR_FINETUNE and self.kind == "finetune":
+                raise ValueError(f"knob {name!r} does not apply to a fine-tuning space: cnnkit.recipes.finetune has "
+                                 f"no {name} argument")
         self.declare(kt.HyperParameters())  # Keras Tuner checks each declaration
         for name in self.hyperparameters:
             if name in KNOBS:
@@ -163,7 +197,7 @@ class SearchSpace:
         if not isinstance(space, dict):
             raise ValueError("space must be a SearchSpace or a mapping with 'arch' (or 'backbone'), "
                              f"'hyperparameters' and optionally 'name'. Received: space={space!r}")
-        allowed = ("arch", "backbone", "hyperparameters", "name")
+        allowed = ("arch", "backbone", "hyperparameters", "name", "weights", "input_size")
         unknown = [key for key in space if key not in allowed]
         if unknown:
             raise ValueError(f"unknown key {unknown[0]!r} in the search space; valid keys: {', '.join(allowed)}")
@@ -175,9 +209,29 @@ class SearchSpace:
         Example:
             >>> SearchSpace("{f}C3", {"f": [4, 8]}, name="tiny").to_dict()
             {'arch': '{f}C3', 'hyperparameters': {'f': [4, 8]}, 'name': 'tiny'}
+            >>> SearchSpace(backbone="runs/digits", hyperparameters={"unfreeze_depth": [1, 2]}).to_dict()["weights"]
+            'imagenet'
         """
-        key = "arch" if self.arch is not None else "backbone"
-        return {key: getattr(self, key), "hyperparameters": dict(self.hyperparameters), "name": self.name}
+        if self.kind == "train":
+            return {"arch": self.arch, "hyperparameters": dict(self.hyperparameters), "name": self.name}
+        return {"backbone": self.backbone, "hyperparameters": dict(self.hyperparameters), "name": self.name,
+                "weights": self.weights, "input_size": None if self.input_size is None else list(self.input_size)}
+
+    def _check_backbone_fields(self):
+        if self.kind == "train":
+            if self.weights != "imagenet" or self.input_size is not None:
+                raise ValueError("weights and input_size belong to fine-tuning spaces (with a backbone); this space has "
+                                 f"an arch. Received: weights={self.weights!r}, input_size={self.input_size!r}")
+            return
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ValueError("backbone must be a keras.applications name, a .keras file or a run directory. "
+                             f"Received: backbone={self.backbone!r}")
+        if self.weights is not None and not isinstance(self.weights, str):
+            raise ValueError(f"weights must be 'imagenet', a weights file or null. Received: weights={self.weights!r}")
+        size = self.input_size
+        if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2 and all(
+                isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)):
+            raise ValueError(f"input_size must be [height, width] or null. Received: input_size={size!r}")
 
     @property
     def kind(self) -> str:
@@ -251,10 +305,14 @@ class SearchSpace:
     def invalid_reason(self, values: dict, input_shape, num_classes) -> str | None:
         """The planner's reason why a combination's network does not fit the input, or ``None``.
 
+        A fine-tuning space has no template to plan: always ``None``.
+
         Example:
             >>> SearchSpace("{f}C{k}", {"f": [4], "k": [3, 9]}).invalid_reason({"f": 4, "k": 9}, (8, 8, 1), 2)[:30]
-            'token 1 (4C9): the kernel 9x9 '
+            "4C9: token 1 '4C9': (W - F + 2"
         """
+        if self.kind == "finetune":
+            return None
         arch = self.arch_for(values)
         options = {name: values[name] for name in _PLAN_OPTIONS if name in values}
         try:
@@ -267,6 +325,7 @@ class SearchSpace:
         """Raise unless some combination fits the input: the default one or one of ``samples`` random ones.
 
         A space none of whose networks fits would otherwise turn every trial into an invalid one.
+        A fine-tuning space passes (its backbone is checked when ``search`` loads it).
 
         Raises:
             ValueError: no combination tried fits; the message gives the planner's first reason.
@@ -277,6 +336,8 @@ class SearchSpace:
             ...
             ValueError: no network of search space 'search' fits input (8, 8, 1): ...
         """
+        if self.kind == "finetune":
+            return
         hp = kt.HyperParameters()
         self.declare(hp)
         first_reason, tried = None, set()
@@ -295,6 +356,92 @@ class SearchSpace:
             first_reason = first_reason or reason
         raise ValueError(f"no network of search space {self.name!r} fits input {tuple(input_shape)}: tried "
                          f"{len(tried)} combinations; the first: {first_reason}")
+
+    def check_finetune(self, groups, epochs: int) -> None:
+        """Refuse fine-tuning knob values this backbone or epoch count cannot honour, before any trial.
+
+        Args:
+            groups: the backbone's layer group names (``unfreeze_depth`` counts them from the top).
+            epochs: the search's epochs per trial (Hyperband: the most).
+
+        Raises:
+            ValueError: an ``unfreeze_depth`` value (a listed one or a range's end) above the
+                number of groups, or a ``head_epochs`` value that leaves no epoch to unfreeze
+                in; the message names the knob, the value and the groups (or epochs).
+
+        Example:
+            >>> space = SearchSpace(backbone="runs/digits", hyperparameters={"unfreeze_depth": [1, 4]})
+            >>> space.check_finetune(["conv1", "conv2", "fc1"], 3)
+            Traceback (most recent call last):
+            ...
+            ValueError: knob unfreeze_depth: 4 is more than the 3 layer groups of backbone 'runs/digits' (conv1, conv2, fc1). Received: unfreeze_depth=[1, 4]
+        """
+        declared = {**FINETUNE_DEFAULTS, **self.hyperparameters}
+        depths = _candidates(declared["unfreeze_depth"])
+        for depth in depths:
+            if depth > len(groups):
+                raise ValueError(f"knob unfreeze_depth: {depth} is more than the {len(groups)} layer groups of backbone "
+                                 f"{self.backbone!r} ({', '.join(groups)}). Received: "
+                                 f"unfreeze_depth={declared['unfreeze_depth']!r}")
+        for head in _candidates(declared["head_epochs"]):
+            if max(depths) > 0 and head >= epochs:
+                raise ValueError(f"knob head_epochs: {head} leaves none of a trial's {epochs} epochs to unfreeze "
+                                 f"groups in; give more epochs or fewer head_epochs. Received: "
+                                 f"head_epochs={declared['head_epochs']!r}")
+
+    def stages_for(self, values: dict, groups, epochs: int, *, initial_epoch: int = 0) -> list[dict]:
+        """The ``cnnkit.recipes.finetune`` stages that train epochs ``initial_epoch`` to ``epochs`` of a trial.
+
+        The split is by epoch number. A trial of ``epochs`` epochs trains the head alone on the
+        frozen backbone for its first ``head_epochs`` epochs (stage ``head``, at
+        ``learning_rate``), then unfreezes the top ``unfreeze_depth`` groups for the remaining
+        epochs (stage ``top<depth>``: the head at ``learning_rate``, the unfrozen groups at
+        ``learning_rate * lr_multiplier``, cosine-decayed over the stage as ``finetune`` does).
+        ``unfreeze_depth: 0``, or a trial no longer than ``head_epochs``, trains the head alone
+        throughout, in one stage. Hyperband's budget is the trial's ``epochs``: a network
+        continued from a lower round (``initial_epoch`` > 0, its weights carried over) goes on
+        in the stage its next epoch falls in, each stage counting only the epochs it trains
+        now (so its schedule restarts: Keras Tuner carries weights, not optimiser state).
+
+        Args:
+            values: the trial's values; knobs left out take ``FINETUNE_DEFAULTS`` (and
+                ``learning_rate`` must be there: the caller fills in the recipe's default).
+            groups: the backbone's group names, from input to output.
+            epochs: the epoch the trial ends at (its epoch budget).
+            initial_epoch: the epochs already trained (by a lower Hyperband round).
+
+        Returns:
+            Stage dicts as ``finetune(stages=[...])`` takes them (one or two; none when there is
+            nothing left to train).
+
+        Raises:
+            ValueError: ``unfreeze_depth`` is more than the backbone's groups.
+
+        Example:
+            >>> space = SearchSpace(backbone="runs/digits", hyperparameters={"unfreeze_depth": [0, 2]})
+            >>> values = {"unfreeze_depth": 2, "lr_multiplier": 0.1, "head_epochs": 1, "learning_rate": 0.01}
+            >>> for stage in space.stages_for(values, ["conv1", "conv2", "fc1"], 3):
+            ...     print(stage)
+            {'name': 'head', 'unfreeze': 0, 'epochs': 1, 'learning_rate': 0.01}
+            {'name': 'top2', 'unfreeze': 2, 'epochs': 2, 'learning_rate': 0.01, 'lr_multipliers': {'conv2': 0.1, 'fc1': 0.1}}
+        """
+        values = {**FINETUNE_DEFAULTS, **values}
+        depth, rate = values["unfreeze_depth"], values["learning_rate"]
+        groups = list(groups)
+        if depth > len(groups):
+            raise ValueError(f"knob unfreeze_depth: {depth} is more than the {len(groups)} layer groups of backbone "
+                             f"{self.backbone!r} ({', '.join(groups)}). Received: unfreeze_depth={depth}")
+        switch = min(values["head_epochs"], epochs) if depth else epochs
+        stages = []
+        if initial_epoch < switch:
+            stages.append({"name": "head", "unfreeze": 0, "epochs": switch - initial_epoch, "learning_rate": rate})
+        if max(switch, initial_epoch) < epochs:
+            stage = {"name": f"top{depth}", "unfreeze": depth, "epochs": epochs - max(switch, initial_epoch),
+                     "learning_rate": rate}
+            if values["lr_multiplier"] != 1:
+                stage["lr_multipliers"] = {group: values["lr_multiplier"] for group in groups[-depth:]}
+            stages.append(stage)
+        return stages
 
 
 def _declare(hp, name, declaration):
@@ -381,4 +528,4 @@ def _format(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-__all__ = ["KNOBS", "SearchSpace"]
+__all__ = ["FINETUNE_DEFAULTS", "KNOBS", "SearchSpace"]

@@ -4,6 +4,11 @@ Keras Tuner does the searching: its oracles (random, grid, Bayesian optimisation
 propose values, its ``Tuner`` runs trials, checkpoints each trial's best epoch and saves its
 state after every trial. cnnkit adds what a search of convolutional networks needs around it:
 
+* A space that names a ``backbone`` instead of an ``arch`` fine-tunes it: each trial is the
+  model of ``cnnkit.recipes.finetune`` trained in its stages, the head alone on the frozen
+  backbone for ``head_epochs``, then the top ``unfreeze_depth`` groups with it at
+  ``learning_rate * lr_multiplier`` (see :meth:`cnnkit.tuner.SearchSpace.stages_for`, which
+  also says how Hyperband's epoch budget maps onto the stages).
 * The planner checks each proposed network before anything is built. One that does not fit the
   input is recorded as an ``INVALID`` trial with the planner's reason, is not trained, and does
   not count towards ``max_trials``.
@@ -61,6 +66,7 @@ import yaml
 from tensorflow.python.framework import ops as tf_ops
 
 import cnnkit
+from cnnkit.recipes.finetune import build_finetune_model, finetune_stage
 from cnnkit.recipes.optimization import OPTIMIZERS, make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.recipes.resume import EpochSeeds
@@ -68,7 +74,14 @@ from cnnkit.report import package_versions
 from cnnkit.runs import atomic_write_text
 from cnnkit.tuner.distributed import POLL_SECONDS, Heartbeat, LivenessMixin, environment, resolve_role, serve
 from cnnkit.tuner.metrics import BalancedAccuracy
-from cnnkit.tuner.result import INVALID_PREFIX, RECORD_FILE, SearchResult, TrialRecord, train_defaults
+from cnnkit.tuner.result import (
+    INVALID_PREFIX,
+    RECORD_FILE,
+    SearchResult,
+    TrialRecord,
+    finetune_defaults,
+    train_defaults,
+)
 from cnnkit.tuner.space import KNOBS, SearchSpace
 
 ALGORITHMS = ("random", "grid", "bayesian", "hyperband")
@@ -110,6 +123,7 @@ def search(
     precision: str = "auto",
     steps_per_execution: int = 16,
     seed: int = 0,
+    trust: bool = False,
     callbacks: list | None = None,
     directory=None,
     overwrite: bool = False,
@@ -123,8 +137,13 @@ def search(
 
     Args:
         space: a :class:`cnnkit.tuner.SearchSpace`, or a mapping with ``arch`` (the notation
-            template), ``hyperparameters`` and optionally ``name`` (see
-            :mod:`cnnkit.tuner.space`).
+            template) or ``backbone`` (a fine-tuning space, with optionally ``weights`` and
+            ``input_size``), ``hyperparameters`` and optionally ``name`` (see
+            :mod:`cnnkit.tuner.space`). A fine-tuning trial's ``epochs`` are split by epoch
+            number: the first ``head_epochs`` (default 1) train the head on the frozen
+            backbone, the rest also the top ``unfreeze_depth`` groups (default 1) at
+            ``learning_rate * lr_multiplier`` (default 0.1); ``unfreeze_depth: 0`` trains the
+            head alone throughout.
         data: a ``cnnkit.data.ImageData``, a dataset name ("mnist", "mnist-sample"), or a
             mapping of ``cnnkit.data.from_folder`` arguments with "path". It needs a
             validation split: trials are scored on it.
@@ -134,7 +153,11 @@ def search(
         max_trials: trials to train at most (invalid ones not counted); ``None``: until the
             algorithm stops (grid: every combination; hyperband: its brackets).
         epochs: epochs per trial; for hyperband, the most epochs one network trains
-            (Hyperband's ``max_epochs``: its brackets train for ``epochs / factor**k``).
+            (Hyperband's ``max_epochs``: its brackets train for ``epochs / factor**k``). A
+            fine-tuning trial's budget counts its head epochs: a budget of at most
+            ``head_epochs`` trains the head alone (such a round compares learning rates only),
+            and a network continued from a lower round goes on in the stage its next epoch
+            falls in.
         factor: Hyperband's reduction factor (ignored by the other algorithms).
         hyperband_iterations: how many times Hyperband sweeps its brackets; one sweep trains
             about ``epochs * log_factor(epochs)**2`` epochs in all.
@@ -145,6 +168,8 @@ def search(
         steps_per_execution: training steps per call into the compiled graph.
         seed: seeds the algorithm's proposals and each trial's weights, shuffling and
             augmentation.
+        trust: a fine-tuning space's ``.keras`` file or run directory may hold Python code (a
+            Lambda layer): load it anyway. Only for files you trust; refused otherwise.
         callbacks: extra Keras callbacks for every trial's ``fit`` (deep-copied per trial).
         directory: the search directory; default ``runs/tune-<space name>``.
         overwrite: start afresh, deleting an earlier search in ``directory``. With ``False`` an
@@ -171,8 +196,10 @@ def search(
         them; a worker's result is the record as it stood when the chief stopped it).
 
     Raises:
-        ValueError: a bad argument, a space none of whose networks fits, a bad knob value, data
-            without a validation split, or a directory holding a search with other settings.
+        ValueError: a bad argument, a space none of whose networks fits, a bad knob value (an
+            ``unfreeze_depth`` beyond the backbone's layer groups, a ``head_epochs`` that leaves
+            no epoch to unfreeze in), data without a validation split, or a directory holding a
+            search with other settings.
         ImportError: a package the algorithm or a knob needs is missing.
         SearchError: a setup error inside a trial, or too many failures in a row.
 
@@ -188,9 +215,6 @@ def search(
     if isinstance(worker_timeout, bool) or not isinstance(worker_timeout, (int, float)) or not worker_timeout > 0:
         raise ValueError(f"worker_timeout must be a number of seconds > 0. Received: worker_timeout={worker_timeout!r}")
     space = SearchSpace.coerce(space)
-    if space.kind != "train":
-        raise ValueError(f"search space {space.name!r} names a backbone: fine-tuning spaces (unfreeze_depth, "
-                         "lr_multiplier) are declared but cannot be searched yet; give an arch template")
     data_argument = data
     data = resolve_data(data)
     if data.val is None:
@@ -199,6 +223,11 @@ def search(
     resolved = resolve_precision(precision)
     dtype = None if resolved == "float32" else resolved
     _check_knobs(space, data, dtype)
+    groups = None
+    if space.kind == "finetune":  # load the backbone once: its groups bound unfreeze_depth
+        groups = build_finetune_model(space.backbone, data, weights=space.weights, trust=trust,
+                                      input_size=space.input_size, precision=resolved).group_names
+        space.check_finetune(groups, epochs)
     oracle = _make_oracle(algorithm, objective=objective, max_trials=max_trials, epochs=epochs, factor=factor,
                           hyperband_iterations=hyperband_iterations, seed=seed,
                           max_consecutive_failed_trials=max_consecutive_failed_trials)
@@ -209,10 +238,14 @@ def search(
                 "hyperband_iterations": hyperband_iterations if algorithm == "hyperband" else None,
                 "executions_per_trial": executions_per_trial, "precision": resolved,
                 "steps_per_execution": steps_per_execution, "seed": seed}
+    if groups is not None:
+        settings["groups"] = groups
     _prepare_directory(directory, settings, overwrite=overwrite and role != "worker", max_trials=max_trials,
                        source=data.source, write=role != "worker")
-    hypermodel = _SpaceHyperModel(space, data, objective=objective, dtype=dtype, seed=seed,
-                                  steps_per_execution=steps_per_execution, verbose=verbose)
+    common = {"objective": objective, "dtype": dtype, "seed": seed, "steps_per_execution": steps_per_execution,
+              "verbose": verbose}
+    hypermodel = (_SpaceHyperModel(space, data, **common) if groups is None
+                  else _FinetuneHyperModel(space, data, groups=groups, trust=trust, precision=resolved, **common))
     tuner_class = _HyperbandTuner if algorithm == "hyperband" else _Tuner
     with environment(variables):  # Keras Tuner reads its KERASTUNER_* variables throughout the search
         with contextlib.redirect_stdout(io.StringIO()):  # Keras Tuner's "Reloading Tuner from ..."; we say it below
@@ -220,7 +253,7 @@ def search(
                                 executions_per_trial=executions_per_trial)
         tuner.role, tuner.worker_timeout = role, float(worker_timeout)
         tuner.report = _Reporter(tuner, space, settings, directory, data, data_argument, verbose=verbose,
-                                 total=max_trials)
+                                 total=max_trials, trust=trust)
         if role == "chief":
             oracle.distributed, oracle.trial_ended = True, tuner.report.trial_done
         if verbose:
@@ -341,10 +374,16 @@ def _prepare_directory(directory, settings, *, overwrite, max_trials, source, wr
 
 
 class _TrialTimer(keras.callbacks.Callback):
-    """Times the start of fit: to the end of the first training call, then later calls of the first epoch."""
+    """Times the start of fit: to the end of the first training call, then later calls of the first epoch.
+
+    Only a trial's first ``fit`` counts (a fine-tuning trial fits once per stage).
+    """
+
+    calls = None
 
     def on_train_begin(self, logs=None):
-        self.begin, self.calls, self.recording = time.perf_counter(), [], True
+        if self.calls is None:
+            self.begin, self.calls, self.recording = time.perf_counter(), [], True
 
     def on_train_batch_end(self, batch, logs=None):
         if self.recording:
@@ -398,30 +437,26 @@ class _SpaceHyperModel(kt.HyperModel):
         optimizer = make_optimizer(values["optimizer"], learning_rate=values["learning_rate"],
                                    momentum=values["momentum"], weight_decay=values["weight_decay"],
                                    steps_per_epoch=math.ceil(self.inputs.train_size / values["batch_size"]), epochs=1)
+        self.compile(model, optimizer)
+        self.build_seconds = time.perf_counter() - started
+        return model
+
+    def compile(self, model, optimizer):
         metrics = ["accuracy"]
         if self.objective == "val_balanced_accuracy":
             metrics.append(BalancedAccuracy(self.data.num_classes))
         model.compile(optimizer=optimizer, loss=self.inputs.loss, metrics=metrics,
                       steps_per_execution=self.steps_per_execution)
-        self.build_seconds = time.perf_counter() - started
-        return model
 
     def fit(self, hp, model, *args, **kwargs):
         values = self.settings(hp)
         seed = self.seed + self.execution
         timer = _TrialTimer()
         initial_epoch = kwargs.get("initial_epoch", 0)
-        history = model.fit(
-            self.inputs.train_pipeline(values["batch_size"], seed),
-            validation_data=self.inputs.validation_pipeline(),
-            epochs=kwargs["epochs"],
-            initial_epoch=initial_epoch,
-            class_weight=self.inputs.class_weight,
-            shuffle=False,  # the pipeline shuffles
-            callbacks=[EpochSeeds(seed=seed, seeded=self.inputs.augmentation.layers if self.inputs.augmentation else ()),
-                       keras.callbacks.TerminateOnNaN(), timer, *kwargs.get("callbacks", [])],
-            verbose=2 if self.verbose >= 2 else 0,
-        )
+        callbacks = [EpochSeeds(seed=seed, seeded=self.inputs.augmentation.layers if self.inputs.augmentation else ()),
+                     keras.callbacks.TerminateOnNaN(), timer, *kwargs.get("callbacks", [])]
+        history = self.train(model, values, self.inputs.train_pipeline(values["batch_size"], seed),
+                             initial_epoch, kwargs["epochs"], callbacks)
         if self.execution == 0:
             self.timing = timer.timing(self.build_seconds)
         self.execution += 1
@@ -431,6 +466,64 @@ class _SpaceHyperModel(kt.HyperModel):
         if bad:
             raise kt.errors.FailedTrialError(f"the training loss became {losses[bad[0] - initial_epoch - 1]} in epoch "
                                              f"{bad[0]}")
+        return history
+
+    def train(self, model, values, pipeline, start, end, callbacks):
+        """Fit epochs ``start`` to ``end`` of a trial; returns the Keras ``History``."""
+        return model.fit(pipeline, validation_data=self.inputs.validation_pipeline(), epochs=end, initial_epoch=start,
+                         class_weight=self.inputs.class_weight, shuffle=False,  # the pipeline shuffles
+                         callbacks=callbacks, verbose=2 if self.verbose >= 2 else 0)
+
+
+class _FinetuneHyperModel(_SpaceHyperModel):
+    """Fine-tunes the space's backbone: ``finetune``'s model, trained in the stages of ``SearchSpace.stages_for``.
+
+    Each stage sets its trainable groups and per-group rates (``finetune_stage``) and recompiles;
+    the stages' histories join into one, so Keras Tuner scores the trial's best epoch over both.
+    """
+
+    def __init__(self, space, data, *, groups, trust, precision, **kwargs):
+        super().__init__(space, data, **kwargs)
+        self.groups, self.trust, self.precision, self.built = groups, trust, precision, None
+
+    def settings(self, hp) -> dict:
+        return {**finetune_defaults(), **self.space.values(hp.values)}
+
+    def build(self, hp):
+        started = time.perf_counter()
+        values = self.settings(hp)
+        seed = self.seed + self.execution
+        keras.utils.set_random_seed(seed)
+        self.inputs = prepare_inputs(self.data, augment=values["augment"], seed=seed)
+        self.built = build_finetune_model(self.space.backbone, self.data, weights=self.space.weights, trust=self.trust,
+                                          input_size=self.space.input_size, precision=self.precision)
+        # Compiled as its head stage (a model best_model() loads weights into); fit recompiles per stage.
+        head = {"name": "head", "unfreeze": 0, "epochs": 1, "learning_rate": values["learning_rate"]}
+        stage = self.stage(values, head, pipeline=None)
+        stage.prepare(self.built.model)
+        self.compile(self.built.model, stage.optimizer)
+        self.build_seconds = time.perf_counter() - started
+        return self.built.model
+
+    def stage(self, values, spec, pipeline):
+        return finetune_stage(self.built, spec, train=pipeline, optimizer=values["optimizer"],
+                              weight_decay=values["weight_decay"], class_weight=self.inputs.class_weight,
+                              steps_per_epoch=math.ceil(self.inputs.train_size / values["batch_size"]))
+
+    def train(self, model, values, pipeline, start, end, callbacks):
+        logs, history = {}, None
+        for spec in self.space.stages_for(values, self.groups, end, initial_epoch=start):
+            stage = self.stage(values, spec, pipeline)
+            stage.prepare(model)
+            self.compile(model, stage.optimizer)
+            history = super().train(model, values, stage.train, start, start + stage.epochs, callbacks)
+            for name, series in history.history.items():
+                logs.setdefault(name, []).extend(series)
+            start += stage.epochs
+            if model.stop_training:  # a NaN loss (TerminateOnNaN) or a user's early stopping
+                break
+        self.built = None
+        history.history = logs
         return history
 
 
@@ -647,9 +740,10 @@ def _make_oracle(algorithm, *, objective, max_trials, epochs, factor, hyperband_
 class _Reporter:
     """Turns the oracle's trials into records: a progress line and trials.csv after each trial."""
 
-    def __init__(self, tuner, space, settings, directory, data, data_argument, *, verbose, total):
+    def __init__(self, tuner, space, settings, directory, data, data_argument, *, verbose, total, trust=False):
         self.tuner, self.space, self.settings, self.directory = tuner, space, settings, directory
         self.data, self.data_argument, self.verbose, self.total = data, data_argument, verbose, total
+        self.trust = trust
 
     def trials(self) -> dict:
         """trial id -> Keras Tuner ``Trial``: the oracle's, or on a worker (no oracle) the chief's files."""
@@ -664,7 +758,7 @@ class _Reporter:
                                           epochs=self.settings["epochs"])
                    for trial_id in sorted(trials, key=int)]
         return SearchResult(trials=records, space=self.space, settings=self.settings, directory=self.directory,
-                            data=self.data, data_argument=self.data_argument,
+                            data=self.data, data_argument=self.data_argument, trust=self.trust,
                             tuner=self.tuner if isinstance(self.tuner.oracle, kt.Oracle) else None)
 
     def trial_done(self, trial_id):

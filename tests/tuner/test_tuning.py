@@ -114,8 +114,8 @@ def test_a_setup_error_in_a_trial_stops_at_once_and_the_trial_reruns(tiny_data, 
     ({"algorithm": "evolution"}, ValueError, "algorithm must be one of random, grid, bayesian, hyperband"),
     ({"objective": "accuracy"}, ValueError, "objective must be one of val_accuracy, val_loss"),
     ({"max_trials": 0}, ValueError, "max_trials must be an integer >= 1"),
-    ({"space": {"backbone": "mobilenet_v2", "hyperparameters": {"unfreeze_depth": [1, 2]}}}, ValueError,
-     "fine-tuning spaces"),
+    ({"space": {"backbone": "mobilenet_v2", "weights": None, "hyperparameters": {"unfreeze_depth": [1, 9]}}},
+     ValueError, "knob unfreeze_depth: 9 is more than the 6 layer groups of backbone 'mobilenet_v2'"),
 ])
 def test_setup_errors_stop_before_any_trial(tiny_data, tiny_space, tmp_path, change, error, message):
     space = dict(tiny_space, hyperparameters={**tiny_space["hyperparameters"], **change.get("knob", {})})
