@@ -313,7 +313,7 @@ def _dtype_policy(precision):
 def _load_backbone(backbone, weights, data, input_size, trust):
     """``(feature model, [(group, layers)], input adapter, source description)``; the adapter maps the
     raw image tensor to the backbone's input (resize, grayscale to RGB, the backbone's preprocessing)."""
-    if isinstance(backbone, (str, Path)) and _is_saved_model(backbone):
+    if isinstance(backbone, (str, Path)) and is_saved_model(backbone):
         return _saved_backbone(Path(backbone), data, input_size, trust)
     from cnnkit.models import backbones
 
@@ -342,7 +342,14 @@ def _with_input_size(meta, size):
     return dataclasses.replace(meta, input_size=size)
 
 
-def _is_saved_model(path) -> bool:
+def is_saved_model(path) -> bool:
+    """Whether ``finetune`` takes a backbone argument as a ``.keras`` file or run directory (else a
+    ``keras.applications`` name).
+
+    Example:
+        >>> is_saved_model("runs/digits-0-4"), is_saved_model("mobilenet_v2")
+        (True, False)
+    """
     path = Path(path)
     return path.suffix == ".keras" or path.is_dir() or "/" in str(path)
 

@@ -306,12 +306,12 @@ class SearchResult:
         return recipe
 
     def _finetune_recipe(self, best, data) -> dict:
-        from cnnkit.recipes.finetune import finetune
+        from cnnkit.recipes.finetune import finetune, is_saved_model
 
         values = {**finetune_defaults(), **best.values}
         defaults = inspect.signature(finetune).parameters
         recipe = {"recipe": "finetune", "backbone": self.space.backbone}
-        if _is_applications(self.space.backbone):
+        if not is_saved_model(self.space.backbone):
             recipe["weights"] = self.space.weights
         if self.space.input_size is not None:
             recipe["input_size"] = list(self.space.input_size)
@@ -471,17 +471,6 @@ class SearchResult:
     def __repr__(self):
         best = f"{self.objective}={self.best_score:.4f} {self._best_label()}" if self.best_trial else "no completed trial"
         return f"SearchResult({len(self.trials)} trials, best: {best}, directory={str(self.directory)!r})"
-
-
-def _is_applications(backbone) -> bool:
-    """Whether a backbone is a registered ``keras.applications`` name (else a ``.keras`` file or run directory)."""
-    from cnnkit.models.backbones import get_backbone
-
-    try:
-        get_backbone(backbone)
-    except ValueError:
-        return False
-    return True
 
 
 def _error_line(message) -> str:

@@ -331,7 +331,7 @@ class SearchSpace:
             ValueError: no combination tried fits; the message gives the planner's first reason.
 
         Example:
-            >>> SearchSpace("{f}C{k}", {"f": [4], "k": [9, 11]}).check_fits((8, 8, 1), 2)
+            >>> SearchSpace("{f}C{k}", {"f": [4], "k": [9, 11]}).check_fits((8, 8, 1), 2)  # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
             ValueError: no network of search space 'search' fits input (8, 8, 1): ...
@@ -379,15 +379,17 @@ class SearchSpace:
         declared = {**FINETUNE_DEFAULTS, **self.hyperparameters}
         depths = _candidates(declared["unfreeze_depth"])
         for depth in depths:
-            if depth > len(groups):
-                raise ValueError(f"knob unfreeze_depth: {depth} is more than the {len(groups)} layer groups of backbone "
-                                 f"{self.backbone!r} ({', '.join(groups)}). Received: "
-                                 f"unfreeze_depth={declared['unfreeze_depth']!r}")
+            self._check_depth(depth, groups, received=declared["unfreeze_depth"])
         for head in _candidates(declared["head_epochs"]):
             if max(depths) > 0 and head >= epochs:
                 raise ValueError(f"knob head_epochs: {head} leaves none of a trial's {epochs} epochs to unfreeze "
                                  f"groups in; give more epochs or fewer head_epochs. Received: "
                                  f"head_epochs={declared['head_epochs']!r}")
+
+    def _check_depth(self, depth, groups, *, received):
+        if depth > len(groups):
+            raise ValueError(f"knob unfreeze_depth: {depth} is more than the {len(groups)} layer groups of backbone "
+                             f"{self.backbone!r} ({', '.join(groups)}). Received: unfreeze_depth={received!r}")
 
     def stages_for(self, values: dict, groups, epochs: int, *, initial_epoch: int = 0) -> list[dict]:
         """The ``cnnkit.recipes.finetune`` stages that train epochs ``initial_epoch`` to ``epochs`` of a trial.
@@ -428,9 +430,7 @@ class SearchSpace:
         values = {**FINETUNE_DEFAULTS, **values}
         depth, rate = values["unfreeze_depth"], values["learning_rate"]
         groups = list(groups)
-        if depth > len(groups):
-            raise ValueError(f"knob unfreeze_depth: {depth} is more than the {len(groups)} layer groups of backbone "
-                             f"{self.backbone!r} ({', '.join(groups)}). Received: unfreeze_depth={depth}")
+        self._check_depth(depth, groups, received=depth)
         switch = min(values["head_epochs"], epochs) if depth else epochs
         stages = []
         if initial_epoch < switch:
