@@ -32,6 +32,8 @@ STRATEGIES = {  # label -> (imbalance argument, what it is)
     "oversample": ("oversample", "replicate every class up to 5,000"),
     "oversample_crops": ({"strategy": "oversample", "augmented_copies": True},
                          "oversample; replicas are random 85-90% crops, shifted"),
+    "oversample_elastic": ({"strategy": "oversample", "augmented_copies": "elastic"},
+                           "oversample; replicas are elastic distortions (Simard: alpha 34, sigma 4)"),
     "undersample": ("undersample", "every class cut to 50"),
     "balanced_batches": ("balanced_batches", "each epoch draws classes uniformly"),
     "two_stage": ("two_stage", "Wei: as is, then balanced batches at 0.1x lr (+3 epochs)"),
@@ -47,6 +49,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--largest", type=int, default=5000, help="training images of class 0")
     parser.add_argument("--smallest", type=int, default=50, help="training images of class 9")
+    parser.add_argument("--augment", help="an augment preset for every arm: a control showing how much of a "
+                        "strategy's gain augmentation alone gives (written to its own section)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch (two_stage: +1); no write")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/RESULTS.md alone")
     args = parser.parse_args()
@@ -70,7 +74,8 @@ def main():
             with tempfile.TemporaryDirectory() as run_dir:
                 run = cnnkit.recipes.train(ARCH, data, imbalance=strategies[name], optimizer="adamw",
                                            learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
-                                           epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+                                           augment=args.augment, epochs=args.epochs, batch_size=args.batch_size,
+                                           seed=seed,
                                            run_dir=run_dir, verbose=0)
             metrics = run.metrics
             recalls = {label: scores["recall"] for label, scores in metrics["per_class"].items()}
@@ -91,7 +96,9 @@ def main():
     best = max((name for name in labels if name != "none"), key=lambda name: mean(name, "balanced"), default="none")
     gain = 100 * (mean(best, "balanced") - mean("none", "balanced"))
     command = "CNNKIT_DATA_DIR=../shared/datasets python bench/long_tailed_mnist.py " + (
-        "--quick" if args.quick else f"--seeds {args.seeds} --epochs {args.epochs}")
+        "--quick" if args.quick else f"--seeds {args.seeds} --epochs {args.epochs}") + (
+        f" --strategies {','.join(labels[1:])}" if args.strategies != ",".join(STRATEGIES) else "") + (
+        f" --augment {args.augment}" if args.augment else "")
     rows = []
     for name in labels:
         per_seed = ", ".join(f"{result['balanced']:.2%}" for result in results[name])
@@ -107,8 +114,8 @@ def main():
         f"{ARCH} on long-tailed MNIST: training counts {data.class_counts['train']} "
         f"({data.sizes['train']:,} images; validation thinned alike, {data.sizes['val']:,}), tested on all "
         f"{data.sizes['test']:,} MNIST test images. AdamW 1e-3 (weight decay 1e-4), cosine schedule, batch "
-        f"{args.batch_size}, {args.epochs} epochs, seeds {','.join(map(str, seeds))}; the same for every strategy. "
-        "Means over seeds; the lowest recall names its class(es); time is the whole run.",
+        f"{args.batch_size}, {args.epochs} epochs, seeds {','.join(map(str, seeds))}, augmentation "
+        f"{args.augment or 'none'}; the same for every strategy. Means over seeds; the lowest recall names its class(es); time is the whole run.",
         "",
         "| imbalance | what it is | balanced accuracy | per seed | gain over none (points) | test accuracy | "
         f"lowest class recall | recall of class {rarest} ({args.smallest} images) | epochs x images | time per run |",
@@ -120,7 +127,10 @@ def main():
     ])
     print(body)
     if not (args.no_write or args.quick):
-        print(f"written to {write_section('long-tailed-mnist', 'Class imbalance on long-tailed MNIST', body)}")
+        key, title = "long-tailed-mnist", "Class imbalance on long-tailed MNIST"
+        if args.augment:
+            key, title = f"{key}-augment-{args.augment}", f"{title}, augment {args.augment} in every arm"
+        print(f"written to {write_section(key, title, body)}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ Strategies (``STRATEGIES``, with each one's options and defaults):
   applies them to ``tf.data`` input).
 * ``"oversample"``: every class replicated up to the largest class's count (each example
   ``target // n_c`` times, plus a random ``target % n_c`` once more). With
-  ``augmented_copies=True`` the replicas (never the originals) are minority crops: a random
-  crop of 85-90% of the area scaled back to full size, shifted by up to 7% of the side
-  (``keras.layers.RandomZoom`` + ``RandomTranslation``, seeded), drawn once.
+  ``augmented_copies`` the replicas (never the originals) become new images, each drawn once:
+  ``True`` makes them the seed's minority crops (a random crop of 85-90% of the area scaled
+  back to full size, shifted by up to 7% of the side: ``keras.layers.RandomZoom`` +
+  ``RandomTranslation``, seeded); an augmentation as ``augment=`` takes it (a preset or op
+  name, or a list: ``"elastic"`` gives Simard's distortions, the best on long-tailed MNIST).
 * ``"undersample"``: every class cut down to the smallest class's count, chosen at random;
   ``Resampled.dropped`` says how many examples that leaves out.
 * ``"balanced_batches"``: each epoch draws as many examples as the training split holds, each
@@ -171,6 +173,7 @@ def resample(imbalance, data, *, seed: int = 0) -> Resampled:
         indices = rng.permutation(np.concatenate(chosen))
         return Resampled(strategy, options, _gather(images, labels, indices), len(indices), None, counts,
                          count_classes(labels[indices], len(counts)), dropped=len(labels) - len(indices))
+    copy_augmentation = _copy_augmentation(options["augmented_copies"], data.image_shape, seed)
     target = max(counts)
     originals, replicas = [], []
     for c in present:
@@ -179,8 +182,8 @@ def resample(imbalance, data, *, seed: int = 0) -> Resampled:
         replicas += [members] * (target // len(members) - 1)
         replicas.append(rng.choice(members, target % len(members), replace=False))
     originals, replicas = np.concatenate(originals), np.concatenate(replicas).astype(np.int64)
-    if options["augmented_copies"] and len(replicas):  # the replicas become new, cropped images
-        copies, copy_labels = _minority_crops(images[replicas], seed), labels[replicas]
+    if copy_augmentation and len(replicas):  # the replicas become new images
+        copies, copy_labels = _augment_once(copy_augmentation, images[replicas]), labels[replicas]
         replicas = len(images) + np.arange(len(replicas))
         images, labels = np.concatenate([images, copies]), np.concatenate([labels, copy_labels])
     indices = rng.permutation(np.concatenate([originals, replicas]))
@@ -270,9 +273,9 @@ def _parse(imbalance) -> tuple[str, dict]:
         raise ValueError(f"Unknown option {unknown[0]!r} for imbalance strategy {strategy!r}; valid keys: {valid}. "
                          f"Received: imbalance={imbalance!r}")
     options = {**STRATEGIES[strategy], **spec}
-    if not isinstance(options.get("augmented_copies", False), bool):
-        raise ValueError(f"augmented_copies must be True or False. Received: "
-                         f"augmented_copies={options['augmented_copies']!r}")
+    if not isinstance(options.get("augmented_copies", False), (bool, str, list, dict)):
+        raise ValueError(f"augmented_copies must be True, False or an augmentation (a preset or op name, or a list "
+                         f"of them). Received: augmented_copies={options['augmented_copies']!r}")
     epochs = options.get("second_stage_epochs", 1)
     if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"second_stage_epochs must be an integer >= 1. Received: second_stage_epochs={epochs!r}")
@@ -362,14 +365,31 @@ def _gather_dataset(images, labels, indices: tf.data.Dataset) -> tf.data.Dataset
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _minority_crops(images: np.ndarray, seed: int) -> np.ndarray:
-    """Augmented copies: a random 85-90%-area crop scaled back to full size, then a small shift."""
-    zoom = (np.sqrt(CROP_AREA[0]) - 1, np.sqrt(CROP_AREA[1]) - 1)  # negative factors zoom in
-    crop = keras.Sequential([
-        keras.layers.RandomZoom(zoom, fill_mode="nearest", seed=seed),
-        keras.layers.RandomTranslation(SHIFT, SHIFT, fill_mode="nearest", seed=seed + 1),
-    ])
-    copies = [np.asarray(crop(images[start:start + 1024].astype(np.float32), training=True))
+def _copy_augmentation(augmented_copies, image_shape, seed: int):
+    """The ``Augmentation`` that makes oversampling's copies, or ``None`` for plain replicas."""
+    from cnnkit.recipes.augment import Augmentation, make_augmentation
+
+    if augmented_copies is False:
+        return None
+    if augmented_copies is True:  # minority crops: a random 85-90%-area crop scaled back up, then a small shift
+        zoom = (np.sqrt(CROP_AREA[0]) - 1, np.sqrt(CROP_AREA[1]) - 1)  # negative factors zoom in
+        layers = [keras.layers.RandomZoom(zoom, fill_mode="nearest", seed=seed),
+                  keras.layers.RandomTranslation(SHIFT, SHIFT, fill_mode="nearest", seed=seed + 1)]
+        return Augmentation(layers, num_classes=1, config={"preset": "minority crops", "ops": [], "seed": seed})
+    try:
+        augmentation = make_augmentation(augmented_copies, image_shape=image_shape, num_classes=1, seed=seed)
+    except ValueError as error:
+        raise ValueError(f"augmented_copies: {error}") from None
+    if augmentation is None or augmentation.soft_labels:
+        why = "mixes labels" if augmentation else "augments nothing"
+        raise ValueError(f"augmented_copies={augmented_copies!r} {why}: the copies need an augmentation that keeps "
+                         "each image's label")
+    return augmentation
+
+
+def _augment_once(augmentation, images: np.ndarray) -> np.ndarray:
+    """``images`` augmented once, in batches of 1,024, back to uint8."""
+    copies = [np.asarray(augmentation(images[start:start + 1024], np.zeros(len(images[start:start + 1024])))[0])
               for start in range(0, len(images), 1024)]
     return np.clip(np.rint(np.concatenate(copies)), 0, 255).astype(np.uint8)
 

@@ -100,6 +100,21 @@ def test_augmented_copies_differ_while_originals_stay(skewed):
     np.testing.assert_array_equal(images, again)
 
 
+def test_augmented_copies_take_an_augmentation(skewed):
+    elastic = {"strategy": "oversample", "augmented_copies": "elastic"}
+    resampled = resample(elastic, skewed, seed=3)
+    assert resampled.config == elastic and resampled.counts_after == [40, 40, 40]
+    images, labels = _collect(resampled.dataset)
+    x, y = skewed.arrays("train")
+    originals = {image.tobytes() for image in x}
+    assert sum(image.tobytes() in originals for image in images) == len(x)  # the originals, unchanged
+    crops, _ = _collect(resample({"strategy": "oversample", "augmented_copies": True}, skewed, seed=3).dataset)
+    copies = [image.tobytes() for image in images if image.tobytes() not in originals]
+    assert len(copies) == 120 - len(x) and not set(copies) & {image.tobytes() for image in crops}
+    again, _ = _collect(resample(elastic, skewed, seed=3).dataset)
+    np.testing.assert_array_equal(images, again)
+
+
 def test_undersample_keeps_the_smallest_count_of_distinct_examples(skewed):
     resampled = resample("undersample", skewed)
     assert resampled.counts_after == [5, 5, 5] and resampled.size == 15 and resampled.dropped == 45
@@ -210,7 +225,10 @@ def test_a_class_without_examples_is_left_out():
         ({"second_stage_epochs": 2}, "Unknown imbalance strategy None"),
         ({"strategy": "two_stage", "second_stage_epoch": 2}, "Unknown option 'second_stage_epoch'.*second_stage_epochs"),
         ({"strategy": "undersample", "augmented_copies": True}, "Unknown option 'augmented_copies'"),
-        ({"strategy": "oversample", "augmented_copies": "yes"}, "augmented_copies must be True or False"),
+        ({"strategy": "oversample", "augmented_copies": 1}, "augmented_copies must be True, False or an augmentation"),
+        ({"strategy": "oversample", "augmented_copies": "yes"}, "augmented_copies: unknown augmentation 'yes'"),
+        ({"strategy": "oversample", "augmented_copies": ["shift", "mixup"]}, "mixes labels"),
+        ({"strategy": "oversample", "augmented_copies": []}, "augments nothing"),
         ({"strategy": "two_stage", "second_stage_epochs": 0}, "second_stage_epochs=0"),
         ({"strategy": "two_stage", "second_stage_lr_factor": -1}, "second_stage_lr_factor=-1"),
         (["oversample"], "imbalance must be None"),
