@@ -1,7 +1,7 @@
 """Class-imbalance strategies on long-tailed MNIST: balanced accuracy of each against none.
 
 The training split of real MNIST is cut to a long tail with
-``cnnkit.recipes.imbalance.long_tailed``: counts fall geometrically from 5,000 images of class 0
+``cnnkit.data.load("mnist-long-tailed")``: counts fall geometrically from 5,000 images of class 0
 to 50 of class 9 (12,408 in all; validation thinned by the same fractions), while the full
 10,000-image test set stays as balanced as it is. The seed conv net 20C5-MP2-50C5-MP2-FC256 is
 trained with ``cnnkit.recipes.train(..., imbalance=strategy)`` for every strategy, with the same
@@ -22,7 +22,6 @@ import time
 from results import machine, write_section
 
 import cnnkit
-from cnnkit.recipes.imbalance import long_tailed
 
 ARCH = "20C5-MP2-50C5-MP2-FC256"
 TARGET_POINTS = 3.0
@@ -63,7 +62,7 @@ def main():
     if args.quick:
         seeds, args.epochs = [0], 1
         strategies["two_stage"] = {"strategy": "two_stage", "second_stage_epochs": 1}
-    data = long_tailed(cnnkit.data.load("mnist"), largest=args.largest, smallest=args.smallest, seed=0)
+    data = cnnkit.data.load("mnist-long-tailed", largest=args.largest, smallest=args.smallest)
     print(data.summary(), flush=True)
     rarest = data.class_names[-1]
 

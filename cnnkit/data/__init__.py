@@ -16,6 +16,7 @@ from cnnkit.data.audit import AuditReport, audit
 from cnnkit.data.datasets import list_datasets, load
 from cnnkit.data.folder import MAX_IMAGE_PIXELS, from_folder
 from cnnkit.data.imagedata import ImageData, from_arrays
+from cnnkit.data.long_tailed import long_tailed
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
@@ -26,4 +27,5 @@ __all__ = [
     "from_folder",
     "list_datasets",
     "load",
+    "long_tailed",
 ]

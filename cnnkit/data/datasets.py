@@ -1,7 +1,9 @@
 """Named datasets: `load(name)` and `list_datasets()`.
 
 `"mnist"` is the full MNIST (60,000 train / 10,000 test), read from a local `mnist.npz` or
-downloaded by `keras.datasets.mnist`; `"mnist-sample"` is a stratified 5,000 / 1,000 subset of
+downloaded by `keras.datasets.mnist`; `"mnist-long-tailed"` is it cut to a long tail
+(`cnnkit.data.long_tailed`: 5,000 training images of class 0 falling to 50 of class 9, the
+whole test set); `"mnist-sample"` is a stratified 5,000 / 1,000 subset of
 it bundled with the package (`cnnkit/data/mnist_sample.npz`, made by
 `scripts/make_mnist_sample.py`), for tests, examples and quick runs without any file or network.
 """
@@ -46,7 +48,7 @@ def list_datasets() -> list[str]:
     Example:
         >>> from cnnkit.data import list_datasets
         >>> list_datasets()
-        ['mnist', 'mnist-sample']
+        ['mnist', 'mnist-long-tailed', 'mnist-sample']
     """
     return sorted(_REGISTRY)
 
@@ -59,9 +61,11 @@ def load(name: str, **kwargs) -> ImageData:
             `"mnist"`: full MNIST from `$CNNKIT_DATA_DIR/mnist.npz` when that variable is
             set, else the Keras cache (`$KERAS_HOME` or `~/.keras`, `datasets/mnist.npz`),
             else downloaded by `keras.datasets.mnist.load_data()`.
+            `"mnist-long-tailed"`: `"mnist"` cut by `cnnkit.data.long_tailed` (also takes
+            `largest=5000` and `smallest=50`; `seed` chooses the kept images too).
             `"mnist-sample"`: the bundled stratified subset, 500 train and 100 test images
             per digit.
-        **kwargs: Passed to the loader; both take `val_split=0.1` and `seed=0` (the
+        **kwargs: Passed to the loader; all take `val_split=0.1` and `seed=0` (the
             stratified validation split of `from_arrays`).
 
     Returns:
@@ -135,6 +139,14 @@ def _load_mnist_sample(*, val_split: float = 0.1, seed: int = 0) -> ImageData:
         arrays = _read_mnist_npz(path)
     source = f"mnist-sample ({resource}; 500 train + 100 test per digit)"
     return _mnist_image_data(arrays, source, val_split, seed)
+
+
+@_register("mnist-long-tailed", "MNIST cut to a long tail: 5,000 train images of 0 falling to 50 of 9; full test set")
+def _load_mnist_long_tailed(*, largest: int = 5000, smallest: int = 50, val_split: float = 0.1,
+                            seed: int = 0) -> ImageData:
+    from cnnkit.data.long_tailed import long_tailed
+
+    return long_tailed(_load_mnist(val_split=val_split, seed=seed), largest=largest, smallest=smallest, seed=seed)
 
 
 def mnist_path() -> Path | None:

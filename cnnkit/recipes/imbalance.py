@@ -3,7 +3,7 @@
 ``resample(imbalance, data, seed=...)`` returns a :class:`Resampled`: the (unbatched, finite)
 training dataset to fit on, the class weights to pass to ``fit``, and the class counts before
 and after. Validation and test splits are never resampled: they measure the model on the data's
-own distribution (the test split of ``long_tailed`` stays balanced).
+own distribution (the test split of ``cnnkit.data.long_tailed`` stays balanced).
 
 Strategies (``STRATEGIES``, with each one's options and defaults):
 
@@ -52,7 +52,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import numbers
 
 import keras
@@ -61,7 +60,7 @@ import tensorflow as tf
 
 from cnnkit.data.imagedata import count_classes
 
-__all__ = ["STRATEGIES", "LogitAdjustedCrossentropy", "Resampled", "long_tailed", "resample"]
+__all__ = ["STRATEGIES", "LogitAdjustedCrossentropy", "Resampled", "resample"]
 
 STRATEGIES = {
     "none": {},
@@ -189,68 +188,6 @@ def resample(imbalance, data, *, seed: int = 0) -> Resampled:
     indices = rng.permutation(np.concatenate([originals, replicas]))
     return Resampled(strategy, options, _gather(images, labels, indices), len(indices), None, counts,
                      count_classes(labels[indices], len(counts)))
-
-
-def long_tailed(data, *, largest: int = 5000, smallest: int = 50, seed: int = 0):
-    """A long-tailed version of ``data``: training counts falling geometrically over the classes.
-
-    Class ``c`` of ``K`` keeps ``round(largest * (smallest / largest) ** (c / (K - 1)))`` of its
-    training examples, chosen at random with ``seed`` (class 0 keeps ``largest``, class ``K-1``
-    keeps ``smallest``). The validation split is thinned by the same per-class fractions (at
-    least one example a class), so model selection sees the distribution training does; the test
-    split is kept whole, so it stays as balanced as it was.
-
-    Args:
-        data: a ``cnnkit.data.ImageData`` with at least ``largest`` training examples of class
-            0, and as many as each class's target of the others.
-        largest: examples kept of class 0.
-        smallest: examples kept of the last class (at most ``largest``).
-        seed: seeds the choice of examples.
-
-    Returns:
-        A new ``ImageData`` (source and fingerprint say how it was made).
-
-    Raises:
-        ValueError: bad counts, fewer than 2 classes, or a class with too few examples.
-
-    Example:
-        >>> data = long_tailed(cnnkit.data.load("mnist"), largest=5000, smallest=50)  # doctest: +SKIP
-        >>> data.class_counts["train"]  # doctest: +SKIP
-        [5000, 2997, 1797, 1077, 646, 387, 232, 139, 83, 50]
-    """
-    for name, value in (("largest", largest), ("smallest", smallest)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
-    if smallest > largest:
-        raise ValueError(f"smallest must not exceed largest. Received: largest={largest}, smallest={smallest}")
-    if data.num_classes < 2:
-        raise ValueError(f"A long tail needs at least 2 classes. Received: {data.num_classes} class(es)")
-    last = data.num_classes - 1
-    targets = [round(largest * (smallest / largest) ** (c / last)) for c in range(data.num_classes)]
-    available = data.class_counts["train"]
-    short = [c for c in range(data.num_classes) if available[c] < targets[c]]
-    if short:
-        c = short[0]
-        raise ValueError(f"Class {data.class_names[c]!r} has {available[c]} training examples; the long tail needs "
-                         f"{targets[c]}. Received: largest={largest}, smallest={smallest}")
-    x, y = data.arrays("train")
-    keep = _per_class_sample(y, targets, seed)
-    splits = {"train": (x[keep], y[keep])}
-    if data.val is not None:
-        x_val, y_val = data.arrays("val")
-        val_counts = data.class_counts["val"]
-        val_targets = [min(n, max(1, round(n * targets[c] / available[c]))) for c, n in enumerate(val_counts)]
-        keep = _per_class_sample(y_val, val_targets, seed + 1)
-        splits["val"] = (x_val[keep], y_val[keep])
-    datasets = {split: tf.data.Dataset.from_tensor_slices(arrays) for split, arrays in splits.items()}
-    counts = {split: count_classes(labels, data.num_classes) for split, (_, labels) in splits.items()}
-    if data.test is not None:
-        counts["test"] = list(data.class_counts["test"])
-    fingerprint = hashlib.sha256(f"{data.fingerprint}/long_tailed/{largest}/{smallest}/{seed}".encode()).hexdigest()
-    return dataclasses.replace(
-        data, train=datasets["train"], val=datasets.get("val"), class_counts=counts, fingerprint=fingerprint,
-        source=f"{data.source}, long-tailed {largest}->{smallest} (seed {seed})",
-    )
 
 
 def _parse(imbalance) -> tuple[str, dict]:
@@ -392,10 +329,3 @@ def _augment_once(augmentation, images: np.ndarray) -> np.ndarray:
     copies = [np.asarray(augmentation(images[start:start + 1024], np.zeros(len(images[start:start + 1024])))[0])
               for start in range(0, len(images), 1024)]
     return np.clip(np.rint(np.concatenate(copies)), 0, 255).astype(np.uint8)
-
-
-def _per_class_sample(labels, targets, seed) -> np.ndarray:
-    """Sorted indices of ``targets[c]`` examples of each class ``c``, chosen with ``seed``."""
-    chosen = [np.random.default_rng([seed, c]).choice(np.flatnonzero(labels == c), n, replace=False)
-              for c, n in enumerate(targets)]
-    return np.sort(np.concatenate(chosen))

@@ -43,7 +43,7 @@ def real_mnist_dir(monkeypatch):
 
 
 def test_list_datasets():
-    assert list_datasets() == ["mnist", "mnist-sample"]
+    assert list_datasets() == ["mnist", "mnist-long-tailed", "mnist-sample"]
     assert cnnkit.data.load is load
 
 
@@ -53,9 +53,9 @@ def test_unknown_name_lists_close_matches_first():
     message = str(info.value)
     assert "Unknown dataset 'mnist_smple'" in message
     assert "Did you mean 'mnist-sample'?" in message
-    assert "Known datasets: mnist-sample, mnist." in message
+    assert "Known datasets: mnist-sample, mnist, mnist-long-tailed." in message
     with pytest.raises(
-        ValueError, match="Known datasets: mnist, mnist-sample. Received: name='cifar10'"
+        ValueError, match="Known datasets: mnist, mnist-long-tailed, mnist-sample. Received: name='cifar10'"
     ):
         load("cifar10")
     with pytest.raises(ValueError, match="Received: name=3"):
@@ -83,6 +83,19 @@ def test_mnist_from_cnnkit_data_dir(tmp_path, monkeypatch):
     val_ids = data.arrays("val")[0][:, 0, 0, 0].tolist()
     assert val_ids == load("mnist", val_split=0.25, seed=1).arrays("val")[0][:, 0, 0, 0].tolist()
     assert val_ids != load("mnist", val_split=0.25, seed=2).arrays("val")[0][:, 0, 0, 0].tolist()
+
+
+def test_mnist_long_tailed_cuts_the_training_split_only(tmp_path, monkeypatch):
+    write_fake_mnist(tmp_path, n_train=400, n_test=30)
+    monkeypatch.setenv("CNNKIT_DATA_DIR", str(tmp_path))
+    data = load("mnist-long-tailed", largest=36, smallest=4, val_split=0.1)
+    assert data.class_counts["train"] == [36, 28, 22, 17, 14, 11, 8, 7, 5, 4]
+    assert data.class_counts["test"] == [3] * 10
+    assert data.source.endswith("long-tailed 36->4 (seed 0)")
+    full_ids = set(load("mnist", val_split=0.1).arrays("train")[0][:, 0, 0, 0].tolist())
+    assert set(data.arrays("train")[0][:, 0, 0, 0].tolist()) <= full_ids
+    with pytest.raises(ValueError, match="the long tail needs 5000"):
+        load("mnist-long-tailed")
 
 
 def test_cnnkit_data_dir_without_the_file(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import cnnkit
-from cnnkit.recipes.imbalance import STRATEGIES, LogitAdjustedCrossentropy, long_tailed, resample
+from cnnkit.data import long_tailed
+from cnnkit.recipes.imbalance import STRATEGIES, LogitAdjustedCrossentropy, resample
 from cnnkit.recipes.resume import training_epoch
 
 COUNTS = [40, 15, 5]
