@@ -121,8 +121,10 @@ def main():
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Best strategy: `{best}`, {gain:+.2f} points of balanced accuracy over none (target >= +{TARGET_POINTS} "
-        f"points: {'meets' if gain >= TARGET_POINTS else 'misses'}).",
+        f"Best strategy: `{best}`, {gain:+.2f} points of balanced accuracy over none " + (
+            "(a control for how much augmentation alone gives; the target is judged without --augment)."
+            if args.augment else
+            f"(target >= +{TARGET_POINTS} points: {'meets' if gain >= TARGET_POINTS else 'misses'})."),
     ])
     print(body)
     if not (args.no_write or args.quick):
