@@ -172,7 +172,7 @@ def resample(imbalance, data, *, seed: int = 0) -> Resampled:
         indices = rng.permutation(np.concatenate(chosen))
         return Resampled(strategy, options, _gather(images, labels, indices), len(indices), None, counts,
                          count_classes(labels[indices], len(counts)), dropped=len(labels) - len(indices))
-    copy_augmentation = _copy_augmentation(options["augmented_copies"], data.image_shape, seed)
+    copy_augmentation = _copy_augmentation(options["augmented_copies"], images, seed)
     target = max(counts)
     originals, replicas = [], []
     for c in present:
@@ -302,8 +302,9 @@ def _gather_dataset(images, labels, indices: tf.data.Dataset) -> tf.data.Dataset
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _copy_augmentation(augmented_copies, image_shape, seed: int):
-    """The ``Augmentation`` that makes oversampling's copies, or ``None`` for plain replicas."""
+def _copy_augmentation(augmented_copies, train_images: np.ndarray, seed: int):
+    """The ``Augmentation`` that makes oversampling's copies, or ``None`` for plain replicas (PCA colour is
+    fitted on ``train_images``)."""
     from cnnkit.recipes.augment import Augmentation, make_augmentation
 
     if augmented_copies is False:
@@ -314,7 +315,8 @@ def _copy_augmentation(augmented_copies, image_shape, seed: int):
                   keras.layers.RandomTranslation(SHIFT, SHIFT, fill_mode="nearest", seed=seed + 1)]
         return Augmentation(layers, num_classes=1, config={"preset": "minority crops", "ops": [], "seed": seed})
     try:
-        augmentation = make_augmentation(augmented_copies, image_shape=image_shape, num_classes=1, seed=seed)
+        augmentation = make_augmentation(augmented_copies, image_shape=train_images.shape[1:], num_classes=1,
+                                         seed=seed, train_images=train_images)
     except ValueError as error:
         raise ValueError(f"augmented_copies: {error}") from None
     if augmentation is None or augmentation.soft_labels:
