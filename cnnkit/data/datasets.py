@@ -1,7 +1,7 @@
 """Named datasets: `load(name)` and `list_datasets()`.
 
 `"mnist"` is the full MNIST (60,000 train / 10,000 test), read from a local `mnist.npz` or
-downloaded by `keras.datasets.mnist`; `"mnist-long-tailed"` is it cut to a long tail
+downloaded by `keras.datasets.mnist`; `"mnist-long-tailed"` is that cut to a long tail
 (`cnnkit.data.long_tailed`: 5,000 training images of class 0 falling to 50 of class 9, the
 whole test set); `"mnist-sample"` is a stratified 5,000 / 1,000 subset of
 it bundled with the package (`cnnkit/data/mnist_sample.npz`, made by
