@@ -74,8 +74,7 @@ def main():
                 run = cnnkit.recipes.train(ARCH, data, imbalance=strategies[name], optimizer="adamw",
                                            learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
                                            augment=args.augment, epochs=args.epochs, batch_size=args.batch_size,
-                                           seed=seed,
-                                           run_dir=run_dir, verbose=0)
+                                           seed=seed, run_dir=run_dir, verbose=0)
             metrics = run.metrics
             recalls = {label: scores["recall"] for label, scores in metrics["per_class"].items()}
             counts = run.config.get("train_class_counts", {}).get("after", data.class_counts["train"])
@@ -114,7 +113,8 @@ def main():
         f"({data.sizes['train']:,} images; validation thinned alike, {data.sizes['val']:,}), tested on all "
         f"{data.sizes['test']:,} MNIST test images. AdamW 1e-3 (weight decay 1e-4), cosine schedule, batch "
         f"{args.batch_size}, {args.epochs} epochs, seeds {','.join(map(str, seeds))}, augmentation "
-        f"{args.augment or 'none'}; the same for every strategy. Means over seeds; the lowest recall names its class(es); time is the whole run.",
+        f"{args.augment or 'none'}; the same for every strategy. Means over seeds; the lowest recall names its "
+        "class(es); time is the whole run.",
         "",
         "| imbalance | what it is | balanced accuracy | per seed | gain over none (points) | test accuracy | "
         f"lowest class recall | recall of class {rarest} ({args.smallest} images) | epochs x images | time per run |",

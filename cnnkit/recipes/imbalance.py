@@ -210,7 +210,7 @@ def _parse(imbalance) -> tuple[str, dict]:
         raise ValueError(f"Unknown option {unknown[0]!r} for imbalance strategy {strategy!r}; valid keys: {valid}. "
                          f"Received: imbalance={imbalance!r}")
     options = {**STRATEGIES[strategy], **spec}
-    if not isinstance(options.get("augmented_copies", False), (bool, str, list, dict)):
+    if not isinstance(options.get("augmented_copies", False), (bool, str, list, tuple, dict)):
         raise ValueError(f"augmented_copies must be True, False or an augmentation (a preset or op name, or a list "
                          f"of them). Received: augmented_copies={options['augmented_copies']!r}")
     epochs = options.get("second_stage_epochs", 1)
@@ -328,6 +328,6 @@ def _copy_augmentation(augmented_copies, train_images: np.ndarray, seed: int):
 
 def _augment_once(augmentation, images: np.ndarray) -> np.ndarray:
     """``images`` augmented once, in batches of 1,024, back to uint8."""
-    copies = [np.asarray(augmentation(images[start:start + 1024], np.zeros(len(images[start:start + 1024])))[0])
-              for start in range(0, len(images), 1024)]
+    batches = [images[start:start + 1024] for start in range(0, len(images), 1024)]
+    copies = [np.asarray(augmentation(batch, np.zeros(len(batch)))[0]) for batch in batches]
     return np.clip(np.rint(np.concatenate(copies)), 0, 255).astype(np.uint8)

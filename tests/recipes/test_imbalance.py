@@ -116,6 +116,17 @@ def test_augmented_copies_take_an_augmentation(skewed):
     np.testing.assert_array_equal(images, again)
 
 
+def test_pca_colour_copies_are_fitted_on_the_training_images():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 12 + [1] * 4)
+    data = cnnkit.data.from_arrays(rng.integers(0, 256, (16, 6, 6, 3), dtype=np.uint8), labels, val_split=0)
+    resampled = resample({"strategy": "oversample", "augmented_copies": "pca_color"}, data, seed=0)
+    images, drawn = _collect(resampled.dataset)
+    assert np.bincount(drawn).tolist() == [12, 12]
+    originals = {image.tobytes() for image in data.arrays("train")[0]}
+    assert sum(image.tobytes() not in originals for image in images) == 8  # the minority's 8 replicas are new
+
+
 def test_undersample_keeps_the_smallest_count_of_distinct_examples(skewed):
     resampled = resample("undersample", skewed)
     assert resampled.counts_after == [5, 5, 5] and resampled.size == 15 and resampled.dropped == 45
