@@ -177,6 +177,8 @@ def _fit_stage(model, stage, stage_dir, *, validation, run_dir, seed, loss, step
     checkpoint = EpochCheckpoint(stage_dir, seed=seed, seeded=seeded)
     restored = checkpoint.restore(model)
     stage_callbacks = [keras.callbacks.TensorBoard(str(Path(run_dir) / "logs"), write_graph=False)]
+    if stage.optimizer.use_ema:  # validate the averaged weights
+        stage_callbacks.append(keras.callbacks.SwapEMAWeights())
     if early_stopping:
         stage_callbacks.append(keras.callbacks.EarlyStopping(patience=early_stopping, restore_best_weights=True))
     stage_callbacks += list(callbacks)
@@ -193,6 +195,8 @@ def _fit_stage(model, stage, stage_dir, *, validation, run_dir, seed, loss, step
             if explained is error:
                 raise
             raise explained from error
+    elif stage.optimizer.use_ema:  # killed after its last epoch's checkpoint: fit, which puts the average in, did not run
+        stage.optimizer.finalize_variable_values(model.trainable_weights)
     return checkpoint.history, time.perf_counter() - started
 
 

@@ -17,7 +17,7 @@ SCHEDULES = ("constant", "step", "cosine", "onecycle")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
-def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, weight_decay=0.0,
+def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, weight_decay=0.0, ema=None,
                    steps_per_epoch, epochs) -> keras.optimizers.Optimizer:
     """A Keras optimiser with its learning-rate schedule.
 
@@ -35,6 +35,9 @@ def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, we
         momentum: for "momentum", "nesterov" and "rmsprop".
         weight_decay: decoupled weight decay (Loshchilov and Hutter); biases and batch-norm
             scales and offsets are excluded.
+        ema: momentum of an exponential moving average of the weights (Polyak averaging, Keras's
+            ``use_ema``), e.g. 0.999 (an average over about the last 1,000 steps); ``fit`` ends by
+            replacing the weights with their average. ``None``: no average.
         steps_per_epoch, epochs: to place the schedule's boundaries in optimiser steps.
 
     Example:
@@ -46,18 +49,20 @@ def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, we
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}. Received: optimizer={name!r}")
     if not learning_rate or learning_rate <= 0:
         raise ValueError(f"learning_rate must be positive. Received: learning_rate={learning_rate!r}")
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1):
+        raise ValueError(f"ema must be a momentum between 0 and 1 (e.g. 0.999) or None. Received: ema={ema!r}")
     rate = make_schedule(schedule, learning_rate, steps_per_epoch=steps_per_epoch, epochs=epochs)
-    decay = {"weight_decay": weight_decay or None}
+    common = {"weight_decay": weight_decay or None, "use_ema": ema is not None, "ema_momentum": ema or 0.99}
     if name == "sgd":
-        optimizer = keras.optimizers.SGD(rate, **decay)
+        optimizer = keras.optimizers.SGD(rate, **common)
     elif name in ("momentum", "nesterov"):
-        optimizer = keras.optimizers.SGD(rate, momentum=momentum, nesterov=name == "nesterov", **decay)
+        optimizer = keras.optimizers.SGD(rate, momentum=momentum, nesterov=name == "nesterov", **common)
     elif name == "adam":
-        optimizer = keras.optimizers.Adam(rate, **decay)
+        optimizer = keras.optimizers.Adam(rate, **common)
     elif name == "adamw":
-        optimizer = keras.optimizers.AdamW(rate, weight_decay=weight_decay)
+        optimizer = keras.optimizers.AdamW(rate, **{**common, "weight_decay": weight_decay})
     else:
-        optimizer = keras.optimizers.RMSprop(rate, momentum=momentum, **decay)
+        optimizer = keras.optimizers.RMSprop(rate, momentum=momentum, **common)
     if weight_decay:
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     return optimizer

@@ -43,6 +43,7 @@ def train(
     learning_rate: float = 1e-3,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    ema: float | None = None,
     schedule="constant",
     epochs: int = 10,
     batch_size: int = 128,
@@ -82,6 +83,10 @@ def train(
         learning_rate: peak learning rate.
         momentum: for momentum, nesterov and rmsprop.
         weight_decay: decoupled weight decay, not applied to biases and batch-norm parameters.
+        ema: keep an exponential moving average of the weights with this momentum (Polyak
+            averaging; 0.999 averages over about the last 1,000 steps). Validation metrics are
+            those of the averaged weights, and they replace the weights when training ends, so
+            the run's test metrics and saved model are the average's. ``None``: no average.
         schedule: "constant", "step", "cosine", "onecycle", or a dict (see
             ``cnnkit.recipes.optimization.make_schedule``).
         epochs: passes over the training split.
@@ -138,6 +143,9 @@ def train(
     data = resolve_data(data)
     if early_stopping and data.val is None:
         raise ValueError("early_stopping needs a validation split; the data has none (val_split=0)")
+    if early_stopping and ema is not None:
+        raise ValueError("early_stopping and ema do not combine: Keras's EarlyStopping would restore the best "
+                         "epoch's raw weights, not their average. Drop one of them")
     precision = resolve_precision(precision) if not isinstance(arch, keras.Model) else "as built"
     dtype = None if precision in ("float32", "as built") else precision
     recipe = prepare_inputs(data, augment=augment, preprocess=preprocess, imbalance=imbalance, seed=seed, dtype=dtype)
@@ -145,7 +153,7 @@ def train(
     steps_per_epoch = math.ceil(recipe.train_size / batch_size)
     stages = [Stage("train", epochs, make_optimizer(
         optimizer, learning_rate=learning_rate, schedule=schedule, momentum=momentum, weight_decay=weight_decay,
-        steps_per_epoch=steps_per_epoch, epochs=epochs,
+        ema=ema, steps_per_epoch=steps_per_epoch, epochs=epochs,
     ), shard(recipe.train_pipeline(batch_size, seed)), class_weight=recipe.class_weight)]
     second = recipe.resampled.second_stage if recipe.resampled is not None else None
     if second is not None:  # Wei's two-stage schedule: then fine-tune on a class-balanced resample
@@ -153,7 +161,7 @@ def train(
         second_epochs = options["second_stage_epochs"]
         stages.append(Stage("balanced", second_epochs, make_optimizer(
             optimizer, learning_rate=learning_rate * options["second_stage_lr_factor"], momentum=momentum,
-            weight_decay=weight_decay, steps_per_epoch=math.ceil(second.size / batch_size), epochs=second_epochs,
+            weight_decay=weight_decay, ema=ema, steps_per_epoch=math.ceil(second.size / batch_size), epochs=second_epochs,
         ), shard(recipe.train_pipeline(batch_size, seed, resampled=second)), class_weight=second.class_weight))
     label = arch if isinstance(arch, str) else arch.name
     run_dir = prepare_run_dir(run_dir, label, key=run_key(arguments, data), overwrite=overwrite)  # args checked

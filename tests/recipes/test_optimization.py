@@ -58,6 +58,19 @@ def test_optimizers(name, kind, momentum):
     assert getattr(optimizer, "nesterov", False) == (name == "nesterov")
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_ema_turns_on_keras_weight_averaging(name):
+    optimizer = make_optimizer(name, learning_rate=0.01, ema=0.999, steps_per_epoch=1, epochs=1)
+    assert optimizer.use_ema and optimizer.ema_momentum == 0.999
+    assert not make_optimizer(name, learning_rate=0.01, steps_per_epoch=1, epochs=1).use_ema
+
+
+@pytest.mark.parametrize("ema", [0, 1, 1.5, True, "0.99"])
+def test_ema_must_be_a_momentum(ema):
+    with pytest.raises(ValueError, match=f"ema must be a momentum between 0 and 1.*Received: ema={ema!r}"):
+        make_optimizer("adam", learning_rate=0.01, ema=ema, steps_per_epoch=1, epochs=1)
+
+
 def test_weight_decay_skips_biases_and_batchnorm():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()])
     optimizer = make_optimizer("adamw", learning_rate=0.1, weight_decay=0.5, steps_per_epoch=1, epochs=1)

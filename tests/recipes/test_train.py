@@ -96,6 +96,42 @@ def test_early_stopping_restores_and_stops(tiny_mnist, tmp_path):
     assert val_loss[-1] >= min(val_loss[:-1])
 
 
+class _AverageAtTheEnd(keras.callbacks.Callback):
+    """Records the raw weights and the optimiser's moving average after the last epoch."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.raw = [variable.numpy() for variable in self.model.trainable_variables]
+        self.average = [variable.numpy() for variable in self.model.optimizer._model_variables_moving_average]
+
+
+def test_ema_validates_and_ends_with_the_averaged_weights(tiny_mnist, tmp_path):
+    probe = _AverageAtTheEnd()
+    run = _train(tiny_mnist, tmp_path / "run", arch="FC16", epochs=3, learning_rate=0.01, ema=0.9,
+                 callbacks=[probe])
+    final = [variable.numpy() for variable in run.model.trainable_variables]
+    for weights, average, raw in zip(final, probe.average, probe.raw):
+        np.testing.assert_array_equal(weights, average)
+        assert not np.allclose(average, raw)  # the average is not the last step's weights
+    val_loss, _ = run.model.evaluate(tiny_mnist.arrays("val")[0], tiny_mnist.arrays("val")[1], verbose=0)
+    assert val_loss == pytest.approx(run.history["val_loss"][-1], rel=1e-3)  # validated on the average
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["arguments"]["ema"] == 0.9
+
+
+def test_an_ema_run_killed_after_its_last_checkpoint_resumes_to_the_average(tiny_mnist, tmp_path):
+    class KilledAtTheEnd(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            raise KeyboardInterrupt
+
+    options = dict(arch="FC16", epochs=2, learning_rate=0.01, ema=0.9)
+    reference = _train(tiny_mnist, tmp_path / "reference", **options)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_mnist, tmp_path / "run", callbacks=[KilledAtTheEnd()], **options)
+    assert (tmp_path / "run" / "backup" / "stage1" / "epoch002.weights.h5").exists()
+    resumed = _train(tiny_mnist, tmp_path / "run", **options)  # fits no epoch: the average must still go in
+    for weights, expected in zip(resumed.model.trainable_variables, reference.model.trainable_variables):
+        np.testing.assert_allclose(weights.numpy(), expected.numpy(), rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -103,6 +139,8 @@ def test_early_stopping_restores_and_stops(tiny_mnist, tmp_path):
         ({"batch_size": "32"}, "batch_size must be an integer"),
         ({"steps_per_execution": 0}, "steps_per_execution"),
         ({"early_stopping": 0}, "early_stopping"),
+        ({"early_stopping": 2, "ema": 0.99}, "early_stopping and ema do not combine"),
+        ({"ema": 1.0}, "ema must be a momentum between 0 and 1"),
         ({"optimizer": "adamax"}, "optimizer must be one of"),
         ({"schedule": "linear"}, "schedule must be one of"),
         ({"precision": "float16"}, "precision must be one of"),
