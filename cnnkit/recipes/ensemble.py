@@ -290,7 +290,7 @@ def ensemble(
             with seed ``seed + i`` for item ``i``), a run directory or ``.keras`` file (a
             ``pathlib.Path``, or a string naming an existing path or containing "/" or
             ending in ".keras"), a ``cnnkit.Run`` or a ``keras.Model`` (used as they are).
-        data: a ``cnnkit.data.ImageData``, a dataset name or ``from_folder`` arguments (as for
+        data: a ``cnnkit.data.ImageData``, a dataset name or ``load``/``from_folder`` arguments (as for
             ``train``); trained members learn from it and everything is evaluated on its test split.
         arch: the architecture for an int ``members`` or ``"snapshot"``.
         combine: "mean" (mean probability), "geometric" (normalised geometric mean) or

@@ -86,7 +86,7 @@ def finetune(
             ("mobilenet_v2", "efficientnet_b0", "resnet50", ...), a ``.keras`` file, or a cnnkit
             run directory. A saved classifier is cut at the input of its last dense layer (its
             penultimate features) and given a new head.
-        data: an ``ImageData``, a dataset name, or ``from_folder`` arguments (as for ``train``).
+        data: an ``ImageData``, a dataset name, or a mapping of ``load`` or ``from_folder`` arguments (as for ``train``).
         weights: for an applications backbone: "imagenet" (Keras downloads and caches them), a
             path to a weights file of the headless model, or ``None`` (untrained).
         trust: for a ``.keras`` file or run directory as backbone: load it even when it holds

@@ -22,11 +22,14 @@ SHUFFLE_BUFFER_BYTES = 512 * 2**20
 
 
 def resolve_data(data):
-    """An ``ImageData`` from an ``ImageData``, a dataset name, or ``from_folder`` keyword arguments.
+    """An ``ImageData`` from an ``ImageData``, a dataset name, or a mapping: ``cnnkit.data.load``
+    arguments with "name", or ``cnnkit.data.from_folder`` arguments with "path".
 
     Example:
         >>> resolve_data("mnist-sample").sizes["test"]  # doctest: +SKIP
         1000
+        >>> resolve_data({"name": "mnist-sample", "val_split": 0}).sizes  # doctest: +SKIP
+        {'train': 5000, 'test': 1000}
     """
     from cnnkit import data as data_sources
 
@@ -36,12 +39,15 @@ def resolve_data(data):
         return data_sources.load(data)
     if isinstance(data, dict):
         options = dict(data)
-        if "path" not in options:
-            raise ValueError(f"a data mapping holds cnnkit.data.from_folder arguments, with 'path'. Received: data={data!r}")
+        if ("name" in options) == ("path" in options):
+            raise ValueError("a data mapping holds cnnkit.data.load arguments with 'name' or cnnkit.data.from_folder "
+                             f"arguments with 'path' (one of the two). Received: data={data!r}")
+        if "name" in options:
+            return data_sources.load(options.pop("name"), **options)
         return data_sources.from_folder(options.pop("path"), **options)
     raise ValueError(
         "data must be a cnnkit.data.ImageData, a dataset name such as 'mnist', or a mapping of "
-        f"from_folder arguments. Received: data={data!r}"
+        f"load or from_folder arguments. Received: data={data!r}"
     )
 
 

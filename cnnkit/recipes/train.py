@@ -67,7 +67,8 @@ def train(
             ``keras.Model`` taking raw pixels (then ``model_options``, ``preprocess`` and
             ``precision`` do not apply: the model is used as built).
         data: a ``cnnkit.data.ImageData``, a dataset name for ``cnnkit.data.load`` ("mnist",
-            "mnist-sample"), or a mapping of ``cnnkit.data.from_folder`` arguments with "path".
+            "mnist-sample"), or a mapping: ``cnnkit.data.load`` arguments with "name"
+            (``{"name": "mnist", "val_split": 0}``) or ``cnnkit.data.from_folder`` arguments with "path".
         model_options: build options for ``cnnkit.build`` (activation, padding, batch_norm,
             initializer, l2, max_norm).
         augment: training-time augmentation in the input pipeline: a preset name ("shift",

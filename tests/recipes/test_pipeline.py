@@ -63,5 +63,11 @@ def test_resolve_data_forms(image_folder):
     assert folder.class_names == ["cat", "dog"] and folder.image_shape == (6, 6, 3)
     with pytest.raises(ValueError, match="'path'"):
         resolve_data({"image_size": 6})
+    whole = resolve_data({"name": "mnist-sample", "val_split": 0})
+    assert whole.val is None and whole.sizes["train"] == 5000
+    with pytest.raises(ValueError, match="one of the two"):
+        resolve_data({"name": "mnist-sample", "path": str(image_folder)})
+    with pytest.raises(ValueError, match="val_spilt"):
+        resolve_data({"name": "mnist-sample", "val_spilt": 0})
     with pytest.raises(ValueError, match="Received: data=3"):
         resolve_data(3)
