@@ -388,8 +388,8 @@ def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, overr
     float`` refuses ``[1]``; parameters without an annotation are not checked). For cnnkit's
     own functions also: ``arch`` is a registered name or valid notation (the message names the
     bad token) and ``model_options`` holds build options; ``data`` is a known dataset name or
-    a mapping of ``cnnkit.data.from_folder`` arguments; ``backbone`` is a registered backbone
-    or a path. Whether paths exist is checked by :func:`check_paths`.
+    a mapping of ``cnnkit.data.load`` (with ``name``) or ``cnnkit.data.from_folder`` arguments;
+    ``backbone`` is a registered backbone or a path. Whether paths exist is checked by :func:`check_paths`.
 
     Args:
         function: the function to be called.
@@ -492,8 +492,10 @@ def _check_arch(arch, kwargs: dict, source) -> None:
 
 
 def _check_data(data, kwargs: dict, source) -> None:
-    """A known dataset name, or a mapping of ``cnnkit.data.from_folder`` arguments; other values are the recipe's to check."""
+    """A known dataset name, or a mapping of ``cnnkit.data.load`` arguments with ``name`` or of
+    ``cnnkit.data.from_folder`` arguments; other values are the recipe's to check."""
     import cnnkit.data
+    from cnnkit.data.datasets import dataset_loader
     from cnnkit.data.folder import from_folder
 
     prefix = f"{source}: " if source is not None else ""
@@ -504,6 +506,11 @@ def _check_data(data, kwargs: dict, source) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{prefix}data: unknown dataset {data!r}{hint}; known datasets: {', '.join(known)}, "
                               "or a folder as a mapping like {path: images/, image_size: [160, 160]}")
+    elif isinstance(data, dict) and "name" in data and "path" not in data:
+        options = {key: value for key, value in data.items() if key != "name"}
+        _check_data(data["name"], kwargs, source)
+        validate_kwargs(dataset_loader(data["name"]), options, source=source,
+                        qualname=f"data (cnnkit.data.load({data['name']!r}))")
     elif isinstance(data, dict):
         validate_kwargs(from_folder, data, source=source, qualname="data (cnnkit.data.from_folder)")
 

@@ -82,6 +82,32 @@ def load(name: str, **kwargs) -> ImageData:
         >>> data.sizes
         {'train': 4500, 'val': 500, 'test': 1000}
     """
+    loader = dataset_loader(name)
+    accepted = [
+        p.name
+        for p in inspect.signature(loader).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"load({name.strip().lower().replace('_', '-')!r}) does not take {unknown}; it takes {accepted}. "
+            f"Received: {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)}"
+        )
+    return loader(**kwargs)
+
+
+def dataset_loader(name: str):
+    """The function ``load(name, **kwargs)`` calls; its keyword arguments are the options ``name`` takes.
+
+    Raises:
+        ValueError: If ``name`` is unknown (close matches first, then the other known names).
+
+    Example:
+        >>> import inspect
+        >>> list(inspect.signature(dataset_loader("mnist")).parameters)
+        ['val_split', 'seed']
+    """
     if not isinstance(name, str):
         raise ValueError(
             f"name must be a string, one of {list_datasets()}. Received: name={name!r}"
@@ -95,19 +121,7 @@ def load(name: str, **kwargs) -> ImageData:
             f"Unknown dataset {name!r}.{hint} Known datasets: {', '.join(known)}. "
             f"Received: name={name!r}"
         )
-    loader, _ = _REGISTRY[key]
-    accepted = [
-        p.name
-        for p in inspect.signature(loader).parameters.values()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"load({key!r}) does not take {unknown}; it takes {accepted}. "
-            f"Received: {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)}"
-        )
-    return loader(**kwargs)
+    return _REGISTRY[key][0]
 
 
 @_register("mnist", "MNIST digits, 60,000 train / 10,000 test, 28x28 grayscale")
