@@ -384,6 +384,9 @@ def _check_train_options(train_options, *, snapshot) -> dict:
             if options.get(key) is not None:
                 raise ValueError(f"a snapshot ensemble sets its own cyclic schedule and trains every cycle, so "
                                  f"train_options may not set {key!r}. Received: {key}={options[key]!r}")
+        if options.get("ema") is not None:
+            raise ValueError("a snapshot ensemble keeps each cycle's own weights; a moving average would run across "
+                             f"the restarts, so train_options may not set 'ema'. Received: ema={options['ema']!r}")
     return options
 
 

@@ -167,6 +167,8 @@ def test_mismatched_members_are_rejected(data, tmp_path):
      r"snapshot_cycles must be an integer >= 1 that divides the epochs \(3\)"),
     ({"members": "snapshot", "arch": ARCH, "snapshot_cycles": 2, "train_options": {"epochs": 2, "schedule": "step"}},
      "may not set 'schedule'"),
+    ({"members": "snapshot", "arch": ARCH, "snapshot_cycles": 2, "train_options": {"epochs": 2, "ema": 0.99}},
+     "may not set 'ema'"),
     ({"members": 2, "arch": ARCH, "train_options": {"seed": 1}}, "may not set 'seed': the ensemble sets it"),
     ({"members": 2, "arch": ARCH, "train_options": {"epoch": 1}}, "unknown train option 'epoch'; valid: .*'epochs'"),
     ({"members": "lenet"}, "members must be a count, 'snapshot', or a list"),
