@@ -65,17 +65,23 @@ def expand(images, labels):
     return np.concatenate(views), np.tile(labels, len(views))
 
 
-def nielsen_data(*, expanded, quick):
-    """MNIST split 50,000 / 10,000 / 10,000, the training split expanded five-fold when asked."""
+def nielsen_data(*, expanded, quick, all_training=False):
+    """MNIST split 50,000 / 10,000 / 10,000 (or 60,000 / none / 10,000 with ``all_training``), the
+    training split expanded five-fold when asked."""
     mnist = cnnkit.data.load("mnist", val_split=1 / 6)
     (x, y), (x_val, y_val), (x_test, y_test) = (mnist.arrays(split) for split in ("train", "val", "test"))
     if quick:
         x, y, x_val, y_val, x_test, y_test = x[:1000], y[:1000], x_val[:200], y_val[:200], x_test[:1000], y_test[:1000]
+    if all_training:
+        x, y = np.concatenate([x, x_val]), np.concatenate([y, y_val])
     if expanded:
         x, y = expand(x, y)
     train = cnnkit.data.from_arrays(x, y, x_test=x_test, y_test=y_test, val_split=0)
-    val = cnnkit.data.from_arrays(x_val, y_val, val_split=0)
     label = "one-pixel-shift expanded" if expanded else "original"
+    if all_training:
+        return dataclasses.replace(train, source=f"{mnist.source}, all 60,000 training images, {label}"
+                                   + (" (quick subset)" if quick else ""))
+    val = cnnkit.data.from_arrays(x_val, y_val, val_split=0)
     return dataclasses.replace(
         train, val=val.train,
         class_counts={"train": train.class_counts["train"], "val": val.class_counts["train"],
@@ -98,6 +104,10 @@ def main():
     parser.add_argument("--augment", default=None,
                         help="train on the 50,000 originals with this cnnkit augment preset (e.g. shift) "
                              "instead of the expanded set")
+    parser.add_argument("--ema", type=float, default=None,
+                        help="moving average of the weights with this momentum (train's ema=; e.g. 0.999)")
+    parser.add_argument("--all-training", action="store_true",
+                        help="train on all 60,000 training images (no validation split) instead of his 50,000")
     parser.add_argument("--tta", default="crops", help="test-time augmentation also evaluated ('none' to skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", default=None, help="keep the runs here (an interrupted bench resumes); "
@@ -109,16 +119,13 @@ def main():
     if args.quick:
         args.members, args.epochs, args.no_write = 2, 1, True
     augment = args.augment
-    if augment and args.quick and not _augment_available():
-        print(f"cnnkit.recipes.augment is not there yet: the quick run trains without augment={augment!r}")
-        augment = None
-    data = nielsen_data(expanded=not args.augment, quick=args.quick)
+    data = nielsen_data(expanded=not args.augment, quick=args.quick, all_training=args.all_training)
     learning_rate = args.learning_rate or 0.03 * args.batch_size / 10
     l2 = args.lmbda * args.batch_size / (2 * data.sizes["train"])
     train_options = {
         "optimizer": args.optimizer, "learning_rate": learning_rate, "weight_decay": args.weight_decay,
         "schedule": args.schedule, "epochs": args.epochs, "batch_size": args.batch_size,
-        "model_options": {"l2": l2} if l2 else {}, "augment": augment,
+        "model_options": {"l2": l2} if l2 else {}, "augment": augment, "ema": args.ema,
     }
     tta = None if args.tta == "none" else args.tta
     print(data.summary(), flush=True)
@@ -155,7 +162,8 @@ def main():
         f"Command: `{command.strip()}`  ",
         f"Machine: {machine()}  ",
         f"`network3` (20C5-MP2-40C5-MP2-FC1000-FC1000, ReLU, dropout 0.5 before each dense layer), "
-        f"{args.optimizer} lr {learning_rate:g} ({args.schedule}, weight decay {args.weight_decay:g}), augment "
+        f"{args.optimizer} lr {learning_rate:g} ({args.schedule}, weight decay {args.weight_decay:g}"
+        f"{f', weight EMA {args.ema:g}' if args.ema else ''}), augment "
         f"{augment or 'none'}, batch {args.batch_size}, {args.epochs} epochs, L2 {l2:g} (Nielsen's lmbda "
         f"{args.lmbda:g}), trained on {data.sizes['train']:,} images ({data.source}); test accuracy on the "
         f"{data.sizes['test']:,} MNIST test images. Nielsen: 99.60% for one network, 99.67% for the vote of five. "
@@ -173,13 +181,10 @@ def main():
     ])
     print(body)
     if not args.no_write:
-        print(f"written to {write_section('nielsen-ensemble', 'Nielsen network3 and its ensemble on MNIST', body)}")
-
-
-def _augment_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("cnnkit.recipes.augment") is not None
+        variant = "".join([f", weight EMA {args.ema:g}" if args.ema else "",
+                           ", all 60,000 training images" if args.all_training else ""])
+        key = "nielsen-ensemble" + ("-ema" if args.ema else "") + ("-all" if args.all_training else "")
+        print(f"written to {write_section(key, 'Nielsen network3 and its ensemble on MNIST' + variant, body)}")
 
 
 if __name__ == "__main__":
