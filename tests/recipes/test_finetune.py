@@ -217,7 +217,7 @@ def test_every_applications_backbone_fine_tunes_from_a_local_weights_file(name, 
                  if any(layer.weights and not isinstance(layer, keras.layers.BatchNormalization) for layer in layers)]
     unfrozen = trainable[-1]
     snapshot = _WeightsAfterFirstEpoch()
-    run = cnnkit.recipes.finetune(name, rgb_images, weights=str(path), input_size=size, batch_size=6, verbose=0,
+    run = cnnkit.recipes.finetune(name, rgb_images, weights=str(path), input_size=size, batch_size=12, verbose=0,
                                   stages=[{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-2},
                                           {"unfreeze": [unfrozen], "epochs": 1, "learning_rate": 1e-2}],
                                   callbacks=[snapshot], run_dir=tmp_path / "run", report=False)
