@@ -181,9 +181,11 @@ def main():
     ])
     print(body)
     if not args.no_write:
-        variant = "".join([f", weight EMA {args.ema:g}" if args.ema else "",
-                           ", all 60,000 training images" if args.all_training else ""])
-        key = "nielsen-ensemble" + ("-ema" if args.ema else "") + ("-all" if args.all_training else "")
+        variants = [(suffix, text) for on, suffix, text in [(args.ema, "-ema", f", weight EMA {args.ema}"),
+                                                            (args.all_training, "-all", ", all 60,000 training images")]
+                    if on]
+        key = "nielsen-ensemble" + "".join(suffix for suffix, _ in variants)
+        variant = "".join(text for _, text in variants)
         print(f"written to {write_section(key, 'Nielsen network3 and its ensemble on MNIST' + variant, body)}")
 
 

@@ -506,7 +506,7 @@ def _check_data(data, kwargs: dict, source) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{prefix}data: unknown dataset {data!r}{hint}; known datasets: {', '.join(known)}, "
                               "or a folder as a mapping like {path: images/, image_size: [160, 160]}")
-    elif isinstance(data, dict) and "name" in data and "path" not in data:
+    elif isinstance(data, dict) and "name" in data:  # with "path" too, 'path' is named as the unknown key
         options = {key: value for key, value in data.items() if key != "name"}
         _check_data(data["name"], kwargs, source)
         validate_kwargs(dataset_loader(data["name"]), options, source=source,
