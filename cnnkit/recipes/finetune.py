@@ -61,6 +61,7 @@ def finetune(
     head_dropout: float = 0.2,
     augment=None,
     imbalance=None,
+    label_smoothing: float = 0.0,
     optimizer: str = "adam",
     learning_rate: float = 1e-3,
     weight_decay: float = 0.0,
@@ -110,6 +111,7 @@ def finetune(
         head_dropout: dropout before the new classifier.
         augment: training-time augmentation, as for ``train``.
         imbalance: class-imbalance strategy, as for ``train``.
+        label_smoothing: smooth the training labels towards uniform, as for ``train``.
         optimizer: as for ``train`` ("adam", "adamw", "momentum", ...).
         learning_rate: the head's rate; "auto" stages use lr/10 for unfrozen groups, lr/100
             for a final all-layers stage.
@@ -161,7 +163,7 @@ def finetune(
     stage_specs = plan["stages"] if plan else _check_stages(stages, group_names)
     if plan and verbose:
         print(plan["message"])
-    recipe = prepare_inputs(data, augment=augment, imbalance=imbalance, seed=seed)
+    recipe = prepare_inputs(data, augment=augment, imbalance=imbalance, label_smoothing=label_smoothing, seed=seed)
     model = built.model
     steps_per_epoch = math.ceil(recipe.train_size / batch_size)
     pipeline = shard(recipe.train_pipeline(batch_size, seed))

@@ -59,6 +59,7 @@ import numpy as np
 import tensorflow as tf
 
 from cnnkit.data.imagedata import count_classes
+from cnnkit.recipes.pipeline import cross_entropy
 
 __all__ = ["STRATEGIES", "LogitAdjustedCrossentropy", "Resampled", "resample"]
 
@@ -109,7 +110,7 @@ class Resampled:
     second_stage: Resampled | None = None
     loss_tau: float | None = None
 
-    def loss(self, *, sparse: bool = True) -> str | keras.losses.Loss:
+    def loss(self, *, sparse: bool = True, label_smoothing: float = 0.0) -> str | keras.losses.Loss:
         """The training loss this strategy needs: cross-entropy, or the logit-adjusted one.
 
         Example:
@@ -117,8 +118,9 @@ class Resampled:
             <LogitAdjustedCrossentropy ...>
         """
         if self.loss_tau is not None:
-            return LogitAdjustedCrossentropy(self.counts_before, tau=self.loss_tau, sparse=sparse)
-        return "sparse_categorical_crossentropy" if sparse else "categorical_crossentropy"
+            return LogitAdjustedCrossentropy(self.counts_before, tau=self.loss_tau, sparse=sparse,
+                                             label_smoothing=label_smoothing)
+        return cross_entropy(sparse=sparse, label_smoothing=label_smoothing)
 
     @property
     def config(self) -> dict:
@@ -240,6 +242,7 @@ class LogitAdjustedCrossentropy(keras.losses.Loss):
         class_counts: training examples per class.
         tau: strength of the adjustment; 0 is plain cross-entropy, 1 the balanced softmax.
         sparse: integer labels (``True``) or one-hot/soft labels.
+        label_smoothing: smooth one-hot labels towards uniform by this much (``sparse=False`` only).
 
     Example:
         >>> loss = LogitAdjustedCrossentropy([900, 100], tau=1.0)
@@ -247,10 +250,13 @@ class LogitAdjustedCrossentropy(keras.losses.Loss):
         2.3026
     """
 
-    def __init__(self, class_counts, tau: float = 1.0, sparse: bool = True,
+    def __init__(self, class_counts, tau: float = 1.0, sparse: bool = True, label_smoothing: float = 0.0,
                  name: str = "logit_adjusted_crossentropy", **kwargs):
         super().__init__(name=name, **kwargs)
+        if sparse and label_smoothing:
+            raise ValueError("label smoothing needs one-hot labels (sparse=False)")
         self.class_counts, self.tau, self.sparse = [int(n) for n in class_counts], float(tau), bool(sparse)
+        self.label_smoothing = float(label_smoothing)
         counts = np.maximum(np.asarray(self.class_counts, np.float64), 1.0)
         self._offsets = (self.tau * np.log(counts / counts.sum())).astype(np.float32)
 
@@ -259,10 +265,12 @@ class LogitAdjustedCrossentropy(keras.losses.Loss):
         logits = logits + self._offsets
         if self.sparse:
             return keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
-        return keras.losses.categorical_crossentropy(y_true, logits, from_logits=True)
+        return keras.losses.categorical_crossentropy(y_true, logits, from_logits=True,
+                                                     label_smoothing=self.label_smoothing)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "class_counts": self.class_counts, "tau": self.tau, "sparse": self.sparse}
+        return {**super().get_config(), "class_counts": self.class_counts, "tau": self.tau, "sparse": self.sparse,
+                "label_smoothing": self.label_smoothing}
 
 
 def _balanced_weights(counts) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -128,7 +129,8 @@ class TrainingInputs:
         resampled: the ``Resampled`` training split, or ``None``.
         train_size: images per training epoch (after resampling).
         class_weight: per-class loss weights, or ``None``.
-        loss: categorical cross-entropy when augmentation mixes labels (MixUp, CutMix), else
+        soft_labels: labels are one-hot floats (augmentation mixes them, or ``label_smoothing``).
+        loss: categorical cross-entropy on soft labels (smoothed by ``label_smoothing``), else
             sparse categorical cross-entropy; logit-adjusted with ``imbalance="logit_adjusted"``.
 
     Example:
@@ -136,7 +138,11 @@ class TrainingInputs:
         >>> pipeline = inputs.train_pipeline(batch_size=128, seed=0)  # doctest: +SKIP
     """
 
-    def __init__(self, data, *, augment, preprocess, imbalance, seed, dtype):
+    def __init__(self, data, *, augment, preprocess, imbalance, label_smoothing, seed, dtype):
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
+                0 <= label_smoothing < 1):
+            raise ValueError(f"label_smoothing must be a number in [0, 1) (e.g. 0.1). "
+                             f"Received: label_smoothing={label_smoothing!r}")
         self.data = data
         sample = None
         if preprocess != "scale" or augment not in (None, "none"):
@@ -159,9 +165,9 @@ class TrainingInputs:
             self.resampled = resample(imbalance, data, seed=seed)
         self.train_size = self.resampled.size if self.resampled else data.sizes["train"]
         self.class_weight = self.resampled.class_weight if self.resampled else None
-        self.soft_labels = bool(self.augmentation and self.augmentation.soft_labels)
-        self.loss = (self.resampled.loss(sparse=not self.soft_labels) if self.resampled
-                     else "categorical_crossentropy" if self.soft_labels else "sparse_categorical_crossentropy")
+        self.soft_labels = bool(self.augmentation and self.augmentation.soft_labels) or label_smoothing > 0
+        self.loss = (self.resampled.loss(sparse=not self.soft_labels, label_smoothing=label_smoothing)
+                     if self.resampled else cross_entropy(sparse=not self.soft_labels, label_smoothing=label_smoothing))
         self._config = {"augment": self.augmentation.config if self.augmentation else None,
                         "preprocess": preprocess,
                         "imbalance": self.resampled.config if self.resampled else None}
@@ -190,8 +196,26 @@ class TrainingInputs:
         return config
 
 
-def prepare_inputs(data, *, augment=None, preprocess="scale", imbalance=None, seed=0, dtype=None) -> TrainingInputs:
-    """Check and fit a recipe's ``augment``, ``preprocess`` and ``imbalance`` arguments on ``data``.
+def cross_entropy(*, sparse: bool = True, label_smoothing: float = 0.0):
+    """The classification loss: sparse (integer labels) or categorical (one-hot or soft labels).
+
+    ``label_smoothing`` (Szegedy et al. 2016) trains against ``(1 - e) * one_hot + e / classes``;
+    it needs one-hot labels, so it applies to the categorical loss only.
+
+    Example:
+        >>> cross_entropy(sparse=False, label_smoothing=0.1).get_config()["label_smoothing"]
+        0.1
+    """
+    if label_smoothing:
+        if sparse:
+            raise ValueError("label smoothing needs one-hot labels (sparse=False)")
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    return "sparse_categorical_crossentropy" if sparse else "categorical_crossentropy"
+
+
+def prepare_inputs(data, *, augment=None, preprocess="scale", imbalance=None, label_smoothing=0.0, seed=0,
+                   dtype=None) -> TrainingInputs:
+    """Check and fit a recipe's ``augment``, ``preprocess``, ``imbalance`` and ``label_smoothing`` on ``data``.
 
     ``dtype`` is the model's dtype policy (``None`` for float32), for the preprocessing layers.
 
@@ -199,4 +223,5 @@ def prepare_inputs(data, *, augment=None, preprocess="scale", imbalance=None, se
         >>> prepare_inputs(data, imbalance="oversample").train_size  # doctest: +SKIP
         50000
     """
-    return TrainingInputs(data, augment=augment, preprocess=preprocess, imbalance=imbalance, seed=seed, dtype=dtype)
+    return TrainingInputs(data, augment=augment, preprocess=preprocess, imbalance=imbalance,
+                          label_smoothing=label_smoothing, seed=seed, dtype=dtype)

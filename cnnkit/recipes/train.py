@@ -39,6 +39,7 @@ def train(
     augment=None,
     preprocess="scale",
     imbalance=None,
+    label_smoothing: float = 0.0,
     optimizer: str = "adam",
     learning_rate: float = 1e-3,
     momentum: float = 0.9,
@@ -80,6 +81,8 @@ def train(
         imbalance: class-imbalance strategy ("class_weight", "oversample", "undersample",
             "balanced_batches", "two_stage", "logit_adjusted", or a dict with "strategy" and its options; see
             ``cnnkit.recipes.imbalance``), or ``None`` to train on the data as it is.
+        label_smoothing: train against labels smoothed towards uniform by this much
+            (Szegedy et al. 2016; 0.1 is usual): ``(1 - e) * one_hot + e / classes``. 0: hard labels.
         optimizer: "sgd", "momentum", "nesterov", "adam", "adamw" or "rmsprop".
         learning_rate: peak learning rate.
         momentum: for momentum, nesterov and rmsprop.
@@ -149,7 +152,8 @@ def train(
                          "epoch's raw weights, not their average. Drop one of them")
     precision = resolve_precision(precision) if not isinstance(arch, keras.Model) else "as built"
     dtype = None if precision in ("float32", "as built") else precision
-    recipe = prepare_inputs(data, augment=augment, preprocess=preprocess, imbalance=imbalance, seed=seed, dtype=dtype)
+    recipe = prepare_inputs(data, augment=augment, preprocess=preprocess, imbalance=imbalance,
+                            label_smoothing=label_smoothing, seed=seed, dtype=dtype)
     model = _make_model(arch, data, dtype, model_options or {}, recipe.preprocessing)
     steps_per_epoch = math.ceil(recipe.train_size / batch_size)
     stages = [Stage("train", epochs, make_optimizer(

@@ -88,6 +88,13 @@ def test_a_keras_file_backbone_on_an_rgb_image_folder_of_another_size(image_fold
     np.testing.assert_allclose(loaded.predict(image), run.predict(image), atol=1e-6)
 
 
+def test_label_smoothing_applies_to_finetuning(digits, pretrained, tmp_path):
+    run = cnnkit.recipes.finetune(pretrained.run_dir, digits[1], stages=[{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-3}],
+                                  label_smoothing=0.1, batch_size=16, run_dir=tmp_path / "run", verbose=0)
+    assert run.model.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
+    assert cnnkit.load(run.run_dir).config["arguments"]["label_smoothing"] == 0.1
+
+
 def test_grayscale_data_on_an_rgb_backbone_repeats_the_channel(digits, tmp_path):
     base = cnnkit.build("4C3-MP2-FC8", (28, 28, 3), 4)
     base.save(tmp_path / "rgb.keras")

@@ -302,3 +302,19 @@ def test_long_tailed_defaults_fall_from_5000_to_50(balanced):
 def test_long_tailed_refuses_bad_counts(balanced, options, match):
     with pytest.raises(ValueError, match=match):
         long_tailed(balanced, **options)
+
+
+def test_logit_adjustment_combines_with_label_smoothing(skewed):
+    from cnnkit.recipes.pipeline import prepare_inputs
+
+    loss = prepare_inputs(skewed, imbalance="logit_adjusted", label_smoothing=0.2).loss
+    assert isinstance(loss, LogitAdjustedCrossentropy) and loss.get_config()["label_smoothing"] == 0.2
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.3, 0.3, 0.4]], np.float32)
+    one_hot = np.eye(3, dtype=np.float32)[[2, 0]]
+    adjusted = np.log(probabilities) + np.log(np.array(COUNTS) / sum(COUNTS))
+    log_softmax = adjusted - np.log(np.exp(adjusted).sum(axis=1, keepdims=True))
+    targets = 0.8 * one_hot + 0.2 / 3
+    assert float(loss(one_hot, probabilities)) == pytest.approx(float(np.mean(-np.sum(targets * log_softmax, 1))),
+                                                                rel=1e-5)
+    with pytest.raises(ValueError, match="label smoothing needs one-hot labels"):
+        LogitAdjustedCrossentropy(COUNTS, sparse=True, label_smoothing=0.1)

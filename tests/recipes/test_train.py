@@ -166,3 +166,41 @@ def test_unknown_dataset_name_is_named(tmp_path):
     with pytest.raises(ValueError, match="mnst"):
         _train("mnst", tmp_path / "run")
     keras.backend.clear_session()
+
+
+def _smoothed_cross_entropy(one_hot, probabilities, smoothing):
+    targets = (1 - smoothing) * one_hot + smoothing / one_hot.shape[1]
+    return float(np.mean(-np.sum(targets * np.log(probabilities), axis=1)))
+
+
+def test_label_smoothing_gives_one_hot_batches_and_the_smoothed_loss(tiny_mnist):
+    from cnnkit.recipes.pipeline import prepare_inputs
+
+    inputs = prepare_inputs(tiny_mnist, label_smoothing=0.1)
+    images, labels = next(iter(inputs.train_pipeline(batch_size=8, seed=0)))
+    assert labels.shape == (8, 10) and set(np.unique(labels.numpy())) == {0.0, 1.0}  # hard: the loss smooths
+    _, val_labels = next(iter(inputs.validation_pipeline()))
+    assert val_labels.shape[1] == 10
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(10), size=8).astype("float32")
+    assert float(inputs.loss(labels, probabilities)) == pytest.approx(
+        _smoothed_cross_entropy(labels.numpy(), probabilities, 0.1), rel=1e-5)
+    assert prepare_inputs(tiny_mnist).loss == "sparse_categorical_crossentropy"
+
+
+def test_label_smoothing_lowers_confidence_and_is_saved_with_the_run(tiny_mnist, tmp_path):
+    hard = _train(tiny_mnist, tmp_path / "hard", epochs=4)
+    smooth = _train(tiny_mnist, tmp_path / "smooth", epochs=4, label_smoothing=0.3)
+    x_test, _ = tiny_mnist.arrays("test")
+    # the smoothed target caps the true class at 1 - 0.3 + 0.03: confident predictions are pulled down
+    assert smooth.predict(x_test).max(axis=1).mean() < hard.predict(x_test).max(axis=1).mean() - 0.05
+    assert smooth.metrics["test_accuracy"] > 0.5
+    loaded = cnnkit.load(tmp_path / "smooth")
+    assert loaded.model.loss.get_config()["label_smoothing"] == pytest.approx(0.3)
+    assert loaded.config["arguments"]["label_smoothing"] == 0.3
+
+
+@pytest.mark.parametrize("value", [-0.1, 1, 1.5, True, "0.1"])
+def test_bad_label_smoothing_is_named(tiny_mnist, tmp_path, value):
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\)"):
+        _train(tiny_mnist, tmp_path / "run", label_smoothing=value)
+    assert not (tmp_path / "run").exists()
