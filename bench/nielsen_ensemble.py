@@ -106,6 +106,8 @@ def main():
                              "instead of the expanded set")
     parser.add_argument("--ema", type=float, default=None,
                         help="moving average of the weights with this momentum (train's ema=; e.g. 0.999)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="train against smoothed labels (train's label_smoothing=; e.g. 0.1)")
     parser.add_argument("--all-training", action="store_true",
                         help="train on all 60,000 training images (no validation split) instead of his 50,000")
     parser.add_argument("--tta", default="crops", help="test-time augmentation also evaluated ('none' to skip)")
@@ -126,6 +128,7 @@ def main():
         "optimizer": args.optimizer, "learning_rate": learning_rate, "weight_decay": args.weight_decay,
         "schedule": args.schedule, "epochs": args.epochs, "batch_size": args.batch_size,
         "model_options": {"l2": l2} if l2 else {}, "augment": augment, "ema": args.ema,
+        "label_smoothing": args.label_smoothing,
     }
     tta = None if args.tta == "none" else args.tta
     print(data.summary(), flush=True)
@@ -163,7 +166,8 @@ def main():
         f"Machine: {machine()}  ",
         f"`network3` (20C5-MP2-40C5-MP2-FC1000-FC1000, ReLU, dropout 0.5 before each dense layer), "
         f"{args.optimizer} lr {learning_rate:g} ({args.schedule}, weight decay {args.weight_decay:g}"
-        f"{f', weight EMA {args.ema:g}' if args.ema else ''}), augment "
+        f"{f', weight EMA {args.ema:g}' if args.ema else ''}"
+        f"{f', label smoothing {args.label_smoothing:g}' if args.label_smoothing else ''}), augment "
         f"{augment or 'none'}, batch {args.batch_size}, {args.epochs} epochs, L2 {l2:g} (Nielsen's lmbda "
         f"{args.lmbda:g}), trained on {data.sizes['train']:,} images ({data.source}); test accuracy on the "
         f"{data.sizes['test']:,} MNIST test images. Nielsen: 99.60% for one network, 99.67% for the vote of five. "
@@ -181,9 +185,10 @@ def main():
     ])
     print(body)
     if not args.no_write:
-        variants = [(suffix, text) for on, suffix, text in [(args.ema, "-ema", f", weight EMA {args.ema}"),
-                                                            (args.all_training, "-all", ", all 60,000 training images")]
-                    if on]
+        variants = [(suffix, text) for on, suffix, text in [
+            (args.ema, "-ema", f", weight EMA {args.ema}"),
+            (args.label_smoothing, "-ls", f", label smoothing {args.label_smoothing}"),
+            (args.all_training, "-all", ", all 60,000 training images")] if on]
         key = "nielsen-ensemble" + "".join(suffix for suffix, _ in variants)
         variant = "".join(text for _, text in variants)
         print(f"written to {write_section(key, 'Nielsen network3 and its ensemble on MNIST' + variant, body)}")
