@@ -61,7 +61,8 @@ def train_defaults() -> dict:
     """
     from cnnkit.recipes.train import train
 
-    names = ("optimizer", "learning_rate", "momentum", "weight_decay", "batch_size", "augment", "preprocess")
+    names = ("optimizer", "learning_rate", "momentum", "weight_decay", "label_smoothing", "batch_size", "augment",
+             "preprocess")
     parameters = inspect.signature(train).parameters
     return {name: parameters[name].default for name in names}
 
@@ -77,7 +78,7 @@ def finetune_defaults() -> dict:
     from cnnkit.tuner.space import FINETUNE_DEFAULTS
 
     parameters = inspect.signature(finetune).parameters
-    names = ("optimizer", "learning_rate", "weight_decay", "batch_size", "augment")
+    names = ("optimizer", "learning_rate", "weight_decay", "label_smoothing", "batch_size", "augment")
     return {**{name: parameters[name].default for name in names}, **FINETUNE_DEFAULTS}
 
 
@@ -297,7 +298,7 @@ class SearchResult:
             if name in best.values:
                 recipe[name] = None if best.values[name] == "none" and name == "augment" else best.values[name]
         recipe.update(optimizer=values["optimizer"], learning_rate=values["learning_rate"])
-        for name in ("momentum", "weight_decay"):
+        for name in ("momentum", "weight_decay", "label_smoothing"):
             if name in best.values:
                 recipe[name] = best.values[name]
         recipe.update(schedule="constant", epochs=best.epochs, batch_size=values["batch_size"],
@@ -323,8 +324,9 @@ class SearchResult:
         if "augment" in best.values:
             recipe["augment"] = None if best.values["augment"] == "none" else best.values["augment"]
         recipe.update(optimizer=values["optimizer"], learning_rate=values["learning_rate"])
-        if "weight_decay" in best.values:
-            recipe["weight_decay"] = best.values["weight_decay"]
+        for name in ("weight_decay", "label_smoothing"):
+            if name in best.values:
+                recipe[name] = best.values[name]
         recipe.update(batch_size=values["batch_size"], precision=self.settings["precision"],
                       steps_per_execution=self.settings["steps_per_execution"], seed=self.settings["seed"])
         return recipe

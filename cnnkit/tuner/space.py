@@ -85,6 +85,7 @@ KNOBS = {
     "optimizer": ("train", "sgd, momentum, nesterov, adam, adamw or rmsprop"),
     "momentum": ("train", "momentum of momentum, nesterov and rmsprop"),
     "weight_decay": ("train", "decoupled weight decay"),
+    "label_smoothing": ("train", "smooth the training labels towards uniform by this much (0.1 is usual), in [0, 1)"),
     "batch_size": ("train", "images per step"),
     "augment": ("train", "augmentation preset or op name (cnnkit.recipes.augment), none for none"),
     "preprocess": ("train", "input preprocessing (scale, standardize, ...; cnnkit.recipes.preprocess)"),
@@ -105,6 +106,7 @@ _BOOLEAN_KNOBS = ("batch_norm",)
 _INTEGER_KNOBS = {"batch_size": 1, "unfreeze_depth": 0, "head_epochs": 0}  # knob -> smallest value
 _POSITIVE_KNOBS = ("learning_rate", "lr_multiplier", "max_norm")
 _NON_NEGATIVE_KNOBS = ("momentum", "weight_decay", "l2")
+_FRACTION_KNOBS = ("label_smoothing",)  # in [0, 1)
 _PLAN_OPTIONS = ("activation", "padding", "batch_norm")
 
 
@@ -510,6 +512,8 @@ def _check_knob(name, declaration):
             ok, need = _is_number(value) and value > 0, "a number > 0"
         elif name in _NON_NEGATIVE_KNOBS:
             ok, need = _is_number(value) and value >= 0, "a number >= 0"
+        elif name in _FRACTION_KNOBS:
+            ok, need = _is_number(value) and 0 <= value < 1, "a number in [0, 1)"
         else:
             ok, need = value is None or isinstance(value, str), "a name"
         if not ok:

@@ -427,8 +427,8 @@ class _SpaceHyperModel(kt.HyperModel):
         values = self.settings(hp)
         seed = self.seed + self.execution
         keras.utils.set_random_seed(seed)
-        self.inputs = prepare_inputs(self.data, augment=values["augment"], preprocess=values["preprocess"], seed=seed,
-                                     dtype=self.dtype)
+        self.inputs = prepare_inputs(self.data, augment=values["augment"], preprocess=values["preprocess"],
+                                     label_smoothing=values["label_smoothing"], seed=seed, dtype=self.dtype)
         options = self.space.model_options(values)
         if self.inputs.preprocessing is not None:
             options["preprocessing"] = self.inputs.preprocessing
@@ -494,7 +494,8 @@ class _FinetuneHyperModel(_SpaceHyperModel):
         values = self.settings(hp)
         seed = self.seed + self.execution
         keras.utils.set_random_seed(seed)
-        self.inputs = prepare_inputs(self.data, augment=values["augment"], seed=seed)
+        self.inputs = prepare_inputs(self.data, augment=values["augment"], label_smoothing=values["label_smoothing"],
+                                     seed=seed)
         self.built = build_finetune_model(self.space.backbone, self.data, weights=self.space.weights, trust=self.trust,
                                           input_size=self.space.input_size, precision=self.precision)
         # Compiled as its head stage (a model best_model() loads weights into); fit recompiles per stage.

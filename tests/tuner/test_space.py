@@ -63,6 +63,7 @@ def test_model_options_are_the_build_knobs():
     ("{f}C3", {"f": [4, "x"]}, "hyperparameter 'f'"),
     ("{f}C3", {"f": [4], "learning_rate": [0.1, -1.0]}, "knob 'learning_rate' takes a number > 0"),
     ("{f}C3", {"f": [4], "batch_norm": ["yes"]}, "knob 'batch_norm' takes true or false"),
+    ("{f}C3", {"f": [4], "label_smoothing": [0.1, 1.0]}, r"knob 'label_smoothing' takes a number in \[0, 1\)"),
     ("{f}C3", {"f": [4], "batch_size": {"min": 0, "max": 64}}, "knob 'batch_size' takes an integer >= 1"),
     ("{f}C3", {"f": [4], "unfreeze_depth": [1, 2]}, "knob 'unfreeze_depth' applies to spaces with a backbone:"),
     ("{f:3}C3", {"f": [4]}, "placeholders are plain names"),

@@ -149,3 +149,13 @@ def test_too_many_invalid_networks_in_a_row_stop_the_search(tiny_data, tmp_path,
     space = {"arch": "{f}C{k}", "hyperparameters": {"f": [2], "k": [9, 11, 3]}}
     with pytest.raises(SearchError, match=r"2 proposed networks in a row do not fit the input \(the last: 2C11: "):
         search(space, tiny_data, algorithm="grid", directory=tmp_path / "grid", **FAST)
+
+
+def test_label_smoothing_is_a_knob_that_reaches_the_loss_and_the_best_recipe(tiny_data, tiny_space, tmp_path):
+    hyperparameters = {**tiny_space["hyperparameters"], "f": [4], "units": [8], "label_smoothing": [0.2]}
+    result = search({**tiny_space, "hyperparameters": hyperparameters}, tiny_data, max_trials=1,
+                    directory=tmp_path / "search", **FAST)
+    assert result.best_model().loss.get_config()["label_smoothing"] == pytest.approx(0.2)
+    recipe = yaml.safe_load((tmp_path / "search" / "best_recipe.yaml").read_text())
+    assert recipe["label_smoothing"] == 0.2
+    config.validate_kwargs(train, {key: value for key, value in recipe.items() if key != "recipe"})
