@@ -37,7 +37,7 @@ from cnnkit.recipes.fitting import (
     run_config,
     run_key,
 )
-from cnnkit.recipes.optimization import make_optimizer, resolve_precision
+from cnnkit.recipes.optimization import check_ema, make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.runs import Run
 
@@ -65,6 +65,7 @@ def finetune(
     optimizer: str = "adam",
     learning_rate: float = 1e-3,
     weight_decay: float = 0.0,
+    ema: float | None = None,
     epochs: int = 5,
     batch_size: int = 32,
     early_stopping: int | None = None,
@@ -116,6 +117,10 @@ def finetune(
         learning_rate: the head's rate; "auto" stages use lr/10 for unfrozen groups, lr/100
             for a final all-layers stage.
         weight_decay: decoupled weight decay.
+        ema: keep a moving average of the weights with this momentum within each stage, as for
+            ``train``: validation sees the average, and each stage ends with its average in place,
+            which the next stage starts from. The average spans about ``1 / (1 - ema)`` steps, so
+            a stage needs several times that many (0.99: a few hundred), or it stays near its start.
         epochs: epochs of each "auto" stage.
         batch_size: images per step.
         early_stopping: patience in epochs within each stage, or ``None``.
@@ -148,6 +153,7 @@ def finetune(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("steps_per_execution", steps_per_execution)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
+    check_ema(ema, early_stopping=early_stopping)
     if not 0 <= head_dropout < 1:
         raise ValueError(f"head_dropout must be in [0, 1). Received: head_dropout={head_dropout!r}")
     scale = learning_rate_scale(batch_size, scale_learning_rate)
@@ -168,8 +174,8 @@ def finetune(
     steps_per_epoch = math.ceil(recipe.train_size / batch_size)
     pipeline = shard(recipe.train_pipeline(batch_size, seed))
     fit_plan = [finetune_stage(built, spec, train=pipeline, steps_per_epoch=steps_per_epoch, optimizer=optimizer,
-                               weight_decay=weight_decay, batch_norm=batch_norm, class_weight=recipe.class_weight,
-                               rate_scale=scale)
+                               weight_decay=weight_decay, ema=ema, batch_norm=batch_norm,
+                               class_weight=recipe.class_weight, rate_scale=scale)
                 for spec in stage_specs]
     source = built.source
     run_dir = prepare_run_dir(run_dir, f"finetune-{source['name']}", key=run_key(arguments, data), overwrite=overwrite)
@@ -243,8 +249,8 @@ def build_finetune_model(backbone, data, *, weights="imagenet", trust: bool = Fa
     return FinetuneModel(_attach_head(features, data, adapt_input, head_dropout), features, groups, source)
 
 
-def finetune_stage(built, spec, *, train, steps_per_epoch, optimizer="adam", weight_decay=0.0, batch_norm="frozen",
-                   class_weight=None, rate_scale=1.0) -> Stage:
+def finetune_stage(built, spec, *, train, steps_per_epoch, optimizer="adam", weight_decay=0.0, ema=None,
+                   batch_norm="frozen", class_weight=None, rate_scale=1.0) -> Stage:
     """The ``Stage`` of one stage spec (a dict as in ``finetune(stages=[...])``) on a :class:`FinetuneModel`.
 
     Its ``prepare`` sets ``trainable`` group by group: the head always trains, the groups the spec's
@@ -252,7 +258,8 @@ def finetune_stage(built, spec, *, train, steps_per_epoch, optimizer="adam", wei
     stage's optimiser (Keras needs a recompile after ``trainable`` changes), as ``fit_stages``
     does. The optimiser runs at the spec's ``learning_rate`` (times ``rate_scale``),
     cosine-decayed over the stage's epochs when it unfreezes a group and constant otherwise; the
-    variables of each unfrozen group in ``lr_multipliers`` move at that factor of the rate.
+    variables of each unfrozen group in ``lr_multipliers`` move at that factor of the rate. With
+    ``ema`` the optimiser keeps a moving average of the weights (``make_optimizer``).
 
     Example:
         >>> stage = finetune_stage(built, {"name": "top1", "unfreeze": 1, "epochs": 2, "learning_rate": 1e-3,
@@ -261,7 +268,7 @@ def finetune_stage(built, spec, *, train, steps_per_epoch, optimizer="adam", wei
     """
     unfrozen = _unfrozen_groups(spec["unfreeze"], built.group_names)
     base = make_optimizer(optimizer, learning_rate=spec["learning_rate"] * rate_scale,
-                          weight_decay=weight_decay, schedule="cosine" if unfrozen else "constant",
+                          weight_decay=weight_decay, ema=ema, schedule="cosine" if unfrozen else "constant",
                           steps_per_epoch=steps_per_epoch, epochs=spec["epochs"])
     multipliers = {name: factor for name, factor in (spec.get("lr_multipliers") or {}).items() if name in unfrozen}
     return Stage(spec["name"], spec["epochs"], with_lr_multipliers(base, _variable_multipliers(built.groups, multipliers)),

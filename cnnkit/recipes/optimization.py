@@ -17,6 +17,25 @@ SCHEDULES = ("constant", "step", "cosine", "onecycle")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
+def check_ema(ema, *, early_stopping=None) -> None:
+    """Refuse an ``ema`` that is not a momentum in (0, 1), or ``ema`` together with early stopping.
+
+    Keras's EarlyStopping would restore the best epoch's raw weights, not their average.
+
+    Example:
+        >>> check_ema(0.999, early_stopping=None)
+        >>> check_ema(0.999, early_stopping=3)
+        Traceback (most recent call last):
+        ...
+        ValueError: early_stopping and ema do not combine: Keras's EarlyStopping would restore the best epoch's raw weights, not their average. Drop one of them
+    """
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1):
+        raise ValueError(f"ema must be a momentum between 0 and 1 (e.g. 0.999) or None. Received: ema={ema!r}")
+    if ema is not None and early_stopping:
+        raise ValueError("early_stopping and ema do not combine: Keras's EarlyStopping would restore the best "
+                         "epoch's raw weights, not their average. Drop one of them")
+
+
 def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, weight_decay=0.0, ema=None,
                    steps_per_epoch, epochs) -> keras.optimizers.Optimizer:
     """A Keras optimiser with its learning-rate schedule.
@@ -49,8 +68,7 @@ def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, we
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}. Received: optimizer={name!r}")
     if not learning_rate or learning_rate <= 0:
         raise ValueError(f"learning_rate must be positive. Received: learning_rate={learning_rate!r}")
-    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1):
-        raise ValueError(f"ema must be a momentum between 0 and 1 (e.g. 0.999) or None. Received: ema={ema!r}")
+    check_ema(ema)
     rate = make_schedule(schedule, learning_rate, steps_per_epoch=steps_per_epoch, epochs=epochs)
     common = {"weight_decay": weight_decay or None, "use_ema": ema is not None, "ema_momentum": ema or 0.99}
     if name == "sgd":

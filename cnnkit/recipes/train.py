@@ -25,7 +25,7 @@ from cnnkit.recipes.fitting import (
     run_config,
     run_key,
 )
-from cnnkit.recipes.optimization import make_optimizer, resolve_precision
+from cnnkit.recipes.optimization import check_ema, make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.runs import Run
 
@@ -147,9 +147,7 @@ def train(
     data = resolve_data(data)
     if early_stopping and data.val is None:
         raise ValueError("early_stopping needs a validation split; the data has none (val_split=0)")
-    if early_stopping and ema is not None:
-        raise ValueError("early_stopping and ema do not combine: Keras's EarlyStopping would restore the best "
-                         "epoch's raw weights, not their average. Drop one of them")
+    check_ema(ema, early_stopping=early_stopping)
     precision = resolve_precision(precision) if not isinstance(arch, keras.Model) else "as built"
     dtype = None if precision in ("float32", "as built") else precision
     recipe = prepare_inputs(data, augment=augment, preprocess=preprocess, imbalance=imbalance,

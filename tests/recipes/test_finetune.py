@@ -95,6 +95,54 @@ def test_label_smoothing_applies_to_finetuning(digits, pretrained, tmp_path):
     assert cnnkit.load(run.run_dir).config["arguments"]["label_smoothing"] == 0.1
 
 
+class _StageAverages(keras.callbacks.Callback):
+    """Per stage (one ``fit`` each): the weights it starts from and its optimiser's average at its end."""
+
+    def __init__(self):
+        super().__init__()
+        self.starts, self.averages, self.raws = [], [], []
+
+    def on_train_begin(self, logs=None):
+        self.starts.append(self._weights(self.model.trainable_variables))
+        self.averages.append(None)
+        self.raws.append(None)
+
+    def on_epoch_end(self, epoch, logs=None):  # the last epoch's values stay
+        self.averages[-1] = self._weights(self.model.optimizer._model_variables_moving_average)
+        self.raws[-1] = self._weights(self.model.trainable_variables)
+
+    def _weights(self, values):
+        names = [variable.path for variable in self.model.trainable_variables]
+        return {name: value.numpy() for name, value in zip(names, values, strict=True)}
+
+
+def test_ema_averages_within_each_stage_and_the_next_starts_from_the_average(digits, pretrained, tmp_path):
+    probe = _StageAverages()
+    run = cnnkit.recipes.finetune(pretrained.run_dir, digits[1], ema=0.9, batch_size=16, callbacks=[probe],
+                                  stages=[{"unfreeze": 0, "epochs": 2, "learning_rate": 1e-2},
+                                          {"unfreeze": "all", "epochs": 2, "learning_rate": 1e-3}],
+                                  run_dir=tmp_path / "run", verbose=0)
+    assert len(probe.starts) == 2
+    head = list(probe.averages[0])  # stage 1 trains the head alone
+    assert head and all(name in probe.starts[1] for name in head)
+    for name in head:  # stage 2 starts from stage 1's average, not its last step
+        np.testing.assert_array_equal(probe.starts[1][name], probe.averages[0][name])
+        assert not np.allclose(probe.averages[0][name], probe.raws[0][name])
+    final = {variable.path: variable.numpy() for variable in run.model.trainable_variables}
+    assert len(probe.averages[1]) > len(head)  # stage 2 also averages the unfrozen backbone
+    for name, average in probe.averages[1].items():
+        np.testing.assert_array_equal(final[name], average)
+    assert cnnkit.load(run.run_dir).config["arguments"]["ema"] == 0.9
+
+
+def test_ema_with_early_stopping_is_refused_before_any_work(digits, pretrained, tmp_path):
+    with pytest.raises(ValueError, match="early_stopping and ema do not combine"):
+        cnnkit.recipes.finetune(pretrained.run_dir, digits[1], ema=0.9, early_stopping=2, run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="ema must be a momentum between 0 and 1"):
+        cnnkit.recipes.finetune(pretrained.run_dir, digits[1], ema=1.5, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_grayscale_data_on_an_rgb_backbone_repeats_the_channel(digits, tmp_path):
     base = cnnkit.build("4C3-MP2-FC8", (28, 28, 3), 4)
     base.save(tmp_path / "rgb.keras")
