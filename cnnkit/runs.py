@@ -73,6 +73,7 @@ _CUSTOM_OBJECT_MODULES = (
     "cnnkit.models.backbones",
     "cnnkit.recipes.preprocess",
     "cnnkit.recipes.ensemble",
+    "cnnkit.recipes.imbalance",  # LogitAdjustedCrossentropy, the compiled loss of a "logit_adjusted" run
 )
 
 

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -218,6 +221,11 @@ def test_train_with_logit_adjustment_keeps_the_data_and_saves_a_plain_model(skew
     x, _ = skewed.arrays("train")
     np.testing.assert_allclose(loaded.predict(x[:8]), run.predict(x[:8]), atol=1e-6)
     assert loaded.config["imbalance"] == {"strategy": "logit_adjusted", "tau": 1.0}
+    # a fresh process has imported nothing of cnnkit.recipes: load must register the loss itself
+    code = f"import cnnkit; print(type(cnnkit.load({str(tmp_path / 'run')!r}).model.loss).__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "LogitAdjustedCrossentropy"
 
 
 def test_a_class_without_examples_is_left_out():
