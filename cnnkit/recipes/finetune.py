@@ -37,7 +37,7 @@ from cnnkit.recipes.fitting import (
     run_config,
     run_key,
 )
-from cnnkit.recipes.optimization import check_ema, make_optimizer, resolve_precision
+from cnnkit.recipes.optimization import NO_DECAY_NAMES, check_ema, make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.runs import Run
 
@@ -281,7 +281,8 @@ def with_lr_multipliers(optimizer, multipliers):
     Keras optimisers take one rate for every variable; this copy scales the rate of each
     variable in ``multipliers`` (``(keras.Variable, factor)`` pairs) inside
     ``update_step``, so Adam's updates shrink too (scaling gradients would not: Adam is
-    invariant to gradient scale). With no multipliers the optimiser is returned unchanged.
+    invariant to gradient scale). Weight decay spares biases and batch-norm parameters, as
+    ``make_optimizer``'s does. With no multipliers the optimiser is returned unchanged.
 
     Example:
         >>> opt = with_lr_multipliers(keras.optimizers.Adam(1e-3), [(model.get_layer("conv1").kernel, 0.1)])  # doctest: +SKIP
@@ -300,6 +301,8 @@ def with_lr_multipliers(optimizer, multipliers):
     Discriminative.__name__ = f"Discriminative{base.__name__}"
     discriminative = Discriminative.from_config(optimizer.get_config())
     discriminative.lr_multipliers = {discriminative._var_key(variable): factor for variable, factor in multipliers}
+    if optimizer.weight_decay:  # the config does not carry make_optimizer's exclusions
+        discriminative.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
     return discriminative
 
 

@@ -15,6 +15,7 @@ import tensorflow as tf
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+NO_DECAY_NAMES = ("bias", "gamma", "beta")  # variables weight decay leaves alone: biases, batch-norm scale and offset
 
 
 def check_ema(ema, *, early_stopping=None) -> None:
@@ -82,7 +83,7 @@ def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, we
     else:
         optimizer = keras.optimizers.RMSprop(rate, momentum=momentum, **common)
     if weight_decay:
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
     return optimizer
 
 

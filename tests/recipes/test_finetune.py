@@ -171,6 +171,20 @@ def test_discriminative_rates_scale_each_groups_update():
             np.testing.assert_allclose(start[1] - b.numpy(), b_step, rtol=1e-3)
 
 
+def test_discriminative_rates_keep_biases_and_batch_norm_out_of_weight_decay():
+    from cnnkit.recipes.optimization import make_optimizer
+
+    model = cnnkit.build("4C3-BN-FC4", (6, 6, 1), 2)
+    for variable in model.trainable_variables:
+        variable.assign(np.ones(variable.shape, "float32"))
+    optimizer = with_lr_multipliers(make_optimizer("adamw", learning_rate=0.1, weight_decay=0.5, steps_per_epoch=1,
+                                                   epochs=1), [(model.trainable_variables[0], 0.5)])
+    optimizer.apply([np.zeros(variable.shape, "float32") for variable in model.trainable_variables],
+                    model.trainable_variables)  # a zero gradient: only weight decay moves a variable
+    moved = {variable.path.split("/")[-1] for variable in model.trainable_variables if not np.all(variable.numpy() == 1)}
+    assert moved == {"kernel"}
+
+
 @pytest.mark.parametrize(("per_class", "similarity", "case", "unfreezes"), [
     (50, "similar", 1, [0, 1]),
     (5000, "similar", 2, [0, 2, "all"]),
