@@ -39,6 +39,7 @@ COMBINE_MODES = ("mean", "geometric", "vote")
 TTA_MODES = ("flip", "crops", "ten_crop")
 # train() arguments the ensemble sets itself, per member.
 _SET_BY_ENSEMBLE = ("arch", "data", "seed", "strategy", "run_dir", "verbose")
+_NOT_COMPARED = ("callbacks", "overwrite", "report")  # a reused member need not match these (given callbacks must)
 _TRAIN_PARAMETERS = inspect.signature(train).parameters
 
 
@@ -481,8 +482,11 @@ def _train_member(arch, data, seed, options, member_dir, verbose) -> Run:
         return train(arch, data, seed=seed, run_dir=member_dir, verbose=verbose, **options)
     run = cnnkit.load(member_dir)
     recorded = run.config.get("arguments", {})
-    expected = {"arch": arch, "seed": seed, **{key: _plain_option(value) for key, value in options.items()}}
-    differ = sorted(key for key, value in expected.items() if recorded.get(key, value) != value)
+    defaults = {name: parameter.default for name, parameter in _TRAIN_PARAMETERS.items()
+                if name not in _SET_BY_ENSEMBLE + _NOT_COMPARED}
+    expected = {**defaults, **options, "arch": arch, "seed": seed}  # options left out must be at their defaults
+    differ = sorted(key for key, value in expected.items()
+                    if key in recorded and _plain_option(recorded[key]) != _plain_option(value))
     if run.config.get("data", {}).get("fingerprint") != data.fingerprint:
         differ.append("data")
     if differ:
@@ -506,9 +510,18 @@ def _snapshots(arch, data, seed, cycles, options, run_dir, verbose) -> list:
 
 
 def _plain_option(value):
-    """A train option as config.yaml records it (callbacks by class name)."""
+    """A train option as config.yaml records it: callbacks by class name, tuples as lists.
+
+    Example:
+        >>> _plain_option({"augment": ("shift",)})
+        {'augment': ['shift']}
+    """
     if isinstance(value, (list, tuple)) and any(isinstance(item, keras.callbacks.Callback) for item in value):
         return [type(item).__name__ for item in value]
+    if isinstance(value, (list, tuple)):
+        return [_plain_option(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain_option(item) for key, item in value.items()}
     return value
 
 

@@ -208,6 +208,20 @@ def test_finished_members_are_reused_and_must_match(seeded, data, tmp_path, monk
     shutil.copytree(seeded.run_dir / "members", tmp_path / "other" / "members")
     with pytest.raises(ValueError, match=r"trained with other settings \(epochs\)"):
         ensemble(2, data, arch=ARCH, train_options={**FAST, "epochs": 3}, run_dir=tmp_path / "other", verbose=0)
+    # an option left out now is at its default, which the member must have been trained with too
+    shutil.copytree(seeded.run_dir / "members", tmp_path / "default" / "members")
+    with pytest.raises(ValueError, match=r"trained with other settings \(batch_size\)"):
+        ensemble(2, data, arch=ARCH, train_options={"epochs": 1, "precision": "float32"}, run_dir=tmp_path / "default",
+                 verbose=0)
+
+
+def test_a_tuple_option_matches_the_list_its_member_recorded(data, tmp_path, monkeypatch):
+    options = {**FAST, "augment": ("shift",)}
+    ensemble(1, data, arch=ARCH, train_options=options, run_dir=tmp_path / "first", verbose=0)
+    shutil.copytree(tmp_path / "first" / "members", tmp_path / "resumed" / "members")
+    module = importlib.import_module("cnnkit.recipes.ensemble")
+    monkeypatch.setattr(module, "train", lambda *args, **kwargs: pytest.fail("a finished member was retrained"))
+    ensemble(1, data, arch=ARCH, train_options=options, run_dir=tmp_path / "resumed", verbose=0)
 
 
 def test_flip_tta_of_a_mirror_symmetric_image_is_the_plain_prediction():
