@@ -111,7 +111,9 @@ def finetune(
             applications backbone) or its input (a saved model).
         head_dropout: dropout before the new classifier.
         augment: training-time augmentation, as for ``train``.
-        imbalance: class-imbalance strategy, as for ``train``.
+        imbalance: class-imbalance strategy, as for ``train``; "two_stage" adds a stage "balanced"
+            after the others: the last stage's groups and rates again, the rate times
+            ``second_stage_lr_factor``, on a class-balanced resample.
         label_smoothing: smooth the training labels towards uniform, as for ``train``.
         optimizer: as for ``train`` ("adam", "adamw", "momentum", ...).
         learning_rate: the head's rate; "auto" stages use lr/10 for unfrozen groups, lr/100
@@ -171,12 +173,18 @@ def finetune(
         print(plan["message"])
     recipe = prepare_inputs(data, augment=augment, imbalance=imbalance, label_smoothing=label_smoothing, seed=seed)
     model = built.model
-    steps_per_epoch = math.ceil(recipe.train_size / batch_size)
-    pipeline = shard(recipe.train_pipeline(batch_size, seed))
-    fit_plan = [finetune_stage(built, spec, train=pipeline, steps_per_epoch=steps_per_epoch, optimizer=optimizer,
-                               weight_decay=weight_decay, ema=ema, batch_norm=batch_norm,
-                               class_weight=recipe.class_weight, rate_scale=scale)
-                for spec in stage_specs]
+    splits = [recipe.resampled] * len(stage_specs)  # None: the data as it is
+    second = recipe.resampled.second_stage if recipe.resampled is not None else None
+    if second is not None:  # Wei's two-stage schedule: the last stage once more, on a class-balanced resample
+        options, last = recipe.resampled.options, stage_specs[-1]
+        stage_specs = [*stage_specs, {**last, "name": "balanced", "epochs": options["second_stage_epochs"],
+                                      "learning_rate": last["learning_rate"] * options["second_stage_lr_factor"]}]
+        splits.append(second)
+    fit_plan = [finetune_stage(built, spec, train=shard(recipe.train_pipeline(batch_size, seed, resampled=split)),
+                               steps_per_epoch=math.ceil((split.size if split else recipe.train_size) / batch_size),
+                               optimizer=optimizer, weight_decay=weight_decay, ema=ema, batch_norm=batch_norm,
+                               class_weight=split.class_weight if split else None, rate_scale=scale)
+                for spec, split in zip(stage_specs, splits)]
     source = built.source
     run_dir = prepare_run_dir(run_dir, f"finetune-{source['name']}", key=run_key(arguments, data), overwrite=overwrite)
     if verbose:

@@ -135,6 +135,24 @@ def test_ema_averages_within_each_stage_and_the_next_starts_from_the_average(dig
     assert cnnkit.load(run.run_dir).config["arguments"]["ema"] == 0.9
 
 
+def test_two_stage_imbalance_adds_a_balanced_stage_after_the_others(digits, pretrained, tmp_path):
+    source = digits[1]
+    x, y = source.arrays("train")
+    keep = np.concatenate([np.flatnonzero(y == label)[:count] for label, count in enumerate([20, 12, 8, 4, 2])])
+    skewed = cnnkit.data.from_arrays(x[keep], y[keep], x_test=source.arrays("test")[0][:50],
+                                     y_test=source.arrays("test")[1][:50], class_names=source.class_names, val_split=0)
+    imbalance = {"strategy": "two_stage", "second_stage_epochs": 2, "second_stage_lr_factor": 0.5}
+    run = cnnkit.recipes.finetune(pretrained.run_dir, skewed, imbalance=imbalance, batch_size=8,
+                                  stages=[{"unfreeze": 1, "epochs": 1, "learning_rate": 1e-3}],
+                                  run_dir=tmp_path / "run", verbose=0)
+    stages = run.config["stages"]
+    assert [(stage["name"], stage["epochs_run"]) for stage in stages] == [("stage1", 1), ("balanced", 2)]
+    assert stages[1]["unfreeze"] == 1 and stages[1]["learning_rate"] == pytest.approx(5e-4)
+    assert len(run.history["loss"]) == 3
+    counts = run.config["train_class_counts"]
+    assert counts["before"] == [20, 12, 8, 4, 2] and max(counts["second_stage"]) - min(counts["second_stage"]) <= 1
+
+
 def test_ema_with_early_stopping_is_refused_before_any_work(digits, pretrained, tmp_path):
     with pytest.raises(ValueError, match="early_stopping and ema do not combine"):
         cnnkit.recipes.finetune(pretrained.run_dir, digits[1], ema=0.9, early_stopping=2, run_dir=tmp_path / "run")
