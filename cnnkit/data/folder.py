@@ -77,6 +77,7 @@ def from_folder(
     val_split: float = 0.1,
     test_path=None,
     seed: int = 0,
+    shuffle: bool = True,
     extensions=DEFAULT_EXTENSIONS,
     max_pixels: int = MAX_IMAGE_PIXELS,
     verify: bool = True,
@@ -119,7 +120,11 @@ def from_folder(
             stratified and seeded as in `from_arrays`; `0` means `val` is `None`.
         test_path: Optional folder with the same layout and the same class names, used as
             the test split.
-        seed: Non-negative integer seed of the validation split.
+        seed: Non-negative integer seed of the validation split and of `shuffle`.
+        shuffle: Store the training split in a seeded random order, as Keras's
+            `image_dataset_from_directory` does, rather than class by class and sorted: a
+            shuffle buffer smaller than the split, or a sample from its head, then still sees
+            every class. Validation and test splits keep the sorted order.
         extensions: File name endings to include, compared case-insensitively.
         max_pixels: Largest `width * height` accepted; larger files are skipped unread.
             PIL's own `PIL.Image.MAX_IMAGE_PIXELS` applies too where it is lower (the reason
@@ -181,6 +186,8 @@ def from_folder(
     labels = np.asarray(train_scan.labels, np.int32)
     num_classes = len(class_names)
     train_idx, val_idx = stratified_split(labels, num_classes, val_split, seed)
+    if shuffle:
+        train_idx = np.random.default_rng(seed).permutation(train_idx)
     splits = {"train": ([files[i] for i in train_idx], labels[train_idx])}
     if val_idx is not None:
         splits["val"] = ([files[i] for i in val_idx], labels[val_idx])

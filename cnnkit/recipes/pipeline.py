@@ -107,7 +107,8 @@ def training_sample(data) -> np.ndarray:
     """The training images (uint8 NHWC) that preprocessing and PCA colour are fitted on.
 
     The whole training split when it fits in 256 MiB (all of MNIST or CIFAR-10), else a random
-    sample of that size drawn with a fixed seed.
+    sample of that size drawn with a fixed seed from the split's first ``2 x`` that many images:
+    a split stored in random order (``from_folder`` stores it so) gives a uniform sample.
 
     Example:
         >>> training_sample(cnnkit.data.load("mnist-sample")).shape  # doctest: +SKIP

@@ -50,8 +50,11 @@ def test_classes_sorted_shapes_dtypes_and_pixels(tree):
     assert data.class_counts == {"train": [4, 5]}
     images, labels = data.arrays("train")
     assert images.dtype == np.uint8 and images.shape == (9, 6, 8, 3)
-    # cat (label 0, written as class index 1 -> red 10+i), then dog (red 0+i), files sorted
-    assert ids(images) == [10, 11, 12, 13, 0, 1, 2, 3, 4]
+    # cat (label 0, written as class index 1 -> red 10+i), dog (red 0+i); stored in a seeded random order
+    assert sorted(zip(labels.tolist(), ids(images))) == [(0, 10), (0, 11), (0, 12), (0, 13), (1, 0), (1, 1), (1, 2),
+                                                         (1, 3), (1, 4)]
+    images, labels = from_folder(tree, image_size=(6, 8), val_split=0, shuffle=False).arrays("train")
+    assert ids(images) == [10, 11, 12, 13, 0, 1, 2, 3, 4]  # shuffle=False: class by class, files sorted
     assert labels.tolist() == [0] * 4 + [1] * 5
     assert (images[..., 1] == 50).all() and (images[..., 2] == 100).all()
     assert data.source == f"folder {tree.resolve()}"
@@ -95,7 +98,7 @@ def test_rgb_mode_expands_grayscale_palette_and_composites_alpha_on_white(tmp_pa
     )
     palette.save(tmp_path / "b" / "pal.gif")
     assert Image.open(tmp_path / "b" / "pal.gif").mode == "P"
-    data = from_folder(tmp_path, image_size=(3, 3), val_split=0)
+    data = from_folder(tmp_path, image_size=(3, 3), val_split=0, shuffle=False)
     images, _ = data.arrays("train")
     assert images.shape == (3, 3, 3, 3)
     assert (images[0] == 100).all()
@@ -180,6 +183,15 @@ def test_val_split_is_stratified_and_seeded(tmp_path):
     other = from_folder(root, image_size=(2, 2), val_split=0.2, seed=1)
     assert ids(other.arrays("val")[0]) != val_ids
     assert other.fingerprint == data.fingerprint  # same files
+
+
+def test_training_split_is_stored_in_a_seeded_random_order_not_class_by_class(tmp_path):
+    root = make_tree(tmp_path, {"a": 12, "b": 12, "c": 12}, size=(2, 2))
+    labels = from_folder(root, image_size=(2, 2), val_split=0, seed=0).arrays("train")[1].tolist()
+    assert sorted(labels) == [0] * 12 + [1] * 12 + [2] * 12
+    assert set(labels[:12]) == {0, 1, 2}  # the head of the split already holds every class
+    assert from_folder(root, image_size=(2, 2), val_split=0, seed=0).arrays("train")[1].tolist() == labels
+    assert from_folder(root, image_size=(2, 2), val_split=0, seed=1).arrays("train")[1].tolist() != labels
 
 
 def test_test_path_with_matching_classes(tmp_path):
