@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import numbers
 
 import keras
 import tensorflow as tf
@@ -30,7 +31,7 @@ def check_ema(ema, *, early_stopping=None) -> None:
         ...
         ValueError: early_stopping and ema do not combine: Keras's EarlyStopping would restore the best epoch's raw weights, not their average. Drop one of them
     """
-    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 < ema < 1):
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, numbers.Real) or not 0 < ema < 1):
         raise ValueError(f"ema must be a momentum between 0 and 1 (e.g. 0.999) or None. Received: ema={ema!r}")
     if ema is not None and early_stopping:
         raise ValueError("early_stopping and ema do not combine: Keras's EarlyStopping would restore the best "

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 
 import keras
 import numpy as np
@@ -140,7 +141,7 @@ class TrainingInputs:
     """
 
     def __init__(self, data, *, augment, preprocess, imbalance, label_smoothing, seed, dtype):
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or not (
                 0 <= label_smoothing < 1):
             raise ValueError(f"label_smoothing must be a number in [0, 1) (e.g. 0.1). "
                              f"Received: label_smoothing={label_smoothing!r}")

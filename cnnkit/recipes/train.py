@@ -83,6 +83,8 @@ def train(
             ``cnnkit.recipes.imbalance``), or ``None`` to train on the data as it is.
         label_smoothing: train against labels smoothed towards uniform by this much
             (Szegedy et al. 2016; 0.1 is usual): ``(1 - e) * one_hot + e / classes``. 0: hard labels.
+            The history's ``val_loss`` is the smoothed loss too (Keras applies the training loss
+            to validation); the test metrics are not affected.
         optimizer: "sgd", "momentum", "nesterov", "adam", "adamw" or "rmsprop".
         learning_rate: peak learning rate.
         momentum: for momentum, nesterov and rmsprop.
