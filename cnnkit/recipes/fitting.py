@@ -39,7 +39,7 @@ import keras
 import numpy as np
 
 from cnnkit.html_report import write_report
-from cnnkit.recipes.resume import EpochCheckpoint, explain_determinism_error
+from cnnkit.recipes.resume import EpochCheckpoint, ResumableEarlyStopping, explain_determinism_error
 from cnnkit.report import package_versions
 from cnnkit.runs import Run, atomic_file, atomic_write_text, file_sha256, write_manifest, write_run
 
@@ -179,13 +179,16 @@ def _fit_stage(model, stage, stage_dir, *, validation, run_dir, seed, loss, step
     stage_callbacks = [keras.callbacks.TensorBoard(str(Path(run_dir) / "logs"), write_graph=False)]
     if stage.optimizer.use_ema:  # validate the averaged weights
         stage_callbacks.append(keras.callbacks.SwapEMAWeights())
-    if early_stopping:
-        stage_callbacks.append(keras.callbacks.EarlyStopping(patience=early_stopping, restore_best_weights=True))
+    stopping = None
+    if early_stopping:  # its best, wait and best weights go on from the restored epochs
+        stopping = ResumableEarlyStopping(checkpoint, model, first_epoch=initial_epoch, patience=early_stopping,
+                                          restore_best_weights=True)
+        stage_callbacks.append(stopping)
     stage_callbacks += list(callbacks)
     stage_callbacks.append(checkpoint)  # last: an epoch's time includes the other callbacks' work
     started = time.perf_counter()
     first = restored if restored is not None else initial_epoch
-    if first < initial_epoch + stage.epochs:
+    if first < initial_epoch + stage.epochs and not (stopping and stopping.stopped_epoch):
         try:
             model.fit(stage.train, validation_data=validation, initial_epoch=first,
                       epochs=initial_epoch + stage.epochs, shuffle=False,  # the pipeline shuffles, by seed and epoch
@@ -195,6 +198,8 @@ def _fit_stage(model, stage, stage_dir, *, validation, run_dir, seed, loss, step
             if explained is error:
                 raise
             raise explained from error
+    elif stopping is not None:  # killed after the stop or the last epoch: fit, which restores the best, did not run
+        stopping.on_train_end()
     elif stage.optimizer.use_ema:  # killed after its last epoch's checkpoint: fit, which puts the average in, did not run
         stage.optimizer.finalize_variable_values(model.trainable_weights)
     return checkpoint.history, time.perf_counter() - started

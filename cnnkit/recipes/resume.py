@@ -13,11 +13,14 @@ dataset was iterated in this process; ``SeedGenerator`` states are not saved), a
 * At the end of each epoch it writes the weights and the optimizer state to
   ``epoch<NNN>.weights.h5`` through a temporary file that is flushed and renamed, then records the
   file's SHA-256 and the history so far in ``checkpoints.json`` (also atomically). The two newest
-  checkpoints are kept.
+  checkpoints are kept, and the best epoch's while :class:`ResumableEarlyStopping` may restore it.
 * On resume it loads the newest checkpoint whose SHA-256 matches, saying so when it falls back to
   an older one.
 * A NaN or infinite loss raises :class:`TrainingDiverged` naming the epoch and the step; the
   checkpoint of the last good epoch stays.
+
+:class:`ResumableEarlyStopping` is Keras's ``EarlyStopping`` going on from the restored history
+(best value, epochs waited, best epoch's weights), so early stopping resumes exactly too.
 
 Example:
     >>> checkpoint = EpochCheckpoint("runs/x/backup/stage1", seed=0)  # doctest: +SKIP
@@ -178,6 +181,8 @@ class EpochCheckpoint(EpochSeeds):
     Attributes:
         history: per-epoch logs of this stage's epochs so far (restored ones included), with
             ``epoch_seconds``.
+        keep_epoch: an epoch (1-based) whose checkpoint is kept besides the two newest (the best
+            epoch of :class:`ResumableEarlyStopping`), or ``None``.
 
     Example:
         >>> checkpoint = EpochCheckpoint("runs/x/backup/stage1", seed=0)  # doctest: +SKIP
@@ -188,6 +193,7 @@ class EpochCheckpoint(EpochSeeds):
         super().__init__(seed=seed, seeded=seeded)
         self.directory = Path(directory)
         self.history: dict = {}
+        self.keep_epoch: int | None = None
 
     # -- resume
     def _records(self) -> list:
@@ -204,19 +210,36 @@ class EpochCheckpoint(EpochSeeds):
         for stale in self.directory.glob(".*.tmp*"):
             stale.unlink(missing_ok=True)
         for record in reversed(self._records()):
-            path = self.directory / record["file"]
-            actual = file_sha256(path) if path.exists() else "missing"
-            if actual != record["sha256"]:
-                warnings.warn(f"checkpoint {path} does not match its SHA-256 in {CHECKPOINTS_FILE} "
-                              f"({'file missing' if actual == 'missing' else 'corrupt or changed'}); "
-                              "falling back to the checkpoint before it", stacklevel=2)
-                continue
-            if model.optimizer is not None and not model.optimizer.built:
-                model.optimizer.build(model.trainable_variables)
-            model.load_weights(path)
-            self.history = record["history"]
-            return record["epoch"]
+            if self._load(model, record, otherwise="falling back to the checkpoint before it"):
+                self.history = record["history"]
+                return record["epoch"]
         return None
+
+    def load(self, model, epoch: int, *, otherwise: str) -> bool:
+        """Load epoch ``epoch``'s (1-based) checkpoint into ``model``; ``False``, warning ``otherwise``, if it
+        is gone or does not match its SHA-256.
+
+        Example:
+            >>> checkpoint.load(model, 3, otherwise="going on without it")  # doctest: +SKIP
+            True
+        """
+        name = _checkpoint_name(epoch)
+        record = next((record for record in self._records() if record["epoch"] == epoch),
+                      {"file": name, "sha256": None})
+        return self._load(model, record, otherwise=otherwise)
+
+    def _load(self, model, record, *, otherwise: str) -> bool:
+        path = self.directory / record["file"]
+        actual = file_sha256(path) if path.exists() else "missing"
+        if actual != record["sha256"]:
+            warnings.warn(f"checkpoint {path} does not match its SHA-256 in {CHECKPOINTS_FILE} "
+                          f"({'file missing' if actual == 'missing' else 'corrupt or changed'}); {otherwise}",
+                          stacklevel=3)
+            return False
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(path)
+        return True
 
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)
@@ -242,7 +265,7 @@ class EpochCheckpoint(EpochSeeds):
         logs["epoch_seconds"] = time.perf_counter() - self._started
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
-        name = f"epoch{epoch + 1:03d}.weights.h5"
+        name = _checkpoint_name(epoch + 1)
         try:
             with atomic_file(self.directory / name, suffix=".tmp.weights.h5") as temporary:
                 self.model.save_weights(temporary)
@@ -256,7 +279,71 @@ class EpochCheckpoint(EpochSeeds):
                           f"{error}; {kept}") from error
         records = [record for record in self._records() if record["epoch"] < epoch + 1]
         records.append({"epoch": epoch + 1, "file": name, "sha256": digest, "history": self.history})
-        keep, drop = records[-KEEP_CHECKPOINTS:], records[:-KEEP_CHECKPOINTS]
+        kept = {record["epoch"] for record in records[-KEEP_CHECKPOINTS:]} | {self.keep_epoch}
+        keep = [record for record in records if record["epoch"] in kept]
+        drop = [record for record in records if record["epoch"] not in kept]
         atomic_write_text(self.directory / CHECKPOINTS_FILE, json.dumps({"checkpoints": keep}))
         for record in drop:
             (self.directory / record["file"]).unlink(missing_ok=True)
+
+
+def _checkpoint_name(epoch: int) -> str:
+    return f"epoch{epoch:03d}.weights.h5"
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's ``EarlyStopping`` going on from a stage's restored :class:`EpochCheckpoint` as if never stopped.
+
+    Its state (best value and epoch, epochs waited, a stop already made) is replayed from
+    ``checkpoint.history`` through Keras's own ``on_epoch_end``; with ``restore_best_weights`` the
+    best epoch's weights are read from its checkpoint, which ``checkpoint`` keeps while it is the
+    best. Make one per ``fit``: ``on_train_begin`` keeps the replayed state. When the replay finds
+    the stop made (``stopped_epoch``), or no epoch is left, call ``on_train_end`` instead of
+    ``fit``: it restores the best epoch's weights, as the killed run's ``fit`` would have.
+
+    Args:
+        checkpoint: the stage's checkpoint, already restored into ``model``.
+        model: the compiled model.
+        first_epoch: the stage's first epoch (0-based, its ``initial_epoch``).
+        **options: ``keras.callbacks.EarlyStopping``'s arguments.
+
+    Example:
+        >>> first = checkpoint.restore(model) or 0  # doctest: +SKIP
+        >>> stopping = ResumableEarlyStopping(checkpoint, model, first_epoch=0, patience=3,
+        ...                                   restore_best_weights=True)  # doctest: +SKIP
+        >>> if stopping.stopped_epoch or first == 10:  # doctest: +SKIP
+        ...     stopping.on_train_end()
+        ... else:
+        ...     model.fit(pipeline, epochs=10, initial_epoch=first, callbacks=[stopping, checkpoint])
+    """
+
+    def __init__(self, checkpoint: EpochCheckpoint, model, *, first_epoch: int, **options):
+        super().__init__(**options)
+        self.checkpoint = checkpoint
+        self.set_model(model)
+        super().on_train_begin()
+        history = checkpoint.history
+        epochs = len(history.get("loss", []))
+        restore, self.restore_best_weights = self.restore_best_weights, False  # the replay reads no weights
+        for offset in range(epochs):
+            super().on_epoch_end(first_epoch + offset, {key: values[offset] for key, values in history.items()})
+        self.restore_best_weights = restore
+        last = first_epoch + epochs  # the epoch (1-based) whose checkpoint the model holds
+        if restore and self.best is not None:
+            if self.best_epoch + 1 == last:
+                self.best_weights = model.get_weights()
+            elif checkpoint.load(model, self.best_epoch + 1, otherwise="early stopping goes on without its weights"):
+                self.best_weights = model.get_weights()
+                checkpoint.load(model, last, otherwise="the model holds the best epoch's weights")
+        self._keep_best()
+
+    def on_train_begin(self, logs=None):
+        pass  # keep the replayed state (Keras's resets it)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        self._keep_best()
+
+    def _keep_best(self):
+        if self.restore_best_weights and self.best is not None:
+            self.checkpoint.keep_epoch = self.best_epoch + 1

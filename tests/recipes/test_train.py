@@ -185,6 +185,7 @@ def test_label_smoothing_gives_one_hot_batches_and_the_smoothed_loss(tiny_mnist)
     assert float(inputs.loss(labels, probabilities)) == pytest.approx(
         _smoothed_cross_entropy(labels.numpy(), probabilities, 0.1), rel=1e-5)
     assert prepare_inputs(tiny_mnist).loss == "sparse_categorical_crossentropy"
+    assert prepare_inputs(tiny_mnist, label_smoothing=np.float32(0.1)).soft_labels  # NumPy numbers are numbers
 
 
 def test_label_smoothing_lowers_confidence_and_is_saved_with_the_run(tiny_mnist, tmp_path):
@@ -204,3 +205,63 @@ def test_bad_label_smoothing_is_named(tiny_mnist, tmp_path, value):
     with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\)"):
         _train(tiny_mnist, tmp_path / "run", label_smoothing=value)
     assert not (tmp_path / "run").exists()
+
+
+class _KilledAt(keras.callbacks.Callback):
+    """Raises ``KeyboardInterrupt`` at the start of 0-based epoch ``epoch`` (after its checkpoints), or with
+    ``epoch=None`` at the end of the first ``fit`` (after the last checkpoint, before the run is written)."""
+
+    def __init__(self, epoch=None):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+    def on_train_end(self, logs=None):
+        if self.epoch is None:
+            raise KeyboardInterrupt
+
+
+def _resumes_to_the_uninterrupted_run(data, tmp_path, kill, **options):
+    """Train once through and once killed by ``kill`` then resumed; assert both end alike; the reference run."""
+    options = dict(arch="FC16", learning_rate=0.1, early_stopping=3, report=False, **options)
+    reference = _train(data, tmp_path / "reference", **options)
+    with pytest.raises(KeyboardInterrupt):
+        _train(data, tmp_path / "run", callbacks=[kill], **options)
+    resumed = _train(data, tmp_path / "run", **options)
+    assert resumed.config["stages"] == reference.config["stages"]  # the epochs run, stage by stage
+    np.testing.assert_allclose(resumed.history["val_loss"], reference.history["val_loss"], rtol=1e-6)
+    for weights, expected in zip(resumed.model.get_weights(), reference.model.get_weights()):
+        np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert not (tmp_path / "run" / "backup").exists()
+    return reference
+
+
+def _best_epoch(run):
+    return int(np.argmin(run.history["val_loss"])) + 1
+
+
+def test_early_stopping_killed_mid_stage_resumes_with_its_best_and_wait(tiny_mnist, tmp_path):
+    reference = _resumes_to_the_uninterrupted_run(tiny_mnist, tmp_path, _KilledAt(5), epochs=10)
+    stopped = reference.metrics["epochs_run"]
+    assert stopped < 10 and _best_epoch(reference) < 5 - 1 < stopped  # the best epoch's file is not a newest two
+
+
+def test_early_stopping_killed_after_the_stop_restores_the_best_epoch(tiny_mnist, tmp_path):
+    reference = _resumes_to_the_uninterrupted_run(tiny_mnist, tmp_path, _KilledAt(None), epochs=10)
+    assert reference.metrics["epochs_run"] < 10 and _best_epoch(reference) < reference.metrics["epochs_run"] - 1
+
+
+def test_early_stopping_killed_after_the_last_epoch_restores_the_best_epoch(tiny_mnist, tmp_path):
+    reference = _resumes_to_the_uninterrupted_run(tiny_mnist, tmp_path, _KilledAt(None), epochs=5)
+    assert reference.metrics["epochs_run"] == 5 and _best_epoch(reference) < 5 - 1  # no stop; the best is older
+
+
+@pytest.mark.parametrize("kill", [9, None], ids=["mid-stage-2", "after-stage-1-stopped"])
+def test_early_stopping_of_each_stage_resumes_in_a_two_stage_run(tiny_mnist, tmp_path, kill):
+    two_stage = {"strategy": "two_stage", "second_stage_epochs": 6, "second_stage_lr_factor": 1.0}
+    reference = _resumes_to_the_uninterrupted_run(tiny_mnist, tmp_path, _KilledAt(kill), epochs=8, imbalance=two_stage)
+    first, second = (stage["epochs_run"] for stage in reference.config["stages"])
+    assert first < 8 and second < 6  # each stage stopped early
