@@ -126,7 +126,8 @@ def finetune(
         epochs: epochs of each "auto" stage.
         batch_size: images per step.
         early_stopping: patience in epochs within each stage, or ``None``.
-        precision: as for ``train``.
+        precision: as for ``train``, for an applications backbone; a saved backbone keeps the
+            dtypes it was trained with.
         steps_per_execution: training steps per call into the compiled graph.
         seed: seeds the head, shuffling, augmentation and dropout.
         deterministic: also make TensorFlow's kernels deterministic, as for ``train``.
@@ -192,7 +193,8 @@ def finetune(
     history, fit_seconds, stage_records = fit_stages(
         model, fit_plan, validation=shard(recipe.validation_pipeline()), run_dir=run_dir, seed=seed, loss=recipe.loss,
         steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
-        seeded=recipe.augmentation.layers if recipe.augmentation else (), verbose=verbose,
+        seeded=recipe.augmentation.layers if recipe.augmentation else (), loss_scaling=precision == "mixed_float16",
+        verbose=verbose,
     )
     # A plain optimiser for the saved model: the discriminative-rate wrapper is not serializable.
     plain = make_optimizer(optimizer, learning_rate=learning_rate, steps_per_epoch=1, epochs=1)
@@ -252,7 +254,8 @@ def build_finetune_model(backbone, data, *, weights="imagenet", trust: bool = Fa
         >>> built.group_names  # doctest: +SKIP
         ['conv1', 'conv2', 'fc1']
     """
-    with _dtype_policy(precision):
+    saved = isinstance(backbone, (str, Path)) and is_saved_model(backbone)
+    with _dtype_policy("float32" if saved else precision):  # a saved model keeps the dtypes it was saved with
         features, groups, adapt_input, source = _load_backbone(backbone, weights, data, input_size, trust)
     return FinetuneModel(_attach_head(features, data, adapt_input, head_dropout), features, groups, source)
 

@@ -92,7 +92,7 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def fit_stages(model, stages, *, validation, run_dir, seed, loss="sparse_categorical_crossentropy",
-               steps_per_execution=1, early_stopping=None, callbacks=(), seeded=(), verbose=1):
+               steps_per_execution=1, early_stopping=None, callbacks=(), seeded=(), loss_scaling=False, verbose=1):
     """Compile and fit ``model`` stage by stage; return ``(history, fit_seconds, stage_records)``.
 
     Each stage checkpoints every epoch under ``run_dir/backup/stage<i>`` (``EpochCheckpoint``:
@@ -100,6 +100,10 @@ def fit_stages(model, stages, *, validation, run_dir, seed, loss="sparse_categor
     checkpoints, a stop on a NaN loss). A run killed and started again goes on from the last
     completed epoch; a finished stage of a multi-stage run leaves its final weights there and is
     not fitted again.
+
+    ``loss_scaling`` wraps each stage's optimiser in Keras's ``LossScaleOptimizer``: a model built
+    with ``dtype="mixed_float16"`` layer by layer needs it (Keras adds it itself only when the
+    model's own policy is mixed_float16), or small float16 gradients underflow to zero.
 
     ``history`` holds one list per Keras metric over all stages plus ``epoch_seconds``;
     ``stage_records`` has each stage's name and epochs run (early stopping may end one early).
@@ -112,14 +116,14 @@ def fit_stages(model, stages, *, validation, run_dir, seed, loss="sparse_categor
     try:
         return _fit_all(model, stages, validation=validation, run_dir=run_dir, seed=seed, loss=loss,
                         steps_per_execution=steps_per_execution, early_stopping=early_stopping,
-                        callbacks=callbacks, seeded=seeded, verbose=verbose)
+                        callbacks=callbacks, seeded=seeded, loss_scaling=loss_scaling, verbose=verbose)
     except BaseException:
         remove_if_failed_start(run_dir)
         raise
 
 
 def _fit_all(model, stages, *, validation, run_dir, seed, loss, steps_per_execution, early_stopping, callbacks,
-             seeded, verbose):
+             seeded, loss_scaling, verbose):
     history, records, fit_seconds, epoch = {}, [], 0.0, 0
     backup = Path(run_dir) / "backup"
     for index, stage in enumerate(stages, 1):
@@ -134,7 +138,7 @@ def _fit_all(model, stages, *, validation, run_dir, seed, loss, steps_per_execut
             stage_history, seconds = _fit_stage(
                 model, stage, stage_dir, validation=validation, run_dir=run_dir, seed=seed, loss=loss,
                 steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks,
-                seeded=seeded, initial_epoch=epoch, verbose=verbose,
+                seeded=seeded, loss_scaling=loss_scaling, initial_epoch=epoch, verbose=verbose,
             )
             if len(stages) > 1:
                 _mark_finished(model, stage_dir, stage_history)
@@ -171,8 +175,9 @@ def _finished_stage(stage_dir: Path) -> dict | None:
 
 
 def _fit_stage(model, stage, stage_dir, *, validation, run_dir, seed, loss, steps_per_execution, early_stopping,
-               callbacks, seeded, initial_epoch, verbose):
-    model.compile(optimizer=stage.optimizer, loss=loss, metrics=["accuracy"], steps_per_execution=steps_per_execution,
+               callbacks, seeded, loss_scaling, initial_epoch, verbose):
+    optimizer = keras.optimizers.LossScaleOptimizer(stage.optimizer) if loss_scaling else stage.optimizer
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], steps_per_execution=steps_per_execution,
                   run_eagerly=os.environ.get("CNNKIT_EAGER") == "1")
     checkpoint = EpochCheckpoint(stage_dir, seed=seed, seeded=seeded)
     restored = checkpoint.restore(model)

@@ -175,7 +175,8 @@ def train(
     history, fit_seconds, stage_records = fit_stages(
         model, stages, validation=shard(recipe.validation_pipeline()), run_dir=run_dir, seed=seed, loss=recipe.loss,
         steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
-        seeded=recipe.augmentation.layers if recipe.augmentation else (), verbose=verbose,
+        seeded=recipe.augmentation.layers if recipe.augmentation else (), loss_scaling=precision == "mixed_float16",
+        verbose=verbose,
     )
     config = run_config("train", arguments, data, seed=seed,
                         arch=label if isinstance(arch, str) else f"<keras.Model {arch.name}>",

@@ -445,6 +445,8 @@ class _SpaceHyperModel(kt.HyperModel):
         metrics = ["accuracy"]
         if self.objective == "val_balanced_accuracy":
             metrics.append(BalancedAccuracy(self.data.num_classes))
+        if self.dtype == "mixed_float16":  # layer-by-layer float16: Keras would not add loss scaling itself
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         model.compile(optimizer=optimizer, loss=self.inputs.loss, metrics=metrics,
                       steps_per_execution=self.steps_per_execution)
 

@@ -153,6 +153,20 @@ def test_two_stage_imbalance_adds_a_balanced_stage_after_the_others(digits, pret
     assert counts["before"] == [20, 12, 8, 4, 2] and max(counts["second_stage"]) - min(counts["second_stage"]) <= 1
 
 
+def test_mixed_float16_stages_train_with_loss_scaling(digits, pretrained, tmp_path):
+    class Optimizers(keras.callbacks.Callback):
+        seen = []
+
+        def on_train_begin(self, logs=None):
+            self.seen.append(type(self.model.optimizer).__name__)
+
+    run = cnnkit.recipes.finetune(pretrained.run_dir, digits[1], precision="mixed_float16", batch_size=16,
+                                  callbacks=[Optimizers()], run_dir=tmp_path / "run", verbose=0,
+                                  stages=[{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-3},
+                                          {"unfreeze": 1, "epochs": 1, "learning_rate": 1e-4}])
+    assert Optimizers.seen == ["LossScaleOptimizer"] * 2 and np.isfinite(run.history["loss"]).all()
+
+
 def test_ema_with_early_stopping_is_refused_before_any_work(digits, pretrained, tmp_path):
     with pytest.raises(ValueError, match="early_stopping and ema do not combine"):
         cnnkit.recipes.finetune(pretrained.run_dir, digits[1], ema=0.9, early_stopping=2, run_dir=tmp_path / "run")

@@ -265,3 +265,12 @@ def test_early_stopping_of_each_stage_resumes_in_a_two_stage_run(tiny_mnist, tmp
     reference = _resumes_to_the_uninterrupted_run(tiny_mnist, tmp_path, _KilledAt(kill), epochs=8, imbalance=two_stage)
     first, second = (stage["epochs_run"] for stage in reference.config["stages"])
     assert first < 8 and second < 6  # each stage stopped early
+
+
+def test_mixed_float16_trains_with_loss_scaling_and_loads_back(tiny_mnist, tmp_path):
+    run = _train(tiny_mnist, tmp_path / "run", precision="mixed_float16", epochs=1)
+    assert isinstance(run.model.optimizer, keras.optimizers.LossScaleOptimizer)  # else float16 gradients underflow
+    assert run.model.get_layer("conv1").compute_dtype == "float16" and np.isfinite(run.history["loss"]).all()
+    assert run.metrics["test_accuracy"] > 0.3
+    x_test, _ = tiny_mnist.arrays("test")
+    np.testing.assert_allclose(cnnkit.load(tmp_path / "run").predict(x_test), run.predict(x_test), atol=1e-6)
