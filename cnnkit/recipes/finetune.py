@@ -184,7 +184,8 @@ def finetune(
     fit_plan = [finetune_stage(built, spec, train=shard(recipe.train_pipeline(batch_size, seed, resampled=split)),
                                steps_per_epoch=math.ceil((split.size if split else recipe.train_size) / batch_size),
                                optimizer=optimizer, weight_decay=weight_decay, ema=ema, batch_norm=batch_norm,
-                               class_weight=split.class_weight if split else None, rate_scale=scale)
+                               class_weight=split.class_weight if split else None, rate_scale=scale,
+                               images=split.size if split else recipe.train_size)
                 for spec, split in zip(stage_specs, splits)]
     source = built.source
     run_dir = prepare_run_dir(run_dir, f"finetune-{source['name']}", key=run_key(arguments, data), overwrite=overwrite)
@@ -261,7 +262,7 @@ def build_finetune_model(backbone, data, *, weights="imagenet", trust: bool = Fa
 
 
 def finetune_stage(built, spec, *, train, steps_per_epoch, optimizer="adam", weight_decay=0.0, ema=None,
-                   batch_norm="frozen", class_weight=None, rate_scale=1.0) -> Stage:
+                   batch_norm="frozen", class_weight=None, rate_scale=1.0, images=None) -> Stage:
     """The ``Stage`` of one stage spec (a dict as in ``finetune(stages=[...])``) on a :class:`FinetuneModel`.
 
     Its ``prepare`` sets ``trainable`` group by group: the head always trains, the groups the spec's
@@ -283,7 +284,8 @@ def finetune_stage(built, spec, *, train, steps_per_epoch, optimizer="adam", wei
                           steps_per_epoch=steps_per_epoch, epochs=spec["epochs"])
     multipliers = {name: factor for name, factor in (spec.get("lr_multipliers") or {}).items() if name in unfrozen}
     return Stage(spec["name"], spec["epochs"], with_lr_multipliers(base, _variable_multipliers(built.groups, multipliers)),
-                 train, class_weight=class_weight, prepare=_freezer(built.features, built.groups, unfrozen, batch_norm))
+                 train, class_weight=class_weight, prepare=_freezer(built.features, built.groups, unfrozen, batch_norm),
+                 images=images)
 
 
 def with_lr_multipliers(optimizer, multipliers):

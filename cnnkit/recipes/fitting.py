@@ -55,6 +55,8 @@ class Stage:
         train: the batched training ``tf.data.Dataset``.
         class_weight: per-class loss weights for ``fit``, or ``None``.
         prepare: called with the model before compiling (set ``trainable`` flags here).
+        images: training images per epoch (a resample's size), for the throughput metric;
+            ``None``: the training split's size.
 
     Example:
         >>> Stage("head", epochs=2, optimizer=keras.optimizers.Adam(1e-3), train=pipeline)  # doctest: +SKIP
@@ -66,6 +68,7 @@ class Stage:
     train: object
     class_weight: dict | None = None
     prepare: Callable[[keras.Model], None] | None = None
+    images: int | None = None
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -145,7 +148,7 @@ def _fit_all(model, stages, *, validation, run_dir, seed, loss, steps_per_execut
         epochs_run = len(stage_history.get("loss", []))
         for key, values in stage_history.items():
             history.setdefault(key, []).extend(values)
-        records.append({"name": stage.name, "epochs_run": epochs_run})
+        records.append({"name": stage.name, "epochs_run": epochs_run, "images_per_epoch": stage.images})
         fit_seconds += seconds
         epoch += epochs_run
     return history, fit_seconds, records
@@ -303,6 +306,12 @@ def run_config(recipe, arguments, data, *, seed, **details) -> dict:
     }
 
 
+def _epoch_images(config, data) -> list:
+    """Training images of each epoch run, from the stage records (a resample's size where recorded)."""
+    return [stage.get("images_per_epoch") or data.sizes["train"]
+            for stage in config.get("stages") or [] for _ in range(stage["epochs_run"])]
+
+
 def finish_run(model, data, *, history, fit_seconds, config, run_dir, verbose=1, extra_metrics=None,
                report=True) -> Run:
     """Evaluate on the test split, write the run directory (with ``report.html`` when ``report``), drop the
@@ -313,11 +322,12 @@ def finish_run(model, data, *, history, fit_seconds, config, run_dir, verbose=1,
     """
     run = Run(model, history=history, run_dir=run_dir, class_names=data.class_names, config=config)
     metrics = run.evaluate(data, split="test") if data.test is not None else {}
-    steady = history["epoch_seconds"][1:] or history["epoch_seconds"]
+    rates = [images / seconds for images, seconds in zip(_epoch_images(config, data), history["epoch_seconds"])]
+    steady = rates[1:] or rates  # the first epoch compiles
     metrics.update(
         epochs_run=len(history.get("loss", [])),
         fit_seconds=round(fit_seconds, 3),
-        train_images_per_second=round(data.sizes["train"] / float(np.median(steady)), 1) if steady else None,
+        train_images_per_second=round(float(np.median(steady)), 1) if steady else None,
     )
     if "val_accuracy" in history:
         metrics["best_val_accuracy"] = max(history["val_accuracy"])

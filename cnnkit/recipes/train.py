@@ -159,7 +159,7 @@ def train(
     stages = [Stage("train", epochs, make_optimizer(
         optimizer, learning_rate=learning_rate, schedule=schedule, momentum=momentum, weight_decay=weight_decay,
         ema=ema, steps_per_epoch=steps_per_epoch, epochs=epochs,
-    ), shard(recipe.train_pipeline(batch_size, seed)), class_weight=recipe.class_weight)]
+    ), shard(recipe.train_pipeline(batch_size, seed)), class_weight=recipe.class_weight, images=recipe.train_size)]
     second = recipe.resampled.second_stage if recipe.resampled is not None else None
     if second is not None:  # Wei's two-stage schedule: then fine-tune on a class-balanced resample
         options = recipe.resampled.options
@@ -167,7 +167,8 @@ def train(
         stages.append(Stage("balanced", second_epochs, make_optimizer(
             optimizer, learning_rate=learning_rate * options["second_stage_lr_factor"], momentum=momentum,
             weight_decay=weight_decay, ema=ema, steps_per_epoch=math.ceil(second.size / batch_size), epochs=second_epochs,
-        ), shard(recipe.train_pipeline(batch_size, seed, resampled=second)), class_weight=second.class_weight))
+        ), shard(recipe.train_pipeline(batch_size, seed, resampled=second)), class_weight=second.class_weight,
+            images=second.size))
     label = arch if isinstance(arch, str) else arch.name
     run_dir = prepare_run_dir(run_dir, label, key=run_key(arguments, data), overwrite=overwrite)  # args checked
     if verbose:

@@ -326,3 +326,20 @@ def test_logit_adjustment_combines_with_label_smoothing(skewed):
                                                                 rel=1e-5)
     with pytest.raises(ValueError, match="label smoothing needs one-hot labels"):
         LogitAdjustedCrossentropy(COUNTS, sparse=True, label_smoothing=0.1)
+
+
+def test_throughput_counts_the_images_each_epoch_trained_on(skewed, tmp_path):
+    imbalance = {"strategy": "two_stage", "second_stage_epochs": 2}
+    run = cnnkit.recipes.train("FC8", skewed, imbalance="undersample", epochs=3, batch_size=16,
+                               run_dir=tmp_path / "under", verbose=0)
+    (stage,) = run.config["stages"]
+    assert stage["images_per_epoch"] == run.config["train_class_counts"]["after"][0] * 3 < sum(COUNTS)
+    rates = [stage["images_per_epoch"] / seconds for seconds in run.history["epoch_seconds"][1:]]
+    assert run.metrics["train_images_per_second"] == pytest.approx(np.median(rates), rel=1e-3)
+    run = cnnkit.recipes.train("FC8", skewed, imbalance=imbalance, epochs=2, batch_size=16,
+                               run_dir=tmp_path / "two", verbose=0)
+    sizes = [stage["images_per_epoch"] for stage in run.config["stages"]]
+    assert sizes[0] == sum(COUNTS) and sizes[1] == sum(run.config["train_class_counts"]["second_stage"])
+    images = [sizes[0]] * 2 + [sizes[1]] * 2
+    rates = [count / seconds for count, seconds in zip(images, run.history["epoch_seconds"])][1:]
+    assert run.metrics["train_images_per_second"] == pytest.approx(np.median(rates), rel=1e-3)
