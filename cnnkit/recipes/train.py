@@ -16,6 +16,7 @@ import tensorflow as tf
 
 import cnnkit
 from cnnkit.distribute import describe, distributed, learning_rate_scale, shard
+from cnnkit.recipes.batchnorm import recalibrate_batch_norm
 from cnnkit.recipes.fitting import (
     Stage,
     finish_run,
@@ -26,7 +27,7 @@ from cnnkit.recipes.fitting import (
     run_key,
 )
 from cnnkit.recipes.optimization import check_ema, make_optimizer, resolve_precision
-from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
+from cnnkit.recipes.pipeline import prepare_inputs, resolve_data, training_sample
 from cnnkit.runs import Run
 
 
@@ -45,6 +46,7 @@ def train(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     ema: float | None = None,
+    precise_bn: int = 0,
     schedule="constant",
     epochs: int = 10,
     batch_size: int = 128,
@@ -93,6 +95,10 @@ def train(
             averaging; 0.999 averages over about the last 1,000 steps). Validation metrics are
             those of the averaged weights, and they replace the weights when training ends, so
             the run's test metrics and saved model are the average's. ``None``: no average.
+        precise_bn: after training, re-estimate the batch-norm statistics on this many clean
+            training images (at most 256 MiB of them) with dropout off
+            (``cnnkit.recipes.batchnorm``; 10000 is plenty); 0: keep the averages gathered during
+            training, over augmented, dropped-out batches. Test metrics and the saved model use them.
         schedule: "constant", "step", "cosine", "onecycle", or a dict (see
             ``cnnkit.recipes.optimization.make_schedule``).
         epochs: passes over the training split.
@@ -136,7 +142,7 @@ def train(
     """
     arguments = recorded_arguments(train, locals())
     for name, value, low in [("epochs", epochs, 1), ("batch_size", batch_size, 1),
-                             ("steps_per_execution", steps_per_execution, 1)]:
+                             ("steps_per_execution", steps_per_execution, 1), ("precise_bn", precise_bn, 0)]:
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}. Received: {name}={value!r}")
     if early_stopping is not None and (not isinstance(early_stopping, int) or early_stopping < 1):
@@ -179,6 +185,11 @@ def train(
         seeded=recipe.augmentation.layers if recipe.augmentation else (), loss_scaling=precision == "mixed_float16",
         verbose=verbose,
     )
+    if precise_bn:
+        layers = recalibrate_batch_norm(model, training_sample(data)[:precise_bn], batch_size=batch_size)
+        if verbose:
+            print(f"precise_bn: re-estimated the statistics of {layers} batch-norm layer(s) on "
+                  f"{min(precise_bn, data.sizes['train'])} clean training images")
     config = run_config("train", arguments, data, seed=seed,
                         arch=label if isinstance(arch, str) else f"<keras.Model {arch.name}>",
                         precision=precision, **recipe.config(), stages=stage_records, distribution=describe())

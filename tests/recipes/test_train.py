@@ -274,3 +274,25 @@ def test_mixed_float16_trains_with_loss_scaling_and_loads_back(tiny_mnist, tmp_p
     assert run.metrics["test_accuracy"] > 0.3
     x_test, _ = tiny_mnist.arrays("test")
     np.testing.assert_allclose(cnnkit.load(tmp_path / "run").predict(x_test), run.predict(x_test), atol=1e-6)
+
+
+def test_precise_bn_sets_the_statistics_to_the_clean_training_images(tiny_mnist, tmp_path):
+    run = _train(tiny_mnist, tmp_path / "run", arch="8C3-BN-MP2-D0.5-FC16", augment="affine", precise_bn=256,
+                 batch_size=128)
+    norm = run.model.get_layer("bn1")
+    clean, _ = tiny_mnist.arrays("train")
+    inputs = keras.Model(run.model.input, norm.input)(clean[:256].astype("float32")).numpy()
+    inputs = inputs.astype("float64").reshape(2, -1, 8)  # bfloat16 sums in NumPy lose everything
+    # the average of the two batches' means and variances, not an exponential average of augmented batches
+    np.testing.assert_allclose(norm.moving_mean.numpy(), inputs.mean(axis=1).mean(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(norm.moving_variance.numpy(), inputs.var(axis=1).mean(axis=0), rtol=1e-3, atol=1e-5)
+    assert run.model.get_layer("dropout1").rate == 0.5 and norm.momentum == 0.99  # restored after the pass
+    loaded = cnnkit.load(tmp_path / "run")
+    np.testing.assert_array_equal(loaded.model.get_layer("bn1").moving_mean.numpy(), norm.moving_mean.numpy())
+    assert loaded.metrics["test_accuracy"] == run.metrics["test_accuracy"]
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_bad_precise_bn_is_named(tiny_mnist, tmp_path, value):
+    with pytest.raises(ValueError, match="precise_bn must be an integer >= 0"):
+        _train(tiny_mnist, tmp_path / "run", precise_bn=value)
