@@ -36,21 +36,23 @@ def main():
         sys.exit(f"the runs were trained on different data: {sorted(data_arguments)}")
     data = resolve_data(runs[0].config["arguments"]["data"])
     images = training_sample(data)[:args.images]
-    rows, plain, precise = [], [], []
-    for path, run in zip(args.runs, runs):
-        before = run.evaluate(data)["test_accuracy"]
-        layers = recalibrate_batch_norm(run.model, images, batch_size=run.config["arguments"]["batch_size"])
-        after = cnnkit.Run(run.model, class_names=data.class_names).evaluate(data)["test_accuracy"]
-        plain.append(before)
-        precise.append(after)
-        rows.append(f"| `{path}` (seed {run.config['seed']}) | {before:.2%} | {after:.2%} | {layers} |")
-        print(rows[-1], flush=True)
+    ensembles = {}
     with tempfile.TemporaryDirectory() as folder:
-        ensembles = {}
-        for name, members in (("as trained", [cnnkit.load(path).model for path in args.runs]),
-                              ("precise BN", [run.model for run in runs])):
-            combined = cnnkit.recipes.ensemble(members, data, run_dir=Path(folder) / name.replace(" ", "_"), verbose=0)
-            ensembles[name] = combined.metrics["test_accuracy"]
+        def combined(name):  # the runs' models as they are now, in one model
+            ensemble = cnnkit.recipes.ensemble([run.model for run in runs], data, run_dir=Path(folder) / name, verbose=0)
+            return ensemble.metrics["test_accuracy"]
+
+        ensembles["as trained"] = combined("as_trained")
+        rows, plain, precise = [], [], []
+        for path, run in zip(args.runs, runs):
+            before = run.evaluate(data)["test_accuracy"]
+            layers = recalibrate_batch_norm(run.model, images, batch_size=run.config["arguments"]["batch_size"])
+            after = cnnkit.Run(run.model, class_names=data.class_names).evaluate(data)["test_accuracy"]
+            plain.append(before)
+            precise.append(after)
+            rows.append(f"| `{path}` (seed {run.config['seed']}) | {before:.2%} | {after:.2%} | {layers} |")
+            print(rows[-1], flush=True)
+        ensembles["precise BN"] = combined("precise_bn")
     body = "\n".join([
         f"Command: `CNNKIT_DATA_DIR=../shared/datasets python bench/precise_bn.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {machine()}  ",

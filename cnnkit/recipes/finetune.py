@@ -194,7 +194,7 @@ def finetune(
     history, fit_seconds, stage_records = fit_stages(
         model, fit_plan, validation=shard(recipe.validation_pipeline()), run_dir=run_dir, seed=seed, loss=recipe.loss,
         steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
-        seeded=recipe.augmentation.layers if recipe.augmentation else (), loss_scaling=precision == "mixed_float16",
+        seeded=recipe.augmentation.layers if recipe.augmentation else (), precision=precision,
         verbose=verbose,
     )
     # A plain optimiser for the saved model: the discriminative-rate wrapper is not serializable.

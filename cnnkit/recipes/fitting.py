@@ -39,6 +39,7 @@ import keras
 import numpy as np
 
 from cnnkit.html_report import write_report
+from cnnkit.recipes.optimization import loss_scaled
 from cnnkit.recipes.resume import EpochCheckpoint, ResumableEarlyStopping, explain_determinism_error
 from cnnkit.report import package_versions
 from cnnkit.runs import Run, atomic_file, atomic_write_text, file_sha256, write_manifest, write_run
@@ -95,7 +96,7 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def fit_stages(model, stages, *, validation, run_dir, seed, loss="sparse_categorical_crossentropy",
-               steps_per_execution=1, early_stopping=None, callbacks=(), seeded=(), loss_scaling=False, verbose=1):
+               steps_per_execution=1, early_stopping=None, callbacks=(), seeded=(), precision="float32", verbose=1):
     """Compile and fit ``model`` stage by stage; return ``(history, fit_seconds, stage_records)``.
 
     Each stage checkpoints every epoch under ``run_dir/backup/stage<i>`` (``EpochCheckpoint``:
@@ -104,9 +105,8 @@ def fit_stages(model, stages, *, validation, run_dir, seed, loss="sparse_categor
     completed epoch; a finished stage of a multi-stage run leaves its final weights there and is
     not fitted again.
 
-    ``loss_scaling`` wraps each stage's optimiser in Keras's ``LossScaleOptimizer``: a model built
-    with ``dtype="mixed_float16"`` layer by layer needs it (Keras adds it itself only when the
-    model's own policy is mixed_float16), or small float16 gradients underflow to zero.
+    With ``precision="mixed_float16"`` each stage's optimiser is wrapped in Keras's
+    ``LossScaleOptimizer`` (``cnnkit.recipes.optimization.loss_scaled``).
 
     ``history`` holds one list per Keras metric over all stages plus ``epoch_seconds``;
     ``stage_records`` has each stage's name and epochs run (early stopping may end one early).
@@ -119,14 +119,14 @@ def fit_stages(model, stages, *, validation, run_dir, seed, loss="sparse_categor
     try:
         return _fit_all(model, stages, validation=validation, run_dir=run_dir, seed=seed, loss=loss,
                         steps_per_execution=steps_per_execution, early_stopping=early_stopping,
-                        callbacks=callbacks, seeded=seeded, loss_scaling=loss_scaling, verbose=verbose)
+                        callbacks=callbacks, seeded=seeded, precision=precision, verbose=verbose)
     except BaseException:
         remove_if_failed_start(run_dir)
         raise
 
 
 def _fit_all(model, stages, *, validation, run_dir, seed, loss, steps_per_execution, early_stopping, callbacks,
-             seeded, loss_scaling, verbose):
+             seeded, precision, verbose):
     history, records, fit_seconds, epoch = {}, [], 0.0, 0
     backup = Path(run_dir) / "backup"
     for index, stage in enumerate(stages, 1):
@@ -141,7 +141,7 @@ def _fit_all(model, stages, *, validation, run_dir, seed, loss, steps_per_execut
             stage_history, seconds = _fit_stage(
                 model, stage, stage_dir, validation=validation, run_dir=run_dir, seed=seed, loss=loss,
                 steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks,
-                seeded=seeded, loss_scaling=loss_scaling, initial_epoch=epoch, verbose=verbose,
+                seeded=seeded, precision=precision, initial_epoch=epoch, verbose=verbose,
             )
             if len(stages) > 1:
                 _mark_finished(model, stage_dir, stage_history)
@@ -178,9 +178,8 @@ def _finished_stage(stage_dir: Path) -> dict | None:
 
 
 def _fit_stage(model, stage, stage_dir, *, validation, run_dir, seed, loss, steps_per_execution, early_stopping,
-               callbacks, seeded, loss_scaling, initial_epoch, verbose):
-    optimizer = keras.optimizers.LossScaleOptimizer(stage.optimizer) if loss_scaling else stage.optimizer
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], steps_per_execution=steps_per_execution,
+               callbacks, seeded, precision, initial_epoch, verbose):
+    model.compile(optimizer=loss_scaled(stage.optimizer, precision), loss=loss, metrics=["accuracy"], steps_per_execution=steps_per_execution,
                   run_eagerly=os.environ.get("CNNKIT_EAGER") == "1")
     checkpoint = EpochCheckpoint(stage_dir, seed=seed, seeded=seeded)
     restored = checkpoint.restore(model)

@@ -38,6 +38,19 @@ def check_ema(ema, *, early_stopping=None) -> None:
                          "epoch's raw weights, not their average. Drop one of them")
 
 
+def loss_scaled(optimizer, precision):
+    """``optimizer`` in Keras's ``LossScaleOptimizer`` when ``precision`` is "mixed_float16", else itself.
+
+    cnnkit sets float16 layer by layer, so the model's own policy stays float32 and Keras's
+    ``compile`` does not add the loss scaling; without it small float16 gradients underflow to zero.
+
+    Example:
+        >>> type(loss_scaled(keras.optimizers.Adam(), "mixed_float16")).__name__
+        'LossScaleOptimizer'
+    """
+    return keras.optimizers.LossScaleOptimizer(optimizer) if precision == "mixed_float16" else optimizer
+
+
 def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, weight_decay=0.0, ema=None,
                    steps_per_epoch, epochs) -> keras.optimizers.Optimizer:
     """A Keras optimiser with its learning-rate schedule.

@@ -182,14 +182,15 @@ def train(
     history, fit_seconds, stage_records = fit_stages(
         model, stages, validation=shard(recipe.validation_pipeline()), run_dir=run_dir, seed=seed, loss=recipe.loss,
         steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
-        seeded=recipe.augmentation.layers if recipe.augmentation else (), loss_scaling=precision == "mixed_float16",
+        seeded=recipe.augmentation.layers if recipe.augmentation else (), precision=precision,
         verbose=verbose,
     )
     if precise_bn:
-        layers = recalibrate_batch_norm(model, training_sample(data)[:precise_bn], batch_size=batch_size)
+        images = training_sample(data)[:precise_bn]
+        layers = recalibrate_batch_norm(model, images, batch_size=batch_size)
         if verbose:
             print(f"precise_bn: re-estimated the statistics of {layers} batch-norm layer(s) on "
-                  f"{min(precise_bn, data.sizes['train'])} clean training images")
+                  f"{len(images)} clean training images")
     config = run_config("train", arguments, data, seed=seed,
                         arch=label if isinstance(arch, str) else f"<keras.Model {arch.name}>",
                         precision=precision, **recipe.config(), stages=stage_records, distribution=describe())

@@ -67,7 +67,7 @@ from tensorflow.python.framework import ops as tf_ops
 
 import cnnkit
 from cnnkit.recipes.finetune import build_finetune_model, finetune_stage
-from cnnkit.recipes.optimization import OPTIMIZERS, make_optimizer, resolve_precision
+from cnnkit.recipes.optimization import OPTIMIZERS, loss_scaled, make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.recipes.resume import EpochSeeds
 from cnnkit.report import package_versions
@@ -445,9 +445,7 @@ class _SpaceHyperModel(kt.HyperModel):
         metrics = ["accuracy"]
         if self.objective == "val_balanced_accuracy":
             metrics.append(BalancedAccuracy(self.data.num_classes))
-        if self.dtype == "mixed_float16":  # layer-by-layer float16: Keras would not add loss scaling itself
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        model.compile(optimizer=optimizer, loss=self.inputs.loss, metrics=metrics,
+        model.compile(optimizer=loss_scaled(optimizer, self.dtype), loss=self.inputs.loss, metrics=metrics,
                       steps_per_execution=self.steps_per_execution)
 
     def fit(self, hp, model, *args, **kwargs):

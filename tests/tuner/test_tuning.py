@@ -3,6 +3,7 @@
 import csv
 import io
 
+import keras
 import numpy as np
 import pytest
 import yaml
@@ -159,3 +160,16 @@ def test_label_smoothing_is_a_knob_that_reaches_the_loss_and_the_best_recipe(tin
     recipe = yaml.safe_load((tmp_path / "search" / "best_recipe.yaml").read_text())
     assert recipe["label_smoothing"] == 0.2
     config.validate_kwargs(train, {key: value for key, value in recipe.items() if key != "recipe"})
+
+
+def test_mixed_float16_trials_train_with_loss_scaling(tiny_data, tiny_space, tmp_path):
+    class Optimizers(keras.callbacks.Callback):
+        seen = []
+
+        def on_train_begin(self, logs=None):
+            self.seen.append(type(self.model.optimizer).__name__)
+
+    hyperparameters = {**tiny_space["hyperparameters"], "f": [4], "units": [8]}
+    search({**tiny_space, "hyperparameters": hyperparameters}, tiny_data, max_trials=1, epochs=1,
+           precision="mixed_float16", directory=tmp_path / "search", callbacks=[Optimizers()], verbose=0)
+    assert Optimizers.seen == ["LossScaleOptimizer"]
