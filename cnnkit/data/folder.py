@@ -133,7 +133,9 @@ def from_folder(
 
     Returns:
         An `ImageData` with `source="folder PATH"` (plus the test folder), a fingerprint of
-        the sorted relative paths and sizes of the files used, with the class names, and
+        the sorted relative paths and sizes of the files used, the class names, and the
+        decoding and split options (`image_size`, `color_mode`, `val_split`, `seed`, `shuffle`),
+        and
         `skipped` listing `(path, reason)` for every file left out (train folder first).
 
     Raises:
@@ -204,8 +206,10 @@ def from_folder(
     if test_scan is not None:
         listing["test"] = _listing(test_root, test_scan.files, test_scan.sizes)
         source += f" (test: folder {test_root})"
-    digest = hashlib.sha256(b"cnnkit.data.from_folder/v1\n")
-    digest.update(json.dumps({"class_names": class_names, "files": listing}).encode())
+    options = {"image_size": [height, width], "color_mode": color_mode, "val_split": val_split,
+               "shuffle": bool(shuffle), "seed": seed if val_split or shuffle else None}
+    digest = hashlib.sha256(b"cnnkit.data.from_folder/v2\n")
+    digest.update(json.dumps({"class_names": class_names, "files": listing, "options": options}).encode())
 
     return ImageData(
         train=datasets["train"],

@@ -42,8 +42,10 @@ class ImageData:
         class_counts: `{"train": [...], "val": [...], "test": [...]}`, examples per class
             index, for the splits that exist only.
         source: Human description, e.g. `"mnist (/data/mnist.npz)"` or `"folder /x/y"`.
-        fingerprint: sha256 hex digest identifying the content (pixel and label bytes for
-            arrays; sorted relative paths and sizes for folders).
+        fingerprint: sha256 hex digest identifying the data as a recipe sees it: the content
+            (pixel and label bytes for arrays; sorted relative paths and sizes for folders)
+            and how it was split and decoded (validation fraction and seed; a folder's image
+            size, colour mode and order). Equal fingerprints mean the same training data.
         skipped: `(path, reason)` (plain strings) for each file a folder source excluded
             because it cannot be used as an image (empty, not an image, too many pixels,
             truncated or corrupt). Empty for other sources. `skipped_csv()` formats it.
@@ -270,8 +272,9 @@ def from_arrays(
         seed: Non-negative integer seed of the validation split.
 
     Returns:
-        An `ImageData` with `source="arrays"` and a fingerprint of the pixel and label bytes
-        and class names (the same arrays always give the same fingerprint).
+        An `ImageData` with `source="arrays"` and a fingerprint of the pixel and label bytes,
+        class names and the split (the same arrays split the same way always give the same
+        fingerprint; another `val_split` or `seed` gives another).
 
     Raises:
         ValueError: On a bad shape, dtype, pixel range, label, length mismatch, empty array,
@@ -331,7 +334,7 @@ def from_arrays(
         splits["test"] = (x_test, y_test)
 
     return from_splits(splits, class_names, source="arrays",
-                       fingerprint=_fingerprint_arrays(x, y, x_test, y_test, class_names))
+                       fingerprint=_fingerprint_arrays(x, y, x_test, y_test, class_names, val_split, seed))
 
 
 def from_splits(splits: dict, class_names, *, source: str, fingerprint: str) -> ImageData:
@@ -499,8 +502,8 @@ def _check_labels(y, name: str, n: int, x_name: str) -> np.ndarray:
     return y.astype(np.int32)
 
 
-def _fingerprint_arrays(x, y, x_test, y_test, class_names) -> str:
-    h = hashlib.sha256(b"cnnkit.data.from_arrays/v1\n")
+def _fingerprint_arrays(x, y, x_test, y_test, class_names, val_split, seed) -> str:
+    h = hashlib.sha256(b"cnnkit.data.from_arrays/v2\n")
     for name, arr in (("x", x), ("y", y), ("x_test", x_test), ("y_test", y_test)):
         if arr is None:
             h.update(f"{name}:none\n".encode())
@@ -509,4 +512,5 @@ def _fingerprint_arrays(x, y, x_test, y_test, class_names) -> str:
         h.update(f"{name}:{arr.dtype.str}:{arr.shape}\n".encode())
         h.update(memoryview(arr).cast("B"))
     h.update(json.dumps(list(class_names)).encode())
+    h.update(json.dumps({"val_split": val_split, "seed": seed if val_split else None}).encode())
     return h.hexdigest()

@@ -182,7 +182,8 @@ def test_val_split_is_stratified_and_seeded(tmp_path):
     assert ids(again.arrays("val")[0]) == val_ids
     other = from_folder(root, image_size=(2, 2), val_split=0.2, seed=1)
     assert ids(other.arrays("val")[0]) != val_ids
-    assert other.fingerprint == data.fingerprint  # same files
+    assert other.fingerprint != data.fingerprint  # same files, another training set
+    assert again.fingerprint == data.fingerprint
 
 
 def test_training_split_is_stored_in_a_seeded_random_order_not_class_by_class(tmp_path):
@@ -218,13 +219,18 @@ def test_test_path_with_other_classes_names_both(tmp_path):
 # --- fingerprint -------------------------------------------------------------------------------------
 
 
-def test_fingerprint_stable_location_independent_and_content_sensitive(tmp_path):
+def test_fingerprint_stable_location_independent_and_sensitive_to_content_and_options(tmp_path):
     root = make_tree(tmp_path / "one", {"a": 2, "b": 2}, size=(2, 2))
     fp = from_folder(root, image_size=(2, 2)).fingerprint
     assert len(fp) == 64
     assert from_folder(root, image_size=(2, 2)).fingerprint == fp
     copy = shutil.copytree(root, tmp_path / "two")
-    assert from_folder(copy, image_size=(4, 4), color_mode="grayscale").fingerprint == fp
+    assert from_folder(copy, image_size=(2, 2)).fingerprint == fp
+    # the same files decoded or split otherwise are other training data
+    others = [from_folder(copy, image_size=(4, 4)), from_folder(copy, image_size=(2, 2), color_mode="grayscale"),
+              from_folder(copy, image_size=(2, 2), val_split=0.5), from_folder(copy, image_size=(2, 2), seed=1),
+              from_folder(copy, image_size=(2, 2), shuffle=False)]
+    assert len({fp, *(data.fingerprint for data in others)}) == 1 + len(others)
     save(copy / "b" / "extra.png", solid(2, 2, (0, 0, 0)))
     assert from_folder(copy, image_size=(2, 2)).fingerprint != fp
     (copy / "b" / "extra.png").unlink()

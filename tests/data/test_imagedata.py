@@ -172,11 +172,16 @@ def test_stratified_split_property(counts, val_split, seed):
 # --- fingerprint, summary, arrays -------------------------------------------------------------
 
 
-def test_fingerprint_identifies_content():
+def test_fingerprint_identifies_content_and_split():
     x, y = tagged_images(10), np.arange(10) % 2
     fp = from_arrays(x, y).fingerprint
     assert len(fp) == 64 and int(fp, 16) >= 0
-    assert from_arrays(x.copy(), y.copy(), val_split=0.3, seed=5).fingerprint == fp
+    assert from_arrays(x.copy(), y.copy()).fingerprint == fp
+    split = from_arrays(x, y, val_split=0.3, seed=5).fingerprint
+    assert split != fp  # another training set: resuming or reusing a run must not mix them
+    assert from_arrays(x, y, val_split=0.3, seed=5).fingerprint == split
+    assert from_arrays(x, y, val_split=0.3, seed=6).fingerprint != split
+    assert from_arrays(x, y, val_split=0, seed=6).fingerprint == from_arrays(x, y, val_split=0).fingerprint
     assert from_arrays(x[..., None], y.astype(np.uint8)).fingerprint == fp  # same content
     x2 = x.copy()
     x2[3, 2, 2] = 7
