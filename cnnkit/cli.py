@@ -17,7 +17,7 @@ Commands::
     cnnkit report RUN [--data NAME] [--out FILE]   write RUN/report.html (a search directory: its trials page)
     cnnkit visualize kernels|feature-maps|filters|grad-cam MODEL [IMAGE] --out PNG [--layer L] [--class C]
 
-A mistake a user can make (a bad notation token, an unknown recipe key, a missing file) prints
+A mistake a user can make (a bad notation token, an unknown recipe key, a missing or unwritable file) prints
 one line ``cnnkit: error: <message>`` on stderr and exits with status 2, never a traceback; set
 ``CNNKIT_DEBUG=1`` to see the traceback. TensorFlow is imported only by the commands that need
 it (``cnnkit --help`` and ``cnnkit ls`` stay instant).
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 PROG = "cnnkit"
 QUICKSTART = "quickstart"
@@ -154,7 +155,7 @@ def _add_export_and_predict(commands) -> None:
     export.add_argument("--out", required=True, metavar="DIR", help="the export directory to create")
     export.add_argument("--data", default=None, metavar="NAME",
                         help="dataset for samples and int8 calibration (default: the run's recorded data)")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export (or an empty directory) at --out")
     export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the fresh-process check")
     export.add_argument("--trust-model", action="store_true",
                         help="load a model that holds Python code (a Lambda layer); only for files you trust")
@@ -270,19 +271,26 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _shown_path(path) -> str:
+    """A file name any terminal can print: bytes that are not valid in the file-system encoding (the lone
+    surrogates of ``os.fsdecode``, e.g. ``caf\\udce9.png``) shown as ``\\xe9``, as Python shows them on stderr.
+    The CSV keeps the original bytes."""
+    return os.fsencode(path).decode(sys.getfilesystemencoding(), "backslashreplace")
+
+
 def _cmd_predict(args) -> int:
     from cnnkit.inference import image_files, load_predictor, write_csv
 
     files, skipped = image_files(args.inputs)
     if skipped:
-        shown = ", ".join(str(path) for path in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        shown = ", ".join(_shown_path(path) for path in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         print(f"{PROG}: skipped {len(skipped)} files that are not images: {shown}", file=sys.stderr)
     predictor = load_predictor(args.model, trust=args.trust_model)
     predictions = predictor.predict_files(files, k=args.top_k, batch_size=args.batch_size)
     for path, ranked in predictions:
-        print(f"{path}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
+        print(f"{_shown_path(path)}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
     if args.csv:
-        print(f"predictions written to {write_csv(predictions, args.csv)}")
+        print(f"predictions written to {_shown_path(write_csv(predictions, args.csv))}")
     return 0
 
 
@@ -397,8 +405,6 @@ def _add_report_and_visualize(commands) -> None:
 
 
 def _cmd_report(args) -> int:
-    from pathlib import Path
-
     from cnnkit.html_report import write_report, write_search_report
 
     if (Path(args.path) / "search.yaml").is_file():
@@ -460,7 +466,8 @@ def main(argv=None) -> int:
 
     Returns:
         The exit status: 0 on success, 2 for a usage error or an error the user can fix (bad
-        notation, unknown or invalid recipe, missing file), which is printed as one line
+        notation, unknown or invalid recipe, a missing, unreadable or unwritable file, a run file
+        that does not parse), which is printed as one line
         ``cnnkit: error: <message>`` on stderr; 3 when training diverged (NaN loss: the message
         names the epoch, the step and the checkpoint kept). ``--help`` and ``--version`` return 0.
         With ``CNNKIT_DEBUG=1`` in the environment such errors are raised instead.
@@ -475,13 +482,15 @@ def main(argv=None) -> int:
     except SystemExit as exit_:  # usage errors (2), --help / --version (0)
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 2)
+    import yaml
+
     from cnnkit.config import ConfigError
     from cnnkit.runs import TrainingDiverged
     from cnnkit.spec import SpecError
 
     try:
         return args.handler(args)
-    except (SpecError, ConfigError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
+    except (SpecError, ConfigError, ValueError, OSError, yaml.YAMLError) as error:  # OSError: "strerror: file"
         if os.environ.get("CNNKIT_DEBUG", "").strip() not in ("", "0"):
             raise
         print(f"{PROG}: error: {_error_message(error)}", file=sys.stderr)

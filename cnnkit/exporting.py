@@ -6,8 +6,10 @@ load it without cnnkit, the verification) and ``verification.json`` (the report 
 
     savedmodel   saved_model.pb, variables/, assets/ -- signatures:
                    serving_default(images: uint8 [N, H, W, C])
-                   serving_bytes(image_bytes: string [N])   encoded JPEG/PNG/GIF/BMP, decoded and
-                                                            resized to H x W in the graph
+                   serving_bytes(image_bytes: string [N])   encoded JPEG/PNG/GIF/BMP, decoded as
+                                                            training does (alpha onto white; no
+                                                            EXIF rotation: send upright images)
+                                                            and resized to H x W in the graph
                  both return probabilities float32 [N, K], class_id int64 [N], class_name string [N]
     tflite       model.tflite   input float32 [N, H, W, C] raw pixels 0-255 -> probabilities [N, K]
     onnx         model.onnx     the same
@@ -28,7 +30,7 @@ nothing at ``path``.
 Example:
     >>> import cnnkit
     >>> cnnkit.export("runs/lenet-mnist", "exports/lenet", format="savedmodel")  # doctest: +SKIP
-    PosixPath('exports/lenet')
+    PosixPath('/home/me/exports/lenet')
     >>> cnnkit.export("runs/lenet-mnist", "exports/lenet-int8", format="tflite",
     ...               quantize="int8")  # doctest: +SKIP
 """
@@ -85,7 +87,7 @@ for start in range(0, len(images), 256):
     results["bytes_probabilities"].append(via_bytes["probabilities"].numpy())
     results["bytes_class_id"].append(via_bytes["class_id"].numpy())
 results = {key: np.concatenate(values) for key, values in results.items()}
-results["class_name"] = results["class_name"].astype(str)
+results["class_name"] = np.array([name.decode("utf-8") for name in results["class_name"]], dtype=str)
 np.savez(outputs, runtime=f"tensorflow {tf.__version__}", cnnkit_imported="cnnkit" in sys.modules, **results)
 """
 
@@ -183,16 +185,18 @@ def export(
         tolerance: Largest max absolute difference of probabilities allowed for the float
             formats (SavedModel, TFLite float32, ONNX).
         verify: Run the fresh-process check. Without it the report says it was skipped.
-        overwrite: Replace an existing export directory at ``path``.
+        overwrite: Replace an earlier export (a directory holding its ``verification.json``)
+            or an empty directory at ``path``. Anything else there is refused, never deleted.
         verbose: ``0`` silent; ``1`` prints the verification report.
 
     Returns:
-        ``path`` as a ``pathlib.Path``.
+        ``path`` as an absolute ``pathlib.Path``.
 
     Raises:
-        ValueError: On a bad argument, an existing ``path`` without ``overwrite=True``, a
-            model whose input is not one image ``(H, W, C)``, int8 without sample data, or
-            ONNX without its packages.
+        ValueError: On a bad argument, an existing ``path`` without ``overwrite=True`` (or with
+            it, when ``path`` is not an earlier export or an empty directory), a ``path`` that is
+            or holds the run being exported, a model whose input is not one image ``(H, W, C)``,
+            int8 without sample data, or ONNX without its packages.
         ExportVerificationError: If the export cannot be loaded in a fresh process or a float
             format differs from the Keras model by more than ``tolerance``.
 
@@ -203,8 +207,8 @@ def export(
         -0.1
     """
     quantize = _check_arguments(format, quantize, representative_samples, tolerance, verbose)
-    path = _check_target(path, overwrite)
     run = _resolve_run(run_or_model, class_names)
+    path = _check_target(path, overwrite, run_or_model, run)
     model, reference_note = _float32_copy(run.model)
     image_shape = _image_shape(model)
     names = _check_class_names(run.class_names)
@@ -267,16 +271,48 @@ def _check_arguments(format, quantize, representative_samples, tolerance, verbos
     return quantize or "float32"
 
 
-def _check_target(path, overwrite) -> Path:
+def _check_target(path, overwrite, run_or_model, run) -> Path:
+    """``path`` as an absolute ``Path`` (the check process runs in another directory), if it may be written."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ValueError(f"`path` must be a directory path. Received: path={path!r}")
-    path = Path(path)
-    if path.exists() or path.is_symlink():
-        if not path.is_dir() or path.is_symlink():
-            raise ValueError(f"`path` exists and is not a directory; an export is a directory. Received: path={str(path)!r}")
-        if not overwrite:
-            raise ValueError(f"`path` already exists; pass overwrite=True to replace it. Received: path={str(path)!r}")
+    path = Path(path).absolute()
+    _check_not_source(path, run_or_model, run)
+    _check_replaceable(path, overwrite)
     return path
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    """Refuse an existing ``path`` unless ``overwrite`` and it is an earlier export or an empty directory."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise ValueError(f"`path` exists and is not a directory; an export is a directory. Received: path={str(path)!r}")
+    if not overwrite:
+        raise ValueError(f"`path` already exists; pass overwrite=True to replace it. Received: path={str(path)!r}")
+    if not _is_export(path) and any(path.iterdir()):
+        raise ValueError(f"overwrite=True replaces only an earlier cnnkit export (a directory with its {REPORT_FILE}) "
+                         f"or an empty directory; `path` holds other files, which it would delete. "
+                         f"Received: path={str(path)!r}")
+
+
+def _is_export(path: Path) -> bool:
+    """Whether ``path`` is a directory written by ``export``: its report names a format and that format's file."""
+    try:
+        report = json.loads((path / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("format") in FORMATS \
+        and report.get("file") == MODEL_FILES[report["format"]]
+
+
+def _check_not_source(path: Path, run_or_model, run) -> None:
+    """Refuse a target that is, or holds, the run directory (or model file) being exported."""
+    sources = [run.run_dir] + ([Path(run_or_model)] if isinstance(run_or_model, (str, os.PathLike)) else [])
+    for source in filter(None, sources):
+        source = source.resolve()
+        if path.resolve() in (source, *source.parents):
+            raise ValueError(f"`path` is or holds the run being exported ({source}); export elsewhere. "
+                             f"Received: path={str(path)!r}")
 
 
 def _resolve_run(run_or_model, class_names):
@@ -369,12 +405,13 @@ def _resolve_data(data, run, *, required):
 
 
 def _recorded_data(config: dict):
+    """The data a run's config recorded, as ``resolve_data`` takes it (a name or a mapping), else ``None``."""
     arguments = config.get("arguments") if isinstance(config.get("arguments"), dict) else {}
     for value in (arguments.get("data"), config.get("data")):
         if isinstance(value, str) and not value.startswith("<"):
             return value
-        if isinstance(value, dict) and "path" in value:
-            return value
+        if isinstance(value, dict) and ("name" in value or "path" in value):
+            return value  # cnnkit.data.load options with "name", from_folder ones with "path"
     return None
 
 
@@ -418,17 +455,22 @@ def _staging_dir(path: Path, overwrite: bool):
     """A temporary sibling of ``path`` that becomes ``path`` when the block succeeds.
 
     On any exception the staging directory is removed and ``path`` is left as it was. With
-    ``overwrite`` an existing ``path`` is moved aside, replaced, then deleted.
+    ``overwrite`` an existing ``path`` (checked again: an earlier export or an empty directory)
+    is moved aside, replaced, then deleted.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    except OSError as err:  # name the export the caller asked for, not a random staging name beside it
+        raise OSError(err.errno, err.strerror, str(path)) from err
     try:
         file_mode = _default_file_mode()
         os.chmod(staging, file_mode | (file_mode & 0o444) >> 2)  # mkdtemp's 0o700 -> as mkdir would
         yield staging
-        if path.exists() and not overwrite:
+        if (path.exists() or path.is_symlink()) and not overwrite:
             raise ValueError(f"`path` was created while exporting; pass overwrite=True to replace it. "
                              f"Received: path={str(path)!r}")
+        _check_replaceable(path, overwrite)
         previous = None
         if path.exists():
             previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
@@ -464,7 +506,15 @@ def _write_artifact(model, staging: Path, format, quantize, calibration, names, 
 
 
 def _serving_archive(model, names, image_shape):
-    """A ``keras.export.ExportArchive`` with the uint8 and the encoded-bytes signatures."""
+    """A ``keras.export.ExportArchive`` with the uint8 and the encoded-bytes signatures.
+
+    ``serving_bytes`` decodes each image in its own channels and converts it as training does
+    (``_training_pixels``: transparent pixels onto white, grayscale as PIL's ``L``), then resizes
+    it to ``(H, W)`` (TensorFlow's antialiased bilinear, where ``from_folder`` uses PIL's: a
+    resized image can differ by a level or so). What the graph cannot match: EXIF orientation is
+    not applied (clients should send upright images), 16-bit PNGs keep their high byte (PIL
+    rounds ``v / 257``: at most one level apart) and GIF transparency decodes as black.
+    """
     import keras
     import tensorflow as tf
 
@@ -478,7 +528,10 @@ def _serving_archive(model, names, image_shape):
                 "class_name": tf.gather(tf.constant(names), class_id)}
 
     def decode(data):
-        image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+        if channels in (1, 3):
+            image = _training_pixels(tf.io.decode_image(data, expand_animations=False), channels)
+        else:  # no training decode to match (from_folder reads L or RGB): TensorFlow's own
+            image = tf.io.decode_image(data, channels=channels, expand_animations=False)
         image = tf.image.resize(image, (height, width), method="bilinear", antialias=True)
         return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
@@ -492,6 +545,29 @@ def _serving_archive(model, names, image_shape):
     archive.add_endpoint(BYTES_SIGNATURE, classify_bytes,
                          input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes")])
     return archive
+
+
+def _training_pixels(image, channels: int):
+    """A decoded image (1-4 channels) as ``cnnkit.data.folder.convert_image`` makes training's.
+
+    Alpha (LA, RGBA) is composited onto ``ALPHA_BACKGROUND`` (white) with PIL's
+    ``alpha_composite`` rounding, then the image becomes RGB, or for ``channels=1`` PIL's ``L``
+    (ITU-R 601-2 luma in PIL's integer arithmetic), so both agree with PIL pixel for pixel.
+    """
+    import tensorflow as tf
+
+    from cnnkit.data.folder import ALPHA_BACKGROUND
+
+    image = tf.cast(image, tf.int32)
+    count = tf.shape(image)[-1]
+    has_alpha = tf.equal(count % 2, 0)
+    alpha = tf.where(has_alpha, image[..., -1:], 255)
+    color = image[..., :count - tf.cast(has_alpha, tf.int32)]
+    rgb = tf.broadcast_to(color, tf.concat([tf.shape(color)[:2], [3]], axis=0))
+    rgb = (rgb * alpha + tf.constant(ALPHA_BACKGROUND) * (255 - alpha) + 127) // 255
+    if channels == 3:
+        return rgb
+    return (tf.reduce_sum(rgb * [19595, 38470, 7471], axis=-1, keepdims=True) + 0x8000) // 0x10000
 
 
 def _converter_options(quantize, calibration) -> dict:
@@ -639,7 +715,8 @@ def _card(name: str, report: dict) -> str:
     if report["format"] == "savedmodel":
         lines += [f"- `serving_default(images)`: uint8 `[N, {height}, {width}, {channels}]` raw pixels.",
                   f"- `{BYTES_SIGNATURE}(image_bytes)`: string `[N]` of encoded JPEG/PNG/GIF/BMP images, decoded to "
-                  f"{channels} channel(s) and resized to {height}x{width} (bilinear) in the graph.",
+                  f"{channels} channel(s) as in training (transparency onto white) and resized to {height}x{width} "
+                  "(bilinear) in the graph. EXIF orientation is not applied: send upright images.",
                   "- Both return `probabilities` float32 `[N, K]`, `class_id` int64 `[N]`, `class_name` string `[N]`.",
                   "", "```python", "import tensorflow as tf", "",
                   f'model = tf.saved_model.load("{name}")',

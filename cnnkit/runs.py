@@ -120,21 +120,30 @@ def _temp_beside(path: Path, suffix: str = ".tmp"):
     """Yield the path of an empty temp file beside ``path``; rename it over ``path`` on success.
 
     The caller writes (and fsyncs) the temp file. On any exception, including one in
-    ``os.replace``, the temp file is removed and ``path`` is left as it was.
+    ``os.replace``, the temp file is removed and ``path`` is left as it was; an ``OSError`` about
+    the temp file (it cannot be created or written) is raised naming ``path``. Once ``path`` is in
+    place, its entry in a ``manifest.json`` beside it is refreshed (:func:`_refresh_manifest_entry`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix="." + path.name + ".", suffix=suffix) as tmp:
-        tmp_path = Path(tmp.name)
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix="." + path.name + ".",
+                                         suffix=suffix) as tmp:
+            tmp_path = Path(tmp.name)
+    except OSError as err:  # name the file the caller asked for, not a random temp name beside it
+        raise OSError(err.errno, err.strerror, str(path)) from err
     try:
         yield tmp_path
         os.chmod(tmp_path, _target_mode(path))
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(err, OSError) and err.errno is not None and str(err.filename) == str(tmp_path):
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     _fsync_dir(path.parent)
+    _refresh_manifest_entry(path)
 
 
 def _write_synced(path: Path, data) -> None:
@@ -151,7 +160,8 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     flushed, fsynced and renamed over ``path`` with ``os.replace``. If anything fails the
     temporary file is removed and an existing ``path`` is left untouched. Missing parent
     directories are created. An existing file's permission bits are kept; a new file gets
-    ``0o666`` minus the umask.
+    ``0o666`` minus the umask. An error about the temporary file names ``path``. In a finished run
+    directory (one with ``manifest.json``) the file's manifest entry is refreshed too.
 
     Args:
         path: Destination file.
@@ -181,7 +191,10 @@ def atomic_write_text(path, text: str, *, encoding: str = "utf-8") -> Path:
     Args:
         path: Destination file.
         text: The complete new contents.
-        encoding: Text encoding, UTF-8 by default.
+        encoding: Text encoding, UTF-8 by default. Lone surrogates (what ``os.fsdecode`` makes of
+            file-name bytes that are not valid in the file-system encoding, e.g. ``"caf\\udce9.png"``)
+            are written back as the original bytes (``errors="surrogateescape"``), as Python does
+            for file names, so a text listing such names never fails.
 
     Returns:
         ``path`` as a ``pathlib.Path``.
@@ -192,7 +205,7 @@ def atomic_write_text(path, text: str, *, encoding: str = "utf-8") -> Path:
     """
     if not isinstance(text, str):
         raise TypeError(f"`text` must be a str. Received: text of type {type(text).__name__}")
-    return atomic_write_bytes(path, text.encode(encoding))
+    return atomic_write_bytes(path, text.encode(encoding, errors="surrogateescape"))
 
 
 @contextlib.contextmanager
@@ -653,6 +666,50 @@ def _artifacts(run_dir: Path) -> list[Path]:
                   and not path.name.startswith(".") and skip.isdisjoint(path.relative_to(run_dir).parts[:1]))
 
 
+def _parse_error(err: Exception) -> str:
+    """One line for a JSON / YAML / CSV / decoding error: YAML's problem and position, else the message."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark
+        return err.problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
+    return " ".join(str(err).split())
+
+
+def _read_file(path: Path, parse, kind: str):
+    """``parse`` of a run file's UTF-8 text; a file that does not parse is a ``ValueError`` naming it.
+
+    Example:
+        >>> _read_file(Path("runs/demo/metrics.json"), json.loads, "JSON")  # doctest: +SKIP
+        ValueError: 'runs/demo/metrics.json' is not valid JSON: Expecting value (line 1 column 1 (char 0))
+    """
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{str(path)!r} is not valid {kind}: {_parse_error(err)}") from err
+
+
+def _read_mapping(path: Path, parse, kind: str) -> dict:
+    """:func:`_read_file` of a file that must hold a mapping (an empty file is ``{}``)."""
+    value = _read_file(path, parse, kind)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} must hold a mapping. Received: {type(value).__name__}")
+    return value
+
+
+def _manifest_record(path: Path) -> dict:
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def _manifest_files(run_dir: Path) -> dict:
+    """The ``files`` mapping of a run's ``manifest.json``; a ``ValueError`` naming it if it is malformed."""
+    path = run_dir / MANIFEST_FILE
+    files = _read_mapping(path, json.loads, "JSON").get("files")
+    if not isinstance(files, dict) or not all(isinstance(record, dict) for record in files.values()):
+        raise ValueError(f"{str(path)!r} is not a cnnkit manifest: expected {{\"files\": {{name: {{\"sha256\": ...}}}}}}")
+    return files
+
+
 def write_manifest(run_dir) -> Path:
     """Write ``manifest.json``: the SHA-256 and size of every artifact in the run directory.
 
@@ -661,9 +718,30 @@ def write_manifest(run_dir) -> Path:
         PosixPath('runs/demo/manifest.json')
     """
     run_dir = Path(run_dir)
-    files = {path.relative_to(run_dir).as_posix(): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-             for path in _artifacts(run_dir)}
+    files = {path.relative_to(run_dir).as_posix(): _manifest_record(path) for path in _artifacts(run_dir)}
     return atomic_write_text(run_dir / MANIFEST_FILE, json.dumps({"files": files}, indent=1) + "\n")
+
+
+def _refresh_manifest_entry(path: Path) -> None:
+    """Record the SHA-256 and size of ``path``, just written by cnnkit, in the ``manifest.json`` beside it.
+
+    A finished run directory is not frozen: ``cnnkit report RUN [--data X]`` (``html_report.write_report``)
+    writes ``report.html`` again, possibly on other data. Rather than make :func:`load` check only the
+    files it reads, every atomic write into a directory that has a manifest refreshes that one file's
+    entry (adding it if it is a new artifact), itself atomically. So the manifest stays a true record of
+    every artifact as cnnkit last wrote it, and a file changed any other way (corrupt, truncated, edited)
+    is still refused by name. Files in subfolders, hidden files and the manifest itself are not
+    touched, and a manifest that cannot be read is left for :func:`load` to name.
+    """
+    manifest = path.parent / MANIFEST_FILE
+    if path.name == MANIFEST_FILE or path.name.startswith(".") or not manifest.is_file():
+        return
+    try:
+        files = _manifest_files(path.parent)
+    except ValueError:
+        return
+    files[path.name] = _manifest_record(path)
+    atomic_write_text(manifest, json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n")
 
 
 def verify_manifest(run_dir) -> list[str]:
@@ -672,19 +750,22 @@ def verify_manifest(run_dir) -> list[str]:
     Each problem names the file: changed (SHA-256 differs) or missing. A run directory without a
     manifest (written before cnnkit had one) has nothing to check.
 
+    Raises:
+        ValueError: If ``manifest.json`` is not valid JSON or not a manifest (naming it and the problem).
+
     Example:
         >>> verify_manifest("runs/demo")  # doctest: +SKIP
         ['model.keras: SHA-256 differs from manifest.json (changed or corrupt)']
     """
-    path = Path(run_dir) / MANIFEST_FILE
-    if not path.exists():
+    run_dir = Path(run_dir)
+    if not (run_dir / MANIFEST_FILE).exists():
         return []
     problems = []
-    for name, record in json.loads(path.read_text(encoding="utf-8"))["files"].items():
-        file = Path(run_dir) / name
+    for name, record in _manifest_files(run_dir).items():
+        file = run_dir / name
         if not file.is_file():
             problems.append(f"{name}: missing (listed in {MANIFEST_FILE})")
-        elif file_sha256(file) != record["sha256"]:
+        elif file_sha256(file) != record.get("sha256"):
             problems.append(f"{name}: SHA-256 differs from {MANIFEST_FILE} (changed or corrupt)")
     return problems
 
@@ -754,8 +835,10 @@ def load(path, *, trust: bool = False) -> Run:
     Raises:
         FileNotFoundError: If ``path`` does not exist, or is a directory without ``model.keras``.
         ValueError: If ``path`` is a file that is not ``.keras``, a run directory whose files do
-            not match the SHA-256s in its ``manifest.json`` (naming each file), or the model
-            holds code and ``trust`` is False (one line naming the file and ``trust=True``).
+            not match the SHA-256s in its ``manifest.json`` (naming each file), whose
+            ``manifest.json``, ``metrics.json``, ``config.yaml`` or ``history.csv`` does not parse
+            (naming the file and the problem), or the model holds code and ``trust`` is False
+            (one line naming the file and ``trust=True``).
 
     Example:
         >>> run = cnnkit.load("runs/lenet5-mnist")             # doctest: +SKIP
@@ -780,13 +863,9 @@ def load(path, *, trust: bool = False) -> Run:
             raise ValueError(f"run directory {str(path)!r} does not match its {MANIFEST_FILE}: {'; '.join(problems)}. "
                              "Restore the files, or train again")
         history_path, metrics_path, config_path = path / HISTORY_FILE, path / METRICS_FILE, path / CONFIG_FILE
-        history = _history_from_csv(history_path.read_text(encoding="utf-8")) if history_path.is_file() else {}
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-        if config is None:
-            config = {}
-        if not isinstance(config, dict):
-            raise ValueError(f"{str(config_path)!r} must hold a mapping. Received: {type(config).__name__}")
+        history = _read_file(history_path, _history_from_csv, "CSV") if history_path.is_file() else {}
+        metrics = _read_mapping(metrics_path, json.loads, "JSON") if metrics_path.is_file() else {}
+        config = _read_mapping(config_path, yaml.safe_load, "YAML") if config_path.is_file() else {}
         model = _load_model(model_path, trust)
         return Run(
             model, history=history, metrics=metrics, config=config, run_dir=path, class_names=config.get("class_names")

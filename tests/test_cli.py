@@ -319,3 +319,44 @@ def test_tune_user_errors_are_one_line(tmp_path, capsys):
         lines = _error_lines(capsys.readouterr())
         assert len(lines) == 1 and lines[0].startswith("cnnkit: error: ") and text in lines[0], lines
     assert not (tmp_path / "search").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux sysfs, where no one may create files")
+def test_unwritable_outputs_and_run_files_that_do_not_parse_are_one_line_naming_the_file(saved_run, tmp_path,
+                                                                                          capsys):
+    import shutil
+
+    run_dir, images = saved_run
+    bad_manifest, bad_config = tmp_path / "bad_manifest", tmp_path / "bad_config"
+    shutil.copytree(run_dir, bad_manifest)
+    (bad_manifest / "manifest.json").write_text((run_dir / "manifest.json").read_text()[:40])
+    shutil.copytree(run_dir, bad_config)
+    (bad_config / "manifest.json").unlink()
+    (bad_config / "config.yaml").write_text("x: [\n")
+    for argv, text in [
+        (["predict", str(run_dir), str(images / "0.png"), "--csv", "/sys/x.csv"], "Permission denied: /sys/x.csv"),
+        (["export", str(run_dir), "--out", "/sys/exp", "--no-verify"], ": /sys/exp"),
+        (["predict", str(bad_manifest), str(images / "0.png")],
+         f"{str(bad_manifest / 'manifest.json')!r} is not valid JSON: Unterminated string"),
+        (["predict", str(bad_config), str(images / "0.png")],
+         f"{str(bad_config / 'config.yaml')!r} is not valid YAML: expected the node content"),
+    ]:
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        lines = _error_lines(captured)
+        assert len(lines) == 1 and lines[0].startswith("cnnkit: error: ") and text in lines[0], captured.err
+        assert ".tmp" not in lines[0] and ".partial" not in lines[0]
+    assert not list(Path("/sys").glob(".x.csv.*")) and not Path("/sys/exp").exists()
+
+
+def test_predict_csv_keeps_a_file_name_that_is_not_utf8(saved_run, tmp_path, capsys):
+    run_dir, images = saved_run
+    latin1 = os.fsencode(images) + b"/caf\xe9.png"
+    try:
+        os.link(os.fsencode(images / "0.png"), latin1)
+    except OSError:
+        pytest.skip("the file system refuses names that are not UTF-8")
+    csv_path = tmp_path / "predictions.csv"
+    assert main(["predict", str(run_dir), str(images), "--top-k", "1", "--csv", str(csv_path)]) == 0
+    assert f"{images}/caf\\xe9.png: " in capsys.readouterr().out  # shown escaped, as Python shows it on stderr
+    assert latin1 + b",1," in csv_path.read_bytes()  # the CSV has the file's own bytes

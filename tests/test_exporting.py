@@ -12,7 +12,9 @@ from PIL import Image
 
 import cnnkit
 from cnnkit import exporting
-from cnnkit.runs import Run
+from cnnkit.data.folder import convert_image
+from cnnkit.inference import load_predictor
+from cnnkit.runs import Run, write_run
 
 SEED_NET = "20C5-MP2-50C5-MP2-FC256"
 
@@ -42,6 +44,13 @@ def _encode(image, fmt):
     buffer = io.BytesIO()
     Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def _tiny_run(path, channels=1):
+    """A small untrained run directory (8x8 images, classes a, b, c)."""
+    keras.utils.set_random_seed(4)
+    model = cnnkit.build("4C3-FC8", (8, 8, channels), 3)
+    return write_run(path, model=model, history={"loss": [1.0]}, metrics={}, config={}, class_names=["a", "b", "c"])
 
 
 def _calibrate_batch_norm(model, images):
@@ -88,6 +97,46 @@ def test_savedmodel_of_the_seed_net_matches_keras_in_a_fresh_process(seed_run, t
     jpeg = encoded(image_bytes=tf.constant([_encode(big, "JPEG"), _encode(np.repeat(images[1], 3, -1), "JPEG")]))
     assert jpeg["probabilities"].shape == (2, 10)
     np.testing.assert_allclose(jpeg["probabilities"].numpy().sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_non_ascii_class_names_export_and_verify(tmp_path):
+    names = ["café", "狗", "owl"]
+    out = cnnkit.export(cnnkit.build("FC8", (8, 8, 1), 3), tmp_path / "unicode", class_names=names, verbose=0)
+    report = _report(out)
+    assert report["passed"] and report["class_name_agreement"] == 1.0 and report["class_names"] == names
+    assert (out / exporting.LABELS_FILE).read_text(encoding="utf-8").splitlines() == names
+    images = np.random.default_rng(4).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+    served = tf.saved_model.load(str(out)).signatures["serving_default"](images=tf.constant(images))
+    decoded = [name.decode("utf-8") for name in served["class_name"].numpy()]
+    assert decoded == [names[i] for i in served["class_id"].numpy()]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_serving_bytes_blends_transparency_onto_white_as_training_does(tmp_path, channels):
+    run_dir = _tiny_run(tmp_path / "run", channels)
+    rgba = np.random.default_rng(5).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    rgba[:3, :, 3] = 0  # transparent over colour (black where the alpha is dropped)
+    rgba[3:5, :, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "transparent.png")
+    predictor = load_predictor(run_dir)
+    expected = predictor.predict(predictor.load_images([tmp_path / "transparent.png"]))
+    out = cnnkit.export(run_dir, tmp_path / "export", verbose=0)
+    serve = tf.saved_model.load(str(out)).signatures["serving_bytes"]
+    got = serve(image_bytes=tf.constant([(tmp_path / "transparent.png").read_bytes()]))["probabilities"].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_training_pixels_match_convert_image_exactly():
+    rng = np.random.default_rng(6)
+    for mode, count in (("L", 1), ("LA", 2), ("RGB", 3), ("RGBA", 4)):
+        pixels = rng.integers(0, 256, (16, 16, count), dtype=np.uint8)
+        if count % 2 == 0:
+            pixels[:4, :, -1] = np.array([0, 1, 128, 255])[:, None]  # transparent, faint, half, opaque rows
+        image = Image.fromarray(pixels.squeeze(-1) if count == 1 else pixels, mode)
+        for target, channels in (("L", 1), ("RGB", 3)):
+            expected = np.asarray(convert_image(image, target)).reshape(16, 16, channels)
+            got = exporting._training_pixels(tf.constant(pixels), channels).numpy()
+            np.testing.assert_array_equal(got, expected, err_msg=f"{mode} -> {target}")
 
 
 def test_batch_norm_and_dropout_are_inactive_in_the_export(tmp_path):
@@ -179,6 +228,15 @@ def test_quantised_tflite_reports_its_accuracy_change_on_the_recorded_test_split
         assert sum(d["dtype"] == np.int8 for d in details) > sum(d["dtype"] == np.float32 for d in details)
 
 
+def test_int8_uses_recorded_load_options_with_a_name(seed_run, tmp_path):
+    recorded = {"name": "mnist-sample", "val_split": 0}
+    run = Run(seed_run.model, config={"arguments": {"data": recorded}}, class_names=seed_run.class_names)
+    report = _report(cnnkit.export(run, tmp_path / "int8", format="tflite", quantize="int8",
+                                   representative_samples=20, verbose=0))
+    assert report["passed"] and report["calibration_images"] == 20
+    assert "mnist-sample" in report["data"] and report["examples"] == 1000 and report["keras_accuracy"] > 0.5
+
+
 def test_int8_needs_sample_images(seed_run, tmp_path):
     bare = Run(seed_run.model)
     with pytest.raises(ValueError, match="representative_data"):
@@ -226,6 +284,36 @@ def test_existing_target_needs_overwrite(seed_run, tmp_path, capsys):
     assert sorted(path.name for path in out.iterdir()) == ["README.md", "labels.txt", "model.tflite",
                                                           "verification.json"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]
+
+
+@pytest.mark.parametrize("fmt", ["savedmodel", "tflite"])
+def test_a_relative_path_exports_and_verifies(tmp_path, monkeypatch, fmt):
+    monkeypatch.chdir(tmp_path)
+    out = cnnkit.export(cnnkit.build("FC8", (8, 8, 1), 3), f"exports/{fmt}", format=fmt, verbose=0)
+    assert out == tmp_path / "exports" / fmt and out.is_absolute()
+    assert _report(out)["passed"] and sorted(path.name for path in (tmp_path / "exports").iterdir()) == [fmt]
+
+
+def test_overwrite_replaces_only_an_earlier_export_or_an_empty_directory(tmp_path):
+    run_dir = _tiny_run(tmp_path / "run")
+    folder = tmp_path / "folder"
+    (folder / "older").mkdir(parents=True)
+    (folder / "notes.txt").write_text("my notes")
+    with pytest.raises(ValueError, match="earlier cnnkit export.*folder"):
+        cnnkit.export(run_dir, folder, overwrite=True, verify=False, verbose=0)
+    assert sorted(path.name for path in folder.iterdir()) == ["notes.txt", "older"]
+    assert (folder / "notes.txt").read_text() == "my notes"
+
+    before = sorted(path.name for path in run_dir.iterdir())
+    for target in (run_dir, tmp_path):  # the run itself, or a directory holding it
+        with pytest.raises(ValueError, match="run being exported"):
+            cnnkit.export(str(run_dir), target, overwrite=True, verify=False, verbose=0)
+    assert sorted(path.name for path in run_dir.iterdir()) == before
+
+    (tmp_path / "empty").mkdir()
+    out = cnnkit.export(run_dir, tmp_path / "empty", format="tflite", overwrite=True, verbose=0)
+    cnnkit.export(run_dir, out, format="savedmodel", overwrite=True, verbose=0)  # onto the earlier export
+    assert _report(out)["format"] == "savedmodel" and not (out / "model.tflite").exists()
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

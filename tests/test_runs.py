@@ -5,6 +5,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -362,3 +363,87 @@ def test_load_imports_custom_layer_modules_when_present(tmp_path, trained, monke
     )
     load(path)
     assert sys.modules["cnnkit_test_registering_layers"].LOADED
+
+
+# --------------------------------------------------------------------------- regressions
+
+
+def test_atomic_write_text_writes_undecodable_file_names_as_their_bytes(tmp_path):
+    name = os.fsdecode(b"caf\xe9.png")  # a Latin-1 file name: 'caf\udce9.png', a lone surrogate
+    target = atomic_write_text(tmp_path / "skipped_files.csv", f"path,reason\n{name},not an image\n")
+    assert target.read_bytes() == b"path,reason\ncaf\xe9.png,not an image\n"
+    assert _listing(tmp_path) == ["skipped_files.csv"]
+
+
+def test_temp_file_errors_name_the_target_not_the_temp_file(tmp_path, monkeypatch):
+    def refuse(*, dir, prefix, suffix, **kwargs):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}d68wyc6b{suffix}"))
+
+    monkeypatch.setattr(runs, "tempfile", SimpleNamespace(NamedTemporaryFile=refuse))
+    with pytest.raises(PermissionError) as info:
+        atomic_write_text(tmp_path / "x.csv", "a\n")
+    assert info.value.filename == str(tmp_path / "x.csv") and ".tmp" not in str(info.value)
+    monkeypatch.undo()
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs, "_write_synced", disk_full)
+    with pytest.raises(OSError, match="No space left") as info:
+        atomic_write_bytes(tmp_path / "x.csv", b"a\n")
+    assert info.value.filename == str(tmp_path / "x.csv")
+    assert _listing(tmp_path) == []
+
+
+def test_a_report_written_again_into_a_finished_run_keeps_it_loadable(tmp_path):
+    """`cnnkit report RUN --data X` rewrites report.html: its manifest entry follows, nothing else changes."""
+    import cnnkit
+    from cnnkit.html_report import write_report
+
+    def images(seed):
+        rng = np.random.default_rng(seed)
+        return cnnkit.data.from_arrays(rng.integers(0, 256, (30, 8, 8), dtype=np.uint8), np.arange(30) % 3,
+                                       x_test=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+                                       y_test=np.arange(12) % 3, val_split=0, class_names=NAMES)
+
+    model = cnnkit.build("4C3-FC8", (8, 8, 1), 3)
+    run_dir = write_run(tmp_path / "run", model=model, history={"loss": [1.0, 0.5]}, metrics={}, config={},
+                        class_names=NAMES)
+    write_report(run_dir, model=model, data=images(0), strict=True)  # as fitting.finish_run does
+    runs.write_manifest(run_dir)
+    first = (run_dir / "report.html").read_bytes()
+    manifest_before = json.loads((run_dir / runs.MANIFEST_FILE).read_text())["files"]
+
+    write_report(run_dir, data=images(1), strict=True)  # what `cnnkit report RUN --data OTHER` does
+    assert (run_dir / "report.html").read_bytes() != first
+    manifest = json.loads((run_dir / runs.MANIFEST_FILE).read_text())["files"]
+    assert manifest["report.html"] == {"sha256": runs.file_sha256(run_dir / "report.html"),
+                                       "bytes": (run_dir / "report.html").stat().st_size}
+    assert {k: v for k, v in manifest.items() if k != "report.html"} == {
+        k: v for k, v in manifest_before.items() if k != "report.html"}
+    assert runs.verify_manifest(run_dir) == []
+    assert load(run_dir).class_names == NAMES
+
+    with open(run_dir / "report.html", "ab") as report:  # a change made outside cnnkit is still refused
+        report.write(b"<!-- edited -->")
+    with pytest.raises(ValueError, match="report.html: SHA-256 differs"):
+        load(run_dir)
+
+
+@pytest.mark.parametrize("name, text, problem", [
+    ("manifest.json", '{\n "files": {\n  "model.keras": {\n   "sha', "is not valid JSON: Unterminated string"),
+    ("manifest.json", '{"files": ["model.keras"]}', "is not a cnnkit manifest"),
+    ("metrics.json", "{", "is not valid JSON: Expecting property name"),
+    ("config.yaml", "x: [\n", "is not valid YAML: expected the node content"),
+    ("config.yaml", "- a\n", "must hold a mapping"),
+    ("history.csv", "epoch,loss\n1,x\n", "is not valid CSV: could not convert"),
+], ids=["truncated-manifest", "not-a-manifest", "metrics", "config", "config-list", "history"])
+def test_run_files_that_do_not_parse_are_a_value_error_naming_the_file(tmp_path, trained, name, text, problem):
+    run_dir = write_run(tmp_path / "run", model=trained[0], history={}, metrics={}, config={}, class_names=NAMES)
+    if name != runs.MANIFEST_FILE:
+        (run_dir / runs.MANIFEST_FILE).unlink()
+    (run_dir / name).write_text(text)
+    with pytest.raises(ValueError) as info:
+        load(run_dir)
+    message = str(info.value)
+    assert message.startswith(repr(str(run_dir / name))) and problem in message and "\n" not in message
