@@ -88,27 +88,44 @@ class Recipe:
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``1e-3`` (no dot) as a float, as YAML 1.2 does."""
+    """``yaml.SafeLoader`` with YAML 1.2's numbers: ``1e-3`` (no dot) is a float, ``010`` is 10.
+
+    YAML 1.1 (PyYAML's default) reads ``010`` as octal 8 and ``1:00`` as base 60 (60); here
+    integers are decimal, ``0x1F`` or ``0o17``, and ``1:00`` stays a string.
+    """
+
+    def construct_yaml_int(self, node):
+        """An int from a decimal, ``0x`` (hexadecimal) or ``0o`` (octal) scalar."""
+        text = self.construct_scalar(node)
+        prefix = text.lstrip("+-")[:2].lower()
+        try:
+            return int(text, 16 if prefix == "0x" else 8 if prefix == "0o" else 10)
+        except ValueError:  # an explicit !!int tag on something else
+            raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
 
 
+_NUMBER = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _Loader.yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 for _first in "-+0123456789.":
     _Loader.yaml_implicit_resolvers[_first] = [
-        (tag, regexp) for tag, regexp in _Loader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
+        (tag, regexp) for tag, regexp in _Loader.yaml_implicit_resolvers.get(_first, []) if tag not in _NUMBER
     ]
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
         |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
         re.X,
     ),
     list("-+0123456789."),
 )
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def _yaml_load(text: str):

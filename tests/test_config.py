@@ -68,6 +68,34 @@ def test_parse_override(text, expected):
     assert config.parse_override(text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("epochs=010", 10),  # YAML 1.1: octal 8
+    ("epochs=-010", -10),
+    ("seed=0x1F", 31),
+    ("seed=0o17", 15),
+    ("seed=1:00", "1:00"),  # YAML 1.1: base 60, 60
+    ("learning_rate=1:30.5", "1:30.5"),
+    ("seed=0b101", "0b101"),
+    ("image_size=[010, 0x10]", [10, 16]),
+])
+def test_override_integers_are_yaml_1_2(text, expected):
+    value = config.parse_override(text)[1]
+    assert value == expected and type(value) is type(expected)
+
+
+def test_recipe_file_integers_are_yaml_1_2(fake_recipes, tmp_path):
+    path = _write(tmp_path, "ints.yaml", """
+        arch: FC16
+        data: mnist-sample
+        epochs: 010
+        run_dir: 1:00
+    """)
+    assert config.load_recipe(path).kwargs == {"arch": "FC16", "data": "mnist-sample", "epochs": 10, "run_dir": "1:00"}
+    path.write_text("arch: FC16\ndata: mnist-sample\nepochs: !!int 1:00\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="'1:00' is not an integer"):
+        config.load_recipe(path)
+
+
 @pytest.mark.parametrize("text", ["epochs", "=3", "model_options..activation=x", "x=[1,"])
 def test_malformed_override_names_it(text):
     with pytest.raises(ConfigError, match=re.escape(repr(text))):

@@ -25,7 +25,9 @@ knob from ``KNOBS``: build options (``batch_norm``, ``activation``, ...), traini
 (``learning_rate``, ``batch_size``, ``optimizer``, ``augment``, ...) and the fine-tuning knobs
 (``unfreeze_depth``, ``lr_multiplier``, ``head_epochs``). A range is ``{min, max}`` with an optional ``step`` and ``sampling`` ("linear",
 "log", "reverse_log"); the declarations become Keras Tuner ``Choice``, ``Int``, ``Float`` and
-``Fixed`` hyperparameters, so every Keras Tuner algorithm can search them.
+``Fixed`` hyperparameters, so every Keras Tuner algorithm can search them. Under log sampling
+``step`` is a multiplier, as in Keras Tuner: ``{min: 16, max: 128, step: 2, sampling: log}`` is
+16, 32, 64, 128; a step <= 1, or one that leaves ``min`` the only value, is refused.
 
 A combination whose network does not fit the input (a kernel larger than the feature map) is
 found by the planner before anything is built: :meth:`SearchSpace.invalid_reason` returns the
@@ -278,13 +280,17 @@ class SearchSpace:
     def values(self, tuner_values: dict) -> dict:
         """This space's values out of a trial's Keras Tuner values (its ``tuner/...`` entries dropped).
 
-        Floats are rounded to 10 significant digits (a stepped range gives ``0.30000000000000004``).
+        Floats are rounded to 10 significant digits (a stepped range gives ``0.30000000000000004``),
+        and an integer range's values are ints (Keras Tuner's grid gives ``32.0`` for a log range).
 
         Example:
             >>> SearchSpace("{d}", {"d": [0.5]}).values({"d": 0.30000000000000004, "tuner/epochs": 2})
             {'d': 0.3}
+            >>> SearchSpace("FC{u}", {"u": {"min": 16, "max": 64, "step": 2, "sampling": "log"}}).values({"u": 32.0})
+            {'u': 32}
         """
-        return {name: _tidy(tuner_values[name]) for name in self.hyperparameters if name in tuner_values}
+        return {name: _tidy(tuner_values[name], self.hyperparameters[name])
+                for name in self.hyperparameters if name in tuner_values}
 
     def arch_for(self, values: dict) -> str:
         """The notation string of one combination of values.
@@ -480,6 +486,11 @@ def _declare(hp, name, declaration):
             raise ValueError("min must be below max")
         if sampling != "linear" and low <= 0:
             raise ValueError(f"{sampling} sampling needs min > 0")
+        if sampling != "linear" and step is not None and (step <= 1 or low * step > high):
+            only = "" if step <= 1 else f" (this range allows only {low if sampling == 'log' else high})"
+            raise ValueError(f"under {sampling} sampling step is a multiplier (log: min, min*step, min*step**2, ... "
+                             f"up to max; reverse_log mirrors them towards max), so it must be > 1 and at most "
+                             f"max/min{only}; use a step like 2, or leave step out to sample the range continuously")
         if all(isinstance(value, int) for value in numbers):
             hp.Int(name, low, high, step=step, sampling=sampling)
         else:
@@ -524,8 +535,14 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _tidy(value):
-    return float(f"{value:.10g}") if isinstance(value, float) else value
+def _tidy(value, declaration=None):
+    """A value as recorded: an integer range's as an int, other floats to 10 significant digits."""
+    if not isinstance(value, float):
+        return value
+    if isinstance(declaration, dict) and all(isinstance(declaration.get(key, 1), int) and not isinstance(
+            declaration.get(key), bool) for key in ("min", "max", "step")):
+        return round(value)
+    return float(f"{value:.10g}")
 
 
 def _format(value) -> str:

@@ -51,6 +51,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -63,6 +64,7 @@ import keras
 import keras_tuner as kt
 import tensorflow as tf
 import yaml
+from keras_tuner.src.tuners.gridsearch import LinkedList
 from tensorflow.python.framework import ops as tf_ops
 
 import cnnkit
@@ -86,7 +88,15 @@ from cnnkit.tuner.space import KNOBS, SearchSpace
 
 ALGORITHMS = ("random", "grid", "bayesian", "hyperband")
 OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "val_balanced_accuracy": "max"}
-"""Objective name -> direction. Balanced accuracy is the mean per-class recall on validation."""
+"""Objective name -> direction. Balanced accuracy is the mean per-class recall on validation.
+
+``val_loss`` is scored on plain cross-entropy (the ``cross_entropy`` metric each trial compiles,
+logged as ``val_cross_entropy``), not on the trial's training loss: that one includes its
+``label_smoothing`` and its ``l2`` penalty, so trials with other values of them would be scored
+on different functions."""
+
+_SCORED_ON = {"val_loss": "val_cross_entropy"}
+"""Objective -> the logged metric Keras Tuner scores trials on, where the two differ."""
 
 PROJECT = "keras_tuner"
 SETTINGS_FILE = "search.yaml"
@@ -149,7 +159,8 @@ def search(
             validation split: trials are scored on it.
         algorithm: "random", "grid", "bayesian" (needs scipy and scikit-learn) or "hyperband".
         objective: "val_accuracy", "val_loss" or "val_balanced_accuracy"; a trial's score is its
-            best epoch's value.
+            best epoch's value. "val_loss" is plain validation cross-entropy (logged as
+            ``val_cross_entropy``), without a trial's ``label_smoothing`` or ``l2`` penalty.
         max_trials: trials to train at most (invalid ones not counted); ``None``: until the
             algorithm stops (grid: every combination; hyperband: its brackets).
         epochs: epochs per trial; for hyperband, the most epochs one network trains
@@ -442,9 +453,14 @@ class _SpaceHyperModel(kt.HyperModel):
         return model
 
     def compile(self, model, optimizer):
+        """Compile with the trial's loss and the metrics its objective is scored on."""
         metrics = ["accuracy"]
         if self.objective == "val_balanced_accuracy":
             metrics.append(BalancedAccuracy(self.data.num_classes))
+        if self.objective == "val_loss":  # unsmoothed and without penalties: comparable across trials
+            metric = (keras.metrics.CategoricalCrossentropy if self.inputs.soft_labels
+                      else keras.metrics.SparseCategoricalCrossentropy)
+            metrics.append(metric(name="cross_entropy"))
         model.compile(optimizer=loss_scaled(optimizer, self.dtype), loss=self.inputs.loss, metrics=metrics,
                       steps_per_execution=self.steps_per_execution)
 
@@ -606,7 +622,31 @@ class _RandomOracle(_Oracle, kt.oracles.RandomSearchOracle):
 
 
 class _GridOracle(_Oracle, kt.oracles.GridSearchOracle):
-    pass
+    """Grid search that keeps its place in the grid across a restart.
+
+    Keras Tuner's grid oracle keeps the trials in grid order (``_ordered_ids``) and the trials
+    whose next combination is still to be proposed (``_populate_next``) in memory only, so a
+    reloaded search failed (``KeyError``) after rerunning the interrupted trial, or stopped with
+    most of the grid untrained. ``reload`` rebuilds both from the saved trials.
+    """
+
+    def reload(self):
+        """Reload, then put every trial (completed, failed, invalid or interrupted) in grid order.
+
+        Every trial is queued: proposing skips one whose next combination is already a trial, so
+        the search goes on with the first combination not tried. An interrupted trial runs again
+        (Keras Tuner's retry queue), also one whose ``trial.json`` was written but not yet the
+        oracle's state.
+        """
+        super().reload()
+        order = functools.cmp_to_key(lambda a, b: self._compare(a.hyperparameters.values, b.hyperparameters.values))
+        trials = sorted(self.trials.values(), key=order)
+        self._ordered_ids = LinkedList()
+        for trial in trials:
+            self._ordered_ids.insert(trial.trial_id)
+            if trial.status == "RUNNING" and trial.trial_id not in self._retry_queue:
+                self._retry_queue.append(trial.trial_id)
+        self._populate_next = [trial.trial_id for trial in trials]
 
 
 class _BayesianOracle(_Oracle, kt.oracles.BayesianOptimizationOracle):
@@ -721,7 +761,7 @@ class _HyperbandTuner(_Tuner, kt.Hyperband):
 
 def _make_oracle(algorithm, *, objective, max_trials, epochs, factor, hyperband_iterations, seed,
                  max_consecutive_failed_trials):
-    common = {"objective": kt.Objective(objective, OBJECTIVES[objective]),
+    common = {"objective": kt.Objective(_SCORED_ON.get(objective, objective), OBJECTIVES[objective]),
               "seed": seed + 1,  # Keras Tuner draws a random seed for 0
               "max_consecutive_failed_trials": max_consecutive_failed_trials}
     if algorithm == "hyperband":

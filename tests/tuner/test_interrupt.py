@@ -1,4 +1,4 @@
-"""A search killed with SIGKILL in the middle of a trial resumes with the same command."""
+"""A search killed with SIGKILL in the middle of a trial resumes with the same command (random and grid)."""
 
 import json
 import os
@@ -16,7 +16,7 @@ import numpy as np
 
 import cnnkit
 
-work = Path(sys.argv[1])
+work, algorithm = Path(sys.argv[1]), sys.argv[2]
 
 
 class BlockThirdTraining(keras.callbacks.Callback):
@@ -36,9 +36,13 @@ x = rng.integers(0, 100, (64, 8, 8), dtype=np.uint8)
 y = np.arange(64) % 2
 x[y == 1, :4] += 150
 data = cnnkit.data.from_arrays(x, y, val_split=0.25)
-space = {"arch": "{f}C3-MP2-FC{units}", "hyperparameters": {"f": [2, 4], "units": [4, 8], "learning_rate": 0.05}}
-result = cnnkit.tuner.search(space, data, max_trials=4, epochs=1, precision="float32", verbose=0,
-                             directory=work / "search", callbacks=[BlockThirdTraining()])
+if algorithm == "grid":  # k=9 does not fit the 8x8 input: two invalid trials in the grid
+    space = {"arch": "{f}C{k}-MP2-FC4", "hyperparameters": {"f": [2, 4], "k": [3, 9, 5], "learning_rate": 0.05}}
+else:
+    space = {"arch": "{f}C3-MP2-FC{units}", "hyperparameters": {"f": [2, 4], "units": [4, 8], "learning_rate": 0.05}}
+result = cnnkit.tuner.search(space, data, algorithm=algorithm, max_trials=4 if algorithm == "random" else None,
+                             epochs=1, precision="float32", verbose=0, directory=work / "search",
+                             callbacks=[BlockThirdTraining()])
 print("done", len(result.trials))
 '''
 
@@ -51,11 +55,12 @@ def _trials(directory):
     return trials
 
 
-def test_sigkill_mid_trial_then_the_same_command_finishes_the_search(tmp_path):
+def _kill_in_third_training(tmp_path, algorithm):
+    """Run the search until its third training starts, SIGKILL it; the command and env to run it again."""
     script = tmp_path / "search.py"
     script.write_text(SCRIPT)
     (tmp_path / "block").write_text("")
-    command = [sys.executable, str(script), str(tmp_path)]
+    command = [sys.executable, str(script), str(tmp_path), algorithm]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
@@ -66,12 +71,16 @@ def test_sigkill_mid_trial_then_the_same_command_finishes_the_search(tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     process.stdout.close()
+    (tmp_path / "block").unlink()
+    return command, env
 
+
+def test_sigkill_mid_trial_then_the_same_command_finishes_the_search(tmp_path):
+    command, env = _kill_in_third_training(tmp_path, "random")
     before = _trials(tmp_path / "search")
     assert {trial_id: state[0] for trial_id, state in before.items()} == {
         "0": "COMPLETED", "1": "COMPLETED", "2": "RUNNING"}
 
-    (tmp_path / "block").unlink()
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert "done 4" in finished.stdout
@@ -83,3 +92,25 @@ def test_sigkill_mid_trial_then_the_same_command_finishes_the_search(tmp_path):
     assert int((tmp_path / "trainings").read_text()) == 3 + 2  # the second run trained trials 2 and 3 only
     rows = (tmp_path / "search" / "trials.csv").read_text().splitlines()
     assert len(rows) == 1 + 4
+
+
+def test_sigkill_mid_trial_of_a_grid_search_then_the_same_command_trains_the_rest_of_the_grid(tmp_path):
+    # Keras Tuner's grid oracle kept its place in the grid in memory only: the resumed search
+    # reran the interrupted trial, then failed (KeyError), and a further resume stopped early.
+    command, env = _kill_in_third_training(tmp_path, "grid")
+    before = _trials(tmp_path / "search")
+    assert [(state[0], state[2]["f"], state[2]["k"]) for _, state in sorted(before.items())] == [
+        ("COMPLETED", 2, 3), ("INVALID", 2, 9), ("COMPLETED", 2, 5), ("RUNNING", 4, 3)]
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    after = _trials(tmp_path / "search")
+    combinations = sorted((state[2]["f"], state[2]["k"], state[0]) for state in after.values())
+    # the uninterrupted search's grid: every combination once, those with k=9 invalid (not trained)
+    assert combinations == [(f, k, "INVALID" if k == 9 else "COMPLETED") for f in (2, 4) for k in (3, 5, 9)]
+    assert int((tmp_path / "trainings").read_text()) == 3 + 2  # the second run trained (4, 3) again and (4, 5)
+    assert "done 6" in finished.stdout
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "done 6" in again.stdout, again.stdout + again.stderr
+    assert _trials(tmp_path / "search") == after and int((tmp_path / "trainings").read_text()) == 5

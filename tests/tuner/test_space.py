@@ -45,6 +45,29 @@ def test_values_round_floats_and_fill_the_template():
     assert space.placeholders == ("f", "units", "dropout")
 
 
+@pytest.mark.parametrize("declaration, only", [
+    ({"min": 16, "max": 128, "step": 16, "sampling": "log"}, "only 16"),  # Keras Tuner would offer 16 alone
+    ({"min": 16, "max": 128, "step": 16, "sampling": "reverse_log"}, "only 128"),
+    ({"min": 16, "max": 128, "step": 1, "sampling": "log"}, "at most max/min;"),
+    ({"min": 0.001, "max": 0.1, "step": 0.001, "sampling": "log"}, "at most max/min;"),
+])
+def test_a_log_range_refuses_a_step_that_is_not_a_useful_multiplier(declaration, only):
+    with pytest.raises(ValueError, match=r"hyperparameter 'units': under \w+ sampling step is a multiplier") as error:
+        SearchSpace("FC{units}", {"units": declaration})
+    assert only in str(error.value)
+
+
+def test_a_log_range_with_a_multiplier_step_gives_its_powers_as_ints():
+    space = SearchSpace("FC{units}", {"units": {"min": 16, "max": 128, "step": 2, "sampling": "log"}})
+    _, declared = _declared(space)
+    units = declared["units"]
+    assert list(units.values) == [16, 32, 64, 128]  # what the grid tries
+    assert {units.random_sample(seed) for seed in range(200)} == {16, 32, 64, 128}
+    values = [space.values({"units": value})["units"] for value in units.values]  # the grid's are floats (16.0)
+    assert values == [16, 32, 64, 128] and all(type(value) is int for value in values)
+    assert space.arch_for({"units": 32}) == "FC32"
+
+
 def test_model_options_are_the_build_knobs():
     space = SearchSpace("{f}C3", {"f": [4], "batch_norm": [False, True], "activation": ["relu", "tanh"],
                                   "learning_rate": 0.01})

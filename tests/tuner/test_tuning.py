@@ -162,6 +162,25 @@ def test_label_smoothing_is_a_knob_that_reaches_the_loss_and_the_best_recipe(tin
     config.validate_kwargs(train, {key: value for key, value in recipe.items() if key != "recipe"})
 
 
+def test_val_loss_scores_trials_on_plain_cross_entropy_whatever_their_label_smoothing(tiny_data, tiny_space, tmp_path):
+    hyperparameters = {**tiny_space["hyperparameters"], "f": [4], "units": [8], "label_smoothing": [0.0, 0.3]}
+    result = search({**tiny_space, "hyperparameters": hyperparameters}, tiny_data, algorithm="grid", max_trials=None,
+                    objective="val_loss", directory=tmp_path / "search", **{**FAST, "epochs": 2})
+    images, labels = tiny_data.arrays("val")
+    assert [trial.values["label_smoothing"] for trial in result.trials] == [0.0, 0.3]
+    for trial in result.trials:  # the score is the validation cross-entropy of the trial's best-epoch weights
+        model = result._tuner.load_model(result._tuner.oracle.trials[trial.trial_id])
+        plain = float(np.mean(keras.losses.sparse_categorical_crossentropy(labels, model.predict(images, verbose=0))))
+        assert trial.score == pytest.approx(plain, rel=1e-4)
+        assert trial.metrics["val_cross_entropy"] == trial.score
+    smoothed = result.trials[1]
+    assert smoothed.metrics["val_loss"] != pytest.approx(smoothed.score, rel=1e-3)  # its own loss is smoothed
+    assert result.best_score == min(trial.score for trial in result.trials)
+    recipe = yaml.safe_load((tmp_path / "search" / "best_recipe.yaml").read_text())
+    assert recipe["label_smoothing"] == result.best_trial.values["label_smoothing"]
+    assert "Sensitivity of val_loss" in result.sensitivity.table()
+
+
 def test_mixed_float16_trials_train_with_loss_scaling(tiny_data, tiny_space, tmp_path):
     class Optimizers(keras.callbacks.Callback):
         seen = []
