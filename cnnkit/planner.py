@@ -36,8 +36,13 @@ DEFAULT_OPTIONS = {
     "max_norm": None,
     "preprocessing": "rescale",
     "dtype": None,
+    "shortcut": "projection",
 }
 """Build options and their defaults; registered networks override some (``lenet``: tanh)."""
+
+SHORTCUTS = ("projection", "zero_pad")
+"""Residual shortcuts where a block changes shape (He et al. 2016): a 1x1 convolution + BN
+(option B), or the parameter-free identity, subsampled and zero-padded to the new width (option A)."""
 
 _SPATIAL = {"conv", "local", "maxpool", "avgpool", "gap", "gmp", "lrn", "residual"}
 _WEIGHTED = {"conv", "local", "dense"}
@@ -191,8 +196,8 @@ def plan(arch, input_shape, num_classes: int | None = None, **options) -> Plan:
         input_shape: ``(height, width, channels)``.
         num_classes: append the softmax classifier ``FC{num_classes}`` unless the spec already
             ends with it; ``None`` plans the body alone.
-        **options: build options (see ``DEFAULT_OPTIONS``); ``activation``, ``padding`` and
-            ``batch_norm`` change the plan, the rest are carried to ``cnnkit.build``.
+        **options: build options (see ``DEFAULT_OPTIONS``); ``activation``, ``padding``,
+            ``batch_norm`` and ``shortcut`` change the plan, the rest are carried to ``cnnkit.build``.
 
     Returns:
         A :class:`Plan`; ``print(plan)`` shows the layer table.
@@ -210,18 +215,35 @@ def plan(arch, input_shape, num_classes: int | None = None, **options) -> Plan:
     input_shape = _check_input_shape(input_shape)
     if num_classes is not None and (not _is_int(num_classes) or num_classes < 2):
         raise ValueError(f"num_classes must be an integer >= 2. Received: num_classes={num_classes!r}")
-    if options["activation"] not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}. Received: activation={options['activation']!r}")
-    if options["padding"] not in ("valid", "same"):
-        raise ValueError(f"padding must be 'valid' or 'same'. Received: padding={options['padding']!r}")
+    _check_options(options)
     num_classes = None if num_classes is None else int(num_classes)
     layers = _resolve(parse(spec), num_classes, options, rank=len(input_shape))
-    rows = _plan_rows(layers, input_shape)
+    rows = _plan_rows(layers, input_shape, options["shortcut"])
     return Plan(spec=spec, input_shape=input_shape, num_classes=num_classes, rows=tuple(rows), options=options)
 
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_options(options):
+    """Refuse a build option of the wrong type or range, naming it (``initializer``,
+    ``preprocessing`` and ``dtype`` are checked where the model is built)."""
+    choices = {"activation": ACTIVATIONS, "padding": ("valid", "same"), "shortcut": SHORTCUTS}
+    for key, allowed in choices.items():
+        if options[key] not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}. Received: {key}={options[key]!r}")
+    if not isinstance(options["batch_norm"], bool):
+        raise ValueError(f"batch_norm must be True or False. Received: batch_norm={options['batch_norm']!r}")
+    l2, max_norm = options["l2"], options["max_norm"]
+    if l2 is not None and (not _is_real(l2) or not l2 >= 0):
+        raise ValueError(f"l2 must be None or a number >= 0. Received: l2={l2!r}")
+    if max_norm is not None and (not _is_real(max_norm) or not max_norm > 0):
+        raise ValueError(f"max_norm must be None or a number > 0. Received: max_norm={max_norm!r}")
 
 
 def _check_input_shape(input_shape) -> tuple[int, int, int]:
@@ -287,7 +309,7 @@ def _resolve(layers: list[Layer], num_classes, options, rank) -> list[Layer]:
     return with_flatten
 
 
-def _plan_rows(layers: list[Layer], input_shape) -> list[Row]:
+def _plan_rows(layers: list[Layer], input_shape, shortcut="projection") -> list[Row]:
     rows, counts = [], {}
     shape = input_shape
     receptive, jump = (1, 1), (1, 1)
@@ -301,7 +323,8 @@ def _plan_rows(layers: list[Layer], input_shape) -> list[Row]:
             base = _NAME.get(layer.kind, layer.kind)
             counts[base] = counts.get(base, 0) + 1
             name = base if layer.kind == "flatten" else f"{base}{counts[base]}"
-        out, params, trainable, macs, receptive, jump, note = _layer_math(layer, shape, use_bias, receptive, jump)
+        out, params, trainable, macs, receptive, jump, note = _layer_math(layer, shape, use_bias, receptive, jump,
+                                                                          shortcut)
         if len(out) == 1:  # a unit after flatten or global pooling sees the whole image
             receptive = tuple(input_shape[:2])
         if layer.activation == "prelu":
@@ -315,9 +338,9 @@ def _plan_rows(layers: list[Layer], input_shape) -> list[Row]:
 _NAME = {"maxpool": "pool", "avgpool": "pool", "gap": "gap", "gmp": "gmp", "dense": "fc"}
 
 
-def _window_out(layer: Layer, size: int, axis: str, window: int, strict: bool) -> tuple[int, str]:
+def _window_out(layer: Layer, size: int, axis: str, window: int, stride: int, strict: bool) -> tuple[int, str]:
     """Output size along one axis, with the CS231n formula in the error."""
-    stride, padding = layer.stride, layer.padding or 0
+    padding = layer.padding or 0
     if padding == "same":
         return -(-size // stride), ""
     span = size - window + 2 * padding
@@ -335,17 +358,17 @@ def _window_out(layer: Layer, size: int, axis: str, window: int, strict: bool) -
     return span // stride + 1, ""
 
 
-def _layer_math(layer: Layer, shape, use_bias, receptive, jump):
+def _layer_math(layer: Layer, shape, use_bias, receptive, jump, shortcut="projection"):
     """(output shape, params, trainable params, MACs, receptive field, jump, note) for one layer."""
     kind = layer.kind
     if kind in ("conv", "local", "maxpool", "avgpool"):
         height, width, channels = shape
-        kernel_h, kernel_w = layer.kernel
+        (kernel_h, kernel_w), (stride_h, stride_w) = layer.kernel, layer.stride
         strict = kind in ("conv", "local")
-        out_w, note_w = _window_out(layer, width, "W", kernel_w, strict)
-        out_h, note_h = _window_out(layer, height, "H", kernel_h, strict)
+        out_w, note_w = _window_out(layer, width, "W", kernel_w, stride_w, strict)
+        out_h, note_h = _window_out(layer, height, "H", kernel_h, stride_h, strict)
         receptive = (receptive[0] + (kernel_h - 1) * jump[0], receptive[1] + (kernel_w - 1) * jump[1])
-        jump = (jump[0] * layer.stride, jump[1] * layer.stride)
+        jump = (jump[0] * stride_h, jump[1] * stride_w)
         note = "; ".join(filter(None, [note_h, note_w]))
         if kind in ("maxpool", "avgpool"):
             return (out_h, out_w, channels), 0, 0, 0, receptive, jump, note
@@ -358,20 +381,24 @@ def _layer_math(layer: Layer, shape, use_bias, receptive, jump):
         return (out_h, out_w, filters), params, params, out_h * out_w * per_position, receptive, jump, note
     if kind == "residual":
         height, width, channels = shape
-        filters, stride = layer.size, layer.stride
-        out_h, out_w = -(-height // stride), -(-width // stride)
+        filters, (stride_h, stride_w) = layer.size, layer.stride
+        out_h, out_w = -(-height // stride_h), -(-width // stride_w)
         params = 9 * channels * filters + 9 * filters * filters + 8 * filters
         macs = out_h * out_w * (9 * channels * filters + 9 * filters * filters)
-        note = ""
-        if stride != 1 or channels != filters:
-            params += channels * filters + 4 * filters
-            macs += out_h * out_w * channels * filters
-            note = "projection shortcut"
-        non_trainable = 4 * filters + (2 * filters if note else 0)
+        non_trainable, note = 4 * filters, ""
+        if layer.stride != (1, 1) or channels != filters:
+            if shortcut == "zero_pad" and filters >= channels:
+                note = "zero-padded shortcut"
+            else:
+                params += channels * filters + 4 * filters
+                macs += out_h * out_w * channels * filters
+                non_trainable += 2 * filters
+                note = "projection shortcut"
         if layer.activation == "prelu":  # the block's inner activation; _plan_rows adds the outer one
             params += filters
-        receptive = (receptive[0] + 2 * jump[0] + 2 * jump[0] * stride, receptive[1] + 2 * jump[1] + 2 * jump[1] * stride)
-        jump = (jump[0] * stride, jump[1] * stride)
+        receptive = (receptive[0] + 2 * jump[0] + 2 * jump[0] * stride_h,
+                     receptive[1] + 2 * jump[1] + 2 * jump[1] * stride_w)
+        jump = (jump[0] * stride_h, jump[1] * stride_w)
         return (out_h, out_w, filters), params, params - non_trainable, macs, receptive, jump, note
     if kind in ("gap", "gmp"):
         return (shape[-1],), 0, 0, 0, receptive, jump, ""

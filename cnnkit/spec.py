@@ -6,9 +6,11 @@ Tokens are joined by ``-`` (``--`` is accepted too). Letters are case-insensitiv
 Token                  Meaning
 =====================  =======================================================================
 ``64C3``               convolution, 64 filters of 3x3 (``64C3x5`` for 3x5), stride 1
-``96C11s4p0``          ... with stride 4 and zero-padding 0 (``psame`` for Keras "same")
+``96C11s4p0``          ... with stride 4 and zero-padding 0 (``psame`` for Keras "same"); stride
+                       before padding; ``s2x1`` for a stride that differs per axis
 ``32LC3``              locally connected 3x3 (no weight sharing), 32 filters; ``s`` for stride
-``MP2`` / ``MP3s2``    max-pooling 2x2 (stride = size) / 3x3 with stride 2 (overlapping)
+``MP2`` / ``MP3s2``    max-pooling 2x2 (stride = size) / 3x3 with stride 2 (overlapping);
+                       ``MP2x4`` pools 2x4 with stride 2x4 (the stride is the window, per axis)
 ``AP2``                average pooling, same options as ``MP``
 ``GAP`` / ``GMP``      global average / global max pooling
 ``FC256``              fully connected, 256 units (a flatten is inserted where needed)
@@ -39,7 +41,8 @@ ACTIVATIONS = (
     "relu", "tanh", "sigmoid", "leaky_relu", "prelu", "elu", "selu", "gelu", "swish", "linear", "softmax",
 )
 
-_WINDOW = r"(?P<k>\d+)(?:x(?P<k2>\d+))?(?:s(?P<s>\d+))?(?:p(?P<p>\d+|same))?"
+_STRIDE = r"(?:s(?P<s>\d+)(?:x(?P<s2>\d+))?)?"
+_WINDOW = rf"(?P<k>\d+)(?:x(?P<k2>\d+))?{_STRIDE}(?:p(?P<p>\d+|same))?"
 _PATTERNS = [
     ("local", re.compile(rf"(?P<n>\d+)LC{_WINDOW}", re.I)),
     ("conv", re.compile(rf"(?P<n>\d+)C{_WINDOW}", re.I)),
@@ -51,7 +54,7 @@ _PATTERNS = [
     ("dropout", re.compile(r"D(?P<rate>\d*\.?\d+)", re.I)),
     ("bn", re.compile(r"BN", re.I)),
     ("lrn", re.compile(r"LRN(?P<n>\d+)?", re.I)),
-    ("residual", re.compile(r"R(?P<n>\d+)(?:s(?P<s>\d+))?", re.I)),
+    ("residual", re.compile(rf"R(?P<n>\d+){_STRIDE}", re.I)),
 ]
 _TAKES_ACTIVATION = {"conv", "local", "dense", "residual"}
 _PREFIX = {"maxpool": "MP", "avgpool": "AP", "gap": "GAP", "gmp": "GMP", "bn": "BN", "lrn": "LRN"}
@@ -77,20 +80,26 @@ class SpecError(ValueError):
 class Layer:
     """One parsed token. Fields that do not apply to a kind are ``None``.
 
-    ``size`` is the filter count (C, LC, R), unit count (FC) or LRN depth; ``kernel`` is
-    (height, width); ``padding`` is an int, ``"same"``, or ``None`` for the build default;
-    ``activation`` is ``None`` for the build default.
+    ``size`` is the filter count (C, LC, R), unit count (FC) or LRN depth; ``kernel`` and
+    ``stride`` are (height, width) pairs (an int stride given to the constructor becomes a pair);
+    a pool's default stride is its window, per axis; ``padding`` is an int, ``"same"``, or
+    ``None`` for the build default; ``activation`` is ``None`` for the build default.
     """
 
     kind: str
     size: int | None = None
     kernel: tuple[int, int] | None = None
-    stride: int | None = None
+    stride: tuple[int, int] | None = None
     padding: int | str | None = None
     rate: float | None = None
     activation: str | None = None
     token: str = ""
     position: int = 0
+
+    def __post_init__(self):
+        if self.stride is not None:
+            stride = (self.stride, self.stride) if isinstance(self.stride, int) else tuple(self.stride)
+            object.__setattr__(self, "stride", stride)
 
     def __str__(self):
         return format_layer(self)
@@ -104,7 +113,7 @@ def parse(spec: str) -> list[Layer]:
 
     Example:
         >>> parse("MP3s2")[0]
-        Layer(kind='maxpool', size=None, kernel=(3, 3), stride=2, padding=None, rate=None, activation=None, token='MP3s2', position=1)
+        Layer(kind='maxpool', size=None, kernel=(3, 3), stride=(2, 2), padding=None, rate=None, activation=None, token='MP3s2', position=1)
     """
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"a spec must be a non-empty string like '20C5-MP2-FC256'. Received: spec={spec!r}")
@@ -130,6 +139,10 @@ def _parse_token(token: str, position: int) -> Layer:
         if match:
             break
     else:
+        swapped = re.sub(r"(p(?:\d+|same))(s\d+(?:x\d+)?)$", r"\2\1", body, flags=re.I)
+        if swapped != body and any(pattern.fullmatch(swapped) for _, pattern in _PATTERNS):
+            raise SpecError(f"the stride comes before the padding: write {swapped + colon + activation!r}",
+                            token=token, position=position)
         raise SpecError(
             "not a layer; expected e.g. 64C3, 96C11s4p0, 32LC3, MP2, MP3s2, AP2, GAP, GMP, FC256, D0.5, BN, LRN, R64s2",
             token=token,
@@ -147,11 +160,13 @@ def _parse_token(token: str, position: int) -> Layer:
         fields["kernel"] = (int(groups["k"]), int(groups.get("k2", groups["k"])))
         if min(fields["kernel"]) < 1:
             raise SpecError("a window must be at least 1x1", token=token, position=position)
-    if kind in ("maxpool", "avgpool"):
-        fields["stride"] = int(groups.get("s", fields["kernel"][0]))
+    if "s" in groups:
+        fields["stride"] = (int(groups["s"]), int(groups.get("s2", groups["s"])))
+    elif kind in ("maxpool", "avgpool"):
+        fields["stride"] = fields["kernel"]  # stride = window, per axis
     elif kind in ("conv", "local", "residual"):
-        fields["stride"] = int(groups.get("s", 1))
-    if fields.get("stride") == 0:
+        fields["stride"] = (1, 1)
+    if "stride" in fields and min(fields["stride"]) == 0:
         raise SpecError("a stride must be at least 1", token=token, position=position)
     if "p" in groups:
         fields["padding"] = "same" if groups["p"].lower() == "same" else int(groups["p"])
@@ -176,9 +191,8 @@ def format_layer(layer: Layer) -> str:
         head = {"conv": f"{layer.size}C", "local": f"{layer.size}LC"}.get(kind, _PREFIX.get(kind, ""))
         height, width = layer.kernel
         text = f"{head}{height}" + (f"x{width}" if width != height else "")
-        default_stride = height if kind in ("maxpool", "avgpool") else 1
-        if layer.stride != default_stride:
-            text += f"s{layer.stride}"
+        if layer.stride != (layer.kernel if kind in ("maxpool", "avgpool") else (1, 1)):
+            text += _stride_text(layer.stride)
         if layer.padding is not None:
             text += f"p{layer.padding}"
     elif kind == "dense":
@@ -188,12 +202,17 @@ def format_layer(layer: Layer) -> str:
     elif kind == "lrn":
         text = "LRN" if layer.size in (None, 5) else f"LRN{layer.size}"
     elif kind == "residual":
-        text = f"R{layer.size}" + (f"s{layer.stride}" if layer.stride != 1 else "")
+        text = f"R{layer.size}" + (_stride_text(layer.stride) if layer.stride != (1, 1) else "")
     elif kind in _PREFIX:
         text = _PREFIX[kind]
     else:
         raise SpecError(f"layer kind {kind!r} has no token")
     return text + (f":{layer.activation}" if layer.activation else "")
+
+
+def _stride_text(stride) -> str:
+    height, width = stride
+    return f"s{height}" + (f"x{width}" if width != height else "")
 
 
 def format_spec(layers) -> str:

@@ -9,8 +9,11 @@ every array that comes back is float32 numpy, whatever the model's precision pol
 
 "The output of a convolution" means the output of its block: a ``Conv2D`` followed by its
 batch normalisation and activation (cnnkit builds ``conv1 -> conv1_act``) is read after the
-activation, where the next layer sees it. A backbone nested as one layer (``keras.applications``
-fine-tuned) counts as one convolution, its output feature map.
+activation, where the next layer sees it. In a residual block the convolutions that end the
+block (the second one and the projection shortcut) are read after the shortcut is added and
+activated (``residual3``, the tensor the next block or the global pooling takes), named after that
+output. A backbone nested as one layer (``keras.applications`` fine-tuned) counts as one
+convolution, its output feature map.
 
 Each function can also write a PNG (``save=path``), atomically (``cnnkit.runs.atomic_write_bytes``).
 
@@ -47,9 +50,10 @@ __all__ = [
     "top_losses",
 ]
 
-# Layers that only carry a convolution's output to its activation: a block's output is read after them.
+# Layers that only carry a convolution's output on to its block's output (batch norm, activation; in a
+# residual block the shortcut's addition): a block's output is read after them.
 _BLOCK_TAIL = ("BatchNormalization", "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax",
-               "LocalResponseNormalization")
+               "LocalResponseNormalization", "Identity", "Add")
 _CONV_TYPES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "LocallyConnected2D")
 
 
@@ -125,13 +129,20 @@ def _is_conv(layer) -> bool:
 
 
 def _first_conv(model):
-    """The first convolution, looking inside a nested backbone."""
+    """The first convolution with a 4-D kernel (the one :func:`kernels` draws), looking inside a nested
+    backbone; a locally connected layer (a kernel per position) is passed over."""
     import keras
 
-    for layer in model.layers:
-        if _is_conv(layer):
-            return _first_conv(layer) if isinstance(layer, keras.Model) else layer
-    raise ValueError(f"The model {model.name!r} has no convolution layer. Received: a model with layers "
+    for layer in _conv_layers_of(model):
+        if isinstance(layer, keras.Model):
+            try:
+                return _first_conv(layer)
+            except ValueError:
+                continue
+        if any(len(weight.shape) == 4 for weight in layer.weights):
+            return layer
+    raise ValueError(f"The model {model.name!r} has no convolution with a 4-D kernel (a locally connected "
+                     f"layer's kernels are per position). Received: a model with layers "
                      f"{[layer.name for layer in model.layers]}")
 
 
@@ -169,18 +180,26 @@ def _output(model, layer):
 
 
 def _block_output(model, layer, consumers=None):
-    """The tensor a convolution's block hands on: after its batch norm / activation layers."""
+    """``(tensor, residual)``: the tensor a convolution's block hands on, after its batch norm /
+    activation layers and, in a residual block, after the shortcut's ``Add`` and the activation that
+    follows (what the next layer sees); ``residual`` is the layer giving that tensor when the way
+    passed an ``Add``, else None."""
     consumers = _consumers(model) if consumers is None else consumers
-    tensor = _output(model, layer)
+    tensor, residual = _output(model, layer), None
     while True:
         following = consumers.get(id(tensor), [])
         if len(following) != 1 or type(following[0]).__name__ not in _BLOCK_TAIL:
-            return tensor
+            return tensor, residual
+        if residual or type(following[0]).__name__ == "Add":
+            residual = following[0]
         tensor = _output(model, following[0])
 
 
 def _resolve_layers(model, layers, *, default):
-    """``[(name, tensor)]``: named layers as they are (a convolution as its block output)."""
+    """``[(name, tensor)]``: named layers as they are (a convolution as its block output).
+
+    By default the convolutions ``default`` picks, each tensor once: a residual block's output (which
+    its second convolution and its projection both resolve to) is named after its output layer."""
     consumers = _consumers(model)
     if layers is None:
         chosen = default(_conv_layers_of(model))
@@ -191,7 +210,11 @@ def _resolve_layers(model, layers, *, default):
         chosen = [_layer(model, layer) for layer in ([layers] if isinstance(layers, str) else layers)]
     resolved = []
     for layer in chosen:
-        tensor = _block_output(model, layer, consumers) if _is_conv(layer) else _output(model, layer)
+        tensor, residual = _block_output(model, layer, consumers) if _is_conv(layer) else (_output(model, layer), None)
+        if layers is None and residual is not None:
+            if any(tensor is seen for _, seen in resolved):
+                continue
+            layer = residual
         resolved.append((layer.name, tensor))
     return resolved
 
@@ -337,15 +360,15 @@ def kernels(model, layer=None, *, save=None) -> np.ndarray:
 
     Args:
         model: a ``keras.Model``, ``cnnkit.Run``, run directory or ``.keras`` file.
-        layer: a ``Conv2D`` (name or layer); default the first convolution (inside a nested
-            backbone, its first).
+        layer: a ``Conv2D`` (name or layer); default the first convolution with a 4-D kernel
+            (inside a nested backbone, its first; a locally connected layer is passed over).
         save: write the grid as a PNG here.
 
     Returns:
         The float32 grid in [0, 1], ``(H, W)`` or ``(H, W, 3)``.
 
     Raises:
-        ValueError: no convolution, or ``layer`` has no 4-D kernel.
+        ValueError: no convolution with a 4-D kernel, or ``layer`` has no 4-D kernel.
 
     Example:
         >>> grid = kernels(cnnkit.build("20C5-FC10", (28, 28, 1), 10))  # doctest: +SKIP
@@ -390,7 +413,8 @@ def feature_maps(model, image, layers=None, *, save=None) -> dict:
         model: a ``keras.Model``, ``cnnkit.Run``, run directory or ``.keras`` file.
         image: raw pixels, one image ``(H, W[, C])`` or a batch.
         layers: layer names (or one name); default every convolution (read after its batch
-            norm and activation). Any layer can be named; a convolution is read as its block.
+            norm and activation; a residual block's output once, under its output layer's name).
+            Any layer can be named; a convolution is read as its block.
         save: write a PNG, a grid of channels per layer (first image of a batch).
 
     Returns:
@@ -651,7 +675,8 @@ def grad_cam(model, image, class_index=None, layer=None, *, save=None) -> np.nda
         image: raw pixels, one image ``(H, W[, C])`` or a batch.
         class_index: the class to explain (int, or one per image); default the predicted class.
         layer: the convolution (name or layer); default the last one, read after its batch norm
-            and activation.
+            and activation (in a residual network, the last block's output after its shortcut is
+            added: the tensor the global pooling takes).
         save: write a PNG of the images over their overlays (the first 16 of a batch).
 
     Returns:

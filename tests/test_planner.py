@@ -173,6 +173,42 @@ def test_residual_block_math():
     assert plan("R4s2", (5, 5, 4)).rows[0].output_shape == (3, 3, 4)  # ceil, like 'same'
 
 
+def test_zero_padded_residual_shortcut_has_no_parameters():
+    projected = plan("R8s2", (8, 8, 4)).rows[0]
+    (row,) = plan("R8s2", (8, 8, 4), shortcut="zero_pad").rows
+    assert row.output_shape == (4, 4, 8)
+    assert row.params == projected.params - (4 * 8 + 4 * 8) == 9 * 4 * 8 + 9 * 8 * 8 + 8 * 8
+    assert row.trainable_params == row.params - 2 * 2 * 8
+    assert row.macs == 4 * 4 * (9 * 4 * 8 + 9 * 8 * 8)
+    assert row.note == "zero-padded shortcut"
+    assert row.receptive_field == projected.receptive_field
+    narrowing = plan("R4", (5, 5, 8), shortcut="zero_pad").rows[0]  # zero padding cannot narrow: projects
+    assert narrowing.note == "projection shortcut"
+    assert plan("R4", (5, 5, 4), shortcut="zero_pad").rows[0].note == ""
+
+
+def test_non_square_pool_strides_by_its_window_per_axis():
+    # README: "stride = size unless s given", for each axis: MP2x4 tiles 2x4 windows.
+    p = plan("MP2x4-4C1", (8, 8, 1))
+    pool, conv = p.rows
+    assert pool.output_shape == (4, 2, 1)
+    assert pool.note == ""
+    assert pool.receptive_field == (2, 4)
+    assert conv.receptive_field == (2, 4)  # jump (2, 4): a 1x1 conv sees one window
+    assert plan("MP2x4-4C3", (8, 16, 1)).rows[1].receptive_field == (2 + 2 * 2, 4 + 2 * 4)
+    assert plan("AP3x2", (9, 9, 1)).rows[0].output_shape == (3, 4, 1)
+    assert plan("AP3x2", (9, 9, 1)).rows[0].note == "floor drops 1 of W"
+    assert plan("MP2x4s2", (8, 8, 1)).rows[0].output_shape == (4, 3, 1)  # explicit s: both axes
+    assert plan("MP2x4psame", (7, 7, 1)).rows[0].output_shape == (4, 2, 1)
+
+
+def test_stride_pairs_in_the_formula():
+    assert plan("4C3s1x2", (8, 9, 1)).rows[0].output_shape == (6, 4, 4)
+    with pytest.raises(SpecError, match=r"\(W - F \+ 2P\)/S \+ 1 = \(8 - 3 \+ 0\)/2 \+ 1 = 3.5"):
+        plan("4C3s1x2", (8, 8, 1))
+    assert plan("R4s2x1", (5, 5, 4)).rows[0].output_shape == (3, 5, 4)
+
+
 def test_gap_gmp_dropout_lrn_bn_rows():
     p = plan("4C3-LRN3-BN-D0.5-GAP", (6, 6, 2))
     assert [r.name for r in p.rows] == ["conv1", "lrn1", "bn1", "dropout1", "gap1"]
@@ -346,13 +382,28 @@ def test_registered_names_resolve_with_their_options():
     (dict(activation="relux"), "activation"),
     (dict(padding="full"), "padding"),
     (dict(bogus=1), "bogus"),
+    (dict(batch_norm="false"), "batch_norm must be True or False. Received: batch_norm='false'"),
+    (dict(batch_norm=1), "batch_norm must be True or False"),
+    (dict(max_norm=-1), "max_norm must be None or a number > 0. Received: max_norm=-1"),
+    (dict(max_norm=0), "max_norm must be None or a number > 0"),
+    (dict(max_norm="2"), "max_norm must be None or a number > 0"),
+    (dict(l2=-1e-4), "l2 must be None or a number >= 0"),
+    (dict(l2="x"), "l2 must be None or a number >= 0"),
+    (dict(l2=float("nan")), "l2 must be None or a number >= 0"),
+    (dict(shortcut="A"), "shortcut must be one of"),
 ])
 def test_invalid_plan_arguments(kwargs, needle):
     args = dict(arch="8C3", input_shape=(8, 8, 1), num_classes=None)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=needle) as info:
+    with pytest.raises(ValueError) as info:
         plan(**args)
+    assert needle in str(info.value)
     assert not isinstance(info.value, SpecError)
+
+
+def test_valid_option_values_are_accepted():
+    for options in (dict(batch_norm=True, max_norm=3, l2=0), dict(max_norm=0.5, l2=None), dict(shortcut="zero_pad")):
+        assert plan("8C3", (8, 8, 1), **options).options["max_norm"] == options.get("max_norm")
 
 
 # --- memory --------------------------------------------------------------------------------

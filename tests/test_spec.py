@@ -30,6 +30,13 @@ TOKENS = {
     "MP3s2": (dict(kind="maxpool", kernel=(3, 3), stride=2), "MP3s2"),
     "MP2s2": (dict(kind="maxpool", kernel=(2, 2), stride=2), "MP2"),
     "MP3s2p1": (dict(kind="maxpool", kernel=(3, 3), stride=2, padding=1), "MP3s2p1"),
+    "MP2x4": (dict(kind="maxpool", kernel=(2, 4), stride=(2, 4)), "MP2x4"),  # stride = window, per axis
+    "MP2x4s2x4": (dict(kind="maxpool", kernel=(2, 4), stride=(2, 4)), "MP2x4"),
+    "MP2x4s2": (dict(kind="maxpool", kernel=(2, 4), stride=2), "MP2x4s2"),
+    "AP3x1psame": (dict(kind="avgpool", kernel=(3, 1), stride=(3, 1), padding="same"), "AP3x1psame"),
+    "MP3s2x1": (dict(kind="maxpool", kernel=(3, 3), stride=(2, 1)), "MP3s2x1"),
+    "64C3s2x1p1": (dict(kind="conv", size=64, kernel=(3, 3), stride=(2, 1), padding=1), "64C3s2x1p1"),
+    "R8s1x2": (dict(kind="residual", size=8, stride=(1, 2)), "R8s1x2"),
     "AP2": (dict(kind="avgpool", kernel=(2, 2), stride=2), "AP2"),
     "AP3s1psame": (dict(kind="avgpool", kernel=(3, 3), stride=1, padding="same"), "AP3s1psame"),
     "GAP": (dict(kind="gap"), "GAP"),
@@ -176,7 +183,7 @@ def test_dropout_rate_must_be_below_one(token):
     assert "dropout rate must be in [0, 1)" in str(error)
 
 
-@pytest.mark.parametrize("token", ["64C3s0", "32LC3s0", "MP2s0", "AP3s0", "R64s0"])
+@pytest.mark.parametrize("token", ["64C3s0", "32LC3s0", "MP2s0", "AP3s0", "R64s0", "64C3s1x0", "MP2s0x2"])
 def test_zero_stride(token):
     error = _spec_error(token)
     assert (error.token, error.position) == (token, 1)
@@ -198,12 +205,37 @@ def test_zero_sizes(token, message):
     assert message in str(error)
 
 
-@pytest.mark.parametrize("token", ["C3", "64C", "64C3p", "64C3s", "64C3pvalid", "64C3p1s2", "MP", "FC", "FC2.5",
+@pytest.mark.parametrize("token", ["C3", "64C", "64C3p", "64C3s", "64C3pvalid", "64C3s2x", "MP", "FC", "FC2.5",
                                    "D", "D-0.5", "R", "R64x3", "R64p1", "GAPP", "64", "64 C3", "LC3"])
 def test_malformed_tokens(token):
     error = _spec_error(f"8C3-{token}-FC10")
     assert error.position == 2  # "D-0.5" splits into "D" and "0.5": "D" is token 2
     assert "not a layer" in str(error)
+
+
+@pytest.mark.parametrize("token, fixed", [
+    ("96C11p0s4", "96C11s4p0"), ("64c3P1S2:tanh", "64c3S2P1:tanh"), ("MP3psames2", "MP3s2psame"),
+    ("8LC3p0s2x1", "8LC3s2x1p0"),
+])
+def test_padding_before_stride_says_the_order(token, fixed):
+    error = _spec_error(f"8C3-{token}")
+    assert (error.token, error.position) == (token, 2)
+    assert str(error) == f"token 2 {token!r}: the stride comes before the padding: write {fixed!r}"
+    parse(fixed)  # and the suggestion parses
+
+
+def test_pool_stride_defaults_to_its_window_per_axis():
+    (pool,) = parse("MP2x4")
+    assert pool.stride == (2, 4)
+    assert parse("AP1x3")[0].stride == (1, 3)
+    assert parse("MP2x4s2")[0].stride == (2, 2)  # an explicit s applies to both axes
+    assert parse("8C3x5")[0].stride == (1, 1)
+
+
+def test_layer_takes_an_int_stride_as_a_pair():
+    assert Layer("conv", size=8, kernel=(3, 3), stride=2).stride == (2, 2)
+    assert Layer("maxpool", kernel=(2, 4), stride=[2, 4]) == Layer("maxpool", kernel=(2, 4), stride=(2, 4))
+    assert format_layer(Layer("maxpool", kernel=(2, 4), stride=(2, 4))) == "MP2x4"
 
 
 @pytest.mark.parametrize("spec", ["", "   ", None, 42, ["64C3"]])
@@ -229,6 +261,7 @@ def test_format_layer_rejects_unknown_kind():
 _ACTIVATION = st.one_of(st.none(), st.sampled_from(ACTIVATIONS))
 _KERNEL = st.tuples(st.integers(1, 12), st.integers(1, 12))
 _PADDING = st.one_of(st.none(), st.integers(0, 5), st.just("same"))
+_STRIDE = st.one_of(st.integers(1, 5), st.tuples(st.integers(1, 5), st.integers(1, 5)))
 
 
 def _window_layer(kind):
@@ -239,7 +272,7 @@ def _window_layer(kind):
             padding = None if padding == "same" else padding
         return Layer(kind, size=size, kernel=kernel, stride=stride, padding=padding, activation=activation)
 
-    return st.builds(make, st.integers(1, 512), _KERNEL, st.integers(1, 5), _PADDING, _ACTIVATION)
+    return st.builds(make, st.integers(1, 512), _KERNEL, _STRIDE, _PADDING, _ACTIVATION)
 
 
 LAYERS = st.one_of(
@@ -254,7 +287,7 @@ LAYERS = st.one_of(
     st.builds(lambda rate: Layer("dropout", rate=rate), st.floats(0, 1, exclude_max=True)),
     st.builds(lambda n: Layer("lrn", size=n), st.integers(1, 11)),
     st.builds(lambda n, s, a: Layer("residual", size=n, stride=s, activation=a),
-              st.integers(1, 512), st.integers(1, 4), _ACTIVATION),
+              st.integers(1, 512), _STRIDE, _ACTIVATION),
 )
 
 

@@ -57,6 +57,14 @@ def test_kernels_of_a_deeper_layer_give_a_row_per_filter(net):
         visualize.kernels(net, "fc1")
 
 
+def test_kernels_default_to_the_first_convolution_with_a_4d_kernel():
+    model = cnnkit.build("4LC3-8C3-FC8", (10, 10, 1), 2)  # a locally connected layer first: a kernel per position
+    np.testing.assert_array_equal(visualize.kernels(model), visualize.kernels(model, "conv1"))
+    assert visualize.kernels(model).shape == (8 * 4 - 1, 4 * 4 - 1)  # 8 filters x 4 input channels
+    with pytest.raises(ValueError, match="has no convolution with a 4-D kernel"):
+        visualize.kernels(cnnkit.build("4LC3-FC8", (8, 8, 1), 2))
+
+
 def test_feature_maps_are_each_convolution_after_its_activation(net, mnist):
     _, (x_test, _) = mnist
     maps = visualize.feature_maps(net, x_test[0, :, :, 0])  # no channel axis: added
@@ -105,6 +113,52 @@ def test_grad_cam_of_another_class_and_a_chosen_layer(net, mnist, tmp_path):
         visualize.grad_cam(net, x_test[0], class_index=10)
     with pytest.raises(ValueError, match="needs a layer with"):
         visualize.grad_cam(net, x_test[0], layer="fc1")
+
+
+@pytest.fixture(scope="module")
+def resnet8():
+    keras.utils.set_random_seed(1)
+    return cnnkit.build("resnet8", (28, 28, 1), 10)
+
+
+def test_a_residual_block_is_read_after_its_shortcut_is_added(resnet8):
+    images = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1)).astype(np.float32)
+    maps = visualize.feature_maps(resnet8, images)
+    assert list(maps) == ["conv1", "residual1_conv1", "residual1", "residual2_conv1", "residual2",
+                          "residual3_conv1", "residual3"]  # residual2 once, not once per conv2 and projection
+    pooled = keras.Model(resnet8.inputs[0], resnet8.get_layer("gap1").input)(images)
+    np.testing.assert_allclose(maps["residual3"], np.asarray(pooled), rtol=1e-5, atol=1e-5)
+    named = visualize.feature_maps(resnet8, images, ["residual3_conv2"])  # a name asked for is kept
+    np.testing.assert_array_equal(named["residual3_conv2"], maps["residual3"])
+
+
+def test_a_projection_shortcut_resolves_to_the_block_output_once():
+    inputs = keras.Input((8, 8, 2))
+    main = keras.layers.Conv2D(4, 3, padding="same", name="block_conv")(inputs)
+    shortcut = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 1, name="block_proj")(inputs))
+    block = keras.layers.ReLU(name="block")(keras.layers.Add()([main, shortcut]))
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(block))
+    model = keras.Model(inputs, outputs)
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 2))
+    assert list(visualize.feature_maps(model, image)) == ["block"]
+    np.testing.assert_array_equal(visualize.grad_cam(model, image), visualize.grad_cam(model, image, layer="block"))
+
+
+def test_grad_cam_of_a_residual_net_defaults_to_the_last_block_output(resnet8):
+    import tensorflow as tf
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)).astype(np.float32)
+    block = resnet8.get_layer("gap1").input  # the last block's output, after its Add and ReLU
+    probe = keras.Model(resnet8.inputs[0], [block, resnet8.get_layer("classifier").output])  # logits
+    with tf.GradientTape() as tape:
+        features, logits = probe(images, training=False)
+        score = tf.reduce_sum(tf.reduce_max(logits, axis=-1))  # the predicted class's logit
+    weights = tf.reduce_mean(tape.gradient(score, features), axis=[1, 2], keepdims=True)
+    cams = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1)).numpy()
+    assert cams.reshape(4, -1).max(axis=1).min() > 0
+    cams = visualize._project(cams, visualize._geometry(resnet8, block), (28, 28))
+    expected = cams / cams.reshape(4, -1).max(axis=1).reshape(-1, 1, 1)
+    np.testing.assert_allclose(visualize.grad_cam(resnet8, images), expected, atol=1e-5)
 
 
 def test_activation_maximisation_raises_the_filter_activation_tenfold(net, tmp_path):

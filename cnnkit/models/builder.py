@@ -46,7 +46,9 @@ def build(arch, input_shape, num_classes, **options) -> keras.Model:
             ``l2`` (kernel L2 penalty), ``max_norm`` (kernel max-norm constraint),
             ``preprocessing`` ("rescale" for 1/255, ``None`` for none, or a list of Keras
             layers applied first), ``dtype`` (a dtype policy such as "mixed_bfloat16"; the
-            softmax output stays float32).
+            softmax output stays float32), ``shortcut`` ("projection": a residual block that
+            changes shape projects with a 1x1 convolution + BN; "zero_pad": parameter-free,
+            subsampled and zero-padded, He et al.'s option A).
 
     Returns:
         A functional ``keras.Model`` from raw pixels to class probabilities.
@@ -94,7 +96,7 @@ def _apply_row(x, row, following, input_shape, options):
     weights = _weight_options(row, following, input_shape, options)
     if kind in ("conv", "maxpool", "avgpool"):
         padding = layer.padding or 0
-        if padding == "same" or (kind == "conv" and layer.stride == 1 and layer.kernel == (2 * padding + 1,) * 2):
+        if padding == "same" or (kind == "conv" and layer.stride == (1, 1) and layer.kernel == (2 * padding + 1,) * 2):
             keras_padding = "same"
         else:
             keras_padding = "valid"
@@ -110,7 +112,7 @@ def _apply_row(x, row, following, input_shape, options):
         x = LocallyConnected2D(layer.size, layer.kernel, strides=layer.stride, use_bias=row.use_bias, name=name,
                                **weights)(x)
     elif kind == "residual":
-        return residual_block(x, layer.size, stride=layer.stride, name=name,
+        return residual_block(x, layer.size, stride=layer.stride, name=name, shortcut=options["shortcut"],
                               activation=_block_activation(layer.activation, name, dtype), **weights)
     elif kind == "dense":
         x = keras.layers.Dense(layer.size, use_bias=row.use_bias, name=name, **weights)(x)

@@ -77,7 +77,12 @@ def vgg_small():
 
 @register_model
 def alexnet():
-    """AlexNet (Krizhevsky et al. 2012) on 227x227x3: LRN, overlapping 3x3/2 pooling, dropout."""
+    """AlexNet (Krizhevsky et al. 2012) on 227x227x3: LRN, overlapping 3x3/2 pooling, dropout.
+
+    A departure from the paper: conv2, conv4 and conv5 are not split into its two GPU groups
+    (each filter there sees all of the previous layer's channels, not half), so the network
+    has 62.4M parameters against the paper's ~60M.
+    """
     return Architecture(
         "96C11s4p0-LRN-MP3s2-256C5p2-LRN-MP3s2-384C3p1-384C3p1-256C3p1-MP3s2-FC4096-D0.5-FC4096-D0.5",
         reference="Krizhevsky, Sutskever and Hinton 2012, ImageNet classification with deep CNNs",

@@ -109,20 +109,55 @@ def _check_unpadded(model):
 
 
 def native_stride(model: keras.Model, converted: keras.Model | None = None) -> int:
-    """The total downsampling of an unpadded ``model``: how far one step of the score map moves.
+    """The total downsampling of ``model``: how far one step of the score map moves.
+
+    It is the product of the strides of the convolutions and poolings between the input and the
+    output (the planner's ``jump``). Probing how far the input must grow before the output grows
+    would be wrong: a pooling that floors (a 2x2 pool over 11 rows drops one) lets the output grow
+    after one more row although each output step moves two.
+
+    Args:
+        model: the original classifier.
+        converted: ``to_fully_convolutional(model)`` when already made.
+
+    Raises:
+        ValueError: a layer whose stride is not known, different strides along height and width,
+            or branches of a merge with different strides.
 
     Example:
         >>> import cnnkit
         >>> native_stride(cnnkit.build("20C5-MP2-50C5-MP2-FC256", (28, 28, 1), 10))
         4
     """
-    height, width, channels = model.input_shape[1:]
     dense = converted or to_fully_convolutional(model)
-    base = dense.compute_output_shape((1, height, width, channels))[1]
-    for step in range(1, height + 1):
-        if dense.compute_output_shape((1, height + step, width, channels))[1] > base:
-            return step
-    raise ValueError(f"model {model.name!r} does not move its output when its input grows; it cannot slide")
+    return _total_stride(dense.outputs[0], {})
+
+
+def _total_stride(tensor, known: dict) -> int:
+    """The product of the layer strides from the model's input to ``tensor`` (``known``: id -> stride)."""
+    if id(tensor) not in known:
+        layer, node_index, _ = tensor._keras_history
+        inputs = layer._inbound_nodes[node_index].input_tensors
+        below = {_total_stride(value, known) for value in inputs} or {1}  # the input layer has no inputs
+        if len(below) != 1:
+            raise ValueError(f"cannot tell the native stride at layer {layer.name!r}: its inputs come with "
+                             f"different strides {sorted(below)}")
+        known[id(tensor)] = below.pop() * _layer_stride(layer)
+    return known[id(tensor)]
+
+
+def _layer_stride(layer) -> int:
+    """A layer's stride: its ``strides`` (the same along height and width), or 1 for a position-wise layer."""
+    strides = getattr(layer, "strides", None)
+    if strides is None:
+        if isinstance(layer, _SLIDING_SAFE + (keras.layers.PReLU,)) or type(layer).__name__ == "LocalResponseNormalization":
+            return 1
+        raise ValueError(f"cannot tell the native stride at layer {layer.name!r}: the stride of a "
+                         f"{type(layer).__name__} is not known")
+    if len(set(strides)) != 1:
+        raise ValueError(f"cannot tell the native stride at layer {layer.name!r}: its strides {tuple(strides)} "
+                         "differ along height and width")
+    return strides[0]
 
 
 def predict_map(model: keras.Model, image, *, stride: int | None = None, converted: keras.Model | None = None):
@@ -131,12 +166,13 @@ def predict_map(model: keras.Model, image, *, stride: int | None = None, convert
     Position ``(i, j)`` of the map is the original network applied to the crop whose top-left
     corner is ``(i * stride, j * stride)``. The native stride is the network's total
     downsampling and costs one forward pass; a finer stride (a divisor of it) combines
-    ``(native / stride) ** 2`` forward passes over shifted copies of the image.
+    ``(native / stride) ** 2`` forward passes over shifted copies of the image; a coarser one
+    (a multiple of it) keeps every ``stride / native``-th position of the native map.
 
     Args:
         model: the original classifier (fixed input size).
         image: (H, W) or (H, W, C) raw pixels, at least the model's input size.
-        stride: a divisor of ``native_stride(model)``; default the native stride.
+        stride: a divisor or a multiple of ``native_stride(model)``; default the native stride.
         converted: ``to_fully_convolutional(model)`` when already made (saves rebuilding it).
 
     Returns:
@@ -159,18 +195,22 @@ def predict_map(model: keras.Model, image, *, stride: int | None = None, convert
     converted = converted or to_fully_convolutional(model)
     native = native_stride(model, converted)
     stride = native if stride is None else stride
-    if not isinstance(stride, int) or stride < 1 or native % stride:
-        raise ValueError(f"stride must be a positive divisor of the native stride {native}. Received: stride={stride}")
-    rows, cols = (image.shape[0] - height) // stride + 1, (image.shape[1] - width) // stride + 1
-    step = native // stride
+    if not isinstance(stride, int) or stride < 1 or native % stride and stride % native:
+        raise ValueError(f"stride must be a positive divisor or multiple of the native stride {native}. "
+                         f"Received: stride={stride}")
+    fine = min(stride, native)  # the map is made at this stride, then every (stride // fine)-th position kept
+    rows, cols = (image.shape[0] - height) // fine + 1, (image.shape[1] - width) // fine + 1
+    step = native // fine
     result = np.zeros((rows, cols, converted.output_shape[-1]), np.float32)
     for offset_y in range(step):
         for offset_x in range(step):
             # Shifted by (offset_y, offset_x) strides, the native map's k-th position is the crop at
-            # (offset + k * step) * stride: it fills every step-th position of the finer map.
-            shifted = image[offset_y * stride:, offset_x * stride:][None].astype(model.inputs[0].dtype)
+            # (offset + k * step) * fine: it fills every step-th position of the finer map. The
+            # converted network can give more positions than fit (a flooring pooling drops the image's
+            # last rows, so a crop running past the image gives a score): only the crops inside count.
+            shifted = image[offset_y * fine:, offset_x * fine:][None].astype(model.inputs[0].dtype)
             target = result[offset_y::step, offset_x::step]
             if target.size:
                 scores = np.asarray(converted(shifted, training=False))[0]
                 target[...] = scores[: target.shape[0], : target.shape[1]]
-    return result
+    return result[:: stride // fine, :: stride // fine]

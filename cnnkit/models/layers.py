@@ -2,7 +2,8 @@
 
 Both layers are written with ``keras.ops`` only, compute in the layer's
 ``compute_dtype`` (so they run under ``"mixed_bfloat16"`` and
-``"mixed_float16"`` policies), are registered for serialization under the
+``"mixed_float16"`` policies; LRN's sum of squares is taken in float32 there),
+are registered for serialization under the
 ``"cnnkit"`` package, and round-trip through ``.keras`` files with
 ``keras.saving.load_model(path)`` in the default safe mode.
 
@@ -62,7 +63,9 @@ class LocalResponseNormalization(keras.layers.Layer):
     ``tf.nn.local_response_normalization`` with ``depth_radius=size // 2``,
     ``bias=k``), ``alpha`` multiplies the plain sum of squares, not the
     mean. The layer has no weights, and behaves the same in training and
-    inference.
+    inference. Under a 16-bit compute dtype the squares, their window sum and
+    the denominator are computed in float32 (``a ** 2`` overflows float16 from
+    ``a = 256``) and the result is cast back to the compute dtype.
 
     Args:
         size: Number of adjacent channels in each normalization window (the
@@ -107,7 +110,9 @@ class LocalResponseNormalization(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        x = ops.cast(inputs, self.compute_dtype)
+        # float16's largest value is 65504 < 256 ** 2: square and sum in float32.
+        wide = "float32" if self.compute_dtype in ("float16", "bfloat16") else self.compute_dtype
+        x = ops.cast(inputs, wide)
         radius = self.size // 2
         squared = ops.square(x)
         if radius:
@@ -125,7 +130,7 @@ class LocalResponseNormalization(keras.layers.Layer):
         else:
             window_sum = squared
         denominator = ops.add(ops.multiply(window_sum, self.alpha), self.k)
-        return ops.multiply(x, ops.power(denominator, -self.beta))
+        return ops.cast(ops.multiply(x, ops.power(denominator, -self.beta)), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

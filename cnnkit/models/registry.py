@@ -38,6 +38,9 @@ class Architecture:
 def register_model(fn):
     """Register ``fn`` (no arguments, returns an :class:`Architecture`) under its own name.
 
+    Names are case-insensitive: ``def TinyNet()`` is listed and looked up as ``"tinynet"``, and a
+    second model whose name differs only in case is refused.
+
     Example:
         >>> @register_model
         ... def tiny_net():
@@ -45,9 +48,10 @@ def register_model(fn):
         >>> resolve_arch("tiny_net", {})[0]
         '8C3-MP2'
     """
-    name = fn.__name__
-    if name in _REGISTRY and _REGISTRY[name] is not fn:
-        raise ValueError(f"a model named {name!r} is already registered")
+    name = fn.__name__.lower()
+    registered = _REGISTRY.get(name)
+    if registered is not None and registered is not fn:
+        raise ValueError(f"a model named {name!r} is already registered (as {registered.__name__!r}; names ignore case)")
     _REGISTRY[name] = fn
     return fn
 
@@ -59,7 +63,7 @@ def _registry():
 
 
 def list_models() -> list[str]:
-    """Names of the registered networks, sorted.
+    """Names of the registered networks (lower case), sorted.
 
     Example:
         >>> list_models()[:2]

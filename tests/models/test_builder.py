@@ -37,13 +37,13 @@ def _opt(prefix, values):
 
 _CONV = st.builds(lambda n, k, k2, s, p, a: f"{n}C{k}{k2}{s}{p}{a}",
                   st.integers(1, 6), st.integers(1, 5), _opt("x", [None, None, 1, 2, 3, 5]),
-                  _opt("s", [None, 1, 2]), _PAD, _ACT)
+                  _opt("s", [None, 1, 2, "2x1", "1x2"]), _PAD, _ACT)
 _LOCAL = st.builds(lambda n, k, s, p, a: f"{n}LC{k}{s}{p}{a}",
                    st.integers(1, 4), st.integers(1, 3), _opt("s", [None, 1, 2]), st.sampled_from(["", "p0"]), _ACT)
-_POOL = st.builds(lambda kind, k, s, p: f"{kind}{k}{s}{p}",
-                  st.sampled_from(["MP", "AP"]), st.integers(1, 3), _opt("s", [None, 1, 2]),
-                  st.sampled_from(["", "", "p0", "psame"]))
-_RES = st.builds(lambda n, s, a: f"R{n}{s}{a}", st.integers(1, 6), st.sampled_from(["", "s2"]), _R_ACT)
+_POOL = st.builds(lambda kind, k, k2, s, p: f"{kind}{k}{k2}{s}{p}",
+                  st.sampled_from(["MP", "AP"]), st.integers(1, 3), _opt("x", [None, None, 1, 2, 4]),
+                  _opt("s", [None, None, 1, 2, "1x2"]), st.sampled_from(["", "", "p0", "psame"]))
+_RES = st.builds(lambda n, s, a: f"R{n}{s}{a}", st.integers(1, 6), st.sampled_from(["", "s2", "s1x2"]), _R_ACT)
 _SPATIAL = st.one_of(_CONV, _CONV, _LOCAL, _POOL, _RES, st.sampled_from(["BN", "LRN", "LRN3", "D0.5", "D0.2"]))
 _FLAT = st.one_of(st.builds(lambda n, a: f"FC{n}{a}", st.integers(1, 12), _ACT), st.sampled_from(["BN", "D0.3"]))
 SPECS = st.builds(
@@ -57,6 +57,7 @@ OPTIONS = st.fixed_dictionaries({}, optional={
     "padding": st.sampled_from(["valid", "same"]),
     "activation": st.sampled_from(["relu", "tanh", "prelu"]),
     "dtype": st.just("mixed_bfloat16"),
+    "shortcut": st.sampled_from(["projection", "zero_pad"]),
 })
 
 
@@ -113,6 +114,34 @@ def test_custom_layers_from_notation():
     assert model.get_layer("lrn1").size == 3
     assert isinstance(model.get_layer("residual1_proj"), keras.layers.Conv2D)
     assert model.get_layer("residual1").output.shape[1:] == (4, 4, 8)
+
+
+def test_non_square_pool_strides_by_its_window():
+    model = cnnkit.build("MP2x4-AP3x1psame", (8, 8, 1), 2)
+    assert model.get_layer("pool1").strides == (2, 4)
+    assert tuple(model.get_layer("pool1").output.shape[1:]) == (4, 2, 1) == plan("MP2x4", (8, 8, 1)).output_shape
+    assert model.get_layer("pool2").strides == (3, 1)
+    assert tuple(model.get_layer("pool2").output.shape[1:]) == (2, 2, 1)
+    x = np.arange(64, dtype="float32").reshape(1, 8, 8, 1)
+    pooled = keras.Model(model.input, model.get_layer("pool1").output)(x * 255)  # undo the 1/255 rescale
+    np.testing.assert_allclose(np.asarray(pooled)[0, :, :, 0], x[0, :, :, 0].reshape(4, 2, 2, 4).max(axis=(1, 3)))
+
+
+def test_zero_padded_shortcut_is_the_subsampled_input_with_zero_channels(tmp_path):
+    model = cnnkit.build("3C1-R8s2", (6, 6, 1), 2, shortcut="zero_pad", preprocessing=None)
+    names = [layer.name for layer in model.layers]
+    assert "residual1_proj" not in names
+    assert model.count_params() == plan("3C1-R8s2", (6, 6, 1), 2, shortcut="zero_pad").params
+    probe = keras.Model(model.input, [model.get_layer("conv1_act").output,
+                                      model.get_layer("residual1_zero_pad").output])
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 1)).astype("float32")
+    features, shortcut = (np.asarray(t) for t in probe(x))
+    assert shortcut.shape == (2, 3, 3, 8)
+    np.testing.assert_array_equal(shortcut[..., :3], features[:, ::2, ::2, :])
+    np.testing.assert_array_equal(shortcut[..., 3:], 0)
+    path = tmp_path / "zero_pad.keras"
+    model.save(path)
+    np.testing.assert_allclose(keras.saving.load_model(path)(x), model(x), atol=1e-7)
 
 
 def test_padding_layers():
@@ -302,7 +331,11 @@ def test_preprocessing_list_of_layers():
     (dict(initializer="zeros"), "initializer must be one of"),
     (dict(preprocessing="none"), "preprocessing must be 'rescale', None or a list of Keras layers"),
     (dict(activation="swishy"), "activation must be one of"),
-    (dict(padding="causal"), "padding must be 'valid' or 'same'"),
+    (dict(padding="causal"), "padding must be one of ('valid', 'same')"),
+    (dict(batch_norm="false"), "batch_norm must be True or False. Received: batch_norm='false'"),
+    (dict(max_norm=-1), "max_norm must be None or a number > 0. Received: max_norm=-1"),
+    (dict(l2=-0.1), "l2 must be None or a number >= 0"),
+    (dict(shortcut="option_a"), "shortcut must be one of ('projection', 'zero_pad')"),
 ])
 def test_invalid_options(options, needle):
     with pytest.raises(ValueError) as info:

@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -34,7 +35,7 @@ def test_converted_model_equals_the_original_at_the_native_size(arch, shape):
     np.testing.assert_allclose(out[:, 0, 0], np.asarray(model(x)), atol=1e-5)
 
 
-@pytest.mark.parametrize("stride", [4, 2, 1])
+@pytest.mark.parametrize("stride", [8, 4, 2, 1])
 def test_every_map_position_equals_the_network_on_its_crop(stride):
     model = cnnkit.build("20C5-MP2-50C5-MP2-FC256", (28, 28, 1), 10)
     canvas = RNG.integers(0, 256, (47, 41)).astype(np.uint8)
@@ -50,6 +51,30 @@ def test_global_pooling_slides_at_its_native_size():
     assert native_stride(model) == 2
     np.testing.assert_allclose(predict_map(model, canvas, stride=1), _crop_scores(model, canvas, 1, (16, 16)),
                                atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def flooring_net():
+    """Conv 13 -> 11 rows, then a 2x2 pool that floors 11 to 5 (drops a row): total stride 2."""
+    return cnnkit.build("4C3-MP2-FC8", (13, 13, 1), 3)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+@pytest.mark.parametrize("size", [13, 14, 21])
+def test_a_flooring_pooling_keeps_the_total_stride(flooring_net, size, stride):
+    assert native_stride(flooring_net) == 2  # growing the input by one row already grows the output
+    canvas = np.random.default_rng(size).integers(0, 256, (size, size, 1)).astype(np.uint8)
+    scores = predict_map(flooring_net, canvas, stride=stride)
+    assert scores.shape == ((size - 13) // stride + 1, (size - 13) // stride + 1, 3)
+    np.testing.assert_allclose(scores, _crop_scores(flooring_net, canvas, stride, (13, 13)), atol=1e-5)
+
+
+def test_a_stride_that_differs_along_the_axes_is_refused():
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.MaxPooling2D((2, 1), name="tall_pool")(keras.layers.Conv2D(2, 3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(x)))
+    with pytest.raises(ValueError, match=r"native stride at layer 'tall_pool': its strides \(2, 1\) differ"):
+        native_stride(model)
 
 
 def test_mixed_precision_policy_is_kept():
@@ -80,7 +105,7 @@ def test_padded_network_is_refused_by_predict_map():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"stride": 3}, "positive divisor of the native stride 4"),
+    ({"stride": 3}, "positive divisor or multiple of the native stride 4"),
     ({"image": np.zeros((20, 40), np.uint8)}, "H >= 28"),
     ({"image": np.zeros((40, 40, 3), np.uint8)}, "image.shape=\\(40, 40, 3\\)"),
 ])

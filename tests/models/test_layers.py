@@ -184,6 +184,29 @@ def test_lrn_mixed_bfloat16():
     np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("value", [255.0, 300.0, 1000.0])
+def test_lrn_mixed_float16_does_not_overflow_on_large_activations(value):
+    # 300 ** 2 = 90,000 > float16's largest 65,504: squared in float16 the output and gradient were 0.
+    x = tf.Variable(np.full((1, 2, 2, 7), value, np.float32))
+    results = {}
+    for policy in ("float32", "mixed_float16"):
+        layer = LocalResponseNormalization(size=5, dtype=policy)
+        with tf.GradientTape() as tape:
+            out = layer(x)
+            total = tf.reduce_sum(tf.cast(out, tf.float32))
+        results[policy] = out.numpy().astype(np.float32), tape.gradient(total, x).numpy()
+    out16, grad16 = results["mixed_float16"]
+    out32, grad32 = results["float32"]
+    np.testing.assert_allclose(out16, out32, rtol=2e-3)  # float16 keeps about 3 decimal digits
+    assert np.all(grad16 != 0)
+    np.testing.assert_allclose(grad16, grad32, rtol=1e-2)
+
+
+def test_lrn_mixed_float16_output_is_float16():
+    out = LocalResponseNormalization(size=3, dtype="mixed_float16")(np.full((1, 1, 1, 3), 400.0, np.float32))
+    assert keras.backend.standardize_dtype(out.dtype) == "float16"
+
+
 # ---------------------------------------------------------------- LocallyConnected2D
 
 

@@ -85,7 +85,7 @@ def test_registered_options_reach_the_model(built):
     assert isinstance(lenet5.get_layer("pool1"), keras.layers.AveragePooling2D)
     resnet = built("resnet8")
     assert isinstance(resnet.get_layer("residual2_conv1").kernel_initializer, keras.initializers.HeNormal)
-    assert isinstance(resnet.get_layer("residual2_proj"), keras.layers.Conv2D)
+    assert isinstance(resnet.get_layer("residual2_zero_pad"), keras.layers.ZeroPadding2D)  # shortcut="zero_pad"
     vgg = built("vgg_small")
     assert vgg.get_layer("conv1").output.shape[1:] == (28, 28, 64)  # 'same' padding
 
@@ -96,6 +96,20 @@ def test_resnet_depths():
     assert resnet20.count("R16") == 3 and resnet20.count("R32") == 2 and resnet20.count("R64s2") == 1
     # 6n + 2 weighted layers: the first conv, two per block, the classifier
     assert 1 + 2 * sum(token.startswith("R") for token in resnet20) + 1 == 20
+
+
+def test_cifar_resnets_use_the_papers_parameter_free_shortcuts():
+    # He et al. 2016, section 4.2: option A shortcuts, ResNet-20 has 0.27M parameters.
+    p = plan("resnet20", (32, 32, 3), 10)
+    assert p.options["shortcut"] == "zero_pad"
+    assert p.trainable_params == 269_722
+    assert [row.note for row in p.rows if row.note] == ["zero-padded shortcut"] * 2
+    model = cnnkit.build("resnet20", (32, 32, 3), 10)
+    assert model.count_params() == p.params
+    assert sum(int(np.prod(weight.shape)) for weight in model.trainable_weights) == 269_722
+    assert not [layer.name for layer in model.layers if layer.name.endswith("_proj")]
+    projected = plan("resnet20", (32, 32, 3), 10, shortcut="projection")  # option B on request
+    assert projected.trainable_params == 269_722 + 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -212,7 +226,26 @@ def test_register_model_new_name_then_duplicate(private_registry):
     assert get_architecture("tiny_test_net").spec == "4C3-MP2"
 
 
+def test_a_name_with_capitals_is_registered_and_found_in_any_case(private_registry):
+    def TinyNet():  # noqa: N802  (the name under test)
+        return Architecture("8C3-MP2", reference="test")
+
+    register_model(TinyNet)
+    assert "tinynet" in list_models() and "TinyNet" not in list_models()
+    for name in ("TinyNet", "tinynet", "TINYNET"):
+        assert plan(name, (8, 8, 1), 2).spec == "8C3-MP2"
+        assert describe(name) == "8C3-MP2: test"
+    assert cnnkit.build("TinyNet", (8, 8, 1), 2).count_params() == plan("tinynet", (8, 8, 1), 2).params
+
+    def tinynet():
+        return Architecture("4C3")
+
+    with pytest.raises(ValueError, match="a model named 'tinynet' is already registered"):
+        register_model(tinynet)
+    assert get_architecture("tinynet").spec == "8C3-MP2"
+
+
 def test_registering_in_tests_left_the_real_registry_alone():
     # Runs after the tests above: the private_registry fixture put the real registry back.
-    assert "tiny_test_net" not in list_models()
+    assert "tiny_test_net" not in list_models() and "tinynet" not in list_models()
     assert set(list_models()) >= EXPECTED_MODELS
