@@ -1,7 +1,7 @@
 """Precise batch norm on finished runs: test accuracy before and after, alone and as one ensemble.
 
-Each run's batch-norm statistics are re-estimated on the first ``--images`` clean images of its
-training split, in batches of its training batch size: what ``train(precise_bn=N)`` does once
+Each run's batch-norm statistics are re-estimated on ``--images`` clean images of its training
+split drawn at random with the run's seed, in batches of its training batch size: what ``train(precise_bn=N)`` does once
 fitting ends, so a finished run gives the figure its recipe with ``precise_bn`` would have given
 (fitting itself does not change). The runs are then combined by mean probability
 (``cnnkit.recipes.ensemble``), before and after.
@@ -20,7 +20,7 @@ from results import machine, write_section
 
 import cnnkit
 from cnnkit.recipes.batchnorm import recalibrate_batch_norm
-from cnnkit.recipes.pipeline import resolve_data, training_sample
+from cnnkit.recipes.pipeline import resolve_data, training_subsample
 
 
 def main():
@@ -35,7 +35,6 @@ def main():
     if len(data_arguments) != 1:
         sys.exit(f"the runs were trained on different data: {sorted(data_arguments)}")
     data = resolve_data(runs[0].config["arguments"]["data"])
-    images = training_sample(data)[:args.images]
     ensembles = {}
     with tempfile.TemporaryDirectory() as folder:
         def combined(name):  # the runs' models as they are now, in one model
@@ -46,6 +45,7 @@ def main():
         rows, plain, precise = [], [], []
         for path, run in zip(args.runs, runs):
             before = run.evaluate(data)["test_accuracy"]
+            images = training_subsample(data, args.images, run.config["seed"])
             layers = recalibrate_batch_norm(run.model, images, batch_size=run.config["arguments"]["batch_size"])
             after = cnnkit.Run(run.model, class_names=data.class_names).evaluate(data)["test_accuracy"]
             plain.append(before)
@@ -56,8 +56,8 @@ def main():
     body = "\n".join([
         f"Command: `CNNKIT_DATA_DIR=../shared/datasets python bench/precise_bn.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {machine()}  ",
-        f"Batch-norm statistics re-estimated on the first {len(images):,} clean images of the training split "
-        f"({data.source}), dropout off; test accuracy on the {data.sizes['test']:,} test images.",
+        f"Batch-norm statistics re-estimated on {len(images):,} clean images of the training split "
+        f"({data.source}) drawn with each run's seed, dropout off; test accuracy on the {data.sizes['test']:,} test images.",
         "",
         "| run | test accuracy, as trained | with precise BN | batch-norm layers |",
         "|---|---|---|---|",

@@ -19,13 +19,17 @@ What a recipe does under a strategy (the :func:`distributed` decorator and three
   ``strategy.scope()``, and so are compile and fit.
 * ``batch_size`` is the global batch: each step splits it evenly across the replicas (it must be
   a multiple of their number), and the gradients are summed, so N replicas train like one
-  device with the same batch. The learning rate is used as given, unless
+  device with the same batch as long as every batch splits evenly. A last partial batch whose
+  size is not a multiple of N is weighted differently: each replica averages its own share and
+  the replicas' averages count equally, so an image in a smaller share weighs more. The
+  learning rate is used as given, unless
   ``scale_learning_rate=True``, which multiplies it by the number of replicas (the linear
   scaling rule of Goyal et al. 2017, "Accurate, Large Minibatch SGD": for a global batch N
   times the one the rate was tuned for; a warm-up, e.g. ``schedule="onecycle"``, helps).
-* Under ``"multi_worker"`` each call into the compiled graph runs one step
-  (``steps_per_execution=1``): Keras's multi-step loop, a ``tf.cond`` inside a
-  ``tf.while_loop``, fails with TensorFlow's collective all-reduce in it.
+* With several replicas (``"mirrored"`` on several GPUs, ``"multi_worker"``, ``"auto"`` on a
+  host with several GPUs) each call into the compiled graph runs one step: the recipe's
+  ``steps_per_execution`` becomes 1, and ``config.yaml`` records 1. Keras 3.15's multi-step
+  loop, a ``tf.cond`` inside a ``tf.while_loop``, fails with a cross-replica all-reduce in it.
 * Datasets are sharded by data (:func:`shard`): every worker reads the same cached pipeline
   and keeps its part of each global batch.
 * Only the chief writes the run directory. Other workers write to a temporary copy of it
@@ -34,10 +38,12 @@ What a recipe does under a strategy (the :func:`distributed` decorator and three
   restarts every worker from the chief's backup (the run directory must then be on a
   filesystem every worker sees; without one, resume only on the chief's host with one worker).
 
-Keras 3.15 does not run ``fit`` under ``MultiWorkerMirroredStrategy`` out of the box
-(keras-team/keras#20585): its symbolic build reduces the first batch across workers, and its
-metric reduction asks for ``axis=0`` of scalars. :func:`get_strategy` corrects both
-(:func:`_patch_keras_for_multi_worker`) when it makes or is given such a strategy.
+Keras 3.15 does not run ``fit`` over several replicas out of the box (keras-team/keras#20585):
+its symbolic build averages the first batch across replicas, which fails when a batch does not
+split evenly (replicas of 20 and 19 images) and, across workers, on any nested batch; and under
+``MultiWorkerMirroredStrategy`` its metric reduction asks for ``axis=0`` of scalars.
+:func:`get_strategy` corrects both (:func:`_patch_keras_for_replicas`) when it makes or is given
+a strategy with several replicas or workers.
 
 Example:
     >>> import cnnkit.distribute  # doctest: +SKIP
@@ -84,19 +90,24 @@ def get_strategy(strategy="auto") -> tf.distribute.Strategy:
         1
     """
     if isinstance(strategy, tf.distribute.Strategy):
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            _patch_keras_for_multi_worker()
-        return strategy
-    if strategy not in STRATEGIES:
+        pass
+    elif strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)} or a tf.distribute.Strategy. "
                          f"Received: strategy={strategy!r}")
-    if strategy == "auto":
-        if tf.distribute.has_strategy():
-            return tf.distribute.get_strategy()
-        if len(tf.config.list_physical_devices("GPU")) > 1:
-            return _create("mirrored")
-        return tf.distribute.get_strategy()
-    return _create(strategy)
+    elif strategy != "auto":
+        strategy = _create(strategy)
+    elif not tf.distribute.has_strategy() and len(tf.config.list_physical_devices("GPU")) > 1:
+        strategy = _create("mirrored")
+    else:
+        strategy = tf.distribute.get_strategy()  # the one in scope, else the default (one device)
+    if _replicated(strategy):
+        _patch_keras_for_replicas()
+    return strategy
+
+
+def _replicated(strategy) -> bool:
+    """Whether ``strategy`` runs several replicas (or workers), where Keras 3.15 needs cnnkit's corrections."""
+    return strategy.num_replicas_in_sync > 1 or isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 @functools.cache
@@ -129,7 +140,6 @@ def _create(name: str) -> tf.distribute.Strategy:
         raise RuntimeError("strategy='multi_worker' has to be created before TensorFlow runs anything in the "
                            "process (TensorFlow configures collective ops at start-up): call "
                            "cnnkit.distribute.get_strategy('multi_worker') first thing, before loading data") from None
-    _patch_keras_for_multi_worker()
     return strategy
 
 
@@ -241,8 +251,8 @@ def distributed(recipe):
         given = bound.arguments["strategy"]
         strategy = get_strategy(given)
         bound.arguments["strategy"] = given if isinstance(given, str) else _name(given)
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and "steps_per_execution" in bound.arguments:
-            bound.arguments["steps_per_execution"] = 1  # Keras's multi-step loop cannot hold collective ops
+        if _replicated(strategy) and "steps_per_execution" in bound.arguments:
+            bound.arguments["steps_per_execution"] = 1  # Keras's multi-step loop cannot hold cross-replica ops
         if bound.arguments["run_dir"] is None and describe(strategy)["workers"] > 1:
             raise ValueError("with several workers give run_dir: the path the chief writes and every worker resumes "
                              "from (on a filesystem they all see, to resume). Received: run_dir=None")
@@ -270,24 +280,27 @@ def distributed(recipe):
     return run
 
 
-def _patch_keras_for_multi_worker():
-    """Let Keras 3 ``fit``/``evaluate`` run under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
+def _patch_keras_for_replicas():
+    """Let Keras 3 ``fit``/``evaluate`` run over several replicas or workers (keras-team/keras#20585).
 
-    Two corrections to Keras's TensorFlow trainer, active for that strategy only:
+    Two corrections to Keras's TensorFlow trainer; one device is left to Keras as it is:
 
     * Before the first step Keras builds the model, optimiser and metrics from the shapes of the
-      first batch, which it gets by reducing the batch across replicas: a nested structure the
-      multi-worker reduction does not take. Here the first local replica's batch gives the shapes.
-    * Each step's metrics are averaged across replicas with ``reduce("MEAN", axis=0)``, which
-      fails on scalars; here ``axis=None``, the mean of the replicas' values.
+      first batch, which it gets by averaging the batch across replicas: that fails when the
+      replicas' shares differ in size (a batch that does not split evenly), and across workers on
+      a nested structure. Here the first local replica's share gives the shapes. This applies
+      under every strategy with several replicas, and under ``MultiWorkerMirroredStrategy``.
+    * Under ``MultiWorkerMirroredStrategy`` each step's metrics are averaged across replicas with
+      ``reduce("MEAN", axis=0)``, which fails on scalars; here ``axis=None``, the mean of the
+      replicas' values. (On one host Keras averages the local values itself, which works.)
 
     Example:
-        >>> _patch_keras_for_multi_worker()  # doctest: +SKIP
+        >>> _patch_keras_for_replicas()  # doctest: +SKIP
     """
     from keras.src import tree
     from keras.src.backend.tensorflow import trainer
 
-    if getattr(trainer.reduce_per_replica, "cnnkit_multi_worker", False):
+    if getattr(trainer.reduce_per_replica, "cnnkit_replicas", False):
         return
     symbolic_build, reduce_per_replica = trainer.TensorFlowTrainer._maybe_symbolic_build, trainer.reduce_per_replica
 
@@ -299,7 +312,7 @@ def _patch_keras_for_multi_worker():
 
     def maybe_symbolic_build(self, iterator=None, data_batch=None):
         strategy = self._distribute_strategy
-        if iterator is None or not multi_worker(strategy):
+        if iterator is None or strategy is None or not _replicated(strategy):
             return symbolic_build(self, iterator=iterator, data_batch=data_batch)
         for _, _, batches in iterator:
             data_batch = tree.map_structure(lambda value: local(value, strategy), next(batches))
@@ -312,7 +325,7 @@ def _patch_keras_for_multi_worker():
             return tree.map_structure(lambda value: strategy.reduce("MEAN", value, axis=None), values)
         return reduce_per_replica(values, strategy, reduction)
 
-    reduce.cnnkit_multi_worker = True
+    reduce.cnnkit_replicas = True
     trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
     trainer.reduce_per_replica = reduce
 

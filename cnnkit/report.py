@@ -161,7 +161,8 @@ def plot_confusion_matrix(matrix, class_names, path, *, normalize: bool = True) 
 
     With ``normalize=True`` each row is divided by its total, so the diagonal is the recall of
     each class (rows with no examples stay 0). Cells are annotated with their value when there
-    are at most 20 classes; tick labels are dropped above 60 classes.
+    are at most 20 classes; tick labels are dropped above 60 classes. Class names are drawn as
+    written: a ``$`` in a name is a dollar sign, not matplotlib mathtext.
 
     Args:
         matrix: Square ``(K, K)`` array-like of non-negative counts.
@@ -216,10 +217,14 @@ def plot_confusion_matrix(matrix, class_names, path, *, normalize: bool = True) 
     if k <= _MAX_LABELLED_CLASSES:
         ax.set_xticks(np.arange(k))
         ax.set_yticks(np.arange(k))
+        # parse_math=False: a name is drawn as written, "$" and all, never as mathtext.
         ax.set_xticklabels(
-            names, rotation=45 if k > 5 or max(map(len, names)) > 6 else 0, ha="right" if k > 5 else "center"
+            names,
+            rotation=45 if k > 5 or max(map(len, names)) > 6 else 0,
+            ha="right" if k > 5 else "center",
+            parse_math=False,
         )
-        ax.set_yticklabels(names)
+        ax.set_yticklabels(names, parse_math=False)
     else:
         ax.set_xticks([])
         ax.set_yticks([])

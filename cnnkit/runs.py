@@ -36,6 +36,7 @@ import json
 import numbers
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -581,7 +582,9 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
     ``metrics.json`` (indent 2), ``config.yaml`` (``config`` plus ``class_names``,
     ``yaml.safe_dump`` with ``sort_keys=False``), ``training_curves.png`` (when the history has
     something to plot), ``confusion_matrix.png`` (when ``metrics`` has ``"confusion_matrix"``)
-    and ``README.md`` (the model card). Existing files are replaced.
+    and ``README.md`` (the model card). Existing files are replaced. A figure that fails to draw
+    only warns, naming it and the error, and is left out (and unlinked from the README): the
+    model and the other files are written all the same.
 
     Args:
         run_dir: Directory to create or update.
@@ -627,18 +630,26 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
     atomic_write_text(run_dir / HISTORY_FILE, _history_to_csv(history))
     atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=True) + "\n")
     atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    figures = {}
     if report.has_curves(history):
-        report.plot_training_curves(history, run_dir / CURVES_FILE)
+        figures[CURVES_FILE] = lambda path: report.plot_training_curves(history, path)
     if metrics.get("confusion_matrix") is not None:
-        report.plot_confusion_matrix(metrics["confusion_matrix"], names, run_dir / CONFUSION_FILE)
-    card = report.model_card(
+        figures[CONFUSION_FILE] = lambda path: report.plot_confusion_matrix(metrics["confusion_matrix"], names, path)
+    for file, plot in figures.items():
+        try:
+            plot(run_dir / file)
+        except Exception as error:  # a figure is not worth the trained model: warn and write the rest
+            warnings.warn(f"cnnkit: could not draw {run_dir / file}: {type(error).__name__}: {error}", stacklevel=2)
+            (run_dir / file).unlink(missing_ok=True)  # no stale figure from an earlier write
+    drawn = {file: (run_dir / file).exists() for file in (CURVES_FILE, CONFUSION_FILE)}
+    card = report.model_card(  # links only the figures that were drawn
         name=str(config.get("name") or run_dir.name),
         config=config,
-        metrics=metrics,
+        metrics={k: v for k, v in metrics.items() if k != "confusion_matrix" or drawn[CONFUSION_FILE]},
         class_names=names,
         summary=_model_summary(model),
         run_dir=run_dir,
-        history=history,
+        history=history if drawn[CURVES_FILE] else None,
     )
     atomic_write_text(run_dir / README_FILE, card)
     write_manifest(run_dir)

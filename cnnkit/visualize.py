@@ -320,7 +320,7 @@ def _show(ax, picture, title=None, *, cmap="gray", gaps="white"):
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=9, parse_math=False)  # names as written, "$" and all
 
 
 def grid_png(grid, title=None, *, scale: float = 1.0, cmap: str = "gray", gaps: str = "white") -> bytes:
@@ -767,7 +767,7 @@ def _mosaic_png(tiles, labels, *, columns: int, lines: int, inches: float = 1.3)
         top = (index // columns) * (label_height + height + pad) + label_height
         left = pad + (index % columns) * (width + pad)
         canvas[top:top + height, left:left + width] = tile
-        ax.text(left + width / 2, top - 0.6, label, ha="center", va="bottom", fontsize=8.5)
+        ax.text(left + width / 2, top - 0.6, label, ha="center", va="bottom", fontsize=8.5, parse_math=False)
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
     return _png(figure)

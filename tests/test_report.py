@@ -109,6 +109,19 @@ def test_confusion_matrix_validation(tmp_path, matrix, names, pattern):
         report.plot_confusion_matrix(matrix, names, tmp_path / "cm.png")
 
 
+def test_confusion_matrix_draws_dollar_signs_as_written(tmp_path, monkeypatch):
+    # "$$" used to raise an empty ValueError from mathtext, and "$5-$10" to render as math.
+    names = ["$", "$$", "a$$b", "$5-$10"]
+    figures = []
+    save = report._save_figure
+    monkeypatch.setattr(report, "_save_figure", lambda figure, path: figures.append(figure) or save(figure, path))
+    _assert_real_png(report.plot_confusion_matrix(np.eye(4) * 3, names, tmp_path / "cm.png"))
+    ax = figures[0].axes[0]
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        assert [label.get_text() for label in labels] == names
+        assert not any(label.get_parse_math() for label in labels)
+
+
 def test_plot_failure_keeps_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "curves.png"
     target.write_bytes(b"old")

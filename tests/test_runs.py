@@ -287,6 +287,28 @@ def test_write_run_without_confusion_matrix_or_history(tmp_path, trained):
     assert load(run_dir).history == {}
 
 
+def test_write_run_only_warns_when_a_figure_fails(tmp_path, trained, monkeypatch):
+    model, history = trained
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "confusion_matrix.png").write_bytes(b"stale")  # from an earlier write
+
+    def fail(*args, **kwargs):
+        raise ValueError("bad figure")
+
+    monkeypatch.setattr("cnnkit.report.plot_confusion_matrix", fail)
+    metrics = {"test_accuracy": 0.5, "confusion_matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}
+    with pytest.warns(UserWarning, match=r"confusion_matrix.png: ValueError: bad figure"):
+        write_run(run_dir, model=model, history=history, metrics=metrics, config={}, class_names=NAMES)
+    files = _listing(run_dir)
+    assert "confusion_matrix.png" not in files
+    assert {"model.keras", "training_curves.png", "README.md", "manifest.json"} <= set(files)
+    readme = (run_dir / "README.md").read_text()
+    assert "training_curves.png" in readme and "confusion_matrix.png" not in readme
+    assert load(run_dir).metrics == metrics
+    assert runs.verify_manifest(run_dir) == []
+
+
 def test_write_run_rejects_conflicting_class_names(tmp_path, trained):
     with pytest.raises(ValueError, match=r"config\['class_names'\]"):
         write_run(

@@ -225,7 +225,7 @@ def test_top_losses_are_the_most_confident_mistakes(tmp_path):
     images = np.zeros((5, 4, 4, 1), np.uint8)
     probabilities = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.25, 0.7, 0.05], [0.6, 0.3, 0.1], [0.3, 0.3, 0.4]])
     worst = visualize.top_losses(model, images, [0, 0, 2, 1, 2], k=3, probabilities=probabilities,
-                                 class_names=["a", "b", "c"], save=tmp_path / "worst.png")
+                                 class_names=["$", "$$", "a$$b"], save=tmp_path / "worst.png")  # not mathtext
     np.testing.assert_array_equal(worst.indices, [2, 1, 3])  # p(true) 0.05, 0.1, 0.3; images 0 and 4 are right
     np.testing.assert_array_equal(worst.predicted, [1, 1, 0])
     np.testing.assert_allclose(worst.losses, -np.log([0.05, 0.1, 0.3]))

@@ -290,9 +290,10 @@ def build_backbone(name: str | Backbone, *, input_shape=None, weights="imagenet"
             Grayscale and other sizes go through :func:`preprocessing_layers` first.
         weights: ``"imagenet"``: Keras downloads the weights once into its cache
             (``~/.keras/models``) and loads them from there. ``None``: untrained. A path to a
-            weights file, for machines without internet: a ``.weights.h5`` file written by
-            ``save_weights`` of a backbone built here (at any input size), or the
-            ``*_notop.h5`` file that ``weights="imagenet"`` downloads into Keras's cache.
+            weights file (``~`` is the home directory), for machines without internet: a
+            ``.weights.h5`` file written by ``save_weights`` of a backbone built here (at any
+            input size), or the ``*_notop.h5`` file that ``weights="imagenet"`` downloads into
+            Keras's cache.
             A ``.keras`` file is a whole model, not weights: load it with
             ``keras.saving.load_model`` (``cnnkit.recipes.finetune`` accepts one).
 
@@ -350,7 +351,7 @@ def _check_input_shape(backbone: Backbone, input_shape) -> tuple:
 def _check_weights_path(weights) -> Path:
     if not isinstance(weights, (str, os.PathLike)):
         raise ValueError(f"weights must be 'imagenet', None or a path to a weights file. Received: weights={weights!r}")
-    path = Path(weights)
+    path = Path(weights).expanduser()
     if path.suffix == ".keras":
         raise ValueError(
             "A .keras file is a whole model, not backbone weights: load it with keras.saving.load_model "

@@ -304,7 +304,9 @@ def ensemble(
         train_options: keyword arguments of ``cnnkit.recipes.train`` for trained members
             (epochs, optimizer, augment, ...), except arch, data, seed, strategy, run_dir and
             verbose, which the ensemble sets. A snapshot ensemble sets the schedule itself and refuses
-            early stopping (it would cut cycles short).
+            early stopping (it would cut cycles short), ``ema`` (it would average across the
+            restarts), ``precise_bn`` and ``imbalance="two_stage"`` (they act after the last cycle,
+            on no member).
         seed: the first member's seed.
         strategy: "auto", "mirrored", "multi_worker", "tpu" or a ``tf.distribute.Strategy``, as for
             ``train``: every trained member trains under it (``train_options`` may add
@@ -388,6 +390,15 @@ def _check_train_options(train_options, *, snapshot) -> dict:
         if options.get("ema") is not None:
             raise ValueError("a snapshot ensemble keeps each cycle's own weights; a moving average would run across "
                              f"the restarts, so train_options may not set 'ema'. Received: ema={options['ema']!r}")
+        if options.get("precise_bn"):
+            raise ValueError("a snapshot ensemble's members are the models saved at each cycle's end; precise_bn "
+                             "re-estimates only the final model, after the last cycle, so train_options may not set "
+                             f"'precise_bn'. Received: precise_bn={options['precise_bn']!r}")
+        imbalance = options.get("imbalance")
+        if (imbalance.get("strategy") if isinstance(imbalance, dict) else imbalance) == "two_stage":
+            raise ValueError("a snapshot ensemble's members are its cycles; imbalance='two_stage' trains a balanced "
+                             "stage after the last one that no member would hold, so train_options may not set it "
+                             f"('balanced_batches' or 'class_weight' act in every cycle). Received: imbalance={imbalance!r}")
     return options
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 from pathlib import Path
 
 import keras
@@ -87,7 +88,8 @@ def finetune(
         backbone: a ``keras.applications`` name from ``cnnkit.models.list_backbones()``
             ("mobilenet_v2", "efficientnet_b0", "resnet50", ...), a ``.keras`` file, or a cnnkit
             run directory. A saved classifier is cut at the input of its last dense layer (its
-            penultimate features) and given a new head.
+            penultimate features) and given a new head; its groups are its weighted layers, those
+            of a nested model (a base model inside it, an earlier fine-tuning's backbone) included.
         data: an ``ImageData``, a dataset name, or a mapping of ``load`` or ``from_folder`` arguments (as for ``train``).
         weights: for an applications backbone: "imagenet" (Keras downloads and caches them), a
             path to a weights file of the headless model, or ``None`` (untrained).
@@ -107,8 +109,8 @@ def finetune(
             Keras 3 note: calling the backbone with ``training=False`` (the Keras guide's recipe)
             does not keep an unfrozen batch norm in inference mode, as the outer ``training``
             overrides it; the policies here set each layer instead.
-        input_size: ``(height, width)`` the backbone sees; default its pretraining size (an
-            applications backbone) or its input (a saved model).
+        input_size: ``(height, width)`` the backbone sees, or one int for a square; default its
+            pretraining size (an applications backbone) or its input (a saved model).
         head_dropout: dropout before the new classifier.
         augment: training-time augmentation, as for ``train``.
         imbalance: class-imbalance strategy, as for ``train``; "two_stage" adds a stage "balanced"
@@ -128,7 +130,8 @@ def finetune(
         early_stopping: patience in epochs within each stage, or ``None``.
         precision: as for ``train``, for an applications backbone; a saved backbone keeps the
             dtypes it was trained with.
-        steps_per_execution: training steps per call into the compiled graph.
+        steps_per_execution: training steps per call into the compiled graph (1 under a strategy
+            with several replicas).
         seed: seeds the head, shuffling, augmentation and dropout.
         deterministic: also make TensorFlow's kernels deterministic, as for ``train``.
         strategy: "auto", "mirrored", "multi_worker", "tpu" or a ``tf.distribute.Strategy``, as for
@@ -255,6 +258,7 @@ def build_finetune_model(backbone, data, *, weights="imagenet", trust: bool = Fa
         >>> built.group_names  # doctest: +SKIP
         ['conv1', 'conv2', 'fc1']
     """
+    input_size = _check_input_size(input_size)
     saved = isinstance(backbone, (str, Path)) and is_saved_model(backbone)
     with _dtype_policy("float32" if saved else precision):  # a saved model keeps the dtypes it was saved with
         features, groups, adapt_input, source = _load_backbone(backbone, weights, data, input_size, trust)
@@ -346,7 +350,7 @@ def _load_backbone(backbone, weights, data, input_size, trust):
         raise ValueError("backbone must be a keras.applications name (see cnnkit.models.list_backbones()), a "
                          f".keras file or a cnnkit run directory. Received: backbone={backbone!r}")
     meta = backbones.get_backbone(backbone)
-    size = tuple(input_size) if input_size else tuple(meta.input_size)
+    size = input_size or tuple(meta.input_size)
     meta = _with_input_size(meta, size)
     features = backbones.build_backbone(meta.name, input_shape=(*size, 3), weights=weights)
     groups = list(backbones.layer_groups(features, meta).items())
@@ -359,6 +363,19 @@ def _load_backbone(backbone, weights, data, input_size, trust):
 
     weights_label = str(weights) if weights is not None else None
     return features, groups, adapt, {"name": meta.name, "weights": weights_label, "input_size": list(size)}
+
+
+def _check_input_size(input_size):
+    """``input_size`` as a ``(height, width)`` tuple (an int ``n`` is ``(n, n)``), or ``None``."""
+    if input_size is None:
+        return None
+    size = [input_size] * 2 if isinstance(input_size, numbers.Integral) else input_size
+    size = tuple(size) if isinstance(size, (list, tuple)) else ()
+    if len(size) != 2 or not all(isinstance(side, numbers.Integral) and not isinstance(side, bool) and side >= 1
+                                 for side in size):
+        raise ValueError("input_size must be (height, width) in pixels, or one int for a square. "
+                         f"Received: input_size={input_size!r}")
+    return tuple(int(side) for side in size)
 
 
 def _with_input_size(meta, size):
@@ -390,7 +407,7 @@ def _saved_backbone(path, data, input_size, trust):
     features = keras.Model(model.inputs, dense[-1].input, name=f"{model.name}_features")
     groups = _layer_groups_by_block(features)
     shape = tuple(features.input_shape[1:])
-    if input_size and tuple(input_size) != shape[:2]:
+    if input_size and input_size != shape[:2]:
         raise ValueError(f"{path} takes {shape[:2]} inputs; input_size does not apply. Received: input_size={input_size}")
     return features, groups, _input_adapter(data.image_shape, shape, path), {"name": path.stem if path.suffix else path.name, "path": str(path)}
 
@@ -412,20 +429,34 @@ def _input_adapter(image_shape, target_shape, path):
 
 
 def _layer_groups_by_block(model):
-    """Groups of a cnnkit-built (or any flat) model: a weighted layer starts a group; batch norm,
-    activations and pooling join the group before them, as do layers sharing its name prefix."""
-    groups = []
-    for layer in model.layers:
+    """Groups of a saved model's layers, those of nested models (a base model inside a classifier,
+    an earlier fine-tuning's backbone) taken in their place: a weighted layer starts a group;
+    batch norm, activations and pooling join the group before them (the first group, before any),
+    as do layers sharing its name prefix."""
+    groups, leading = [], []
+    for layer in _leaf_layers(model):
         prefix = layer.name.split("_")[0]
         owner = next((group for group in groups if group[0] == prefix), None)
         starts = layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
         if owner is None and starts:
-            groups.append((prefix, [layer]))
+            groups.append((prefix, [*leading, layer]))
+            leading = []
         elif owner is not None:
             owner[1].append(layer)
         elif groups:
             groups[-1][1].append(layer)
+        else:
+            leading.append(layer)
     return groups
+
+
+def _leaf_layers(model):
+    """The layers of ``model``, each nested ``keras.Model`` replaced by its own layers, recursively."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
 
 
 def _attach_head(features, data, adapt_input, head_dropout):
@@ -515,16 +546,19 @@ def _unfrozen_groups(unfreeze, group_names, where="stage"):
 
 
 def _freezer(features, groups, unfrozen, batch_norm):
-    """The stage's ``prepare``: set ``trainable`` group by group (the head always trains)."""
+    """The stage's ``prepare``: set ``trainable`` group by group (the head always trains), then
+    apply the batch-norm policy to every batch norm in the group, inside nested layers too."""
 
     def prepare(model):
-        features.trainable = bool(unfrozen)
+        features.trainable = bool(unfrozen)  # also the nested models holding the groups' layers
         for name, layers in groups:
             for layer in layers:
-                is_norm = isinstance(layer, keras.layers.BatchNormalization)
-                layer.trainable = name in unfrozen and not (is_norm and batch_norm == "frozen")
-                if is_norm and layer.trainable and batch_norm == "scale_shift":
-                    _always_inference_mode(layer)
+                layer.trainable = name in unfrozen
+                for norm in layer._flatten_layers(include_self=True, recursive=True):
+                    if isinstance(norm, keras.layers.BatchNormalization):
+                        norm.trainable = name in unfrozen and batch_norm != "frozen"
+                        if norm.trainable and batch_norm == "scale_shift":
+                            _always_inference_mode(norm)
 
     return prepare
 

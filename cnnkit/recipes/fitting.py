@@ -42,7 +42,7 @@ from cnnkit.html_report import write_report
 from cnnkit.recipes.optimization import loss_scaled
 from cnnkit.recipes.resume import EpochCheckpoint, ResumableEarlyStopping, explain_determinism_error
 from cnnkit.report import package_versions
-from cnnkit.runs import Run, atomic_file, atomic_write_text, file_sha256, write_manifest, write_run
+from cnnkit.runs import MANIFEST_FILE, Run, atomic_file, atomic_write_text, file_sha256, write_manifest, write_run
 
 
 @dataclasses.dataclass
@@ -212,8 +212,23 @@ def _fit_stage(model, stage, stage_dir, *, validation, run_dir, seed, loss, step
     return checkpoint.history, time.perf_counter() - started
 
 
-RUN_MARKERS = ("metrics.json", "config.yaml", "model.keras", "backup")  # what makes a folder a run directory
 _created_here: set[Path] = set()
+
+
+def _is_run(folder: Path) -> bool:
+    """Whether ``folder`` is a cnnkit run: interrupted (``backup/key``) or finished (``metrics.json`` with
+    ``manifest.json`` or ``model.keras``)."""
+    finished = (folder / "metrics.json").is_file() and any((folder / name).is_file()
+                                                           for name in (MANIFEST_FILE, "model.keras"))
+    return (folder / "backup" / "key").is_file() or finished
+
+
+def _holds_runs(folder: Path) -> bool:
+    """Whether ``folder`` holds only folders, one of them a run or a folder of runs: an unfinished ensemble
+    (``members/<i>``, ``training``) or transfer (``pretrain``, ...)."""
+    entries = list(folder.iterdir())
+    return all(entry.is_dir() for entry in entries) and any(
+        _is_run(entry) or any(_is_run(inner) for inner in entry.iterdir() if inner.is_dir()) for entry in entries)
 
 
 def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool = False) -> Path:
@@ -222,9 +237,13 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
     Without ``run_dir`` the name is ``runs/<label>-<key[:8]>`` (``key``: a digest of the call's
     arguments and data, see :func:`run_key`), so the same command finds its interrupted run again;
     without ``key`` it is timestamped. A directory holding a finished run, or an interrupted run of
-    other arguments, is refused unless ``overwrite=True``, which deletes it first (only a folder
-    that looks like a run directory, never an arbitrary one). If training then fails before its
-    first checkpoint, :func:`remove_if_failed_start` takes the new directory away again.
+    other arguments, is refused unless ``overwrite=True``, which deletes the run there first (an
+    interrupted run of the same arguments too: it starts again). A folder that is not empty and
+    holds no cnnkit run (no ``backup/key``, no ``metrics.json`` with ``manifest.json`` or
+    ``model.keras``) is refused whatever ``overwrite`` is: nothing else is written into or deleted.
+    Without ``key`` (ensembles, transfer) a folder holding only folders of such runs is an unfinished
+    run too. If training then fails before its first checkpoint, :func:`remove_if_failed_start`
+    takes a directory it created away again.
 
     Example:
         >>> prepare_run_dir(None, "20C5-MP2-FC64", key="3f2a9c1e77")  # doctest: +SKIP
@@ -234,6 +253,11 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
         suffix = key[:8] if key else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)[:60]}-{suffix}"
     run_dir = Path(run_dir)
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not _is_run(run_dir) \
+            and not (key is None and not overwrite and _holds_runs(run_dir)):
+        raise ValueError(f"run directory {run_dir} is not empty and holds no cnnkit run (no backup/key, no "
+                         "metrics.json with manifest.json or model.keras); pass a new or empty run_dir "
+                         "(overwrite=True deletes only a run)")
     recorded = run_dir / "backup" / "key"
     finished = (run_dir / "metrics.json").exists() and not (run_dir / "backup").exists()
     other = key is not None and recorded.exists() and recorded.read_text() != key
@@ -243,10 +267,7 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
             raise ValueError(f"run directory {run_dir} already holds {what}; pass overwrite=True to replace it, "
                              "or another run_dir")
         shutil.rmtree(run_dir)
-    elif overwrite and run_dir.exists():
-        if any(run_dir.iterdir()) and not any((run_dir / name).exists() for name in RUN_MARKERS):
-            raise ValueError(f"overwrite=True deletes a run directory, and {run_dir} is not one (no "
-                             f"{', '.join(RUN_MARKERS)}); pass another run_dir")
+    elif overwrite and _is_run(run_dir):
         shutil.rmtree(run_dir)
     if not run_dir.exists():
         _created_here.add(run_dir.resolve())

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import keras
@@ -57,17 +58,18 @@ def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, we
 
     Args:
         name: "sgd" (plain), "momentum" (heavy ball), "nesterov", "adam", "adamw", "rmsprop".
-        learning_rate: the peak rate.
-        schedule: "constant"; "step" (x0.1 at 50% and 75% of training); "cosine" (cosine decay
-            to 0); "onecycle" (Smith: warm up from lr/25 over 30% of steps, cosine down to
-            lr/25e4); or a dict with "name" and options: step ``every`` (epochs) and ``factor``;
-            cosine ``warmup_epochs`` or ``cycles``. ``{"name": "cosine", "cycles": k}`` is
+        learning_rate: the peak rate (finite, > 0).
+        schedule: "constant"; "step" (x0.1 at 50% and 75% of training, from the first step of
+            the epoch after the boundary); "cosine" (cosine decay to 0); "onecycle" (Smith: warm up
+            from lr/25 over 30% of steps, cosine down to lr/25e4); or a dict with "name" and
+            options: step ``every`` (an integer of epochs, >= 1) and ``factor`` (in (0, 1]);
+            cosine ``warmup_epochs`` (>= 0, below ``epochs``) or ``cycles``. ``{"name": "cosine", "cycles": k}`` is
             cosine annealing with warm restarts (Loshchilov and Hutter's SGDR with equal
             periods, the schedule of Huang et al.'s snapshot ensembles): ``k`` cosine decays
             of ``epochs / k`` epochs each, every one starting again from the peak rate; ``k``
             must divide ``epochs`` so that each cycle ends at an epoch boundary.
         momentum: for "momentum", "nesterov" and "rmsprop".
-        weight_decay: decoupled weight decay (Loshchilov and Hutter); biases and batch-norm
+        weight_decay: decoupled weight decay (Loshchilov and Hutter), >= 0; biases and batch-norm
             scales and offsets are excluded.
         ema: momentum of an exponential moving average of the weights (Polyak averaging, Keras's
             ``use_ema``), e.g. 0.999 (an average over about the last 1,000 steps); ``fit`` ends by
@@ -81,8 +83,10 @@ def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, we
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}. Received: optimizer={name!r}")
-    if not learning_rate or learning_rate <= 0:
-        raise ValueError(f"learning_rate must be positive. Received: learning_rate={learning_rate!r}")
+    if not _is_number(learning_rate) or not learning_rate > 0:
+        raise ValueError(f"learning_rate must be a finite number > 0. Received: learning_rate={learning_rate!r}")
+    if not _is_number(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0. Received: weight_decay={weight_decay!r}")
     check_ema(ema)
     rate = make_schedule(schedule, learning_rate, steps_per_epoch=steps_per_epoch, epochs=epochs)
     common = {"weight_decay": weight_decay or None, "use_ema": ema is not None, "ema_momentum": ema or 0.99}
@@ -122,12 +126,22 @@ def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
     if name == "step":
         factor = options.get("factor", 0.1)
         every = options.get("every")
+        if "every" in options and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(f"step every must be an integer >= 1 (epochs). Received: every={every!r}")
+        if not _is_number(factor) or not 0 < factor <= 1:
+            raise ValueError(f"step factor must be a number in (0, 1]. Received: factor={factor!r}")
         epochs_at = range(every, epochs, every) if every else [epochs // 2, (3 * epochs) // 4]
-        boundaries = sorted({steps_per_epoch * epoch for epoch in epochs_at if 0 < epoch < epochs})
+        # Keras reads the rate at the step's index before counting it, and the piecewise rate changes
+        # after a boundary: the last step of the epoch before the drop is the boundary.
+        boundaries = sorted({steps_per_epoch * epoch - 1 for epoch in epochs_at if 0 < epoch < epochs})
         values = [learning_rate * factor**index for index in range(len(boundaries) + 1)]
         return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values) if boundaries else learning_rate
     if name == "cosine":
-        warmup = int(options.get("warmup_epochs", 0) * steps_per_epoch)
+        warmup_epochs = options.get("warmup_epochs", 0)
+        if not _is_number(warmup_epochs) or not 0 <= warmup_epochs < epochs:
+            raise ValueError(f"cosine warmup_epochs must be a number >= 0 and below epochs ({epochs}). Received: "
+                             f"warmup_epochs={warmup_epochs!r}")
+        warmup = int(warmup_epochs * steps_per_epoch)
         cycles = options.get("cycles", 1)
         if not isinstance(cycles, int) or isinstance(cycles, bool) or cycles < 1 or epochs % cycles:
             raise ValueError(f"cosine cycles must be an integer >= 1 that divides epochs ({epochs}), so that each "
@@ -148,6 +162,11 @@ def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
         learning_rate / 25, decay_steps=max(1, total - warmup), alpha=1 / 25e4,
         warmup_target=learning_rate, warmup_steps=warmup,
     )
+
+
+def _is_number(value) -> bool:
+    """Whether ``value`` is a finite real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def resolve_precision(precision: str) -> str:

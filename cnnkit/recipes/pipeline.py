@@ -121,6 +121,19 @@ def training_sample(data) -> np.ndarray:
     return next(iter(dataset.batch(count).map(lambda images, labels: images)))[:count].numpy()
 
 
+def training_subsample(data, count: int, seed) -> np.ndarray:
+    """``count`` clean training images drawn at random with ``seed`` from :func:`training_sample`
+    (all of them, shuffled, when it holds fewer): what ``train(precise_bn=count)`` re-estimates
+    batch norm on. Random, not the first ``count``: a split may be stored sorted by class.
+
+    Example:
+        >>> training_subsample(cnnkit.data.load("mnist-sample"), 1000, seed=0).shape  # doctest: +SKIP
+        (1000, 28, 28, 1)
+    """
+    images = training_sample(data)
+    return images[np.random.default_rng(seed).permutation(len(images))[:count]]
+
+
 class TrainingInputs:
     """What a recipe's ``augment``, ``preprocess`` and ``imbalance`` arguments make of the data.
 

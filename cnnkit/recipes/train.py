@@ -27,7 +27,7 @@ from cnnkit.recipes.fitting import (
     run_key,
 )
 from cnnkit.recipes.optimization import check_ema, make_optimizer, resolve_precision
-from cnnkit.recipes.pipeline import prepare_inputs, resolve_data, training_sample
+from cnnkit.recipes.pipeline import prepare_inputs, resolve_data, training_subsample
 from cnnkit.runs import Run
 
 
@@ -96,7 +96,7 @@ def train(
             those of the averaged weights, and they replace the weights when training ends, so
             the run's test metrics and saved model are the average's. ``None``: no average.
         precise_bn: after training, re-estimate the batch-norm statistics on this many clean
-            training images (at most 256 MiB of them) with dropout off
+            training images (a random sample drawn with ``seed``, at most 256 MiB) with dropout off
             (``cnnkit.recipes.batchnorm``; 10000 is plenty); 0: keep the averages gathered during
             training, over augmented, dropped-out batches. Test metrics and the saved model use them.
         schedule: "constant", "step", "cosine", "onecycle", or a dict (see
@@ -109,7 +109,8 @@ def train(
             float32), "float32", "mixed_bfloat16" or "mixed_float16". Variables and the softmax
             output stay float32.
         steps_per_execution: training steps run per call into the compiled graph; more
-            amortises Python overhead on small networks (callbacks then see every N-th batch).
+            amortises Python overhead on small networks (callbacks then see every N-th batch);
+            1 under a strategy with several replicas (``cnnkit.distribute``).
         seed: seeds weights, shuffling, augmentation, resampling and dropout.
         deterministic: also make TensorFlow's kernels deterministic (slower, process-wide):
             two runs with the same seed then end with identical weights and metrics.
@@ -125,8 +126,9 @@ def train(
             data>``, so the same call finds its interrupted run again. A directory holding an
             interrupted run of the same arguments resumes from its last completed epoch (with
             a fixed seed, to the weights an uninterrupted run ends with); one holding a finished
-            run, or another call's run, is refused.
-        overwrite: replace a run directory that holds a finished or other run.
+            run, or another call's run, is refused, and so is a folder that is not empty and holds no run.
+        overwrite: replace a run directory that holds a finished or other run (never a folder that
+            holds no run).
         report: write ``report.html`` in the run directory (``cnnkit.html_report``; a few seconds
             for a small net, more for a large backbone); ``cnnkit report RUN`` writes it later too.
         verbose: 0 silent, 1 progress bar, 2 one line per epoch.
@@ -145,7 +147,8 @@ def train(
                              ("steps_per_execution", steps_per_execution, 1), ("precise_bn", precise_bn, 0)]:
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}. Received: {name}={value!r}")
-    if early_stopping is not None and (not isinstance(early_stopping, int) or early_stopping < 1):
+    if early_stopping is not None and (not isinstance(early_stopping, int) or isinstance(early_stopping, bool)
+                                       or early_stopping < 1):
         raise ValueError(f"early_stopping must be a patience in epochs (>= 1) or None. Received: "
                          f"early_stopping={early_stopping!r}")
     learning_rate = learning_rate * learning_rate_scale(batch_size, scale_learning_rate)
@@ -186,7 +189,7 @@ def train(
         verbose=verbose,
     )
     if precise_bn:
-        images = training_sample(data)[:precise_bn]
+        images = training_subsample(data, precise_bn, seed)
         layers = recalibrate_batch_norm(model, images, batch_size=batch_size)
         if verbose:
             print(f"precise_bn: re-estimated the statistics of {layers} batch-norm layer(s) on "

@@ -1,7 +1,11 @@
 """cnnkit.distribute in one process: naming strategies, the global batch, sharding, the recipe decorator."""
 
 import json
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -106,3 +110,50 @@ def test_a_model_built_outside_the_strategy_scope_is_refused(tmp_path):
     run = cnnkit.recipes.train(inside, _tiny_data(), strategy="mirrored", epochs=1, batch_size=16,
                                run_dir=tmp_path / "run", verbose=0)
     assert run.metrics["epochs_run"] == 1
+
+
+# Two logical CPUs must be configured before TensorFlow initialises, hence a fresh process.
+MIRRORED_VS_ONE_DEVICE = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import cnnkit
+
+rng = np.random.default_rng(0)
+x = rng.integers(0, 255, (79, 8, 8, 1), dtype=np.uint8)
+y = np.arange(79) % 3
+x[y == 1] //= 2
+data = cnnkit.data.from_arrays(x, y, x_test=x[:20], y_test=y[:20], val_split=0.25)
+result = {"sizes": data.sizes}
+for name, strategy in (("one", "auto"), ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
+    run = cnnkit.recipes.train("4C3-FC8", data, epochs=2, batch_size=16, optimizer="sgd", learning_rate=0.05,
+                               precision="float32", strategy=strategy, run_dir=f"{sys.argv[1]}/{name}", verbose=0,
+                               report=False)
+    result[name] = {"steps_per_execution": run.config["arguments"]["steps_per_execution"],
+                    "replicas": run.config["distribution"]["replicas"], "val_loss": run.history["val_loss"],
+                    "weights": [w.numpy().ravel().tolist() for w in run.model.trainable_variables]}
+print(json.dumps(result))
+"""
+
+
+def test_train_over_two_replicas_with_an_odd_validation_split_matches_one_device(tmp_path):
+    # Keras 3.15 alone fails here: its build averages the first validation batch of 21 over the
+    # replicas (11 vs 10 images), and its multi-step loop (steps_per_execution=16) cannot run.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")]))}
+    env.pop("TF_CONFIG", None)
+    done = subprocess.run([sys.executable, "-c", MIRRORED_VS_ONE_DEVICE, str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    # 58 training images in batches of 16, 16, 16, 10: every batch splits evenly over 2 replicas.
+    assert result["sizes"] == {"train": 58, "val": 21, "test": 20}
+    one, two = result["one"], result["two"]
+    assert (one["replicas"], one["steps_per_execution"]) == (1, 16)
+    assert (two["replicas"], two["steps_per_execution"]) == (2, 1)  # forced to one step per call
+    for a, b in zip(one["weights"], two["weights"], strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=1e-4)

@@ -189,6 +189,14 @@ def test_weights_saved_at_one_size_load_at_another(built, tmp_path):
         np.testing.assert_array_equal(saved.numpy(), restored.numpy())
 
 
+def test_a_weights_path_under_the_home_directory_may_start_with_a_tilde(built, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    built("mobilenet_v2").save_weights(tmp_path / "home.weights.h5")
+    loaded = build_backbone("mobilenet_v2", input_shape=_min_shape("mobilenet_v2"), weights="~/home.weights.h5")
+    for saved, restored in zip(built("mobilenet_v2").weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(saved.numpy(), restored.numpy())
+
+
 def test_the_keras_cache_file_format_loads(built, tmp_path):
     """``weights="imagenet"`` downloads a legacy ``*_notop.h5`` file; a copy of it loads offline."""
     source = built("mobilenet_v3_small")

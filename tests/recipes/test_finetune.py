@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import cnnkit
-from cnnkit.recipes.finetune import _auto_stages, with_lr_multipliers
+from cnnkit.recipes.finetune import _auto_stages, _freezer, with_lr_multipliers
 
 SPEC = "4C3-BN-MP2-8C3-BN-FC16"
 
@@ -62,6 +62,63 @@ def test_batch_norm_policies(digits, pretrained, tmp_path, policy, bn_changes, s
     tuned = run.model.layers[1].get_layer("bn1")
     assert (not np.array_equal(tuned.gamma.numpy(), gamma)) == bn_changes
     assert (not np.array_equal(tuned.moving_mean.numpy(), moving_mean)) == statistics_change
+
+
+def _variables(model, *, batch_norm=False):
+    """``{"layer/variable": value}`` of every (batch-norm) layer in ``model``, those in nested models included."""
+    layers = [layer for layer in model._flatten_layers(include_self=False) if not isinstance(layer, keras.Model)
+              and (not batch_norm or isinstance(layer, keras.layers.BatchNormalization))]
+    return {f"{layer.name}/{variable.name}": variable.numpy().copy() for layer in layers for variable in layer.weights}
+
+
+@pytest.mark.parametrize("policy", ["frozen", "scale_shift"])
+def test_batch_norm_policies_reach_into_a_nested_base_model(digits, tmp_path, policy):
+    """A classifier shaped as in the Keras transfer-learning guide: ``Sequential([base_model, pooling, dense])``."""
+    base = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Rescaling(1 / 255),
+                             keras.layers.BatchNormalization(name="b0"),  # before any weighted layer: the first group
+                             keras.layers.Conv2D(4, 3, name="c1"), keras.layers.BatchNormalization(name="b1"),
+                             keras.layers.ReLU(), keras.layers.Conv2D(4, 3, name="c2"),
+                             keras.layers.BatchNormalization(name="b2"), keras.layers.ReLU()], name="base_model")
+    classifier = keras.Sequential([keras.Input((28, 28, 1)), base, keras.layers.GlobalAveragePooling2D(),
+                                   keras.layers.Dense(3, activation="softmax")])
+    classifier.save(tmp_path / "guide.keras")
+    before = _variables(base, batch_norm=True)
+    run = cnnkit.recipes.finetune(tmp_path / "guide.keras", digits[1], batch_norm=policy, batch_size=32, verbose=0,
+                                  stages=[{"unfreeze": "all", "epochs": 1, "learning_rate": 1e-2}],
+                                  run_dir=tmp_path / policy, report=False)
+    after = _variables(run.model, batch_norm=True)
+    assert run.config["groups"] == ["c1", "c2"]
+    assert set(after) == set(before)
+    for path, value in after.items():  # b0 (before any weighted layer) too
+        if policy == "scale_shift" and path.endswith(("/gamma", "/beta")):
+            assert not np.array_equal(value, before[path]), path
+        else:  # frozen: nothing moves; scale_shift: the moving statistics stay
+            np.testing.assert_array_equal(value, before[path], err_msg=path)
+
+
+def test_a_finetuned_run_as_backbone_is_grouped_by_its_blocks(digits, pretrained, tmp_path):
+    first = cnnkit.recipes.finetune(pretrained.run_dir, digits[1], stages=[{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-2}],
+                                    batch_size=32, run_dir=tmp_path / "first", verbose=0, report=False)
+    before = _variables(first.model)
+    second = cnnkit.recipes.finetune(first.run_dir, digits[1], stages=[{"unfreeze": 2, "epochs": 1, "learning_rate": 1e-2}],
+                                     batch_size=32, run_dir=tmp_path / "second", verbose=0, report=False)
+    assert second.config["groups"] == ["conv1", "conv2", "fc1"]
+    backbone = next(layer for layer in second.model.layers if isinstance(layer, keras.Model))
+    changed = {path for path, value in _variables(backbone).items() if not np.array_equal(value, before[path])}
+    assert {path.split("/")[0] for path in changed} == {"conv2", "fc1"}  # bn2, in conv2's group, stays frozen
+
+
+@pytest.mark.parametrize(("policy", "trains", "statistics_change"),
+                         [("frozen", False, False), ("scale_shift", True, False), ("recalibrate", True, True)])
+def test_the_batch_norm_policy_reaches_batch_norm_inside_a_group_layer(policy, trains, statistics_change):
+    block = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3, name="c"),
+                              keras.layers.BatchNormalization(name="b")], name="block")
+    features = keras.Sequential([keras.Input((4, 4, 1)), block], name="features")
+    _freezer(features, [("block", [block])], {"block"}, policy)(None)
+    norm = block.get_layer("b")
+    assert norm.trainable is trains and block.get_layer("c").trainable
+    features(np.ones((2, 4, 4, 1), "float32"), training=True)
+    assert (not np.array_equal(norm.moving_mean.numpy(), np.zeros(2))) == statistics_change
 
 
 def test_saved_run_loads_and_predicts_the_same_and_takes_raw_pixels(digits, pretrained, tmp_path):
@@ -258,6 +315,29 @@ def test_bad_arguments_are_named(digits, tmp_path):
         cnnkit.recipes.finetune("mobilenet_v2", digits[1], similarity="close", run_dir=tmp_path / "x")
     with pytest.raises(FileNotFoundError):
         cnnkit.recipes.finetune(tmp_path / "missing.keras", digits[1], run_dir=tmp_path / "x")
+
+
+@pytest.mark.parametrize("input_size", [[64], (32, 0), "64", (32.5, 32), (32, 32, 3), True])
+def test_a_bad_input_size_is_named_before_anything_is_built(digits, tmp_path, input_size):
+    with pytest.raises(ValueError, match=r"input_size must be \(height, width\) in pixels, or one int"):
+        cnnkit.recipes.finetune("mobilenet_v2", digits[1], weights=None, input_size=input_size, run_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_one_int_input_size_is_a_square(digits, pretrained):
+    from cnnkit.recipes.finetune import build_finetune_model
+
+    built = build_finetune_model("mobilenet_v2", digits[1], weights=None, input_size=32)
+    assert built.source["input_size"] == [32, 32] and built.features.input_shape == (None, 32, 32, 3)
+    assert build_finetune_model(pretrained.run_dir, digits[1], input_size=28).features.input_shape == (None, 28, 28, 1)
+
+
+def test_the_cli_names_a_bad_input_size_in_one_line(image_folder, tmp_path, capsys):
+    from cnnkit.cli import main
+
+    overrides = ["backbone=mobilenet_v2", f"data.path={image_folder}", "input_size=[64]", f"run_dir={tmp_path / 'run'}"]
+    assert main(["run", "finetune_folder", *overrides]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("cnnkit: error: input_size must be")
 
 
 def test_transfer_compares_finetuning_with_scratch(tmp_path):

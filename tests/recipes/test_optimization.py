@@ -1,7 +1,10 @@
+import re
+
 import keras
 import numpy as np
 import pytest
 
+from cnnkit.cli import main
 from cnnkit.recipes import optimization
 from cnnkit.recipes.optimization import make_optimizer, make_schedule, resolve_precision
 
@@ -16,9 +19,82 @@ def test_constant_schedule_is_the_rate():
 
 def test_step_schedule_drops_tenfold_at_half_and_three_quarters():
     schedule = make_schedule("step", 0.1, steps_per_epoch=10, epochs=8)
-    assert [round(_rate(schedule, step), 6) for step in (0, 39, 41, 59, 61, 79)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    assert [round(_rate(schedule, step), 6) for step in (0, 39, 40, 59, 60, 79)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
     every = make_schedule({"name": "step", "every": 2, "factor": 0.5}, 1.0, steps_per_epoch=1, epochs=6)
     assert [_rate(every, step) for step in (1, 3, 5)] == [1.0, 0.5, 0.25]
+
+
+def _rates_used(schedule, *, steps_per_epoch, epochs):
+    """The rate each optimiser step of each epoch applies: SGD on a gradient of -1 moves a weight by it."""
+    optimizer = make_optimizer("sgd", learning_rate=1.0, schedule=schedule, steps_per_epoch=steps_per_epoch,
+                               epochs=epochs)
+    weight = keras.Variable(np.zeros(1, "float32"))
+    optimizer.build([weight])
+    moves = []
+    for _ in range(steps_per_epoch * epochs):
+        before = float(weight.numpy()[0])
+        optimizer.apply([np.array([-1.0], "float32")], [weight])
+        moves.append(round(float(weight.numpy()[0]) - before, 4))
+    return [moves[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch] for epoch in range(epochs)]
+
+
+def test_step_schedule_drops_on_the_first_step_of_the_epoch():
+    assert _rates_used("step", steps_per_epoch=4, epochs=4) == [[1.0] * 4, [1.0] * 4, [0.1] * 4, [0.01] * 4]
+    every = _rates_used({"name": "step", "every": 1, "factor": 0.5}, steps_per_epoch=3, epochs=3)
+    assert every == [[1.0] * 3, [0.5] * 3, [0.25] * 3]
+
+
+def test_warmup_and_restarts_turn_at_the_epoch_boundary():
+    warm = _rates_used({"name": "cosine", "warmup_epochs": 1}, steps_per_epoch=4, epochs=4)
+    assert max(warm[0]) < 1.0 and warm[1][0] == 1.0  # warms up over epoch 1, peaks on epoch 2's first step
+    restarts = _rates_used({"name": "cosine", "cycles": 2}, steps_per_epoch=4, epochs=4)
+    assert restarts[0][0] == restarts[2][0] == 1.0 and restarts[2] == restarts[0] and restarts[3] == restarts[1]
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [({"name": "step", "every": 2.5}, "step every must be an integer >= 1 (epochs). Received: every=2.5"),
+     ({"name": "step", "every": 0}, "step every must be an integer >= 1 (epochs). Received: every=0"),
+     ({"name": "step", "every": -2}, "step every must be an integer >= 1 (epochs). Received: every=-2"),
+     ({"name": "step", "every": True}, "step every must be an integer >= 1 (epochs). Received: every=True"),
+     ({"name": "step", "factor": 10}, "step factor must be a number in (0, 1]. Received: factor=10"),
+     ({"name": "step", "factor": 0}, "step factor must be a number in (0, 1]. Received: factor=0"),
+     ({"name": "cosine", "warmup_epochs": 10}, "cosine warmup_epochs must be a number >= 0 and below epochs (10). "
+                                              "Received: warmup_epochs=10"),
+     ({"name": "cosine", "warmup_epochs": -2}, "Received: warmup_epochs=-2"),
+     ({"name": "cosine", "warmup_epochs": float("nan")}, "Received: warmup_epochs=nan")],
+)
+def test_bad_schedule_options_are_named(schedule, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_schedule(schedule, 0.1, steps_per_epoch=10, epochs=10)
+
+
+def test_edge_schedule_options_are_accepted():
+    assert make_schedule({"name": "step", "every": 2, "factor": 1}, 0.1, steps_per_epoch=2, epochs=4)(3) == 0.1
+    half = make_schedule({"name": "cosine", "warmup_epochs": 0.5}, 0.1, steps_per_epoch=10, epochs=2)
+    assert _rate(half, 5) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0. Received: learning_rate=nan"),
+     ({"learning_rate": float("inf")}, "Received: learning_rate=inf"),
+     ({"learning_rate": -0.1}, "Received: learning_rate=-0.1"),
+     ({"learning_rate": True}, "Received: learning_rate=True"),
+     ({"weight_decay": -0.5}, "weight_decay must be a finite number >= 0. Received: weight_decay=-0.5"),
+     ({"weight_decay": float("nan")}, "Received: weight_decay=nan")],
+)
+def test_bad_optimizer_arguments_are_named(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_optimizer("sgd", **{"learning_rate": 0.1, **options}, steps_per_epoch=1, epochs=1)
+
+
+def test_cli_names_a_bad_schedule_option_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "mnist_fc64", "schedule={name: step, every: 2.5}", "epochs=1", "data=mnist-sample"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "cnnkit: error: step every must be an integer >= 1 (epochs). Received: every=2.5"
+    assert not any("Traceback" in line for line in lines) and not (tmp_path / "runs").exists()
 
 
 def test_cosine_decays_to_zero_and_warms_up():

@@ -139,6 +139,8 @@ def test_an_ema_run_killed_after_its_last_checkpoint_resumes_to_the_average(tiny
         ({"batch_size": "32"}, "batch_size must be an integer"),
         ({"steps_per_execution": 0}, "steps_per_execution"),
         ({"early_stopping": 0}, "early_stopping"),
+        ({"early_stopping": True}, "early_stopping must be a patience in epochs (>= 1) or None. "
+                                   "Received: early_stopping=True"),
         ({"early_stopping": 2, "ema": 0.99}, "early_stopping and ema do not combine"),
         ({"ema": 1.0}, "ema must be a momentum between 0 and 1"),
         ({"optimizer": "adamax"}, "optimizer must be one of"),
@@ -281,7 +283,8 @@ def test_precise_bn_sets_the_statistics_to_the_clean_training_images(tiny_mnist,
                  batch_size=128)
     norm = run.model.get_layer("bn1")
     clean, _ = tiny_mnist.arrays("train")
-    inputs = keras.Model(run.model.input, norm.input)(clean[:256].astype("float32")).numpy()
+    sample = clean[np.random.default_rng(0).permutation(len(clean))[:256]]  # drawn with the run's seed
+    inputs = keras.Model(run.model.input, norm.input)(sample.astype("float32")).numpy()
     inputs = inputs.astype("float64").reshape(2, -1, 8)  # bfloat16 sums in NumPy lose everything
     # the average of the two batches' means and variances, not an exponential average of augmented batches
     np.testing.assert_allclose(norm.moving_mean.numpy(), inputs.mean(axis=1).mean(axis=0), rtol=1e-4, atol=1e-5)
@@ -296,3 +299,16 @@ def test_precise_bn_sets_the_statistics_to_the_clean_training_images(tiny_mnist,
 def test_bad_precise_bn_is_named(tiny_mnist, tmp_path, value):
     with pytest.raises(ValueError, match="precise_bn must be an integer >= 0"):
         _train(tiny_mnist, tmp_path / "run", precise_bn=value)
+
+
+def test_precise_bn_draws_a_random_sample_not_the_first_images(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.sort(rng.integers(0, 4, 600))  # stored sorted by class: the first images are all class 0
+    x = (rng.integers(0, 40, (600, 8, 8)) + y[:, None, None] * 60).astype(np.uint8)
+    data = cnnkit.data.from_arrays(x, y, val_split=0.1)
+    run = _train(data, tmp_path / "run", arch="BN-FC8", epochs=1, batch_size=64, precise_bn=150,
+                 precision="float32", report=False)
+    clean, _ = data.arrays("train")
+    assert clean[:150].mean() / 255 < 0.2 < 0.4 < clean.mean() / 255  # the first 150 are far from the whole
+    moving_mean = float(run.model.get_layer("bn1").moving_mean.numpy()[0])
+    assert moving_mean == pytest.approx(clean.mean() / 255, abs=0.05)

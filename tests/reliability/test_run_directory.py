@@ -2,6 +2,7 @@
 good checkpoint, and run directories that are never overwritten by accident nor left by a failed start."""
 
 import json
+import re
 import warnings
 
 import keras
@@ -116,9 +117,38 @@ def test_a_finished_run_is_never_overwritten_without_overwrite(digits, tmp_path)
     assert second.run_dir == first.run_dir and (tmp_path / "run" / "model.keras").read_bytes() != before
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "thesis.tex").write_text("years of work")
-    with pytest.raises(ValueError, match="not one"):
+    with pytest.raises(ValueError, match="holds no cnnkit run"):
         _train(digits, tmp_path / "notes", overwrite=True)
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "years of work"
+
+
+def _project(folder):
+    """A user's folder with a config.yaml and a backup/ of its own: names a run directory uses too."""
+    (folder / "src").mkdir(parents=True)
+    (folder / "backup").mkdir()
+    files = {"config.yaml": "lr: 0.1\n", "README.md": "# my notes\n", "src/experiment.py": "print('mine')\n",
+             "backup/thesis.tex": "months of work\n"}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return files
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_holds_no_run_is_never_written_into_nor_deleted(digits, tmp_path, overwrite):
+    files = _project(tmp_path / "project")
+    with pytest.raises(ValueError, match=re.escape(f"run directory {tmp_path / 'project'} is not empty and holds no "
+                                                   "cnnkit run")):
+        _train(digits, tmp_path / "project", overwrite=overwrite)
+    assert {str(path.relative_to(tmp_path / "project")) for path in (tmp_path / "project").rglob("*")
+            if path.is_file()} == set(files)
+    assert all((tmp_path / "project" / name).read_text() == text for name, text in files.items())
+
+
+def test_an_empty_existing_folder_takes_a_run(digits, tmp_path):
+    (tmp_path / "empty").mkdir()
+    run = _train(digits, tmp_path / "empty", epochs=1, report=False)
+    assert (tmp_path / "empty" / "model.keras").exists() and not (tmp_path / "empty" / "backup").exists()
+    assert run.metrics["epochs_run"] == 1
 
 
 def test_a_failed_start_leaves_no_run_directory(digits, tmp_path):
