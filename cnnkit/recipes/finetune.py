@@ -98,8 +98,8 @@ def finetune(
         stages: "auto" (chosen by dataset size and ``similarity``, Wei's four cases; printed),
             or a list of stages, each a dict with ``unfreeze`` (0 or ``None``: head only; an int
             n: the top n groups; a list of group names; "all"), ``epochs``, ``learning_rate``
-            and optionally ``lr_multipliers`` ({group: factor} for discriminative rates) and
-            ``name``. The head always trains.
+            and optionally ``lr_multipliers`` ({group: factor} for discriminative rates; only
+            groups the stage unfreezes) and ``name``. The head always trains.
         similarity: "similar" or "different": how the data compares with what the backbone
             learnt from; with the dataset size it picks the "auto" stages.
         batch_norm: "frozen" (batch norm in inference mode with fixed statistics, the Keras
@@ -286,7 +286,7 @@ def finetune_stage(built, spec, *, train, steps_per_epoch, optimizer="adam", wei
     base = make_optimizer(optimizer, learning_rate=spec["learning_rate"] * rate_scale,
                           weight_decay=weight_decay, ema=ema, schedule="cosine" if unfrozen else "constant",
                           steps_per_epoch=steps_per_epoch, epochs=spec["epochs"])
-    multipliers = {name: factor for name, factor in (spec.get("lr_multipliers") or {}).items() if name in unfrozen}
+    multipliers = spec.get("lr_multipliers") or {}  # groups the stage unfreezes (checked by _check_stages)
     return Stage(spec["name"], spec["epochs"], with_lr_multipliers(base, _variable_multipliers(built.groups, multipliers)),
                  train, class_weight=class_weight, prepare=_freezer(built.features, built.groups, unfrozen, batch_norm),
                  images=images)
@@ -513,10 +513,13 @@ def _check_stages(stages, group_names):
         if not isinstance(stage["learning_rate"], (int, float)) or stage["learning_rate"] <= 0:
             raise ValueError(f"stage {index}: learning_rate must be positive. Received: {stage['learning_rate']!r}")
         unfreeze = stage.get("unfreeze", 0)
-        _unfrozen_groups(unfreeze, group_names, where=f"stage {index}")
+        unfrozen = _unfrozen_groups(unfreeze, group_names, where=f"stage {index}")
         for group, factor in (stage.get("lr_multipliers") or {}).items():
             if group not in group_names:
                 raise ValueError(f"stage {index}: lr_multipliers names unknown group {group!r}; groups: {group_names}")
+            if group not in unfrozen:
+                raise ValueError(f"stage {index}: lr_multipliers names group {group!r}, which the stage leaves frozen "
+                                 f"(unfreeze={unfreeze!r} trains {sorted(unfrozen, key=group_names.index)})")
             if not isinstance(factor, (int, float)) or factor <= 0:
                 raise ValueError(f"stage {index}: lr_multipliers[{group!r}] must be positive. Received: {factor!r}")
         checked.append({"name": stage.get("name", f"stage{index}"), "unfreeze": unfreeze, "epochs": epochs,

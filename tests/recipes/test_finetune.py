@@ -300,6 +300,8 @@ def test_auto_prints_the_case_it_chose(digits, pretrained, tmp_path, capsys):
     ([{"unfreeze": 0, "learning_rate": 1e-3}], "missing key 'epochs'"),
     ([{"unfreeze": 7, "epochs": 1, "learning_rate": 1e-3}], "between 0 and the 3 groups"),
     ([{"unfreeze": 1, "epochs": 1, "learning_rate": 1e-3, "lr_multipliers": {"fc9": 0.1}}], "unknown group 'fc9'"),
+    ([{"unfreeze": 1, "epochs": 1, "learning_rate": 1e-3, "lr_multipliers": {"conv1": 0.1}}],
+     r"names group 'conv1', which the stage leaves frozen \(unfreeze=1 trains \['fc1'\]\)"),
     ("fast", "stages must be 'auto' or a non-empty list"),
 ])
 def test_bad_stages_are_named(digits, pretrained, tmp_path, stages, message):
