@@ -38,7 +38,7 @@ from cnnkit.recipes.fitting import (
     run_config,
     run_key,
 )
-from cnnkit.recipes.optimization import NO_DECAY_NAMES, check_ema, make_optimizer, resolve_precision
+from cnnkit.recipes.optimization import NO_DECAY_NAMES, check_ema, is_finite_number, make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.runs import Run
 
@@ -510,7 +510,7 @@ def _check_stages(stages, group_names):
         epochs = stage["epochs"]
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ValueError(f"stage {index}: epochs must be an integer >= 1. Received: epochs={epochs!r}")
-        if not isinstance(stage["learning_rate"], (int, float)) or stage["learning_rate"] <= 0:
+        if not is_finite_number(stage["learning_rate"]) or stage["learning_rate"] <= 0:
             raise ValueError(f"stage {index}: learning_rate must be positive. Received: {stage['learning_rate']!r}")
         unfreeze = stage.get("unfreeze", 0)
         unfrozen = _unfrozen_groups(unfreeze, group_names, where=f"stage {index}")
@@ -520,7 +520,7 @@ def _check_stages(stages, group_names):
             if group not in unfrozen:
                 raise ValueError(f"stage {index}: lr_multipliers names group {group!r}, which the stage leaves frozen "
                                  f"(unfreeze={unfreeze!r} trains {sorted(unfrozen, key=group_names.index)})")
-            if not isinstance(factor, (int, float)) or factor <= 0:
+            if not is_finite_number(factor) or factor <= 0:
                 raise ValueError(f"stage {index}: lr_multipliers[{group!r}] must be positive. Received: {factor!r}")
         checked.append({"name": stage.get("name", f"stage{index}"), "unfreeze": unfreeze, "epochs": epochs,
                         "learning_rate": float(stage["learning_rate"]),

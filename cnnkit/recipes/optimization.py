@@ -83,9 +83,9 @@ def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, we
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}. Received: optimizer={name!r}")
-    if not _is_number(learning_rate) or not learning_rate > 0:
+    if not is_finite_number(learning_rate) or not learning_rate > 0:
         raise ValueError(f"learning_rate must be a finite number > 0. Received: learning_rate={learning_rate!r}")
-    if not _is_number(weight_decay) or weight_decay < 0:
+    if not is_finite_number(weight_decay) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a finite number >= 0. Received: weight_decay={weight_decay!r}")
     check_ema(ema)
     rate = make_schedule(schedule, learning_rate, steps_per_epoch=steps_per_epoch, epochs=epochs)
@@ -128,7 +128,7 @@ def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
         every = options.get("every")
         if "every" in options and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
             raise ValueError(f"step every must be an integer >= 1 (epochs). Received: every={every!r}")
-        if not _is_number(factor) or not 0 < factor <= 1:
+        if not is_finite_number(factor) or not 0 < factor <= 1:
             raise ValueError(f"step factor must be a number in (0, 1]. Received: factor={factor!r}")
         epochs_at = range(every, epochs, every) if every else [epochs // 2, (3 * epochs) // 4]
         # Keras reads the rate at the step's index before counting it, and the piecewise rate changes
@@ -138,7 +138,7 @@ def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
         return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values) if boundaries else learning_rate
     if name == "cosine":
         warmup_epochs = options.get("warmup_epochs", 0)
-        if not _is_number(warmup_epochs) or not 0 <= warmup_epochs < epochs:
+        if not is_finite_number(warmup_epochs) or not 0 <= warmup_epochs < epochs:
             raise ValueError(f"cosine warmup_epochs must be a number >= 0 and below epochs ({epochs}). Received: "
                              f"warmup_epochs={warmup_epochs!r}")
         warmup = int(warmup_epochs * steps_per_epoch)
@@ -164,8 +164,13 @@ def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
     )
 
 
-def _is_number(value) -> bool:
-    """Whether ``value`` is a finite real number (not a bool)."""
+def is_finite_number(value) -> bool:
+    """Whether ``value`` is a finite real number (not a bool).
+
+    Example:
+        >>> [is_finite_number(v) for v in (0.1, 3, float("nan"), True, "1")]
+        [True, True, False, False, False]
+    """
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
