@@ -65,13 +65,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import random
 import string
 
 import keras_tuner as kt
 
 from cnnkit.planner import plan
+from cnnkit.recipes.optimization import is_finite_number
 from cnnkit.spec import SpecError
 
 # knob -> (group, what it sets). "model": a cnnkit.build option (model_options of the train
@@ -520,19 +520,17 @@ def _check_knob(name, declaration):
             low = _INTEGER_KNOBS[name]
             ok, need = isinstance(value, int) and not isinstance(value, bool) and value >= low, f"an integer >= {low}"
         elif name in _POSITIVE_KNOBS:
-            ok, need = _is_number(value) and value > 0, "a number > 0"
+            ok, need = is_finite_number(value) and value > 0, "a number > 0"
         elif name in _NON_NEGATIVE_KNOBS:
-            ok, need = _is_number(value) and value >= 0, "a number >= 0"
+            ok, need = is_finite_number(value) and value >= 0, "a number >= 0"
         elif name in _FRACTION_KNOBS:
-            ok, need = _is_number(value) and 0 <= value < 1, "a number in [0, 1)"
+            ok, need = is_finite_number(value) and 0 <= value < 1, "a number in [0, 1)"
         else:
             ok, need = value is None or isinstance(value, str), "a name"
         if not ok:
             raise ValueError(f"knob {name!r} takes {need}. Received: {name}={declaration!r}")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _tidy(value, declaration=None):
