@@ -88,11 +88,26 @@ class Recipe:
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` with YAML 1.2's numbers: ``1e-3`` (no dot) is a float, ``010`` is 10.
+    """``yaml.SafeLoader`` with YAML 1.2's numbers and unique keys: ``1e-3`` (no dot) is a float, ``010`` is 10.
 
     YAML 1.1 (PyYAML's default) reads ``010`` as octal 8 and ``1:00`` as base 60 (60); here
     integers are decimal, ``0x1F`` or ``0o17``, and ``1:00`` stays a string.
     """
+
+    def construct_mapping(self, node, deep=False):
+        """A mapping, refusing a key given twice (YAML 1.2; PyYAML keeps the last silently)."""
+        first_line = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": explicit keys may override merged ones
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first on line {first_line[key] + 1})", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
     def construct_yaml_int(self, node):
         """An int from a decimal, ``0x`` (hexadecimal) or ``0o`` (octal) scalar."""
@@ -397,7 +412,7 @@ def resolve_function(module: str, name: str, *, source=None):
     return function
 
 
-def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, override_keys=()) -> None:
+def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, override_keys=(), provided=()) -> None:
     """Check keyword arguments against ``function``'s signature, before anything runs.
 
     Checks, in order: every key is a parameter; no required argument is missing; each value
@@ -414,6 +429,8 @@ def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, overr
         source: the file they came from, for error messages.
         qualname: the function's name for error messages (default ``function.__qualname__``).
         override_keys: top-level keys set by command-line overrides (the message says so).
+        provided: parameters the caller passes itself (``transfer`` gives ``train`` its ``data``):
+            they count as given and may not be in ``kwargs``.
 
     Raises:
         ConfigError: one line naming the key (and the bad value or token): an unknown key (with
@@ -436,8 +453,12 @@ def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, overr
     parameters = inspect.signature(function).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     named = [
-        p.name for p in parameters.values() if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        p.name for p in parameters.values()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) and p.name not in provided
     ]
+    for key in kwargs:
+        if key in provided:
+            raise ConfigError(f"{prefix}{key!r} cannot be set for {qualname}: its caller passes it")
     if not accepts_any:
         for key in kwargs:
             if key not in named:
@@ -451,6 +472,7 @@ def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, overr
         if p.default is inspect.Parameter.empty
         and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         and p.name not in kwargs
+        and p.name not in provided
     ]
     if missing:
         names = ", ".join(repr(name) for name in missing)

@@ -22,10 +22,10 @@ def _error_lines(captured) -> list[str]:
 
 
 def _tiny_recipe(folder: Path, name: str = "tiny.yaml", **extra) -> Path:
-    lines = ["# Tiny: one epoch of FC16 on the bundled MNIST sample (a test).",
-             "arch: FC16", "data: mnist-sample", "epochs: 1", "batch_size: 64", "verbose: 0",
-             f"run_dir: {json.dumps(str(folder / 'run'))}"]
-    lines += [f"{key}: {json.dumps(value)}" for key, value in extra.items()]
+    settings = {"arch": "FC16", "data": "mnist-sample", "epochs": 1, "batch_size": 64, "verbose": 0,
+                "run_dir": str(folder / "run"), **extra}
+    lines = ["# Tiny: one epoch of FC16 on the bundled MNIST sample (a test)."]
+    lines += [f"{key}: {json.dumps(value)}" for key, value in settings.items()]
     path = folder / name
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -191,6 +191,17 @@ def test_quickstart_runs_the_packaged_transfer_experiment(tmp_path, capsys):
     finetuned = yaml.safe_load((tmp_path / "qs" / "finetune" / "config.yaml").read_text())
     assert finetuned["class_names"] == ["5", "6", "7", "8", "9"]
     assert finetuned["data"]["class_counts"]["train"] == [5] * 5
+
+
+@pytest.mark.parametrize("override, message", [
+    ("scratch.epoch=1", "unknown key 'epoch' for transfer's scratch (train) (did you mean 'epochs'?)"),
+    ("pretrain.seed=1", "'seed' cannot be set for transfer's pretrain (train): its caller passes it"),
+    ("finetune.epochs=two", "epochs must be an integer. Received: epochs='two'"),
+])
+def test_quickstart_refuses_a_bad_nested_key_before_pretraining(tmp_path, capsys, override, message):
+    assert main(["quickstart", override, f"run_dir={tmp_path / 'qs'}"]) == 2
+    assert f"cnnkit: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()
 
 
 def test_packaged_quickstart_recipe_is_valid():

@@ -221,6 +221,24 @@ def test_yaml_syntax_error_names_file_and_line(fake_recipes, tmp_path):
     assert "invalid YAML" in message and "line " in message
 
 
+def test_a_key_given_twice_is_refused_naming_both_lines(fake_recipes, tmp_path):
+    path = _write(tmp_path, "twice.yaml", """
+        arch: FC16
+        data: {name: mnist-sample, val_split: 0.1}
+        epochs: 20
+        epochs: 1
+    """)
+    with pytest.raises(ConfigError, match=r"twice\.yaml:4: .*duplicate key 'epochs' \(first on line 3\)"):
+        config.load_recipe(path)
+    path.write_text("arch: FC16\ndata: mnist-sample\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"duplicate key 'name'"):
+        config.load_recipe(path, ["data={name: mnist, name: mnist-sample}"])
+
+
+def test_merged_keys_may_be_overridden_explicitly():
+    assert config._yaml_load("base: &b {a: 1, b: 2}\nx: {<<: *b, a: 3}\n")["x"] == {"a": 3, "b": 2}
+
+
 @pytest.mark.parametrize("text", ["- arch\n- data\n", "just a string\n", "", "# only a comment\n", "1: x\n"])
 def test_top_level_must_be_a_mapping_of_names(fake_recipes, tmp_path, text):
     path = _write(tmp_path, "odd.yaml", text)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from cnnkit.config import validate_kwargs
 from cnnkit.recipes.finetune import finetune as finetune_recipe
 from cnnkit.recipes.fitting import prepare_run_dir
 from cnnkit.recipes.pipeline import resolve_data
@@ -93,10 +94,21 @@ def transfer(
     Returns:
         A ``TransferResult``.
 
+    Raises:
+        ValueError: before anything runs, for a key of ``pretrain``, ``finetune`` or ``scratch``
+            that its recipe does not take, a value of the wrong type, or a key transfer sets itself.
+
     Example:
         >>> result = transfer("lenet", "mnist", source_classes=range(5), target_classes=range(5, 10),
         ...                   finetune={"stages": "auto", "epochs": 10})  # doctest: +SKIP
     """
+    for name, settings, recipe, passed in (("pretrain", pretrain, train_recipe, "arch"),
+                                           ("finetune", finetune, finetune_recipe, "backbone"),
+                                           ("scratch", scratch, train_recipe, "arch")):
+        if settings is not None and not isinstance(settings, dict):
+            raise ValueError(f"{name} must be a mapping of {recipe.__name__} arguments. Received: {name}={settings!r}")
+        validate_kwargs(recipe, settings or {}, qualname=f"transfer's {name} ({recipe.__name__})",
+                        provided=(passed, "data", "seed", "verbose", "run_dir"))
     data = resolve_data(data)
     source = data.subset(classes=list(source_classes), seed=seed)
     target = data.subset(classes=list(target_classes), per_class=labels_per_class,

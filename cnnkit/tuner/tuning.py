@@ -58,6 +58,7 @@ import math
 import os
 import shutil
 import time
+import traceback
 from pathlib import Path
 
 import keras
@@ -103,7 +104,7 @@ SETTINGS_FILE = "search.yaml"
 MAX_INVALID_IN_A_ROW = 100
 """The search stops when this many proposed networks in a row do not fit the input."""
 
-_OUTPUTS = ("trials.csv", "best_recipe.yaml", "sensitivity.png", "sensitivity.csv", SETTINGS_FILE)
+_OUTPUTS = ("trials.csv", "best_recipe.yaml", "sensitivity.png", "sensitivity.csv", "report.html", SETTINGS_FILE)
 _SAMPLE_IMAGES = 256
 
 
@@ -710,14 +711,25 @@ class _Tuner(kt.Tuner):
 
     def _try_run_and_update_trial(self, trial, *args, **kwargs):
         # The planner's check comes first: a network that does not fit is marked INVALID with the
-        # reason, without raising (Keras Tuner would print a traceback for it).
+        # reason, without raising. A trial that fails as trials do (a NaN loss, out of memory) is
+        # FAILED with its one line; Keras Tuner would print a traceback for either. Other errors
+        # keep Keras Tuner's handling, traceback included.
         hypermodel = self.hypermodel
         values = hypermodel.space.values(trial.hyperparameters.values)
         reason = hypermodel.space.invalid_reason(values, hypermodel.data.image_shape, hypermodel.data.num_classes)
-        if reason is None:
-            super()._try_run_and_update_trial(trial, *args, **kwargs)
-        else:
+        if reason is not None:
             trial.status, trial.message = kt.engine.trial.TrialStatus.INVALID, INVALID_PREFIX + reason
+            return
+        self._failure = None
+        super()._try_run_and_update_trial(trial, *args, **kwargs)
+        if self._failure is not None:
+            trial.status, trial.message = kt.engine.trial.TrialStatus.FAILED, self._failure
+
+    def _run_and_update_trial(self, trial, *args, **kwargs):
+        try:
+            super()._run_and_update_trial(trial, *args, **kwargs)
+        except kt.errors.FailedTrialError as error:  # _try_run_and_update_trial marks the trial FAILED
+            self._failure = "".join(traceback.format_exception_only(error)).strip()
 
     def run_trial(self, trial, *args, **kwargs):
         try:

@@ -57,6 +57,17 @@ def test_a_log_range_refuses_a_step_that_is_not_a_useful_multiplier(declaration,
     assert only in str(error.value)
 
 
+@pytest.mark.parametrize("declaration", [
+    {"min": 2, "max": 8, "step": 0},  # Keras Tuner divides by it
+    {"min": 2, "max": 8, "step": -2},
+    {"min": 0.0, "max": 0.5, "step": 0.75},  # the range would hold only min
+])
+def test_a_linear_range_refuses_a_step_that_is_not_positive_or_exceeds_the_range(declaration):
+    with pytest.raises(ValueError, match=r"hyperparameter 'units': under linear sampling step must be > 0 "
+                                         r"and at most max - min"):
+        SearchSpace("FC{units}", {"units": declaration})
+
+
 def test_a_log_range_with_a_multiplier_step_gives_its_powers_as_ints():
     space = SearchSpace("FC{units}", {"units": {"min": 16, "max": 128, "step": 2, "sampling": "log"}})
     _, declared = _declared(space)

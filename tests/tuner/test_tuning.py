@@ -75,13 +75,14 @@ def test_invalid_networks_are_recorded_untrained_and_not_counted(tiny_data, tmp_
     assert [row["status"] for row in _rows(tmp_path / "grid" / "trials.csv")] == ["INVALID", "COMPLETED"]
 
 
-def test_failed_trials_are_recorded_and_the_search_goes_on(tiny_data, tiny_space, tmp_path, counter):
+def test_failed_trials_are_recorded_and_the_search_goes_on(tiny_data, tiny_space, tmp_path, counter, capfd):
     counter.actions = {2: "oom", 3: "nan"}
     result = search(tiny_space, tiny_data, max_trials=4, directory=tmp_path / "search", callbacks=[counter()],
                     **FAST)
     assert [trial.status for trial in result.trials] == ["COMPLETED", "FAILED", "FAILED", "COMPLETED"]
     assert result.trials[1].error == "out of memory: OOM when allocating tensor of shape [8,8]"
     assert result.trials[2].error == "the training loss became nan in epoch 1"
+    assert "Traceback" not in capfd.readouterr().err  # a failure of the kind trials have is one line
     assert result.best_trial.trial_id in ("0", "3")
 
 
@@ -91,6 +92,17 @@ def test_failures_in_a_row_stop_the_search_and_keep_the_trials(tiny_data, tiny_s
         search(tiny_space, tiny_data, max_trials=4, max_consecutive_failed_trials=2, directory=tmp_path / "search",
                callbacks=[counter()], **FAST)
     assert [row["status"] for row in _rows(tmp_path / "search" / "trials.csv")] == ["FAILED", "FAILED"]
+
+
+def test_overwrite_removes_the_old_searchs_report_even_if_the_new_one_stops(tiny_data, tiny_space, tmp_path,
+                                                                           counter):
+    search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", **FAST)
+    assert (tmp_path / "search" / "report.html").is_file()
+    counter.actions = {1: "setup"}
+    with pytest.raises(SearchError, match="setup error"):
+        search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", overwrite=True,
+               callbacks=[counter()], **FAST)
+    assert not (tmp_path / "search" / "report.html").exists()
 
 
 def test_a_setup_error_in_a_trial_stops_at_once_and_the_trial_reruns(tiny_data, tiny_space, tmp_path, counter):
