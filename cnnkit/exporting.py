@@ -213,7 +213,7 @@ def export(
     image_shape = _image_shape(model)
     names = _check_class_names(run.class_names)
     quantised = format == "tflite" and quantize != "float32"
-    source_data, data_note = _resolve_data(data, run, required=quantize == "int8" and representative_data is None)
+    source_data, data_note = _resolve_data(data, run, names, required=quantize == "int8" and representative_data is None)
     calibration = None
     if quantize == "int8":
         calibration = _representative_images(representative_data, source_data, image_shape, representative_samples)
@@ -380,12 +380,19 @@ def _float32_copy(model):
 # --------------------------------------------------------------------------- data
 
 
-def _resolve_data(data, run, *, required):
-    """``(ImageData or None, note)``: ``data``, else the run's recorded data when it loads."""
+def _resolve_data(data, run, names, *, required):
+    """``(ImageData or None, note)``: ``data``, else the run's recorded data when it loads.
+
+    Data whose class names (in order) are not the model's is refused: its labels would mean other
+    outputs, so accuracies and int8 calibration would be wrong."""
     from cnnkit.recipes.pipeline import resolve_data
 
     if data is not None:
         resolved = resolve_data(data)
+        if list(resolved.class_names) != names:
+            raise ValueError(f"The data's classes are not the model's: data {resolved.source} has "
+                             f"{_shown(resolved.class_names)}, the model {_shown(names)} (pass class_names= if the "
+                             "model's are only unnamed)")
         return resolved, resolved.source
     recorded = _recorded_data(run.config)
     if recorded is None:
@@ -401,7 +408,18 @@ def _resolve_data(data, run, *, required):
             raise ValueError(f"quantize='int8' needs the run's data {recorded!r}, which does not load: {error} "
                              "Pass data= or representative_data=. Received: data=None") from error
         return None, f"the run's data {recorded!r} does not load here ({error}); parity uses random pixels"
+    if list(resolved.class_names) != names:
+        if required:
+            raise ValueError(f"quantize='int8' needs sample images, and the run's data {recorded!r} now has other "
+                             f"classes than the model ({_shown(resolved.class_names)}). Pass data= or "
+                             "representative_data=. Received: data=None")
+        return None, f"the run's data {recorded!r} now has other classes than the model; parity uses random pixels"
     return resolved, resolved.source
+
+
+def _shown(names, most=6) -> str:
+    names = [str(name) for name in names]
+    return f"{len(names)} classes [{', '.join(names[:most])}{', ...' if len(names) > most else ''}]"
 
 
 def _recorded_data(config: dict):
@@ -440,8 +458,10 @@ def _check_images(data, image_shape, *, whole_split):
         split = next((name for name in ("test", "val", "train") if getattr(data, name) is not None), None)
         images, labels = data.arrays(split)
         _check_data_shape(images, image_shape)
-        if not whole_split:
-            images, labels = images[:PARITY_SAMPLES], labels[:PARITY_SAMPLES]
+        if not whole_split and len(images) > PARITY_SAMPLES:  # evenly spaced: a class-sorted split gives every class
+            chosen = np.linspace(0, len(images) - 1, PARITY_SAMPLES).round().astype(int)
+            images, labels = images[chosen], labels[chosen]
+            return images, labels, f"{len(images)} evenly spaced images of the {split} split"
         return images, labels, f"{len(images)} images of the {split} split"
     images = np.random.default_rng(0).integers(0, 256, (PARITY_SAMPLES, *image_shape), dtype=np.uint8)
     return images, None, f"{PARITY_SAMPLES} random uint8 images"
@@ -497,6 +517,7 @@ def _write_artifact(model, staging: Path, format, quantize, calibration, names, 
         return staging
     artifact = staging / MODEL_FILES[format]
     if format == "onnx":
+        model(np.zeros((1, *image_shape), model.inputs[0].dtype), training=False)  # a loaded model: Keras needs a call
         with warnings.catch_warnings():  # keras's tf2onnx patch for numpy 2 probes np.object
             warnings.simplefilter("ignore", FutureWarning)
             model.export(str(artifact), format="onnx", verbose=False)
@@ -509,11 +530,13 @@ def _serving_archive(model, names, image_shape):
     """A ``keras.export.ExportArchive`` with the uint8 and the encoded-bytes signatures.
 
     ``serving_bytes`` decodes each image in its own channels and converts it as training does
-    (``_training_pixels``: transparent pixels onto white, grayscale as PIL's ``L``), then resizes
-    it to ``(H, W)`` (TensorFlow's antialiased bilinear, where ``from_folder`` uses PIL's: a
-    resized image can differ by a level or so). What the graph cannot match: EXIF orientation is
-    not applied (clients should send upright images), 16-bit PNGs keep their high byte (PIL
-    rounds ``v / 257``: at most one level apart) and GIF transparency decodes as black.
+    (``_training_pixels``: transparent pixels onto white, grayscale as PIL's ``L``; JPEG with
+    PIL's accurate DCT; a 32-bit BMP's fourth byte ignored, as PIL does), then resizes it to
+    ``(H, W)`` (TensorFlow's antialiased bilinear, where ``from_folder`` uses PIL's: a resized
+    image can differ by a level or so). What the graph cannot match: EXIF orientation is not
+    applied (clients should send upright images), 16-bit grayscale PNGs keep their high byte (PIL
+    rounds ``v / 257``: at most one level apart), a BMP with an alpha mask (PIL: RGBA) is read as
+    RGB, and GIF transparency decodes as black.
     """
     import keras
     import tensorflow as tf
@@ -527,9 +550,14 @@ def _serving_archive(model, names, image_shape):
         return {"probabilities": probabilities, "class_id": class_id,
                 "class_name": tf.gather(tf.constant(names), class_id)}
 
+    def decode_as_pil(data):  # JPEG with PIL's accurate DCT; BMP's 4th byte is padding to PIL, not alpha
+        return tf.case([(tf.io.is_jpeg(data), lambda: tf.io.decode_jpeg(data, dct_method="INTEGER_ACCURATE")),
+                        (tf.equal(tf.strings.substr(data, 0, 2), b"BM"), lambda: tf.io.decode_bmp(data, channels=3))],
+                       default=lambda: tf.io.decode_image(data, expand_animations=False))
+
     def decode(data):
         if channels in (1, 3):
-            image = _training_pixels(tf.io.decode_image(data, expand_animations=False), channels)
+            image = _training_pixels(decode_as_pil(data), channels)
         else:  # no training decode to match (from_folder reads L or RGB): TensorFlow's own
             image = tf.io.decode_image(data, channels=channels, expand_animations=False)
         image = tf.image.resize(image, (height, width), method="bilinear", antialias=True)

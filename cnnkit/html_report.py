@@ -376,7 +376,9 @@ def _read_run(path, model):
 
 
 def _resolve_run_data(data, config, notes):
-    """The ``ImageData`` to show test images from: ``data``, else the run's own; ``None`` with a note."""
+    """The ``ImageData`` to show test images from: ``data``, else the run's own; ``None`` with a note.
+
+    ``data`` given is used or refused (``ValueError``), never passed over for the run's own."""
     from cnnkit.data import list_datasets
     from cnnkit.recipes.pipeline import resolve_data
 
@@ -384,7 +386,15 @@ def _resolve_run_data(data, config, notes):
     source = str((config.get("data") or {}).get("source") or "")
     fingerprint = (config.get("data") or {}).get("fingerprint")
     classes = [str(name) for name in config.get("class_names") or ()]
-    candidates = [("the data given", data)] if data is not None else []
+    if data is not None:
+        resolved = resolve_data(data)
+        given = [str(name) for name in resolved.class_names]
+        if classes and given != classes:
+            raise ValueError(f"data: {resolved.source} has other classes than the run: {_names(given)} against "
+                             f"{_names(classes)}")
+        _note_other_data(resolved, fingerprint, notes)
+        return resolved
+    candidates = []
     if isinstance(recorded, (str, dict)) and not str(recorded).startswith("<"):
         candidates.append(("the run's arguments.data", recorded))
     name = source.split(" ", 1)[0]
@@ -400,15 +410,23 @@ def _resolve_run_data(data, config, notes):
         if classes and list(resolved.class_names) != classes:
             errors.append(f"{origin} ({resolved.source}) has other classes than the run")
             continue
-        if fingerprint and resolved.fingerprint != fingerprint:
-            notes.append(f"The data used here ({resolved.source}) is not the data the run was trained on "
-                         "(its fingerprint differs): the images below may include training images.")
+        _note_other_data(resolved, fingerprint, notes)
         return resolved
     why = "; ".join(errors) if errors else (f"the run's data ({recorded or source or 'unknown'}) cannot be loaded "
                                             "again (in-memory arrays)")
     notes.append(f"No test images: {why}. Mistakes, feature maps and Grad-CAM need them: "
                  "pass data= (cnnkit report RUN --data NAME).")
     return None
+
+
+def _note_other_data(data, fingerprint, notes):
+    if fingerprint and data.fingerprint != fingerprint:
+        notes.append(f"The data used here ({data.source}) is not the data the run was trained on "
+                     "(its fingerprint differs): the images below may include training images.")
+
+
+def _names(names, most=6) -> str:
+    return f"{len(names)} classes [{', '.join(names[:most])}{', ...' if len(names) > most else ''}]"
 
 
 def _test_images(data, model, limit, notes):
@@ -426,10 +444,13 @@ def _test_images(data, model, limit, notes):
     limit = min(limit, max(1, MAX_TEST_BYTES // math.prod(data.image_shape)))
     if data.sizes[split] <= limit:
         images, labels = data.arrays(split)
-    else:
-        dataset = getattr(data, split).take(limit).batch(limit)
+    else:  # every stride-th image: a class-sorted split (from_folder) still gives every class
+        stride = math.ceil(data.sizes[split] / limit)
+        dataset = (getattr(data, split).enumerate().filter(lambda index, _: index % stride == 0)
+                   .map(lambda _, example: example).batch(limit))
         images, labels = (np.asarray(array) for array in next(iter(dataset)))
-        notes.append(f"Mistakes are searched among the first {limit:,} of {data.sizes[split]:,} {split} images.")
+        notes.append(f"One {split} image in {stride} is used ({len(images):,} of {data.sizes[split]:,}, "
+                     f"max_test_images={limit:,}).")
     if split == "val":
         notes.append("The data has no test split: the validation split is shown instead.")
     return images, np.asarray(labels).astype(np.int64), split
@@ -623,6 +644,7 @@ def render_report(path, *, model=None, data=None, examples: int = 8, max_test_im
 
     Raises:
         FileNotFoundError: ``path`` does not exist or holds no model.
+        ValueError: ``data`` was given and does not load, or its classes are not the run's.
 
     Example:
         >>> html_text = render_report("runs/mnist", data="mnist")  # doctest: +SKIP

@@ -2,6 +2,7 @@
 
 import io
 import json
+import struct
 
 import keras
 import numpy as np
@@ -126,6 +127,32 @@ def test_serving_bytes_blends_transparency_onto_white_as_training_does(tmp_path,
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def _bmp32(rgb):
+    """A 32-bit BI_RGB BMP whose fourth byte is 0 (unused, as many tools write it; PIL reads RGB)."""
+    height, width, _ = rgb.shape
+    pixels = b"".join(bytes([*rgb[row, col, ::-1], 0]) for row in range(height - 1, -1, -1) for col in range(width))
+    header = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 32, 0, len(pixels), 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40 + len(pixels), 0, 0, 54) + header + pixels
+
+
+def test_serving_bytes_decodes_jpeg_and_32_bit_bmp_as_training_does(tmp_path):
+    run_dir = _tiny_run(tmp_path / "run", 3)
+    rgb = np.random.default_rng(7).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=100)  # TF's fast DCT is up to ~48 levels off here
+    files = {"noise.jpg": buffer.getvalue(), "padded.bmp": _bmp32(rgb)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    predictor = load_predictor(run_dir)
+    pixels = predictor.load_images([tmp_path / name for name in files])
+    np.testing.assert_array_equal(pixels[1], rgb)  # PIL: the BMP's fourth byte is padding
+    out = cnnkit.export(run_dir, tmp_path / "export", verbose=0)
+    loaded = tf.saved_model.load(str(out))
+    got = loaded.signatures["serving_bytes"](image_bytes=tf.constant(list(files.values())))["probabilities"]
+    expected = loaded.signatures["serving_default"](images=tf.constant(pixels))["probabilities"]
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6)
+
+
 def test_training_pixels_match_convert_image_exactly():
     rng = np.random.default_rng(6)
     for mode, count in (("L", 1), ("LA", 2), ("RGB", 3), ("RGBA", 4)):
@@ -191,7 +218,8 @@ def test_finetuned_backbone_run_exports_with_parity(tmp_path):
 
 @pytest.mark.parametrize(("fmt", "runtime"), [("tflite", "ai-edge-litert"), ("onnx", "onnxruntime")])
 def test_float_tflite_and_onnx_match_keras(seed_run, tiny_data, tmp_path, fmt, runtime):
-    out = cnnkit.export(seed_run, tmp_path / fmt, format=fmt, data=tiny_data, verbose=0)
+    # from the run directory: a model loaded from disk and never called (Keras's ONNX export needs a call)
+    out = cnnkit.export(seed_run.run_dir, tmp_path / fmt, format=fmt, data=tiny_data, verbose=0)
     report = _report(out)
     assert report["file"] == exporting.MODEL_FILES[fmt] and (out / report["file"]).is_file()
     assert report["runtime"].startswith(runtime) and report["cnnkit_imported"] is False
@@ -329,6 +357,16 @@ def test_bad_arguments_are_refused_before_writing(seed_run, tmp_path, kwargs, me
     with pytest.raises(ValueError, match=message):
         cnnkit.export(seed_run, tmp_path / "export", verbose=0, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_data_with_other_classes_is_refused_before_writing(tmp_path):
+    run_dir = _tiny_run(tmp_path / "run")  # classes a, b, c
+    other = cnnkit.data.from_arrays(np.zeros((6, 8, 8, 1), np.uint8), np.array([0, 1, 2] * 2), class_names=["a", "c", "b"],
+                                    val_split=0)
+    with pytest.raises(ValueError, match=r"classes are not the model's: .*3 classes \[a, c, b\], the model 3 classes "
+                                         r"\[a, b, c\]"):
+        cnnkit.export(run_dir, tmp_path / "export", data=other, verbose=0)
+    assert not (tmp_path / "export").exists()
 
 
 def test_bad_sources_and_targets(seed_run, tmp_path):

@@ -102,8 +102,9 @@ def test_a_run_without_loadable_data_still_renders_and_says_what_is_missing(tiny
                                "configuration"]
     assert page.count("<img ") == 3  # confusion matrix, curves, kernels
     assert "Could not draw" not in page
-    other = render_report(tiny_run.run_dir, model=tiny_run.model, data="mnist-sample")
-    assert "No test images" in other and "has other classes than the run" in other
+    with pytest.raises(ValueError, match=r"data: mnist-sample .* has other classes than the run: 10 classes "
+                                         r"\[0, 1, 2, 3, 4, 5, \.\.\.\] against 3 classes \[0, 1, 2\]"):
+        render_report(tiny_run.run_dir, model=tiny_run.model, data="mnist-sample")  # given: used or refused
 
 
 def test_given_data_adds_the_parts_that_need_images(tiny_run, tiny):
@@ -115,7 +116,7 @@ def test_given_data_adds_the_parts_that_need_images(tiny_run, tiny):
     assert page.count('src="data:image/png;base64,') == page.count("<img ") >= 6
     assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing to fetch
     fewer = render_report(tiny_run.run_dir, model=tiny_run.model, data=tiny, max_test_images=10)
-    assert "among the first 10 of 30 test images" in fewer and "mistakes" in _sections(fewer)
+    assert "One test image in 3 is used (10 of 30, max_test_images=10)" in fewer and "mistakes" in _sections(fewer)
 
 
 def test_a_keras_file_gets_its_metrics_computed_from_the_data(tiny_run, tiny, tmp_path):
@@ -128,6 +129,13 @@ def test_a_keras_file_gets_its_metrics_computed_from_the_data(tiny_run, tiny, tm
     accuracy = re.search(r"test_accuracy</td><td>([0-9.]+)", page).group(1)
     assert float(accuracy) == pytest.approx(tiny_run.metrics["test_accuracy"], abs=1e-4)
     assert "No layer table" in page  # a bare model has no recorded notation
+    images, labels = tiny.arrays("test")
+    order = np.argsort(labels, kind="stable")  # class-sorted, as from_folder lists a test folder
+    by_class = cnnkit.data.from_arrays(images, labels, x_test=images[order], y_test=labels[order], val_split=0)
+    sampled = render_report(model_path, data=by_class, max_test_images=10)
+    assert "One test image in 3 is used (10 of 30" in sampled
+    support = [int(count) for count in re.findall(r"<tr><td class=l>\d</td>.*?<td>(\d+)</td></tr>", sampled)]
+    assert len(support) == 3 and all(count > 0 for count in support), support  # every class, not the first only
 
 
 def test_a_failing_part_becomes_a_note_and_a_failing_report_only_warns(tiny_run, tiny, monkeypatch, tmp_path):

@@ -106,8 +106,8 @@ def from_folder(
     changes after the scan.
 
     Decoding happens in the tf.data pipeline (`tf.numpy_function`, parallel `map`, AUTOTUNE)
-    with `convert_image`: EXIF orientation applied; 16-bit images scaled to 8 bits
-    (`round(v / 257)`: 65535 -> 255, 32896 -> 128), not clipped; transparency composited onto
+    with `convert_image`: EXIF orientation applied; 16-bit grayscale images scaled to 8 bits
+    (`round(v / 257)`: 65535 -> 255, 32896 -> 128), not clipped (16-bit RGB: PIL keeps the high byte); transparency composited onto
     white (`ALPHA_BACKGROUND`); CMYK, palette and other modes converted to RGB or L by PIL;
     the first frame of an animation. Images are then resized to `image_size` with bilinear
     resampling; elements are `uint8` `[H, W, C]` images with `int32` labels.
