@@ -129,7 +129,9 @@ class Plan:
 
     def memory(self, *, batch_size: int = 128, precision: str = "float32", optimizer: str = "adam") -> MemoryEstimate:
         """Estimate training memory as CS231n does: weights, their gradients, optimizer state,
-        and every layer's output kept for the backward pass plus its gradient.
+        and every tensor the built model keeps for the backward pass plus its gradient (the
+        input and its rescaled copy, each layer's output and activation, padded inputs, residual
+        shortcuts).
 
         Variables stay float32 under mixed precision; activations take 2 bytes then.
 
@@ -146,7 +148,12 @@ class Plan:
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be at least 1. Received: batch_size={batch_size}")
         activation_bytes = 4 if precision == "float32" else 2
-        stored = math.prod(self.input_shape) + sum(_stored_elements(row) for row in self.rows)
+        preprocessing = self.options.get("preprocessing")
+        layers_before = 1 if preprocessing == "rescale" else len(preprocessing) if isinstance(preprocessing, list) else 0
+        stored, inputs = math.prod(self.input_shape) * (1 + layers_before), self.input_shape
+        for row in self.rows:
+            stored += _stored_elements(row, inputs, self.options.get("shortcut", "projection"))
+            inputs = row.output_shape
         return MemoryEstimate(
             weights=4 * self.params,
             gradients=4 * self.trainable_params,
@@ -418,13 +425,32 @@ def _layer_math(layer: Layer, shape, use_bias, receptive, jump, shortcut="projec
     raise SpecError(f"layer kind {kind!r} cannot be planned", token=layer.token, position=layer.position)
 
 
-def _stored_elements(row: Row) -> int:
-    """Elements a layer keeps for the backward pass: its output, and its activation's output."""
-    elements = math.prod(row.output_shape)
-    if row.layer.kind == "residual":
-        return 7 * elements  # conv, BN, activation, conv, BN, add, activation
-    has_activation = row.layer.activation not in (None, "linear")
-    return elements * (2 if has_activation else 1)
+def _stored_elements(row: Row, input_shape, shortcut: str) -> int:
+    """Elements a layer keeps for the backward pass: the tensors ``cnnkit.build`` makes for it.
+
+    Its output and its activation's output; the zero-padded input of a padding Keras's "same"
+    cannot express (a ``ZeroPadding2D`` layer); for a residual block its main-path tensors (seven, five
+    without an activation)
+    and the shortcut's (projection: 1x1 conv and BN; zero_pad: subsampled, then padded input).
+    """
+    layer, elements = row.layer, math.prod(row.output_shape)
+    if layer.kind == "residual":
+        stride, (height, width, channels) = layer.stride, input_shape
+        linear = layer.activation in (None, "linear")
+        stored = (5 if linear else 7) * elements  # conv, BN, activation, conv, BN, add, activation
+        if shortcut == "zero_pad" and layer.size >= channels:
+            subsampled = math.ceil(height / stride[0]) * math.ceil(width / stride[1]) * channels
+            return stored + (subsampled if stride != (1, 1) else 0) + (elements if layer.size > channels else 0)
+        return stored + (2 * elements if stride != (1, 1) or channels != layer.size else 0)
+    has_activation = layer.activation not in (None, "linear")
+    stored = elements * (2 if has_activation else 1)
+    padding = layer.padding or 0
+    if layer.kind in ("conv", "maxpool", "avgpool") and isinstance(padding, int) and padding:
+        same = layer.kind == "conv" and layer.stride == (1, 1) and layer.kernel == (2 * padding + 1,) * 2
+        if not same:
+            height, width, channels = input_shape
+            stored += (height + 2 * padding) * (width + 2 * padding) * channels
+    return stored
 
 
 def _shape_text(shape) -> str:

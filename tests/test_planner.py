@@ -413,7 +413,7 @@ def test_memory_estimate_arithmetic():
     p = plan("FC4", (2, 2, 1), 2)
     # rows: flatten (4), fc1 (4, relu), classifier (2, softmax); params 4*4+4 + 4*2+2 = 30
     assert p.params == 30
-    stored = 4 + 4 + 4 * 2 + 2 * 2  # input, flatten, fc1 + relu, classifier + softmax
+    stored = 4 + 4 + 4 + 4 * 2 + 2 * 2  # input, rescaled, flatten, fc1 + relu, classifier + softmax
     sgd = p.memory(batch_size=3, optimizer="sgd")
     assert isinstance(sgd, MemoryEstimate)
     assert (sgd.weights, sgd.gradients, sgd.optimizer_state) == (120, 120, 0)
@@ -446,10 +446,20 @@ def test_memory_counts_only_trainable_for_gradients_and_optimizer():
     assert m.optimizer_state == 8 * p.trainable_params
 
 
-def test_memory_residual_keeps_seven_tensors():
+def test_memory_residual_keeps_seven_tensors_and_its_shortcuts():
     p = plan("R2", (2, 2, 2))
     m = p.memory(batch_size=1, optimizer="sgd")
-    assert m.activations == 2 * 1 * (8 + 7 * 8) * 4
+    assert m.activations == 2 * 1 * (8 + 8 + 7 * 8) * 4  # input, rescaled, the block
+    projected = plan("R4s2", (4, 4, 2)).memory(batch_size=1, optimizer="sgd")  # output 2x2x4 = 16
+    assert projected.activations == 2 * 4 * (32 + 32 + 7 * 16 + 2 * 16)  # + 1x1 conv and BN
+    padded = plan("R4s2", (4, 4, 2), shortcut="zero_pad").memory(batch_size=1, optimizer="sgd")
+    assert padded.activations == 2 * 4 * (32 + 32 + 7 * 16 + 2 * 2 * 2 + 16)  # + subsampled, zero-padded
+
+
+def test_memory_counts_an_explicitly_padded_input():
+    # 8C4s2p3 is not Keras "same": a ZeroPadding2D keeps a (10 + 6) x (10 + 6) x 1 input
+    p = plan("8C4s2p3", (10, 10, 1), preprocessing=None).memory(batch_size=1, optimizer="sgd")
+    assert p.activations == 2 * 4 * (100 + 16 * 16 + 2 * (7 * 7 * 8))
 
 
 def test_memory_docstring_example():

@@ -42,7 +42,9 @@ def build(arch, input_shape, num_classes, **options) -> keras.Model:
             or "same", for tokens without ``p``), ``batch_norm`` (BN after every convolution),
             ``initializer`` ("auto": He normal for ReLU-like activations, Glorot uniform
             otherwise; "theano" is the Theano tutorial's uniform
-            ``sqrt(6 / (fan_in + fan_out / pool_area))``; or a Keras initialiser name),
+            ``sqrt(6 / (fan_in + fan_out / pool_area))``, times 4 for sigmoid units, on every
+            layer: the tutorial's logistic-regression output starts at zero instead; or a
+            Keras initialiser name),
             ``l2`` (kernel L2 penalty), ``max_norm`` (kernel max-norm constraint),
             ``preprocessing`` ("rescale" for 1/255, ``None`` for none, or a list of Keras
             layers applied first), ``dtype`` (a dtype policy such as "mixed_bfloat16"; the
@@ -185,5 +187,5 @@ def _initializer(initializer, activation, row, following, input_shape):
     after_norm = [later for later in following[:2] if later.layer.kind != "bn"]  # look past a BN
     if after_norm and after_norm[0].layer.kind in ("maxpool", "avgpool"):
         fan_out /= math.prod(after_norm[0].layer.kernel)
-    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    limit = math.sqrt(6.0 / (fan_in + fan_out)) * (4 if activation == "sigmoid" else 1)  # HiddenLayer's x4
     return keras.initializers.RandomUniform(-limit, limit)

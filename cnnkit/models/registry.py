@@ -115,6 +115,8 @@ def resolve_arch(arch: str, options: dict) -> tuple[str, dict]:
         name_like = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", arch.strip())
         close = difflib.get_close_matches(arch.lower().replace("-", "_"), _registry(), n=1, cutoff=0.75)
         if name_like and (close or "-" not in arch):
-            raise ValueError(f"{_unknown_model_message(arch)}; as notation, {error}") from None
+            either = SpecError(f"{_unknown_model_message(arch)}; as notation, {error}")
+            either.token, either.position = error.token, error.position
+            raise either from None
         raise
     return arch, {**DEFAULT_OPTIONS, **options}

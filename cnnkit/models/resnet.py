@@ -31,7 +31,9 @@ def residual_block(x, filters, *, stride, activation, name, shortcut="projection
         activation: a callable ``(tensor, layer_name) -> tensor`` applying the activation.
         name: layer-name prefix; the output layer is called exactly ``name``.
         shortcut: "projection" or "zero_pad", for a block that changes shape.
-        **conv_options: passed to every ``Conv2D`` (initialiser, regulariser, dtype).
+        **conv_options: passed to every ``Conv2D`` (initialiser, regulariser, dtype); an
+            initialiser object is copied for each, as an unseeded Keras initialiser gives the
+            same values at every call (the two 3x3 kernels would start equal).
 
     Example:
         >>> import keras
@@ -43,11 +45,17 @@ def residual_block(x, filters, *, stride, activation, name, shortcut="projection
     import keras  # here, so that planning and listing models never load TensorFlow
 
     dtype = conv_options.get("dtype")
+    def own(options):
+        initializer = options.get("kernel_initializer")
+        if isinstance(initializer, keras.initializers.Initializer):
+            return {**options, "kernel_initializer": initializer.__class__.from_config(initializer.get_config())}
+        return options
+
     y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
-                            name=f"{name}_conv1", **conv_options)(x)
+                            name=f"{name}_conv1", **own(conv_options))(x)
     y = keras.layers.BatchNormalization(name=f"{name}_bn1", dtype=dtype)(y)
     y = activation(y, f"{name}_act1")
-    y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2", **conv_options)(y)
+    y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2", **own(conv_options))(y)
     y = keras.layers.BatchNormalization(name=f"{name}_bn2", dtype=dtype)(y)
     strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
     channels = x.shape[-1]
@@ -62,7 +70,7 @@ def residual_block(x, filters, *, stride, activation, name, shortcut="projection
         residual = x
     elif strides != (1, 1) or channels != filters:
         residual = keras.layers.Conv2D(filters, 1, strides=strides, use_bias=False, name=f"{name}_proj",
-                                       **conv_options)(x)
+                                       **own(conv_options))(x)
         residual = keras.layers.BatchNormalization(name=f"{name}_proj_bn", dtype=dtype)(residual)
     else:
         residual = x

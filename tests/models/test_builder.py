@@ -77,6 +77,13 @@ def test_random_valid_specs_build_as_planned(spec, input_shape, num_classes, opt
     assert _trainable_count(model) == model_plan.trainable_params
     _shapes_match(model, model_plan)
     assert model.output_shape[1:] == model_plan.output_shape
+    # the memory estimate keeps one tensor per Keras layer output (padding, shortcuts, rescaling too)
+    assert model_plan.memory(batch_size=1, optimizer="sgd").activations == 2 * 4 * _stored_elements(model)
+
+
+def _stored_elements(model) -> int:  # an Identity layer's output is its input
+    return sum(math.prod(layer.output.shape[1:]) for layer in model.layers
+               if not isinstance(layer, keras.layers.Identity))
 
 
 # --- specific builds -----------------------------------------------------------------------
@@ -367,6 +374,14 @@ def test_linear_residual_block_output_keeps_the_row_name():
 def test_theano_initializer_uses_the_3x3_kernel_in_residual_blocks():
     model = cnnkit.build("8C3-R8", (8, 8, 1), 10, initializer="theano")
     assert model.get_layer("residual1_conv1").kernel_initializer.maxval == pytest.approx((6 / (9 * 8 + 9 * 8)) ** 0.5)
+    # one initialiser object per convolution: an unseeded Keras initialiser repeats its values
+    first, second = (model.get_layer(f"residual1_conv{i}").kernel.numpy() for i in (1, 2))
+    assert first.shape == second.shape and not np.allclose(first, second)
+
+
+def test_theano_initializer_scales_sigmoid_units_by_4():
+    model = cnnkit.build("FC500:sigmoid", (28, 28, 1), 10, initializer="theano")
+    assert model.get_layer("fc1").kernel_initializer.maxval == pytest.approx(4 * (6 / (784 + 500)) ** 0.5)
 
 
 def test_theano_initializer_sees_the_pool_past_batch_norm():

@@ -172,6 +172,13 @@ def test_unknown_model_without_close_match():
     assert "unknown model 'zzzzqqq'" in str(info.value)
 
 
+@pytest.mark.parametrize("arch", ["FC", "GAPP", "BN2"])
+def test_a_bad_single_token_that_looks_like_a_name_is_still_a_spec_error(arch):
+    with pytest.raises(SpecError, match=f"unknown model '{arch}'; .*as notation, token 1 '{arch}'") as info:
+        plan(arch, (28, 28, 1), 10)
+    assert (info.value.token, info.value.position) == (arch, 1)
+
+
 def test_notation_words_are_not_taken_for_model_names():
     assert plan("gap", (4, 4, 2)).rows[0].layer.kind == "gap"
     assert plan("bn", (4, 4, 2)).rows[0].layer.kind == "bn"
