@@ -10,8 +10,9 @@ mappings ``{"name": op, **parameters}`` (see ``list_ops()``), which reads natura
 layers applied to training batches by ``Augmentation.apply`` (a parallel ``map`` over batches).
 Augmentation never enters the model, so nothing of it is exported. Keras's own layers are used
 where they do the job (``RandomRotation``, ``RandomShear``, ``RandomTranslation``, ``RandomZoom``,
-``RandomFlip``, ``RandomColorJitter``, ``RandAugment``, ``MixUp``, ``CutMix``); four layers are
-cnnkit's, each seeded, deterministic for a seed, and the identity when ``training=False``:
+``RandomFlip``, ``RandomColorJitter``, ``MixUp``; ``RandAugment`` and ``CutMix`` corrected in
+``SymmetricRandAugment`` and ``PixelAreaCutMix``); four layers are cnnkit's, each seeded,
+deterministic for a seed, and the identity when ``training=False``:
 
 * ``RandomPixelShift``: Nielsen's "expanded data", exact integer shifts with zeros in.
 * ``RandomPadCrop``: pad and crop back at a random offset, per image (Keras's ``RandomCrop``
@@ -30,7 +31,9 @@ Reproducibility: every layer draws from its own ``keras.random.SeedGenerator``, 
 ``make_augmentation``'s ``seed``, so a layer built with a seed gives the same outputs for the same
 inputs. In ``apply`` the map runs batches in parallel, so which batch gets which draw may differ
 between runs unless TensorFlow's op determinism is on (``train(..., deterministic=True)``), under
-which ``tf.data`` runs the map in order.
+which ``tf.data`` runs the map in order. Without it, two batches mapped at the same moment can
+read a layer's seed state before either advances it and get the same draw (measured: about 1 batch
+in 60 for elastic distortions); the images differ, so this only repeats transformations.
 
 Example:
     >>> import numpy as np, tensorflow as tf
@@ -51,6 +54,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+
+from cnnkit.recipes.optimization import is_finite_number
 
 __all__ = [
     "PRESETS",
@@ -414,6 +419,10 @@ def _op_color(context, *, brightness=0.2, contrast=0.2, saturation=None, hue=Non
     if not rgb and (saturation or hue):
         raise ValueError(f"saturation and hue jitter need RGB images; these have {context.image_shape[-1]} "
                          f"channel(s). Received: saturation={saturation!r}, hue={hue!r}")
+    for name, value, high in (("brightness", brightness, 1), ("contrast", contrast, 1), ("saturation", saturation, 1),
+                              ("hue", hue, 0.5)):
+        if value is not None and not (is_finite_number(value) and 0 <= value <= high):
+            raise ValueError(f"{name} must be a number in [0, {high}]. Received: {name}={value!r}")
     options = {}
     if rgb:
         saturation = 0.2 if saturation is None else saturation
@@ -422,8 +431,10 @@ def _op_color(context, *, brightness=0.2, contrast=0.2, saturation=None, hue=Non
             options["saturation_factor"] = ((1 - saturation) / (2 - saturation), (1 + saturation) / (2 + saturation))
         if hue:  # Keras: factor f shifts hue by up to f / 2 of the circle
             options["hue_factor"] = (0.0, 2 * hue)
+    # Keras: one contrast number c draws from [1, 1 + c]; the pair (c, c) from [1 - c, 1 + c]
     return keras.layers.RandomColorJitter(value_range=(0, 255), brightness_factor=brightness or None,
-                                          contrast_factor=contrast or None, seed=context.seed, **options)
+                                          contrast_factor=(contrast, contrast) if contrast else None,
+                                          seed=context.seed, **options)
 
 
 @_op("PCAColor: AlexNet's fancy PCA colour, alpha ~ N(0, `std`), fitted on the training pixels (RGB only)")
@@ -439,11 +450,37 @@ def _op_pca_color(context, *, std=0.1, eigenvalues=None, eigenvectors=None):
     return PCAColor.from_images(context.train_images, std=std, seed=context.seed)
 
 
-@_op("keras.layers.RandAugment: `num_ops` random ops per batch at strength `factor` "
-     "(rotation up to factor x 360 degrees, translation and shear up to factor)")
+class SymmetricRandAugment(keras.layers.RandAugment):
+    """Keras's ``RandAugment`` with its geometric and photometric ranges both ways.
+
+    Keras turns ``factor=f`` into the range ``(0, f)`` for every op, so its rotation, translation,
+    brightness and contrast only ever go one way (rotations of 0 to 36 degrees clockwise at
+    ``f=0.1``, shifts only down and right). Here those four draw from ``-f..f`` (contrast
+    ``x(1 +- f)``); shear was already symmetric.
+
+    Example:
+        >>> layer = SymmetricRandAugment(value_range=(0, 255), num_ops=2, factor=0.1, seed=0)
+        >>> layer.random_rotation.factor
+        (-0.1, 0.1)
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        strength = self.factor[1]
+        both_ways = (-strength, strength)
+        common = {"seed": self.seed, "data_format": self.data_format}
+        self.random_translation = keras.layers.RandomTranslation(both_ways, both_ways, interpolation=self.interpolation,
+                                                                 **common)
+        self.random_rotation = keras.layers.RandomRotation(both_ways, interpolation=self.interpolation, **common)
+        self.random_brightness = keras.layers.RandomBrightness(both_ways, value_range=self.value_range, **common)
+        self.random_contrast = keras.layers.RandomContrast((strength, strength), value_range=self.value_range, **common)
+
+
+@_op("RandAugment (Keras's, ranges both ways): `num_ops` random ops per batch at strength `factor` "
+     "(rotation up to +-factor x 360 degrees, translation, shear and brightness up to +-factor)")
 def _op_randaugment(context, *, num_ops=2, factor=0.1):
     _check_positive_int("num_ops", num_ops)
-    return keras.layers.RandAugment(value_range=(0, 255), num_ops=num_ops, factor=factor, seed=context.seed)
+    return SymmetricRandAugment(value_range=(0, 255), num_ops=num_ops, factor=factor, seed=context.seed)
 
 
 @_op("keras.layers.MixUp: convex mixes of image pairs and of their one-hot labels, weight ~ Beta(alpha, alpha)")
@@ -453,9 +490,28 @@ def _op_mixup(context, *, alpha=0.2):
     return keras.layers.MixUp(alpha=alpha, seed=context.seed)
 
 
-@_op("keras.layers.CutMix: a box of another image pasted in, labels mixed by area")
-def _op_cutmix(context, *, factor=1.0):
-    return keras.layers.CutMix(factor=factor, seed=context.seed)
+class PixelAreaCutMix(keras.layers.CutMix):
+    """Keras's ``CutMix`` with each label weighted by the pixels actually pasted.
+
+    Keras weighs the labels by the box's real-valued area, while the pasted pixels are the grid
+    points inside it: up to 7% of a 28x28 image apart. Here the weight is the mask's share.
+
+    Example:
+        >>> layer = PixelAreaCutMix(factor=(1.0, 1.0), seed=0)
+    """
+
+    def _generate_batch_mask(self, images_shape, box_corners):
+        masks, _ = super()._generate_batch_mask(images_shape, box_corners)
+        pasted = self.backend.numpy.mean(self.backend.cast(masks, "float32"), axis=(1, 2, 3))
+        return masks, 1.0 - pasted
+
+
+@_op("CutMix: a box of another image pasted in, labels mixed by the pixels pasted; the box's area share "
+     "~ Beta(alpha, alpha), alpha in (0, 1] (the paper's 1: uniform)")
+def _op_cutmix(context, *, alpha=1.0):
+    if not is_finite_number(alpha) or not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be a number in (0, 1]. Received: alpha={alpha!r}")
+    return PixelAreaCutMix(factor=(alpha, alpha), seed=context.seed)  # Keras draws alpha from the factor range
 
 
 _LABEL_MIXING = (keras.layers.MixUp, keras.layers.CutMix)

@@ -170,6 +170,28 @@ def test_label_mixing_gives_soft_labels_that_sum_to_one(op):
     assert out_images.shape == images.shape
 
 
+def test_cutmix_labels_are_the_share_of_pixels_pasted():
+    values = np.arange(8, dtype=np.uint8) * 30  # one flat image per class, each its own grey
+    images = np.repeat(values, 28 * 28).reshape(8, 28, 28, 1)
+    for seed in range(4):
+        out_images, labels = _run(_augment("cutmix", (28, 28, 1), seed=seed, num_classes=8), images, np.arange(8))
+        pixel_share = (out_images[..., 0, None] == values[None, None, None, :]).mean(axis=(1, 2))
+        np.testing.assert_allclose(labels, pixel_share, atol=1e-6)
+
+
+def test_color_contrast_and_randaugment_ranges_go_both_ways():
+    augmentation = _augment([{"name": "color", "brightness": 0, "contrast": 0.2}], (8, 8, 1))
+    images = (128 + np.random.default_rng(1).integers(-20, 21, (64, 8, 8, 1))).astype(np.uint8)
+    out_images, _ = _run(augmentation, images)
+    centred = images - images.mean(axis=(1, 2, 3), keepdims=True)
+    ratios = (out_images - out_images.mean(axis=(1, 2, 3), keepdims=True)).std(axis=(1, 2, 3)) / centred.std(axis=(1, 2, 3))
+    assert 0.79 < ratios.min() < 0.9 and 1.1 < ratios.max() < 1.21  # x(1 +- 0.2), not x(1 + [0, 0.2])
+    randaugment = _augment([{"name": "randaugment", "factor": 0.1}], (8, 8, 1)).layers[0]
+    assert randaugment.random_rotation.factor == randaugment.random_brightness.factor == (-0.1, 0.1)
+    assert randaugment.random_translation.height_factor == randaugment.random_translation.width_factor == (-0.1, 0.1)
+    assert randaugment.random_contrast.factor == (0.1, 0.1)  # Keras: x(1 - 0.1 .. 1 + 0.1)
+
+
 def test_label_preserving_ops_leave_labels_alone():
     augmentation = _augment("affine", (8, 8, 1))
     assert not augmentation.soft_labels
@@ -227,6 +249,8 @@ def test_every_preset_builds_and_is_documented(preset):
     ([{"name": "randaugment", "num_ops": 0}], "augment op .*num_ops must be an integer >= 1"),
     ([{"name": "rotation", "degrees": "ten"}], "augment op {'name': 'rotation', 'degrees': 'ten'}"),
     ([{"name": "color", "saturation": 0.3}], "saturation and hue jitter need RGB"),
+    ([{"name": "color", "contrast": 1.5}], r"contrast must be a number in \[0, 1\]. Received: contrast=1.5"),
+    ([{"name": "cutmix", "alpha": 2}], r"alpha must be a number in \(0, 1\]"),
     (5, "augment must be None, a preset name"),
 ])
 def test_bad_augment_is_a_clear_error(augment, message):
