@@ -30,7 +30,9 @@ def lenet5():
     """LeNet-5 (LeCun et al. 1998): C1-S2-C3-S4-C5-F6 with tanh and average-pool subsampling.
 
     The 28x28 MNIST image is zero-padded by 2 to the paper's 32x32 field. Full C3 connectivity
-    replaces the paper's partial table and softmax replaces its RBF output layer.
+    replaces the paper's partial table, S2 and S4 are plain averages (the paper's have a trainable
+    coefficient and bias per map, then a squashing function), and softmax replaces its RBF output
+    layer.
     """
     return Architecture(
         "6C5p2-AP2-16C5-AP2-120C5-FC84",
