@@ -561,9 +561,9 @@ PRESETS = {
                                           "photos, wrong for digits and text"),
     "color": Preset(("color",), "colour jitter: brightness, contrast, and saturation and hue on RGB; photos"),
     "pca_color": Preset(("pca_color",), "AlexNet's fancy PCA colour from the training pixels; RGB photos only"),
-    "randaugment": Preset(("randaugment",), "Keras RandAugment, 2 ops at strength 0.1; photos, mild enough for digits"),
+    "randaugment": Preset(("randaugment",), "RandAugment, 2 ops at strength 0.1, ranges both ways; photos, mild enough for digits"),
     "mixup": Preset(("mixup",), "MixUp (alpha 0.2), soft labels; photos mostly"),
-    "cutmix": Preset(("cutmix",), "CutMix, soft labels; photos mostly"),
+    "cutmix": Preset(("cutmix",), "CutMix, soft labels by the pixels pasted; photos mostly"),
 }
 
 
