@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 PROG = "cnnkit"
@@ -216,13 +217,15 @@ def _cmd_run(args) -> int:
 def _cmd_ls(args) -> int:
     from cnnkit.config import list_recipes, packaged_dir
 
-    recipes = list_recipes()
+    recipes, spaces = list_recipes(), list_recipes("tuner")
     if not recipes:
         print(f"no packaged recipes in {packaged_dir('recipes')}")
-        return 0
-    width = max(len(name) for name, _ in recipes)
-    for name, description in recipes:
-        print(f"{name:<{width}}  {description}".rstrip())
+    width = max(len(name) for name, _ in recipes + spaces) if recipes or spaces else 0
+    for title, listed in (("", recipes), ("search spaces (cnnkit tune NAME):", spaces)):
+        if title and listed:
+            print(f"\n{title}")
+        for name, description in listed:
+            print(textwrap.fill(f"{name:<{width}}  {description}", width=110, subsequent_indent=" " * (width + 2)))
     return 0
 
 
@@ -286,12 +289,29 @@ def _cmd_predict(args) -> int:
         shown = ", ".join(_shown_path(path) for path in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         print(f"{PROG}: skipped {len(skipped)} files that are not images: {shown}", file=sys.stderr)
     predictor = load_predictor(args.model, trust=args.trust_model)
+    files = _readable_images(files, "L" if predictor.image_shape[-1] == 1 else "RGB")
     predictions = predictor.predict_files(files, k=args.top_k, batch_size=args.batch_size)
     for path, ranked in predictions:
         print(f"{_shown_path(path)}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
     if args.csv:
         print(f"predictions written to {_shown_path(write_csv(predictions, args.csv))}")
     return 0
+
+
+def _readable_images(files, pil_mode):
+    """The files that decode (checked as ``from_folder`` checks training images); the others reported."""
+    from cnnkit.data.folder import check_image
+
+    readable, unreadable = [], []
+    for path in files:
+        reason = check_image(path, pil_mode=pil_mode)[1]
+        (unreadable.append(f"{_shown_path(path)} ({reason})") if reason else readable.append(path))
+    if unreadable:
+        shown = "; ".join(unreadable[:5]) + ("; ..." if len(unreadable) > 5 else "")
+        print(f"{PROG}: skipped {len(unreadable)} unreadable images: {shown}", file=sys.stderr)
+    if not readable:
+        raise ValueError(f"none of the {len(files)} images could be read")
+    return readable
 
 
 def _add_tune(commands) -> None:

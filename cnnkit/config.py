@@ -189,18 +189,26 @@ def _files(kind: str) -> list[Path]:
 
 
 def _header_line(path: Path) -> str:
-    """The first non-empty comment line of a file, without the ``#``."""
+    """The header's first field, lines joined, to its first sentence's end, without the ``#``.
+
+    A field's continuation lines are the indented comment lines after it (``#             ...``).
+    """
+    parts = []
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             stripped = line.strip()
-            if not stripped:
+            if not stripped and not parts:
                 continue
             if not stripped.startswith("#"):
-                return ""
-            text = stripped.lstrip("#").strip()
-            if text:
-                return text
-    return ""
+                break
+            text = stripped[1:]
+            if parts and not text.startswith("  "):  # the next field, or a blank comment line
+                break
+            if text.strip():
+                parts.append(text.strip())
+    summary = " ".join(parts)
+    end = re.search(r"\.\s+(?=[A-Z])", summary)  # a sentence's end, not "ch. 6"
+    return summary[:end.start() + 1] if end else summary
 
 
 def list_recipes(kind: str = "recipes") -> list[tuple[str, str]]:
@@ -255,21 +263,25 @@ def find_recipe(path_or_name, kind: str = "recipes") -> Path:
         raise ConfigError(f"{text} is a folder; expected a recipe file (.yaml) or a packaged recipe name")
     name = path.name
     stem = name[: -len(path.suffix)] if path.suffix in _SUFFIXES else name
+    what = "search space" if kind == "tuner" else "recipe"
     if len(path.parts) == 1:
         for suffix in _SUFFIXES:
             candidate = packaged_dir(kind) / (stem + suffix)
             if candidate.is_file():
                 return candidate
     else:
-        raise FileNotFoundError(f"no such recipe file: {text}")
+        raise FileNotFoundError(f"no such {what} file: {text}")
     available = [file.stem for file in _files(kind)]
     close = difflib.get_close_matches(stem, available, n=3, cutoff=0.5)
-    message = f"unknown recipe {text!r}"
+    if path.suffix in _SUFFIXES:
+        message = f"no such {what} file: {text}, and no packaged {what} {stem!r}"
+    else:
+        message = f"unknown {what} {text!r}"
     if close:
         message += f"; did you mean {' or '.join(repr(c) for c in close)}?"
     rest = [name for name in available if name not in close]
     if available:
-        message += f" Available: {', '.join(close + rest)}"
+        message += f"{'' if close else '.'} Available: {', '.join(close + rest)}"
     else:
         message += f" (no packaged recipes found in {packaged_dir(kind)})"
     message += "; or give a path to a .yaml file."

@@ -95,14 +95,22 @@ def test_debug_env_reraises(monkeypatch):
 # -- ls, models ---------------------------------------------------------------------------------
 
 
-def test_ls_lists_names_with_descriptions(monkeypatch, tmp_path, capsys):
-    (tmp_path / "mnist_lenet.yaml").write_text("# Reproduces: LeNet on MNIST.\narch: lenet\ndata: mnist\n")
-    (tmp_path / "quickstart.yaml").write_text("\n# Quickstart: a small CNN.\n#\n# Run: cnnkit quickstart\narch: FC16\n")
-    monkeypatch.setattr(config, "packaged_dir", lambda kind="recipes": tmp_path)
+def test_ls_lists_recipes_and_search_spaces_with_descriptions(monkeypatch, tmp_path, capsys):
+    for kind in ("recipes", "tuner"):
+        (tmp_path / kind).mkdir()
+    (tmp_path / "recipes" / "mnist_lenet.yaml").write_text(
+        "# Reproduces: LeNet (ch. 6 of a book) on\n#             MNIST. Then more.\n# Run: x\narch: lenet\n")
+    (tmp_path / "recipes" / "quickstart.yaml").write_text(
+        "\n# Quickstart: a small CNN.\n#\n#   not part of it\narch: FC16\n")
+    (tmp_path / "tuner" / "mnist_conv.yaml").write_text("# Searches: kernel sizes.\nhyperparameters: {}\n")
+    monkeypatch.setattr(config, "packaged_dir", lambda kind="recipes": tmp_path / kind)
     assert main(["ls"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "mnist_lenet  Reproduces: LeNet on MNIST.",
+        "mnist_lenet  Reproduces: LeNet (ch. 6 of a book) on MNIST.",  # the first sentence, lines joined
         "quickstart   Quickstart: a small CNN.",
+        "",
+        "search spaces (cnnkit tune NAME):",
+        "mnist_conv   Searches: kernel sizes.",
     ]
 
 
@@ -165,6 +173,11 @@ def test_run_bad_override_and_unknown_name_exit_2(tmp_path, capsys):
     assert "unknown recipe 'no_such_recipe_xyz'" in _error_lines(capsys.readouterr())[0]
     assert main(["run", str(tmp_path / "missing" / "x.yaml")]) == 2
     assert "no such recipe file" in _error_lines(capsys.readouterr())[0]
+    assert main(["run", "nothere.yaml"]) == 2  # a file name, not a packaged name
+    assert "no such recipe file: nothere.yaml, and no packaged recipe 'nothere'. Available: " in \
+        _error_lines(capsys.readouterr())[0]
+    assert main(["tune", "mnist_cnv"]) == 2
+    assert "unknown search space 'mnist_cnv'; did you mean 'mnist_conv'" in _error_lines(capsys.readouterr())[0]
 
 
 def test_run_trains_and_writes_metrics(tmp_path, capsys):
@@ -254,6 +267,20 @@ def test_export_then_predict_with_the_export(saved_run, tmp_path, capsys):
     assert main(["predict", str(run_dir), str(images / "0.png"), "--top-k", "1"]) == 0
     from_run = capsys.readouterr().out.strip()
     assert from_run.startswith(f"{images / '0.png'}: ") and len(from_run.splitlines()) == 1
+
+
+def test_predict_skips_unreadable_images_naming_them_and_predicts_the_rest(saved_run, tmp_path, capsys):
+    run_dir, images = saved_run
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "empty.png").write_bytes(b"")
+    (tmp_path / "bad" / "cut.png").write_bytes((images / "0.png").read_bytes()[:60])
+    assert main(["predict", str(run_dir), str(images / "1.png"), str(tmp_path / "bad"), "--top-k", "1"]) == 0
+    captured = capsys.readouterr()
+    assert [line.split(": ")[0] for line in captured.out.splitlines()] == [str(images / "1.png")]
+    assert "skipped 2 unreadable images: " in captured.err
+    assert "empty.png (empty file (0 bytes))" in captured.err and "cut.png (cannot decode" in captured.err
+    assert main(["predict", str(run_dir), str(tmp_path / "bad")]) == 2
+    assert "cnnkit: error: none of the 2 images could be read" in capsys.readouterr().err
 
 
 def test_export_and_predict_user_errors_are_one_line(saved_run, tmp_path, capsys):

@@ -102,6 +102,9 @@ class AuditReport:
     def problems(self) -> list[str]:
         """One line per kind of problem found; empty when the folders are clean."""
         problems = []
+        if len(self.class_names) < 2:
+            problems.append(f"{len(self.class_names)} class ({', '.join(self.class_names)}): a classifier needs at "
+                            "least 2 class subfolders")
         for split, counts in self.class_counts.items():
             empty = [name for name, count in counts.items() if count == 0]
             if empty:

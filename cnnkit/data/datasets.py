@@ -133,7 +133,10 @@ def _load_mnist(*, val_split: float = 0.1, seed: int = 0) -> ImageData:
     else:  # the real code path of a user with internet; never taken in tests
         import keras
 
-        (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+        from cnnkit.downloads import keras_download
+
+        with keras_download("MNIST", f"set {DATA_DIR_ENV} to a folder holding mnist.npz, or use 'mnist-sample'"):
+            (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
         arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
         source = "mnist (keras.datasets.mnist.load_data)"
     return _mnist_image_data(arrays, source, val_split, seed)

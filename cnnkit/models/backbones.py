@@ -35,6 +35,8 @@ from pathlib import Path
 import keras
 from keras import ops
 
+from cnnkit.downloads import keras_download
+
 __all__ = [
     "Backbone",
     "GrayscaleToRGB",
@@ -317,7 +319,9 @@ def build_backbone(name: str | Backbone, *, input_shape=None, weights="imagenet"
     module_name, _, function_name = backbone.constructor.rpartition(".")
     constructor = getattr(importlib.import_module(module_name), function_name)
     if weights == "imagenet":
-        model = constructor(include_top=False, weights="imagenet", input_shape=shape)
+        with keras_download(f"the ImageNet weights of {backbone.name}",
+                            "weights=PATH to a copy of Keras's *_notop.h5 file, or weights=None (untrained)"):
+            model = constructor(include_top=False, weights="imagenet", input_shape=shape)
     else:
         model = constructor(include_top=False, weights=None, input_shape=shape)
         if backbone.normalization_rescale:

@@ -168,6 +168,7 @@ def finetune(
         tf.config.experimental.enable_op_determinism()
     data = resolve_data(data)
     precision = resolve_precision(precision)
+    recipe = prepare_inputs(data, augment=augment, imbalance=imbalance, label_smoothing=label_smoothing, seed=seed)
     built = build_finetune_model(backbone, data, weights=weights, trust=trust, input_size=input_size,
                                  head_dropout=head_dropout, precision=precision)
     group_names = built.group_names
@@ -175,7 +176,6 @@ def finetune(
     stage_specs = plan["stages"] if plan else _check_stages(stages, group_names)
     if plan and verbose:
         print(plan["message"])
-    recipe = prepare_inputs(data, augment=augment, imbalance=imbalance, label_smoothing=label_smoothing, seed=seed)
     model = built.model
     splits = [recipe.resampled] * len(stage_specs)  # None: the data as it is
     second = recipe.resampled.second_stage if recipe.resampled is not None else None

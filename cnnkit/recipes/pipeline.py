@@ -238,5 +238,8 @@ def prepare_inputs(data, *, augment=None, preprocess="scale", imbalance=None, la
         >>> prepare_inputs(data, imbalance="oversample").train_size  # doctest: +SKIP
         50000
     """
+    if data.num_classes < 2:
+        raise ValueError(f"the data ({data.source}) has {data.num_classes} class "
+                         f"({', '.join(map(repr, data.class_names))}); a classifier needs at least 2")
     return TrainingInputs(data, augment=augment, preprocess=preprocess, imbalance=imbalance,
                           label_smoothing=label_smoothing, seed=seed, dtype=dtype)

@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import os
+import urllib.error
 from importlib import resources
 from pathlib import Path
 
@@ -149,6 +150,23 @@ def test_mnist_falls_back_to_keras_download(tmp_path, monkeypatch):
     assert calls == [1]
     assert data.sizes == {"train": 20, "test": 10}
     assert "keras.datasets.mnist.load_data" in data.source
+
+
+def test_mnist_download_without_network_is_one_line_naming_the_offline_way(tmp_path, monkeypatch):
+    from keras.src.backend import config as keras_config
+    from keras.src.utils import file_utils
+
+    monkeypatch.delenv("CNNKIT_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path))  # Keras's own cache: empty
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", no_network)  # Keras's real download path up to the fetch
+    with pytest.raises(OSError, match=r"could not download MNIST \(URL fetch failure on https://.*mnist.npz.*\); "
+                                      r"without network: set CNNKIT_DATA_DIR to a folder holding mnist.npz"):
+        load("mnist")
 
 
 def test_real_mnist(real_mnist_dir):

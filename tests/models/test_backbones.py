@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib
+import urllib.error
 
 import h5py
 import keras
@@ -127,6 +128,20 @@ def test_builds_headless_at_the_smallest_input(name, built):
     features = np.asarray(model(_pixels((1, *_min_shape(name))), training=False))
     assert features.shape[1:] == tuple(model.output.shape[1:])
     assert np.isfinite(features).all()
+
+
+def test_imagenet_weights_without_network_are_one_line_naming_the_offline_way(tmp_path, monkeypatch):
+    from keras.src.backend import config as keras_config
+
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path))  # an empty cache: Keras must download
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", no_network)
+    with pytest.raises(OSError, match=r"could not download the ImageNet weights of mobilenet_v2 \(URL fetch failure "
+                                      r"on https://.*\); without network: weights=PATH"):
+        build_backbone("mobilenet_v2", input_shape=(32, 32, 3))
 
 
 @pytest.mark.parametrize("name", list_backbones())

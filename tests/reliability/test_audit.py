@@ -134,6 +134,16 @@ def test_classes_that_differ_or_are_empty_are_reported_not_raised(clean):
     ]
 
 
+def test_one_class_is_a_problem_and_training_on_it_says_so(tmp_path):
+    image(tmp_path / "only" / "a.png", 10)
+    image(tmp_path / "only" / "b.png", 200)
+    assert audit(tmp_path).problems == ["1 class (only): a classifier needs at least 2 class subfolders"]
+    with pytest.raises(ValueError, match=r"the data \(.*\) has 1 class \('only'\); a classifier needs at least 2"):
+        cnnkit.recipes.train("FC4", {"path": str(tmp_path), "image_size": [8, 8], "val_split": 0}, epochs=1,
+                             run_dir=tmp_path.parent / "run", verbose=0)
+    assert not (tmp_path.parent / "run").exists()
+
+
 def test_audit_without_test_folder(dirty):
     train, _ = dirty
     report = audit(train)
