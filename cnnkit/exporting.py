@@ -288,7 +288,7 @@ def _check_replaceable(path: Path, overwrite: bool) -> None:
     if not path.is_dir() or path.is_symlink():
         raise ValueError(f"`path` exists and is not a directory; an export is a directory. Received: path={str(path)!r}")
     if not overwrite:
-        raise ValueError(f"`path` already exists; pass overwrite=True to replace it. Received: path={str(path)!r}")
+        raise ValueError(f"`path` already exists; pass overwrite=True (cnnkit export --overwrite) to replace it. Received: path={str(path)!r}")
     if not _is_export(path) and any(path.iterdir()):
         raise ValueError(f"overwrite=True replaces only an earlier cnnkit export (a directory with its {REPORT_FILE}) "
                          f"or an empty directory; `path` holds other files, which it would delete. "

@@ -264,8 +264,8 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
     if finished or other:
         if not overwrite:
             what = "a finished run" if finished else "an interrupted run of other arguments or data"
-            raise ValueError(f"run directory {run_dir} already holds {what}; pass overwrite=True to replace it, "
-                             "or another run_dir")
+            raise ValueError(f"run directory {run_dir} already holds {what}; pass overwrite=True (overwrite=true on "
+                             "the command line) to replace it, or another run_dir")
         shutil.rmtree(run_dir)
     elif overwrite and _is_run(run_dir):
         shutil.rmtree(run_dir)
