@@ -208,9 +208,8 @@ def _cmd_run(args) -> int:
     result = _run_recipe(recipe)
     metrics = getattr(result, "metrics", None) or {}
     run_dir = getattr(result, "run_dir", None)
-    if run_dir is not None:
-        print(f"run saved to {run_dir}")
-    print(f"{recipe.name}: {_accuracy_text(metrics)}")
+    saved = f"; run saved to {run_dir}" if run_dir is not None else ""
+    print(f"{recipe.name}: {_accuracy_text(metrics)}{saved}")
     return 0
 
 
