@@ -410,6 +410,8 @@ def model_card(*, name, config: dict, metrics: dict, class_names, summary: str, 
     # Recipes record their call under config["arguments"]; top-level keys win.
     arguments = config.get("arguments") if isinstance(config.get("arguments"), dict) else {}
     merged = {**arguments, **config}
+    if isinstance(merged.get("stages"), list):  # staged fine-tuning: each stage has its epochs and rate
+        shown |= {"epochs", "learning_rate"}
     hyper = [(k, merged[k]) for k in _HYPER_KEYS if k in merged and k not in shown]
     if hyper:
         lines += ["Key hyperparameters:", "", "| Parameter | Value |", "|---|---|"]

@@ -209,6 +209,10 @@ def test_model_card_reads_recipe_arguments_and_data_dict():
     assert "| Recipe | `train` |" in card
     assert "| Data | mnist-sample |" in card and "| Data fingerprint | `fp-77` |" in card
     assert "| `epochs` | 3 |" in card and "| `learning_rate` | 0.05 |" in card
+    staged = {"recipe": "finetune", "arguments": {"backbone": "runs/x", "epochs": 5, "learning_rate": 0.001},
+              "stages": [{"name": "stage1", "epochs": 10, "learning_rate": 0.001}]}
+    card = report.model_card(name="f", config=staged, metrics={}, class_names=["a", "b"], summary="")
+    assert "| `stages` |" in card and "| `epochs` |" not in card  # the stages' own epochs, not the unused default
 
 
 def test_model_card_without_metrics_or_versions():
