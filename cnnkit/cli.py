@@ -289,6 +289,7 @@ def _cmd_predict(args) -> int:
         print(f"{PROG}: skipped {len(skipped)} files that are not images: {shown}", file=sys.stderr)
     predictor = load_predictor(args.model, trust=args.trust_model)
     files = _readable_images(files, "L" if predictor.image_shape[-1] == 1 else "RGB")
+    _note_resized(files, predictor.image_shape)
     predictions = predictor.predict_files(files, k=args.top_k, batch_size=args.batch_size)
     for path, ranked in predictions:
         print(f"{_shown_path(path)}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
@@ -311,6 +312,22 @@ def _readable_images(files, pil_mode):
     if not readable:
         raise ValueError(f"none of the {len(files)} images could be read")
     return readable
+
+
+def _note_resized(files, image_shape):
+    """One line on stderr when images are not the model's size: they are resized, aspect ratio not kept."""
+    from PIL import Image
+
+    height, width, _ = image_shape
+    other = {}
+    for path in files:
+        with Image.open(path) as image:
+            if image.size != (width, height):
+                other[image.size] = other.get(image.size, 0) + 1
+    if other:
+        sizes = ", ".join(f"{w}x{h}" for w, h in list(other)[:5]) + (", ..." if len(other) > 5 else "")
+        print(f"{PROG}: resized {sum(other.values())} images to the model's {width}x{height} (from {sizes}; "
+              "aspect ratio not kept)", file=sys.stderr)
 
 
 def _add_tune(commands) -> None:

@@ -281,6 +281,11 @@ def test_predict_skips_unreadable_images_naming_them_and_predicts_the_rest(saved
     assert "empty.png (empty file (0 bytes))" in captured.err and "cut.png (cannot decode" in captured.err
     assert main(["predict", str(run_dir), str(tmp_path / "bad")]) == 2
     assert "cnnkit: error: none of the 2 images could be read" in capsys.readouterr().err
+    from PIL import Image
+
+    Image.new("L", (40, 100)).save(tmp_path / "tall.png")
+    assert main(["predict", str(run_dir), str(tmp_path / "tall.png"), str(images / "1.png")]) == 0
+    assert "resized 1 images to the model's 28x28 (from 40x100; aspect ratio not kept)" in capsys.readouterr().err
 
 
 def test_export_and_predict_user_errors_are_one_line(saved_run, tmp_path, capsys):
