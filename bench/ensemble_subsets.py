@@ -59,7 +59,7 @@ def main():
     singles = [float((member.argmax(axis=1) == labels).mean()) for member in members]
     lines = [
         f"Command: `CNNKIT_DATA_DIR=../shared/datasets python bench/ensemble_subsets.py <{len(args.runs)} run "
-        f"directories> --k {args.k}{f' --target {args.target}' if args.target else ''}`  ",
+        f"directories> --k {args.k}{f' --target {args.target}' if args.target else ''} --key {args.key}`  ",
         f"Machine: {machine()}  ",
         f"Test split of {data.source}: {len(labels):,} images; mean probability.",
         "",

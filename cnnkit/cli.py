@@ -3,7 +3,7 @@
 Commands::
 
     cnnkit run FILE_OR_NAME [key=value ...]   run a recipe file (or a packaged recipe by name)
-    cnnkit ls                                 packaged recipes, one line each
+    cnnkit ls                                 packaged recipes and search spaces, with what each reproduces
     cnnkit models                             registered architectures with their notation
     cnnkit plan SPEC_OR_NAME --input-shape 28,28,1 [--classes 10] [--batch-size 128]
                 [--precision float32|mixed_bfloat16|mixed_float16] [--optimizer adam]
@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", metavar="key=value", nargs="*", help="override a key of the recipe")
     run.set_defaults(handler=_cmd_run)
 
-    ls = commands.add_parser("ls", help="list the packaged recipes", description="List the packaged recipes.")
+    ls = commands.add_parser("ls", help="list the packaged recipes and search spaces",
+                             description="List the packaged recipes and search spaces, each with the first "
+                             "sentence of its header.")
     ls.set_defaults(handler=_cmd_ls)
 
     models = commands.add_parser(
@@ -224,7 +226,8 @@ def _cmd_ls(args) -> int:
         if title and listed:
             print(f"\n{title}")
         for name, description in listed:
-            print(textwrap.fill(f"{name:<{width}}  {description}", width=110, subsequent_indent=" " * (width + 2)))
+            print(textwrap.fill(f"{name:<{width}}  {description}", width=110, subsequent_indent=" " * (width + 2),
+                                break_on_hyphens=False))
     return 0
 
 
@@ -315,19 +318,21 @@ def _readable_images(files, pil_mode):
 
 
 def _note_resized(files, image_shape):
-    """One line on stderr when images are not the model's size: they are resized, aspect ratio not kept."""
+    """One line on stderr when images are not the model's size (upright, as EXIF says): they are resized."""
     from PIL import Image
 
     height, width, _ = image_shape
     other = {}
     for path in files:
         with Image.open(path) as image:
-            if image.size != (width, height):
-                other[image.size] = other.get(image.size, 0) + 1
+            size = image.size[::-1] if image.getexif().get(0x0112) in (5, 6, 7, 8) else image.size  # turned 90
+        if size != (width, height):
+            other[size] = other.get(size, 0) + 1
     if other:
         sizes = ", ".join(f"{w}x{h}" for w, h in list(other)[:5]) + (", ..." if len(other) > 5 else "")
-        print(f"{PROG}: resized {sum(other.values())} images to the model's {width}x{height} (from {sizes}; "
-              "aspect ratio not kept)", file=sys.stderr)
+        squashed = any(w * height != h * width for w, h in other)
+        print(f"{PROG}: resized {sum(other.values())} images to the model's {width}x{height} (from {sizes}"
+              f"{'; aspect ratio not kept' if squashed else ''})", file=sys.stderr)
 
 
 def _add_tune(commands) -> None:

@@ -94,20 +94,27 @@ class _Loader(yaml.SafeLoader):
     integers are decimal, ``0x1F`` or ``0o17``, and ``1:00`` stays a string.
     """
 
-    def construct_mapping(self, node, deep=False):
-        """A mapping, refusing a key given twice (YAML 1.2; PyYAML keeps the last silently)."""
-        first_line = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": explicit keys may override merged ones
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) or key is None:
-                if key in first_line:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f"duplicate key {key!r} (first on line {first_line[key] + 1})", key_node.start_mark)
-                first_line[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
+    def flatten_mapping(self, node):
+        """Refuse a key given twice in one mapping (YAML 1.2; PyYAML keeps the last silently).
+
+        Checked here, once per node and before merging, as ``flatten_mapping`` then copies merged
+        keys (``<<: *base``) in beside the explicit ones, which may override them.
+        """
+        checked = self.__dict__.setdefault("_unique_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            first_line = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in first_line:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark,
+                            f"duplicate key {key!r} (first on line {first_line[key] + 1})", key_node.start_mark)
+                    first_line[key] = key_node.start_mark.line
+        super().flatten_mapping(node)
 
     def construct_yaml_int(self, node):
         """An int from a decimal, ``0x`` (hexadecimal) or ``0o`` (octal) scalar."""
@@ -212,7 +219,7 @@ def _header_line(path: Path) -> str:
 
 
 def list_recipes(kind: str = "recipes") -> list[tuple[str, str]]:
-    """The packaged recipe files, as ``(name, first header line)`` pairs sorted by name.
+    """The packaged recipe files, as ``(name, first sentence of the header)`` pairs sorted by name.
 
     Reads only the files' headers: no TensorFlow import, no validation.
 

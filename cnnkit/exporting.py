@@ -536,7 +536,7 @@ def _serving_archive(model, names, image_shape):
     image can differ by a level or so). What the graph cannot match: EXIF orientation is not
     applied (clients should send upright images), 16-bit grayscale PNGs keep their high byte (PIL
     rounds ``v / 257``: at most one level apart), a BMP with an alpha mask (PIL: RGBA) is read as
-    RGB, and GIF transparency decodes as black.
+    RGB, an 8-bit palette BMP as its palette indices, and GIF transparency decodes as black.
     """
     import keras
     import tensorflow as tf

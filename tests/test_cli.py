@@ -210,6 +210,7 @@ def test_quickstart_runs_the_packaged_transfer_experiment(tmp_path, capsys):
     ("scratch.epoch=1", "unknown key 'epoch' for transfer's scratch (train) (did you mean 'epochs'?)"),
     ("pretrain.seed=1", "'seed' cannot be set for transfer's pretrain (train): its caller passes it"),
     ("finetune.epochs=two", "epochs must be an integer. Received: epochs='two'"),
+    ("target_classes=[5]", "target_classes must name at least 2 classes (each task is a classifier)"),
 ])
 def test_quickstart_refuses_a_bad_nested_key_before_pretraining(tmp_path, capsys, override, message):
     assert main(["quickstart", override, f"run_dir={tmp_path / 'qs'}"]) == 2
@@ -284,8 +285,15 @@ def test_predict_skips_unreadable_images_naming_them_and_predicts_the_rest(saved
     from PIL import Image
 
     Image.new("L", (40, 100)).save(tmp_path / "tall.png")
-    assert main(["predict", str(run_dir), str(tmp_path / "tall.png"), str(images / "1.png")]) == 0
-    assert "resized 1 images to the model's 28x28 (from 40x100; aspect ratio not kept)" in capsys.readouterr().err
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 100x40, shown turned: upright 40x100
+    Image.new("RGB", (100, 40)).save(tmp_path / "turned.jpg", exif=exif)
+    Image.new("L", (56, 56)).save(tmp_path / "big.png")
+    files = [str(tmp_path / name) for name in ("tall.png", "turned.jpg")]
+    assert main(["predict", str(run_dir), *files, str(images / "1.png")]) == 0
+    assert "resized 2 images to the model's 28x28 (from 40x100; aspect ratio not kept)" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), str(tmp_path / "big.png")]) == 0
+    assert capsys.readouterr().err.strip().endswith("resized 1 images to the model's 28x28 (from 56x56)")
 
 
 def test_export_and_predict_user_errors_are_one_line(saved_run, tmp_path, capsys):

@@ -237,6 +237,9 @@ def test_a_key_given_twice_is_refused_naming_both_lines(fake_recipes, tmp_path):
 
 def test_merged_keys_may_be_overridden_explicitly():
     assert config._yaml_load("base: &b {a: 1, b: 2}\nx: {<<: *b, a: 3}\n")["x"] == {"a": 3, "b": 2}
+    # an anchored mapping that overrides its own merge, itself merged before it is built
+    nested = config._yaml_load("outer:\n  inner: &b\n    <<: {x: 1}\n    x: 2\ny:\n  <<: *b\n")
+    assert nested == {"outer": {"inner": {"x": 2}}, "y": {"x": 2}}
 
 
 @pytest.mark.parametrize("text", ["- arch\n- data\n", "just a string\n", "", "# only a comment\n", "1: x\n"])

@@ -464,11 +464,13 @@ class SymmetricRandAugment(keras.layers.RandAugment):
         (-0.1, 0.1)
     """
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, *, value_range=(0, 255), num_ops=2, factor=0.5, interpolation="bilinear", seed=None,
+                 data_format=None, **kwargs):
+        super().__init__(value_range=value_range, num_ops=num_ops, factor=factor, interpolation=interpolation,
+                         seed=seed, data_format=data_format, **kwargs)
         strength = self.factor[1]
         both_ways = (-strength, strength)
-        common = {"seed": self.seed, "data_format": self.data_format}
+        common = {"seed": self.seed, "data_format": self.data_format, **kwargs}  # dtype too, as Keras passes
         self.random_translation = keras.layers.RandomTranslation(both_ways, both_ways, interpolation=self.interpolation,
                                                                  **common)
         self.random_rotation = keras.layers.RandomRotation(both_ways, interpolation=self.interpolation, **common)

@@ -109,6 +109,10 @@ def transfer(
             raise ValueError(f"{name} must be a mapping of {recipe.__name__} arguments. Received: {name}={settings!r}")
         validate_kwargs(recipe, settings or {}, qualname=f"transfer's {name} ({recipe.__name__})",
                         provided=(passed, "data", "seed", "verbose", "run_dir"))
+    for name, classes in (("source_classes", source_classes), ("target_classes", target_classes)):
+        if len(list(classes)) < 2:
+            raise ValueError(f"{name} must name at least 2 classes (each task is a classifier). Received: "
+                             f"{name}={list(classes)!r}")
     data = resolve_data(data)
     source = data.subset(classes=list(source_classes), seed=seed)
     target = data.subset(classes=list(target_classes), per_class=labels_per_class,

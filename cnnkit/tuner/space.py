@@ -486,10 +486,10 @@ def _declare(hp, name, declaration):
             raise ValueError("min must be below max")
         if sampling != "linear" and low <= 0:
             raise ValueError(f"{sampling} sampling needs min > 0")
-        if sampling == "linear" and step is not None and not 0 < step <= high - low:
+        if sampling == "linear" and step is not None and not 0 < step <= (high - low) * (1 + 1e-9):  # 0.3 - 0.2
             raise ValueError(f"under linear sampling step must be > 0 and at most max - min ({high - low}), "
                              f"or the range holds only min; received step={step}")
-        if sampling != "linear" and step is not None and (step <= 1 or low * step > high):
+        if sampling != "linear" and step is not None and (step <= 1 or low * step > high * (1 + 1e-9)):
             only = "" if step <= 1 else f" (this range allows only {low if sampling == 'log' else high})"
             raise ValueError(f"under {sampling} sampling step is a multiplier (log: min, min*step, min*step**2, ... "
                              f"up to max; reverse_log mirrors them towards max), so it must be > 1 and at most "

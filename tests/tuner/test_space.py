@@ -68,6 +68,11 @@ def test_a_linear_range_refuses_a_step_that_is_not_positive_or_exceeds_the_range
         SearchSpace("FC{units}", {"units": declaration})
 
 
+def test_a_step_equal_to_the_range_is_accepted_despite_float_rounding():
+    space = SearchSpace("FC8-D{dropout}", {"dropout": {"min": 0.2, "max": 0.3, "step": 0.1}})  # 0.3 - 0.2 < 0.1
+    assert space.placeholders == ("dropout",)
+
+
 def test_a_log_range_with_a_multiplier_step_gives_its_powers_as_ints():
     space = SearchSpace("FC{units}", {"units": {"min": 16, "max": 128, "step": 2, "sampling": "log"}})
     _, declared = _declared(space)
