@@ -249,10 +249,7 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
         >>> prepare_run_dir(None, "20C5-MP2-FC64", key="3f2a9c1e77")  # doctest: +SKIP
         PosixPath('runs/20C5-MP2-FC64-3f2a9c1e')
     """
-    if run_dir is None:
-        suffix = key[:8] if key else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)[:60]}-{suffix}"
-    run_dir = Path(run_dir)
+    run_dir = _named_run_dir(run_dir, label, key)
     if run_dir.is_dir() and any(run_dir.iterdir()) and not _is_run(run_dir) \
             and not (key is None and not overwrite and _holds_runs(run_dir)):
         raise ValueError(f"run directory {run_dir} is not empty and holds no cnnkit run (no backup/key, no "
@@ -275,6 +272,41 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
     if key is not None and not recorded.exists():
         atomic_write_text(recorded, key)
     return run_dir
+
+
+def _named_run_dir(run_dir, label, key) -> Path:
+    if run_dir is None:
+        suffix = key[:8] if key else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)[:60]}-{suffix}"
+    return Path(run_dir)
+
+
+def finished_run(run_dir, label, *, key: str, overwrite: bool = False, verbose: int = 1) -> Run | None:
+    """The finished run of this very call, loaded, when its run directory holds one; else ``None``.
+
+    "This call" is the ``key`` (:func:`run_key`: arguments and data) that ``config.yaml`` recorded
+    as ``run_key``. So making a finished call again returns its run instead of training again, as an
+    interrupted one resumes; ``overwrite=True`` trains again. Only for calls that their arguments
+    describe whole (``train`` of notation or a registered name, not of a model object or a saved
+    backbone, whose contents the key does not hold).
+
+    Example:
+        >>> finished_run(None, "lenet", key=run_key(arguments, data))  # doctest: +SKIP
+    """
+    run_dir = _named_run_dir(run_dir, label, key)
+    config = run_dir / "config.yaml"
+    if overwrite or not (run_dir / "metrics.json").is_file() or (run_dir / "backup").exists() or not config.is_file():
+        return None
+    import yaml
+
+    from cnnkit.runs import load
+
+    if (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("run_key") != key:
+        return None
+    if verbose:
+        print(f"{run_dir} holds this call's finished run (same arguments and data): loaded, not trained again; "
+              "overwrite=True trains again")
+    return load(run_dir)
 
 
 def run_key(arguments: dict, data) -> str:
@@ -316,6 +348,7 @@ def run_config(recipe, arguments, data, *, seed, **details) -> dict:
     return {
         "recipe": recipe,
         "arguments": arguments,
+        "run_key": run_key(arguments, data),
         **details,
         "data": {"source": data.source, "fingerprint": data.fingerprint, "class_counts": data.class_counts,
                  "skipped_files": len(data.skipped)},

@@ -20,6 +20,7 @@ from cnnkit.recipes.batchnorm import recalibrate_batch_norm
 from cnnkit.recipes.fitting import (
     Stage,
     finish_run,
+    finished_run,
     fit_stages,
     prepare_run_dir,
     recorded_arguments,
@@ -158,6 +159,11 @@ def train(
     data = resolve_data(data)
     if early_stopping and data.val is None:
         raise ValueError("early_stopping needs a validation split; the data has none (val_split=0)")
+    label, key = arch if isinstance(arch, str) else arch.name, run_key(arguments, data)
+    if isinstance(arch, str):  # the arguments say all of the call (a model object's weights they do not)
+        done = finished_run(run_dir, label, key=key, overwrite=overwrite, verbose=verbose)
+        if done is not None:
+            return done
     check_ema(ema, early_stopping=early_stopping)
     precision = resolve_precision(precision) if not isinstance(arch, keras.Model) else "as built"
     dtype = None if precision in ("float32", "as built") else precision
@@ -178,8 +184,7 @@ def train(
             weight_decay=weight_decay, ema=ema, steps_per_epoch=math.ceil(second.size / batch_size), epochs=second_epochs,
         ), shard(recipe.train_pipeline(batch_size, seed, resampled=second)), class_weight=second.class_weight,
             images=second.size))
-    label = arch if isinstance(arch, str) else arch.name
-    run_dir = prepare_run_dir(run_dir, label, key=run_key(arguments, data), overwrite=overwrite)  # args checked
+    run_dir = prepare_run_dir(run_dir, label, key=key, overwrite=overwrite)  # args checked
     if verbose:
         print(data.summary())
     history, fit_seconds, stage_records = fit_stages(

@@ -42,12 +42,21 @@ def test_saved_run_loads_back_and_predicts_the_same(tiny_mnist, tmp_path):
     assert loaded.class_names == tiny_mnist.class_names
 
 
-def test_a_finished_run_directory_is_not_overwritten(tiny_mnist, tmp_path):
-    _train(tiny_mnist, tmp_path / "run", epochs=1)
-    before = (tmp_path / "run" / "metrics.json").read_bytes()
+def test_the_same_call_returns_its_finished_run_and_another_call_is_refused(tiny_mnist, tmp_path, capsys):
+    first = _train(tiny_mnist, tmp_path / "run", epochs=1)
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("metrics.json", "model.keras")}
+    again = _train(tiny_mnist, tmp_path / "run", epochs=1, verbose=1)  # not trained again: loaded
+    assert "holds this call's finished run (same arguments and data): loaded, not trained again" in \
+        capsys.readouterr().out
+    assert again.metrics == first.metrics and again.run_dir == first.run_dir
+    x_test, _ = tiny_mnist.arrays("test")
+    np.testing.assert_allclose(again.predict(x_test), first.predict(x_test), atol=1e-6)
     with pytest.raises(ValueError, match="already holds a finished run"):
-        _train(tiny_mnist, tmp_path / "run", epochs=1)
-    assert (tmp_path / "run" / "metrics.json").read_bytes() == before
+        _train(tiny_mnist, tmp_path / "run", epochs=2)
+    model = cnnkit.build("8C3-MP2-FC32", tiny_mnist.image_shape, tiny_mnist.num_classes)
+    with pytest.raises(ValueError, match="already holds a finished run"):  # a model object: its weights are not
+        _train(tiny_mnist, tmp_path / "run", arch=model, epochs=1)          # in the key, so never reused
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
 
 
 def test_same_seed_gives_the_same_training(tiny_mnist, tmp_path):
