@@ -133,13 +133,13 @@ def _first_conv(model):
     backbone; a locally connected layer (a kernel per position) is passed over."""
     import keras
 
-    for layer in _conv_layers_of(model):
+    for layer in model.layers:  # a nested backbone whatever its output (a saved net cut before its dense layers)
         if isinstance(layer, keras.Model):
             try:
                 return _first_conv(layer)
             except ValueError:
                 continue
-        if any(len(weight.shape) == 4 for weight in layer.weights):
+        if _is_conv(layer) and any(len(weight.shape) == 4 for weight in layer.weights):
             return layer
     raise ValueError(f"The model {model.name!r} has no convolution with a 4-D kernel (a locally connected "
                      f"layer's kernels are per position). Received: a model with layers "
@@ -204,8 +204,9 @@ def _resolve_layers(model, layers, *, default):
     if layers is None:
         chosen = default(_conv_layers_of(model))
         if not chosen:
-            raise ValueError(f"The model {model.name!r} has no convolution layer. Received: a model with layers "
-                             f"{[layer.name for layer in model.layers]}")
+            raise ValueError(f"The model {model.name!r} has no convolution with a spatial output at its own level (a "
+                             "nested backbone that ends in flat features is not searched). Received: a "
+                             f"model with layers {[layer.name for layer in model.layers]}")
     else:
         chosen = [_layer(model, layer) for layer in ([layers] if isinstance(layers, str) else layers)]
     resolved = []
@@ -526,7 +527,8 @@ def filter_patterns(model, layer=None, filters=8, *, steps: int = 64, step_size:
     if not step_size > 0 or not 0 <= decay < 1 or not blur_sigma > 0:
         raise ValueError("`step_size` and `blur_sigma` must be positive and 0 <= `decay` < 1. Received: "
                          f"step_size={step_size!r}, decay={decay!r}, blur_sigma={blur_sigma!r}")
-    layer = _conv_layers_of(model)[-1:] if layer is None else [_layer(model, layer)]
+    main_path = [conv for conv in _conv_layers_of(model) if not conv.name.endswith("_proj")]  # not a shortcut
+    layer = main_path[-1:] if layer is None else [_layer(model, layer)]
     if not layer:
         raise ValueError(f"The model {model.name!r} has no convolution layer. Received: layer=None")
     name, tensor = layer[0].name, _output(model, layer[0])
@@ -609,16 +611,16 @@ def _receptive_centres(model, tensor):
         layer, node_index, _ = tensor._keras_history
         if isinstance(layer, keras.layers.InputLayer):
             break
-        path.append(layer)
         inputs = layer._inbound_nodes[node_index].input_tensors
         if not inputs:
             return None
+        path.append((layer, inputs[0], tensor))  # the main input: a residual Add's first, the block's path
         tensor = inputs[0]
-    for layer in reversed(path):
-        size_in, size_out = tuple(layer.input.shape[1:3]), tuple(layer.output.shape[1:3])
+    for layer, tensor_in, tensor_out in reversed(path):
+        size_in, size_out = tuple(tensor_in.shape[1:3]), tuple(tensor_out.shape[1:3])
         if isinstance(layer, keras.Model):
             steps = _geometry(layer, layer.outputs[0])
-        elif len(layer.output.shape) != 4 or size_in == size_out and getattr(layer, "kernel_size", None) is None:
+        elif len(tensor_out.shape) != 4 or size_in == size_out and getattr(layer, "kernel_size", None) is None:
             continue  # elementwise: batch norm, activations, rescaling, dropout, add
         else:
             steps = _axis_steps(layer, size_in)

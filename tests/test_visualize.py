@@ -63,6 +63,20 @@ def test_kernels_default_to_the_first_convolution_with_a_4d_kernel():
     assert visualize.kernels(model).shape == (8 * 4 - 1, 4 * 4 - 1)  # 8 filters x 4 input channels
     with pytest.raises(ValueError, match="has no convolution with a 4-D kernel"):
         visualize.kernels(cnnkit.build("4LC3-FC8", (8, 8, 1), 2))
+    # a nested backbone that ends in flat features (a saved cnnkit net cut before its classifier)
+    inner = cnnkit.build("8C3-FC8", (10, 10, 1), 2)
+    features = keras.Model(inner.inputs, inner.get_layer("fc1").output, name="backbone")
+    outer = keras.Model(inner.inputs, keras.layers.Dense(2)(features(inner.inputs[0])))
+    np.testing.assert_array_equal(visualize.kernels(outer), visualize.kernels(inner, "conv1"))
+
+
+def test_filter_patterns_default_to_the_last_main_path_convolution_not_a_shortcut(tmp_path):
+    model = cnnkit.build("8C3p1-R16s2", (8, 8, 1), 2)  # the block projects: residual1_proj comes last
+    assert visualize.conv_layers(model)[-1] == "residual1_proj"
+    keras.utils.set_random_seed(0)
+    default = visualize.filter_patterns(model, filters=[0], steps=2)
+    keras.utils.set_random_seed(0)
+    np.testing.assert_array_equal(default, visualize.filter_patterns(model, "residual1_conv2", filters=[0], steps=2))
 
 
 def test_feature_maps_are_each_convolution_after_its_activation(net, mnist):
@@ -156,6 +170,9 @@ def test_grad_cam_of_a_residual_net_defaults_to_the_last_block_output(resnet8):
     weights = tf.reduce_mean(tape.gradient(score, features), axis=[1, 2], keepdims=True)
     cams = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1)).numpy()
     assert cams.reshape(4, -1).max(axis=1).min() > 0
+    # receptive-field placement through the blocks' Add layers (not a plain resize): two stride-2 3x3 "same"
+    # convolutions put feature i at pixel 3 + 4i
+    assert visualize._geometry(resnet8, block) == [(3.0, 4.0), (3.0, 4.0)]
     cams = visualize._project(cams, visualize._geometry(resnet8, block), (28, 28))
     expected = cams / cams.reshape(4, -1).max(axis=1).reshape(-1, 1, 1)
     np.testing.assert_allclose(visualize.grad_cam(resnet8, images), expected, atol=1e-5)

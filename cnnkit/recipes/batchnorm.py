@@ -45,7 +45,7 @@ def recalibrate_batch_norm(model: keras.Model, images: np.ndarray, *, batch_size
         >>> recalibrate_batch_norm(run.model, training_images[:10000])  # doctest: +SKIP
         7
     """
-    layers = list(_walk(model))
+    layers = list(model._flatten_layers(include_self=True, recursive=True))  # custom layers' sublayers too
     norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
     if not norms or len(images) == 0:
         return 0
@@ -65,8 +65,3 @@ def recalibrate_batch_norm(model: keras.Model, images: np.ndarray, *, batch_size
             layer.rate = rate
     return len(norms)
 
-
-def _walk(layer):
-    yield layer
-    for sublayer in getattr(layer, "layers", ()):
-        yield from _walk(sublayer)

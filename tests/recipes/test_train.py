@@ -310,6 +310,25 @@ def test_bad_precise_bn_is_named(tiny_mnist, tmp_path, value):
         _train(tiny_mnist, tmp_path / "run", precise_bn=value)
 
 
+def test_precise_bn_reaches_a_batch_norm_inside_a_custom_layer():
+    from cnnkit.recipes.batchnorm import recalibrate_batch_norm
+
+    class Block(keras.layers.Layer):  # a hand-written block holding its batch norm as an attribute
+        def __init__(self):
+            super().__init__()
+            self.norm = keras.layers.BatchNormalization()
+
+        def call(self, x, training=None):
+            return self.norm(x, training=training)
+
+    inputs = keras.Input((4,))
+    block = Block()
+    model = keras.Model(inputs, keras.layers.BatchNormalization()(block(inputs)))
+    images = np.random.default_rng(0).normal(5.0, 2.0, (256, 4)).astype("float32")
+    assert recalibrate_batch_norm(model, images, batch_size=64) == 2
+    np.testing.assert_allclose(block.norm.moving_mean.numpy(), images.mean(axis=0), atol=1e-4)  # not 1% of the way
+
+
 def test_precise_bn_draws_a_random_sample_not_the_first_images(tmp_path):
     rng = np.random.default_rng(0)
     y = np.sort(rng.integers(0, 4, 600))  # stored sorted by class: the first images are all class 0
