@@ -291,8 +291,7 @@ def _cmd_predict(args) -> int:
         shown = ", ".join(_shown_path(path) for path in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         print(f"{PROG}: skipped {len(skipped)} files that are not images: {shown}", file=sys.stderr)
     predictor = load_predictor(args.model, trust=args.trust_model)
-    files = _readable_images(files, "L" if predictor.image_shape[-1] == 1 else "RGB")
-    _note_resized(files, predictor.image_shape)
+    files = _readable_images(files, predictor.image_shape)
     predictions = predictor.predict_files(files, k=args.top_k, batch_size=args.batch_size)
     for path, ranked in predictions:
         print(f"{_shown_path(path)}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
@@ -301,38 +300,36 @@ def _cmd_predict(args) -> int:
     return 0
 
 
-def _readable_images(files, pil_mode):
-    """The files that decode (checked as ``from_folder`` checks training images); the others reported."""
+def _readable_images(files, image_shape):
+    """The files that decode (checked as ``from_folder`` checks training images); on stderr, one line
+    naming the others and one when images are resized to the model's size (upright, as EXIF says)."""
+    from PIL import Image
+
     from cnnkit.data.folder import check_image
 
-    readable, unreadable = [], []
+    height, width, channels = image_shape
+    readable, unreadable, other_sizes = [], [], {}
     for path in files:
-        reason = check_image(path, pil_mode=pil_mode)[1]
-        (unreadable.append(f"{_shown_path(path)} ({reason})") if reason else readable.append(path))
+        reason = check_image(path, pil_mode="L" if channels == 1 else "RGB")[1]
+        if reason:
+            unreadable.append(f"{_shown_path(path)} ({reason})")
+            continue
+        readable.append(path)
+        with Image.open(path) as image:  # the header only
+            size = image.size[::-1] if image.getexif().get(0x0112) in (5, 6, 7, 8) else image.size  # turned 90
+        if size != (width, height):
+            other_sizes[size] = other_sizes.get(size, 0) + 1
     if unreadable:
         shown = "; ".join(unreadable[:5]) + ("; ..." if len(unreadable) > 5 else "")
         print(f"{PROG}: skipped {len(unreadable)} unreadable images: {shown}", file=sys.stderr)
     if not readable:
         raise ValueError(f"none of the {len(files)} images could be read")
-    return readable
-
-
-def _note_resized(files, image_shape):
-    """One line on stderr when images are not the model's size (upright, as EXIF says): they are resized."""
-    from PIL import Image
-
-    height, width, _ = image_shape
-    other = {}
-    for path in files:
-        with Image.open(path) as image:
-            size = image.size[::-1] if image.getexif().get(0x0112) in (5, 6, 7, 8) else image.size  # turned 90
-        if size != (width, height):
-            other[size] = other.get(size, 0) + 1
-    if other:
-        sizes = ", ".join(f"{w}x{h}" for w, h in list(other)[:5]) + (", ..." if len(other) > 5 else "")
-        squashed = any(w * height != h * width for w, h in other)
-        print(f"{PROG}: resized {sum(other.values())} images to the model's {width}x{height} (from {sizes}"
+    if other_sizes:
+        sizes = ", ".join(f"{w}x{h}" for w, h in list(other_sizes)[:5]) + (", ..." if len(other_sizes) > 5 else "")
+        squashed = any(w * height != h * width for w, h in other_sizes)
+        print(f"{PROG}: resized {sum(other_sizes.values())} images to the model's {width}x{height} (from {sizes}"
               f"{'; aspect ratio not kept' if squashed else ''})", file=sys.stderr)
+    return readable
 
 
 def _add_tune(commands) -> None:
