@@ -385,13 +385,14 @@ def _resolve_data(data, run, names, *, required):
 
     Data whose class names (in order) are not the model's is refused: its labels would mean other
     outputs, so accuracies and int8 calibration would be wrong."""
+    from cnnkit.data.imagedata import class_list
     from cnnkit.recipes.pipeline import resolve_data
 
     if data is not None:
         resolved = resolve_data(data)
         if list(resolved.class_names) != names:
             raise ValueError(f"The data's classes are not the model's: data {resolved.source} has "
-                             f"{_shown(resolved.class_names)}, the model {_shown(names)} (pass class_names= if the "
+                             f"{class_list(resolved.class_names)}, the model {class_list(names)} (pass class_names= if the "
                              "model's are only unnamed)")
         return resolved, resolved.source
     recorded = _recorded_data(run.config)
@@ -411,15 +412,10 @@ def _resolve_data(data, run, names, *, required):
     if list(resolved.class_names) != names:
         if required:
             raise ValueError(f"quantize='int8' needs sample images, and the run's data {recorded!r} now has other "
-                             f"classes than the model ({_shown(resolved.class_names)}). Pass data= or "
+                             f"classes than the model ({class_list(resolved.class_names)}). Pass data= or "
                              "representative_data=. Received: data=None")
         return None, f"the run's data {recorded!r} now has other classes than the model; parity uses random pixels"
     return resolved, resolved.source
-
-
-def _shown(names, most=6) -> str:
-    names = [str(name) for name in names]
-    return f"{len(names)} classes [{', '.join(names[:most])}{', ...' if len(names) > most else ''}]"
 
 
 def _recorded_data(config: dict):

@@ -380,6 +380,7 @@ def _resolve_run_data(data, config, notes):
 
     ``data`` given is used or refused (``ValueError``), never passed over for the run's own."""
     from cnnkit.data import list_datasets
+    from cnnkit.data.imagedata import class_list
     from cnnkit.recipes.pipeline import resolve_data
 
     recorded = (config.get("arguments") or {}).get("data")
@@ -390,8 +391,8 @@ def _resolve_run_data(data, config, notes):
         resolved = resolve_data(data)
         given = [str(name) for name in resolved.class_names]
         if classes and given != classes:
-            raise ValueError(f"data: {resolved.source} has other classes than the run: {_names(given)} against "
-                             f"{_names(classes)}")
+            raise ValueError(f"data: {resolved.source} has other classes than the run: {class_list(given)} against "
+                             f"{class_list(classes)}")
         _note_other_data(resolved, fingerprint, notes)
         return resolved
     candidates = []
@@ -423,10 +424,6 @@ def _note_other_data(data, fingerprint, notes):
     if fingerprint and data.fingerprint != fingerprint:
         notes.append(f"The data used here ({data.source}) is not the data the run was trained on "
                      "(its fingerprint differs): the images below may include training images.")
-
-
-def _names(names, most=6) -> str:
-    return f"{len(names)} classes [{', '.join(names[:most])}{', ...' if len(names) > most else ''}]"
 
 
 def _test_images(data, model, limit, notes):

@@ -443,6 +443,17 @@ def stratified_split(labels: np.ndarray, num_classes: int, val_split: float, see
     return np.flatnonzero(~is_val), val_idx
 
 
+def class_list(names, most: int = 6) -> str:
+    """Class names for a message: how many, and the first ``most``.
+
+    Example:
+        >>> class_list(["cat", "dog", "fox"], most=2)
+        '3 classes [cat, dog, ...]'
+    """
+    names = [str(name) for name in names]
+    return f"{len(names)} classes [{', '.join(names[:most])}{', ...' if len(names) > most else ''}]"
+
+
 def count_classes(labels, num_classes: int) -> list[int]:
     """Examples per class index, as a list of Python ints."""
     return [int(n) for n in np.bincount(np.asarray(labels, np.int64), minlength=num_classes)]

@@ -37,12 +37,22 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import yaml
 
 from cnnkit.html_report import write_report
 from cnnkit.recipes.optimization import loss_scaled
 from cnnkit.recipes.resume import EpochCheckpoint, ResumableEarlyStopping, explain_determinism_error
 from cnnkit.report import package_versions
-from cnnkit.runs import MANIFEST_FILE, Run, atomic_file, atomic_write_text, file_sha256, write_manifest, write_run
+from cnnkit.runs import (
+    MANIFEST_FILE,
+    Run,
+    atomic_file,
+    atomic_write_text,
+    file_sha256,
+    load,
+    write_manifest,
+    write_run,
+)
 
 
 @dataclasses.dataclass
@@ -256,7 +266,7 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
                          "metrics.json with manifest.json or model.keras); pass a new or empty run_dir "
                          "(overwrite=True deletes only a run)")
     recorded = run_dir / "backup" / "key"
-    finished = (run_dir / "metrics.json").exists() and not (run_dir / "backup").exists()
+    finished = _finished(run_dir)
     other = key is not None and recorded.exists() and recorded.read_text() != key
     if finished or other:
         if not overwrite:
@@ -272,6 +282,11 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
     if key is not None and not recorded.exists():
         atomic_write_text(recorded, key)
     return run_dir
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that has finished: results written, no checkpoints left."""
+    return (run_dir / "metrics.json").is_file() and not (run_dir / "backup").exists()
 
 
 def _named_run_dir(run_dir, label, key) -> Path:
@@ -295,12 +310,8 @@ def finished_run(run_dir, label, *, key: str, overwrite: bool = False, verbose: 
     """
     run_dir = _named_run_dir(run_dir, label, key)
     config = run_dir / "config.yaml"
-    if overwrite or not (run_dir / "metrics.json").is_file() or (run_dir / "backup").exists() or not config.is_file():
+    if overwrite or not _finished(run_dir) or not config.is_file():
         return None
-    import yaml
-
-    from cnnkit.runs import load
-
     if (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("run_key") != key:
         return None
     if verbose:
