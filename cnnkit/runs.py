@@ -37,6 +37,7 @@ import numbers
 import os
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ README_FILE = "README.md"
 CURVES_FILE = "training_curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 MANIFEST_FILE = "manifest.json"
+SKIPPED_FILE = "skipped_files.csv"  # the image files a folder dataset left out, with reasons
 
 # Modules whose import registers cnnkit's custom layers with Keras serialization. They are
 # imported (when they exist) before a model is loaded.
@@ -122,8 +124,10 @@ def _temp_beside(path: Path, suffix: str = ".tmp"):
 
     The caller writes (and fsyncs) the temp file. On any exception, including one in
     ``os.replace``, the temp file is removed and ``path`` is left as it was; an ``OSError`` about
-    the temp file (it cannot be created or written) is raised naming ``path``. Once ``path`` is in
-    place, its entry in a ``manifest.json`` beside it is refreshed (:func:`_refresh_manifest_entry`).
+    the temp file (it cannot be created or written) is raised naming ``path``. A ``manifest.json``
+    beside it records the new content before the rename, keeping the old as ``previous_sha256``
+    until ``path`` is in place (:func:`_record_in_manifest`), so a kill in between leaves a run
+    that still loads.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +140,7 @@ def _temp_beside(path: Path, suffix: str = ".tmp"):
     try:
         yield tmp_path
         os.chmod(tmp_path, _target_mode(path))
+        manifest_files = _record_in_manifest(path, written=tmp_path)
         os.replace(tmp_path, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -144,7 +149,9 @@ def _temp_beside(path: Path, suffix: str = ".tmp"):
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     _fsync_dir(path.parent)
-    _refresh_manifest_entry(path)
+    if manifest_files is not None:  # in place: the manifest forgets the file's previous content
+        manifest_files[path.name].pop("previous_sha256", None)
+        _write_manifest_files(path.parent, manifest_files)
 
 
 def _write_synced(path: Path, data) -> None:
@@ -582,7 +589,9 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
     ``metrics.json`` (indent 2), ``config.yaml`` (``config`` plus ``class_names``,
     ``yaml.safe_dump`` with ``sort_keys=False``), ``training_curves.png`` (when the history has
     something to plot), ``confusion_matrix.png`` (when ``metrics`` has ``"confusion_matrix"``)
-    and ``README.md`` (the model card). Existing files are replaced. A figure that fails to draw
+    and ``README.md`` (the model card). Existing files are replaced; an earlier run's figures,
+    ``report.html`` and ``skipped_files.csv`` are removed (the caller writes the last two anew
+    where they apply). A figure that fails to draw
     only warns, naming it and the error, and is left out (and unlinked from the README): the
     model and the other files are written all the same.
 
@@ -630,6 +639,10 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
     atomic_write_text(run_dir / HISTORY_FILE, _history_to_csv(history))
     atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=True) + "\n")
     atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    from cnnkit.html_report import REPORT_FILE
+
+    for file in (CURVES_FILE, CONFUSION_FILE, REPORT_FILE, SKIPPED_FILE):  # an earlier run's, if this write makes none
+        (run_dir / file).unlink(missing_ok=True)
     figures = {}
     if report.has_curves(history):
         figures[CURVES_FILE] = lambda path: report.plot_training_curves(history, path)
@@ -640,7 +653,6 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
             plot(run_dir / file)
         except Exception as error:  # a figure is not worth the trained model: warn and write the rest
             warnings.warn(f"cnnkit: could not draw {run_dir / file}: {type(error).__name__}: {error}", stacklevel=2)
-            (run_dir / file).unlink(missing_ok=True)  # no stale figure from an earlier write
     drawn = {file: (run_dir / file).exists() for file in (CURVES_FILE, CONFUSION_FILE)}
     card = report.model_card(  # links only the figures that were drawn
         name=str(config.get("name") or run_dir.name),
@@ -671,10 +683,11 @@ def file_sha256(path) -> str:
 
 
 def _artifacts(run_dir: Path) -> list[Path]:
-    """The run's files, without the TensorBoard logs, the resume backup and the manifest itself."""
+    """The run's files, without the TensorBoard logs, the resume backup, hidden files and folders and the manifest."""
     skip = {"logs", "backup"}
     return sorted(path for path in run_dir.rglob("*") if path.is_file() and path.name != MANIFEST_FILE
-                  and not path.name.startswith(".") and skip.isdisjoint(path.relative_to(run_dir).parts[:1]))
+                  and not path.name.startswith(".") and path.relative_to(run_dir).parts[0] not in skip
+                  and not path.relative_to(run_dir).parts[0].startswith("."))
 
 
 def _parse_error(err: Exception) -> str:
@@ -698,8 +711,13 @@ def _read_file(path: Path, parse, kind: str):
         raise ValueError(f"{str(path)!r} is not valid {kind}: {_parse_error(err)}") from err
 
 
-def _read_mapping(path: Path, parse, kind: str) -> dict:
-    """:func:`_read_file` of a file that must hold a mapping (an empty file is ``{}``)."""
+def read_mapping(path: Path, parse, kind: str) -> dict:
+    """:func:`_read_file` of a file that must hold a mapping (an empty file is ``{}``).
+
+    Example:
+        >>> read_mapping(Path("runs/demo/config.yaml"), yaml.safe_load, "YAML")["recipe"]  # doctest: +SKIP
+        'train'
+    """
     value = _read_file(path, parse, kind)
     if value is None:
         return {}
@@ -715,7 +733,7 @@ def _manifest_record(path: Path) -> dict:
 def _manifest_files(run_dir: Path) -> dict:
     """The ``files`` mapping of a run's ``manifest.json``; a ``ValueError`` naming it if it is malformed."""
     path = run_dir / MANIFEST_FILE
-    files = _read_mapping(path, json.loads, "JSON").get("files")
+    files = read_mapping(path, json.loads, "JSON").get("files")
     if not isinstance(files, dict) or not all(isinstance(record, dict) for record in files.values()):
         raise ValueError(f"{str(path)!r} is not a cnnkit manifest: expected {{\"files\": {{name: {{\"sha256\": ...}}}}}}")
     return files
@@ -733,33 +751,42 @@ def write_manifest(run_dir) -> Path:
     return atomic_write_text(run_dir / MANIFEST_FILE, json.dumps({"files": files}, indent=1) + "\n")
 
 
-def _refresh_manifest_entry(path: Path) -> None:
-    """Record the SHA-256 and size of ``path``, just written by cnnkit, in the ``manifest.json`` beside it.
+def _record_in_manifest(path: Path, *, written: Path) -> dict | None:
+    """Record ``written`` (about to replace ``path``) in the ``manifest.json`` beside ``path``; its ``files``.
 
     A finished run directory is not frozen: ``cnnkit report RUN [--data X]`` (``html_report.write_report``)
     writes ``report.html`` again, possibly on other data. Rather than make :func:`load` check only the
-    files it reads, every atomic write into a directory that has a manifest refreshes that one file's
-    entry (adding it if it is a new artifact), itself atomically. So the manifest stays a true record of
-    every artifact as cnnkit last wrote it, and a file changed any other way (corrupt, truncated, edited)
-    is still refused by name. Files in subfolders, hidden files and the manifest itself are not
-    touched, and a manifest that cannot be read is left for :func:`load` to name.
+    files it reads, every atomic write into a directory that has a manifest updates that one file's
+    entry (adding it if it is a new artifact), itself atomically. The entry keeps the content it
+    replaces as ``previous_sha256`` until the caller has renamed ``written`` into place, and
+    :func:`verify_manifest` accepts either. So the manifest stays a true record of every artifact as
+    cnnkit last wrote it, and a file changed any other way (corrupt, truncated, edited) is still
+    refused by name. Files in subfolders, hidden files and the manifest itself are not recorded, and a
+    manifest that cannot be read is left for :func:`load` to name (``None`` is returned for all these).
     """
     manifest = path.parent / MANIFEST_FILE
     if path.name == MANIFEST_FILE or path.name.startswith(".") or not manifest.is_file():
-        return
+        return None
     try:
         files = _manifest_files(path.parent)
     except ValueError:
-        return
-    files[path.name] = _manifest_record(path)
-    atomic_write_text(manifest, json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n")
+        return None
+    previous = files.get(path.name, {}).get("sha256")
+    files[path.name] = {**_manifest_record(written), **({"previous_sha256": previous} if previous else {})}
+    _write_manifest_files(path.parent, files)
+    return files
+
+
+def _write_manifest_files(run_dir: Path, files: dict) -> None:
+    atomic_write_text(run_dir / MANIFEST_FILE, json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n")
 
 
 def verify_manifest(run_dir) -> list[str]:
     """The problems found checking a run directory against its ``manifest.json`` (empty: intact).
 
-    Each problem names the file: changed (SHA-256 differs) or missing. A run directory without a
-    manifest (written before cnnkit had one) has nothing to check.
+    Each problem names the file: changed (SHA-256 differs) or missing. A file being replaced when its
+    writer was killed may match its ``previous_sha256``. A run directory without a manifest (written
+    before cnnkit had one) has nothing to check.
 
     Raises:
         ValueError: If ``manifest.json`` is not valid JSON or not a manifest (naming it and the problem).
@@ -776,7 +803,7 @@ def verify_manifest(run_dir) -> list[str]:
         file = run_dir / name
         if not file.is_file():
             problems.append(f"{name}: missing (listed in {MANIFEST_FILE})")
-        elif file_sha256(file) != record.get("sha256"):
+        elif file_sha256(file) not in (record.get("sha256"), record.get("previous_sha256")):
             problems.append(f"{name}: SHA-256 differs from {MANIFEST_FILE} (changed or corrupt)")
     return problems
 
@@ -793,6 +820,8 @@ def _import_custom_objects() -> None:
 
 
 def _load_model(path: Path, trust: bool):
+    if not zipfile.is_zipfile(path):  # Keras would say "File not found" of a truncated file
+        raise ValueError(f"{str(path)!r} is not a valid .keras file: not a zip archive (truncated or corrupt)")
     _import_custom_objects()
     import keras
 
@@ -875,8 +904,8 @@ def load(path, *, trust: bool = False) -> Run:
                              "Restore the files, or train again")
         history_path, metrics_path, config_path = path / HISTORY_FILE, path / METRICS_FILE, path / CONFIG_FILE
         history = _read_file(history_path, _history_from_csv, "CSV") if history_path.is_file() else {}
-        metrics = _read_mapping(metrics_path, json.loads, "JSON") if metrics_path.is_file() else {}
-        config = _read_mapping(config_path, yaml.safe_load, "YAML") if config_path.is_file() else {}
+        metrics = read_mapping(metrics_path, json.loads, "JSON") if metrics_path.is_file() else {}
+        config = read_mapping(config_path, yaml.safe_load, "YAML") if config_path.is_file() else {}
         model = _load_model(model_path, trust)
         return Run(
             model, history=history, metrics=metrics, config=config, run_dir=path, class_names=config.get("class_names")

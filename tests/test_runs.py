@@ -287,6 +287,18 @@ def test_write_run_without_confusion_matrix_or_history(tmp_path, trained):
     assert load(run_dir).history == {}
 
 
+def test_write_run_over_an_earlier_run_leaves_none_of_its_files(tmp_path, trained):
+    model, history = trained
+    metrics = {"test_accuracy": 0.5, "confusion_matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}
+    run_dir = write_run(tmp_path / "r", model=model, history=history, metrics=metrics, config={}, class_names=NAMES)
+    (run_dir / "report.html").write_text("<html>report of the earlier run</html>")
+    (run_dir / runs.SKIPPED_FILE).write_text("file,reason\nbad.png,truncated\n")
+    write_run(run_dir, model=model, history={}, metrics={"test_accuracy": 0.7}, config={}, class_names=NAMES)
+    files = _listing(run_dir)
+    assert not {"training_curves.png", "confusion_matrix.png", "report.html", runs.SKIPPED_FILE} & set(files)
+    assert set(json.loads((run_dir / runs.MANIFEST_FILE).read_text())["files"]) <= set(files)
+
+
 def test_write_run_only_warns_when_a_figure_fails(tmp_path, trained, monkeypatch):
     model, history = trained
     run_dir = tmp_path / "r"
@@ -360,6 +372,37 @@ def test_load_errors_name_the_path(tmp_path):
     other.write_bytes(b"x")
     with pytest.raises(ValueError, match=r"run directory or a '.keras'.*weights.h5"):
         load(other)
+
+
+def test_a_truncated_keras_file_is_named_as_corrupt_not_missing(tmp_path, trained):
+    path = atomic_save_model(trained[0], tmp_path / "m.keras")
+    path.write_bytes(path.read_bytes()[:-100])  # cut short, as a full disk or a killed copy leaves it
+    with pytest.raises(ValueError, match=r"m.keras' is not a valid .keras file: not a zip archive"):
+        load(path)
+
+
+def test_a_kill_between_a_rename_and_its_manifest_entry_leaves_the_run_loadable(tmp_path, trained, monkeypatch):
+    model, history = trained
+    run_dir = write_run(tmp_path / "r", model=model, history=history, metrics={}, config={}, class_names=NAMES)
+    forget = runs._write_manifest_files
+    calls = []
+
+    def killed_after_the_rename(folder, files):
+        calls.append(files)
+        if len(calls) == 2:  # the second manifest write of this file: after its rename
+            raise KeyboardInterrupt("killed")
+        forget(folder, files)
+
+    monkeypatch.setattr(runs, "_write_manifest_files", killed_after_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(run_dir / "README.md", "# rewritten\n")
+    monkeypatch.undo()
+    assert (run_dir / "README.md").read_text() == "# rewritten\n"
+    assert runs.verify_manifest(run_dir) == [] and load(run_dir).class_names == NAMES
+    atomic_write_text(run_dir / "README.md", "# again\n")  # a completed write forgets the previous content
+    assert "previous_sha256" not in json.loads((run_dir / runs.MANIFEST_FILE).read_text())["files"]["README.md"]
+    (run_dir / "README.md").write_text("# rewritten\n")  # an older content, now changed outside cnnkit
+    assert runs.verify_manifest(run_dir) == ["README.md: SHA-256 differs from manifest.json (changed or corrupt)"]
 
 
 def test_load_is_safe_by_default(tmp_path):

@@ -30,7 +30,13 @@ from keras import ops
 import cnnkit
 from cnnkit.distribute import describe, distributed
 from cnnkit.html_report import write_report
-from cnnkit.recipes.fitting import prepare_run_dir, recorded_arguments, remove_if_failed_start, run_config
+from cnnkit.recipes.fitting import (
+    prepare_run_dir,
+    recorded_arguments,
+    release_run_dir,
+    remove_if_failed_start,
+    run_config,
+)
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train
 from cnnkit.runs import Run, atomic_save_model, write_manifest, write_run
@@ -368,6 +374,7 @@ def ensemble(
     write_run(run_dir, model=model, history={}, metrics=metrics, config=config, class_names=data.class_names)
     write_report(run_dir, model=model, data=data)  # report.html with member agreement; a failure only warns
     write_manifest(run_dir)
+    release_run_dir(run_dir)
     if verbose:
         print(_result_line(run))
     return run

@@ -11,7 +11,8 @@ where tracing costs ten times the step).
 
 Resume: every stage checkpoints each epoch under ``run_dir/backup/stage<i>``
 (``cnnkit.recipes.resume.EpochCheckpoint``: atomic, hashed, with epoch-derived seeds, so a resumed
-run with a fixed seed ends with the weights an uninterrupted one would have); a finished stage of
+run with a fixed seed and ``deterministic=True`` ends with the weights an uninterrupted one would
+have; without op determinism two uninterrupted runs differ already); a finished stage of
 a multi-stage run leaves its weights and history there, so a run killed in stage 3 restarts at
 stage 3's last completed epoch without redoing stages 1 and 2.
 
@@ -45,14 +46,22 @@ from cnnkit.recipes.resume import EpochCheckpoint, ResumableEarlyStopping, expla
 from cnnkit.report import package_versions
 from cnnkit.runs import (
     MANIFEST_FILE,
+    SKIPPED_FILE,
     Run,
+    _fsync_dir,
     atomic_file,
     atomic_write_text,
     file_sha256,
     load,
+    read_mapping,
     write_manifest,
     write_run,
 )
+
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are not locked
+    fcntl = None
 
 
 @dataclasses.dataclass
@@ -119,7 +128,9 @@ def fit_stages(model, stages, *, validation, run_dir, seed, loss="sparse_categor
     ``LossScaleOptimizer`` (``cnnkit.recipes.optimization.loss_scaled``).
 
     ``history`` holds one list per Keras metric over all stages plus ``epoch_seconds``;
-    ``stage_records`` has each stage's name and epochs run (early stopping may end one early).
+    ``fit_seconds`` is this process's fitting time plus the epoch times of the epochs an earlier,
+    interrupted process fitted; ``stage_records`` has each stage's name and epochs run (early
+    stopping may end one early).
 
     Example:
         >>> history, seconds, records = fit_stages(model, stages, validation=val, run_dir=run_dir, seed=0)  # doctest: +SKIP
@@ -146,7 +157,7 @@ def _fit_all(model, stages, *, validation, run_dir, seed, loss, steps_per_execut
         finished = _finished_stage(stage_dir)
         if finished is not None:
             model.load_weights(stage_dir / FINAL_WEIGHTS)
-            stage_history, seconds = finished, 0.0
+            stage_history, seconds = finished, sum(finished.get("epoch_seconds", []))  # fitted by an earlier process
         else:
             stage_history, seconds = _fit_stage(
                 model, stage, stage_dir, validation=validation, run_dir=run_dir, seed=seed, loss=loss,
@@ -179,7 +190,10 @@ def _finished_stage(stage_dir: Path) -> dict | None:
     marker, weights = stage_dir / FINISHED_FILE, stage_dir / FINAL_WEIGHTS
     if not marker.exists():
         return None
-    record = json.loads(marker.read_text())
+    record = read_mapping(marker, json.loads, "JSON")
+    if not isinstance(record.get("sha256"), str) or not isinstance(record.get("history"), dict):
+        raise ValueError(f"{str(marker)!r} is not a cnnkit stage marker (no 'sha256' and 'history'); delete it to fit "
+                         "the stage again from its last epoch checkpoint")
     if not weights.exists() or file_sha256(weights) != record["sha256"]:
         warnings.warn(f"{weights} does not match its SHA-256 in {marker}; fitting the stage again from its "
                       "last intact epoch checkpoint", stacklevel=3)
@@ -193,6 +207,7 @@ def _fit_stage(model, stage, stage_dir, *, validation, run_dir, seed, loss, step
                   run_eagerly=os.environ.get("CNNKIT_EAGER") == "1")
     checkpoint = EpochCheckpoint(stage_dir, seed=seed, seeded=seeded)
     restored = checkpoint.restore(model)
+    earlier_seconds = sum(checkpoint.history.get("epoch_seconds", []))  # the restored epochs', fitted before
     stage_callbacks = [keras.callbacks.TensorBoard(str(Path(run_dir) / "logs"), write_graph=False)]
     if stage.optimizer.use_ema:  # validate the averaged weights
         stage_callbacks.append(keras.callbacks.SwapEMAWeights())
@@ -219,7 +234,7 @@ def _fit_stage(model, stage, stage_dir, *, validation, run_dir, seed, loss, step
         stopping.on_train_end()
     elif stage.optimizer.use_ema:  # killed after its last epoch's checkpoint: fit, which puts the average in, did not run
         stage.optimizer.finalize_variable_values(model.trainable_weights)
-    return checkpoint.history, time.perf_counter() - started
+    return checkpoint.history, earlier_seconds + time.perf_counter() - started
 
 
 _created_here: set[Path] = set()
@@ -242,7 +257,7 @@ def _holds_runs(folder: Path) -> bool:
 
 
 def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool = False) -> Path:
-    """The run directory to write, created; a finished run there is refused, an interrupted one resumes.
+    """The run directory to write, created and locked; a finished run there is refused, an interrupted one resumes.
 
     Without ``run_dir`` the name is ``runs/<label>-<key[:8]>`` (``key``: a digest of the call's
     arguments and data, see :func:`run_key`), so the same command finds its interrupted run again;
@@ -255,6 +270,10 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
     run too. If training then fails before its first checkpoint, :func:`remove_if_failed_start`
     takes a directory it created away again.
 
+    The directory is locked (:func:`lock_run_dir`) until :func:`release_run_dir`: a second process
+    given the same directory while this one trains or finishes there is refused, instead of
+    training the same epochs beside it and overwriting its results.
+
     Example:
         >>> prepare_run_dir(None, "20C5-MP2-FC64", key="3f2a9c1e77")  # doctest: +SKIP
         PosixPath('runs/20C5-MP2-FC64-3f2a9c1e')
@@ -265,23 +284,78 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
         raise ValueError(f"run directory {run_dir} is not empty and holds no cnnkit run (no backup/key, no "
                          "metrics.json with manifest.json or model.keras); pass a new or empty run_dir "
                          "(overwrite=True deletes only a run)")
-    recorded = run_dir / "backup" / "key"
-    finished = _finished(run_dir)
-    other = key is not None and recorded.exists() and recorded.read_text() != key
-    if finished or other:
-        if not overwrite:
-            what = "a finished run" if finished else "an interrupted run of other arguments or data"
-            raise ValueError(f"run directory {run_dir} already holds {what}; pass overwrite=True (overwrite=true on "
-                             "the command line) to replace it, or another run_dir")
-        shutil.rmtree(run_dir)
-    elif overwrite and _is_run(run_dir):
-        shutil.rmtree(run_dir)
     if not run_dir.exists():
         _created_here.add(run_dir.resolve())
     run_dir.mkdir(parents=True, exist_ok=True)
-    if key is not None and not recorded.exists():
-        atomic_write_text(recorded, key)
+    lock_run_dir(run_dir)
+    try:
+        recorded = run_dir / "backup" / "key"
+        finished = _finished(run_dir)
+        other = key is not None and recorded.exists() and recorded.read_text() != key
+        if finished or other:
+            if not overwrite:
+                what = "a finished run" if finished else "an interrupted run of other arguments or data"
+                raise ValueError(f"run directory {run_dir} already holds {what}; pass overwrite=True (overwrite=true "
+                                 "on the command line) to replace it, or another run_dir")
+            _empty(run_dir)
+        elif overwrite and _is_run(run_dir):
+            _empty(run_dir)
+        if key is not None and not recorded.exists():
+            atomic_write_text(recorded, key)
+    except BaseException:
+        release_run_dir(run_dir)
+        raise
     return run_dir
+
+
+def _empty(folder: Path) -> None:
+    """Delete what ``folder`` holds, keeping the folder (and so the lock on it)."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    _created_here.add(folder.resolve())  # as good as new: a failed start takes it away again
+
+
+_locks: dict[Path, int] = {}
+
+
+def lock_run_dir(run_dir) -> None:
+    """Hold an exclusive lock on ``run_dir`` for this process, until :func:`release_run_dir` or exit.
+
+    An advisory ``flock`` on the directory itself (no lock file is left behind, and the operating
+    system drops it when the process dies); taking it again in the same process is a no-op. Where
+    ``fcntl`` is missing (Windows) nothing is locked.
+
+    Raises:
+        RuntimeError: Another process holds the lock: it is training or finishing a run there.
+
+    Example:
+        >>> lock_run_dir(Path("runs/x"))  # doctest: +SKIP
+    """
+    path = Path(run_dir).resolve()
+    if fcntl is None or path in _locks:
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise RuntimeError(f"run directory {run_dir} is in use by another process (a run training or finishing "
+                           "there); wait for it to end, or pass another run_dir") from None
+    _locks[path] = descriptor
+
+
+def release_run_dir(run_dir) -> None:
+    """Release this process's lock on ``run_dir`` (:func:`lock_run_dir`), if it holds one.
+
+    Example:
+        >>> release_run_dir(Path("runs/x"))  # doctest: +SKIP
+    """
+    descriptor = _locks.pop(Path(run_dir).resolve(), None)
+    if descriptor is not None:
+        os.close(descriptor)
 
 
 def _finished(run_dir: Path) -> bool:
@@ -312,7 +386,7 @@ def finished_run(run_dir, label, *, key: str, overwrite: bool = False, verbose: 
     config = run_dir / "config.yaml"
     if overwrite or not _finished(run_dir) or not config.is_file():
         return None
-    if (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("run_key") != key:
+    if read_mapping(config, yaml.safe_load, "YAML").get("run_key") != key:
         return None
     if verbose:
         print(f"{run_dir} holds this call's finished run (same arguments and data): loaded, not trained again; "
@@ -333,7 +407,7 @@ def run_key(arguments: dict, data) -> str:
 
 
 def remove_if_failed_start(run_dir) -> None:
-    """Delete ``run_dir`` if this process created it and no epoch has been checkpointed in it yet.
+    """Release ``run_dir``'s lock; delete it if this process created it and no epoch has been checkpointed in it yet.
 
     Called when a run fails, so that a failed start leaves no directory behind while a run that
     got somewhere keeps what it needs to resume.
@@ -342,6 +416,7 @@ def remove_if_failed_start(run_dir) -> None:
         >>> remove_if_failed_start(Path("runs/x"))  # doctest: +SKIP
     """
     run_dir = Path(run_dir)
+    release_run_dir(run_dir)
     if run_dir.resolve() in _created_here and not any(run_dir.glob("**/checkpoints.json")) \
             and not any(run_dir.glob("**/metrics.json")):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -384,6 +459,17 @@ def finish_run(model, data, *, history, fit_seconds, config, run_dir, verbose=1,
     Example:
         >>> run = finish_run(model, data, history=h, fit_seconds=12.5, config=config, run_dir=run_dir)  # doctest: +SKIP
     """
+    try:
+        run = _finish(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
+                      extra_metrics=extra_metrics, report=report)
+    finally:
+        release_run_dir(run_dir)
+    if verbose:
+        print(result_line(run))
+    return run
+
+
+def _finish(model, data, *, history, fit_seconds, config, run_dir, extra_metrics, report) -> Run:
     run = Run(model, history=history, run_dir=run_dir, class_names=data.class_names, config=config)
     metrics = run.evaluate(data, split="test") if data.test is not None else {}
     rates = [images / seconds for images, seconds in zip(_epoch_images(config, data), history["epoch_seconds"])]
@@ -399,14 +485,30 @@ def finish_run(model, data, *, history, fit_seconds, config, run_dir, verbose=1,
     run.metrics = metrics
     write_run(run_dir, model=model, history=history, metrics=metrics, config=config, class_names=data.class_names)
     if data.skipped:  # the files from_folder left out, with reasons
-        atomic_write_text(Path(run_dir) / "skipped_files.csv", data.skipped_csv())
+        atomic_write_text(Path(run_dir) / SKIPPED_FILE, data.skipped_csv())
     if report:
         write_report(run_dir, model=model, data=data)  # a failure only warns: the run is saved
     write_manifest(run_dir)
-    shutil.rmtree(Path(run_dir) / "backup", ignore_errors=True)
-    if verbose:
-        print(result_line(run))
+    discard_backup(run_dir)
     return run
+
+
+def discard_backup(run_dir) -> None:
+    """Delete a finished run's resume backup: renamed away in one step (from then on the run is finished,
+    :func:`_finished`), then removed, so a kill part-way through cannot leave a run that seems interrupted.
+
+    Example:
+        >>> discard_backup(Path("runs/x"))  # doctest: +SKIP
+    """
+    backup, discarded = Path(run_dir) / "backup", Path(run_dir) / DISCARDED_BACKUP
+    shutil.rmtree(discarded, ignore_errors=True)  # left by a kill during an earlier removal
+    if backup.exists():
+        os.replace(backup, discarded)
+        _fsync_dir(Path(run_dir))
+    shutil.rmtree(discarded, ignore_errors=True)
+
+
+DISCARDED_BACKUP = ".backup-discarded"  # hidden: the manifest and load skip it
 
 
 def result_line(run) -> str:

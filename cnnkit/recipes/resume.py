@@ -41,7 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cnnkit.runs import TrainingDiverged, atomic_file, atomic_write_text, file_sha256
+from cnnkit.runs import TrainingDiverged, atomic_file, atomic_write_text, file_sha256, read_mapping
 
 CHECKPOINTS_FILE = "checkpoints.json"
 KEEP_CHECKPOINTS = 2
@@ -198,7 +198,13 @@ class EpochCheckpoint(EpochSeeds):
     # -- resume
     def _records(self) -> list:
         path = self.directory / CHECKPOINTS_FILE
-        return json.loads(path.read_text())["checkpoints"] if path.exists() else []
+        if not path.exists():
+            return []
+        records = read_mapping(path, json.loads, "JSON").get("checkpoints")
+        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+            raise ValueError(f"{str(path)!r} is not a cnnkit checkpoint list (no 'checkpoints' list); restore it, "
+                             f"or delete {self.directory} to fit this stage again from its first epoch")
+        return records
 
     def restore(self, model) -> int | None:
         """Load the newest intact checkpoint into ``model``; the epoch to go on from, or ``None``.

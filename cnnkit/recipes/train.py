@@ -126,7 +126,7 @@ def train(
         run_dir: where to write the run; default ``runs/<arch>-<digest of the arguments and
             data>``, so the same call finds its interrupted run again. A directory holding an
             interrupted run of the same arguments resumes from its last completed epoch (with
-            a fixed seed, to the weights an uninterrupted run ends with); one holding a finished
+            a fixed seed and ``deterministic=True``, to the weights an uninterrupted run ends with); one holding a finished
             run, or another call's run, is refused, and so is a folder that is not empty and holds no run.
         overwrite: replace a run directory that holds a finished or other run (never a folder that
             holds no run).

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cnnkit.config import validate_kwargs
 from cnnkit.recipes.finetune import finetune as finetune_recipe
-from cnnkit.recipes.fitting import prepare_run_dir
+from cnnkit.recipes.fitting import prepare_run_dir, release_run_dir
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train as train_recipe
 from cnnkit.runs import Run
@@ -128,6 +128,7 @@ def transfer(
     metrics["gain"] = round(metrics["test_accuracy"] - metrics["scratch_test_accuracy"], 6)
     metrics["pretrain_test_accuracy"] = pretrained.metrics["test_accuracy"]
     result = TransferResult(pretrained, finetuned, from_scratch, run_dir, metrics)
+    release_run_dir(run_dir)
     if verbose:
         print(result.summary())
     return result

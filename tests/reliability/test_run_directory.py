@@ -1,9 +1,13 @@
 """Guarantees 2, 3, 4 and 8: atomic hashed artifacts, the manifest, a NaN stop that keeps the last
 good checkpoint, and run directories that are never overwritten by accident nor left by a failed start."""
 
+import fcntl
 import json
+import os
 import re
+import shutil
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -11,6 +15,7 @@ import pytest
 
 import cnnkit
 from cnnkit.cli import main
+from cnnkit.recipes import fitting
 from cnnkit.recipes.resume import EpochCheckpoint
 from cnnkit.runs import MANIFEST_FILE, TrainingDiverged, file_sha256, verify_manifest
 
@@ -214,6 +219,7 @@ def test_a_two_stage_run_resumes_in_its_second_stage_without_redoing_the_first(d
     assert Begun.epochs == [3]  # stage 1 loaded from its final weights, stage 2 from its epoch-3 checkpoint
     assert len(run.history["loss"]) == 4 and [stage["epochs_run"] for stage in run.config["stages"]] == [2, 2]
     assert not (tmp_path / "run" / "backup").exists()
+    assert run.metrics["fit_seconds"] >= sum(run.history["epoch_seconds"])  # the earlier process's epochs count
 
 
 def test_an_ensemble_killed_in_its_second_member_reuses_the_first_and_resumes_the_second(digits, tmp_path):
@@ -231,3 +237,55 @@ def test_an_ensemble_killed_in_its_second_member_reuses_the_first_and_resumes_th
     assert first.stat().st_mtime_ns == written  # the finished member was reused
     second = cnnkit.load(tmp_path / "ensemble" / "members" / "1")
     assert len(second.history["loss"]) == 2 and run.metrics["num_members"] == 2
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused_and_released_after(digits, tmp_path):
+    (tmp_path / "run").mkdir()
+    other = os.open(tmp_path / "run", os.O_RDONLY)  # another open file: flock conflicts as across processes
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(RuntimeError, match=re.escape(f"run directory {tmp_path / 'run'} is in use by another process")):
+        _train(digits, tmp_path / "run")
+    assert list((tmp_path / "run").iterdir()) == []  # nothing written beside the other process
+    os.close(other)
+    _train(digits, tmp_path / "run", epochs=1, report=False)
+    probe = os.open(tmp_path / "run", os.O_RDONLY)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a finished run leaves the directory unlocked
+    finally:
+        os.close(probe)
+
+
+def test_a_kill_while_the_backup_is_deleted_leaves_a_finished_run(digits, tmp_path, monkeypatch):
+    remove = shutil.rmtree
+
+    def killed_in_the_middle(path, *args, **kwargs):
+        if Path(path).name == fitting.DISCARDED_BACKUP and Path(path).exists():
+            raise KeyboardInterrupt("killed while deleting the backup")
+        return remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(fitting.shutil, "rmtree", killed_in_the_middle)
+    with pytest.raises(KeyboardInterrupt):
+        _train(digits, tmp_path / "run", epochs=1, report=False)
+    assert (tmp_path / "run" / fitting.DISCARDED_BACKUP).is_dir() and not (tmp_path / "run" / "backup").exists()
+    monkeypatch.undo()
+    assert verify_manifest(tmp_path / "run") == [] and cnnkit.load(tmp_path / "run").metrics["epochs_run"] == 1
+    written = (tmp_path / "run" / "model.keras").stat().st_mtime_ns
+    again = _train(digits, tmp_path / "run", epochs=1, report=False)  # the same call: loaded, not trained again
+    assert (tmp_path / "run" / "model.keras").stat().st_mtime_ns == written and again.metrics["epochs_run"] == 1
+
+
+def test_damaged_backup_records_are_refused_naming_the_file(tmp_path):
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "checkpoints.json").write_text("")  # truncated to nothing
+    with pytest.raises(ValueError, match=re.escape(f"{str(tmp_path / 'stage1' / 'checkpoints.json')!r} is not valid JSON")):
+        EpochCheckpoint(tmp_path / "stage1", seed=0)._records()
+    (tmp_path / "stage1" / "checkpoints.json").write_text('{"epochs": []}')
+    with pytest.raises(ValueError, match="is not a cnnkit checkpoint list"):
+        EpochCheckpoint(tmp_path / "stage1", seed=0)._records()
+    (tmp_path / "stage1" / "finished.json").write_text('{"history": {}}')
+    with pytest.raises(ValueError, match="finished.json' is not a cnnkit stage marker"):
+        fitting._finished_stage(tmp_path / "stage1")
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "config.yaml").write_text("- a list\n")
+    with pytest.raises(ValueError, match="config.yaml' must hold a mapping"):
+        fitting.finished_run(tmp_path, "x", key="k")
