@@ -98,7 +98,9 @@ class _Loader(yaml.SafeLoader):
         """Refuse a key given twice in one mapping (YAML 1.2; PyYAML keeps the last silently).
 
         Checked here, once per node and before merging, as ``flatten_mapping`` then copies merged
-        keys (``<<: *base``) in beside the explicit ones, which may override them.
+        keys (``<<: *base``) in beside the explicit ones, which may override them. After merging only
+        the last of a key is kept (the explicit one, which overrides), so a mapping merged elsewhere
+        in turn carries its overrides: PyYAML 6.0.4 keeps the first copy there, 6.0.3 the last.
         """
         checked = self.__dict__.setdefault("_unique_checked", set())
         if id(node) not in checked:
@@ -115,6 +117,9 @@ class _Loader(yaml.SafeLoader):
                             f"duplicate key {key!r} (first on line {first_line[key] + 1})", key_node.start_mark)
                     first_line[key] = key_node.start_mark.line
         super().flatten_mapping(node)
+        last = {(key.tag, key.value): index for index, (key, _) in enumerate(node.value) if isinstance(key, yaml.ScalarNode)}
+        node.value = [(key, value) for index, (key, value) in enumerate(node.value)
+                      if not isinstance(key, yaml.ScalarNode) or last[(key.tag, key.value)] == index]
 
     def construct_yaml_int(self, node):
         """An int from a decimal, ``0x`` (hexadecimal) or ``0o`` (octal) scalar."""
