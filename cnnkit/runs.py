@@ -617,6 +617,7 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
         PosixPath('runs/demo')
     """
     from cnnkit import report
+    from cnnkit.html_report import REPORT_FILE
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -639,8 +640,6 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
     atomic_write_text(run_dir / HISTORY_FILE, _history_to_csv(history))
     atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=True) + "\n")
     atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-    from cnnkit.html_report import REPORT_FILE
-
     for file in (CURVES_FILE, CONFUSION_FILE, REPORT_FILE, SKIPPED_FILE):  # an earlier run's, if this write makes none
         (run_dir / file).unlink(missing_ok=True)
     figures = {}
@@ -747,8 +746,8 @@ def write_manifest(run_dir) -> Path:
         PosixPath('runs/demo/manifest.json')
     """
     run_dir = Path(run_dir)
-    files = {path.relative_to(run_dir).as_posix(): _manifest_record(path) for path in _artifacts(run_dir)}
-    return atomic_write_text(run_dir / MANIFEST_FILE, json.dumps({"files": files}, indent=1) + "\n")
+    return _write_manifest_files(run_dir, {path.relative_to(run_dir).as_posix(): _manifest_record(path)
+                                           for path in _artifacts(run_dir)})
 
 
 def _record_in_manifest(path: Path, *, written: Path) -> dict | None:
@@ -777,8 +776,8 @@ def _record_in_manifest(path: Path, *, written: Path) -> dict | None:
     return files
 
 
-def _write_manifest_files(run_dir: Path, files: dict) -> None:
-    atomic_write_text(run_dir / MANIFEST_FILE, json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n")
+def _write_manifest_files(run_dir: Path, files: dict) -> Path:
+    return atomic_write_text(run_dir / MANIFEST_FILE, json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n")
 
 
 def verify_manifest(run_dir) -> list[str]:

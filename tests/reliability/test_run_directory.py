@@ -237,6 +237,8 @@ def test_an_ensemble_killed_in_its_second_member_reuses_the_first_and_resumes_th
     assert first.stat().st_mtime_ns == written  # the finished member was reused
     second = cnnkit.load(tmp_path / "ensemble" / "members" / "1")
     assert len(second.history["loss"]) == 2 and run.metrics["num_members"] == 2
+    for folder in (tmp_path / "ensemble", tmp_path / "ensemble" / "members" / "1"):
+        _assert_unlocked(folder)
 
 
 def test_a_run_directory_in_use_by_another_process_is_refused_and_released_after(digits, tmp_path):
@@ -248,9 +250,14 @@ def test_a_run_directory_in_use_by_another_process_is_refused_and_released_after
     assert list((tmp_path / "run").iterdir()) == []  # nothing written beside the other process
     os.close(other)
     _train(digits, tmp_path / "run", epochs=1, report=False)
-    probe = os.open(tmp_path / "run", os.O_RDONLY)
+    _assert_unlocked(tmp_path / "run")  # a finished run leaves the directory unlocked
+
+
+def _assert_unlocked(folder):
+    """Another open file takes the folder's lock at once: no process (this one included) holds it."""
+    probe = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a finished run leaves the directory unlocked
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(probe)
 
