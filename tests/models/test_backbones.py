@@ -57,21 +57,6 @@ def _pixels(shape, seed=0):
     return np.random.default_rng(seed).uniform(0, 255, shape).astype("float32")
 
 
-@pytest.fixture(scope="module")
-def built():
-    """Each backbone built once, untrained, at its smallest input (building is the slow part)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = build_backbone(name, input_shape=_min_shape(name), weights=None)
-        return cache[name]
-
-    yield get
-    cache.clear()
-    keras.backend.clear_session()
-
-
 # --------------------------------------------------------------------------- the table
 
 
@@ -120,8 +105,8 @@ def test_unknown_name_lists_close_matches():
 
 
 @pytest.mark.parametrize("name", list_backbones())
-def test_builds_headless_at_the_smallest_input(name, built):
-    model = built(name)
+def test_builds_headless_at_the_smallest_input(name, untrained_backbone):
+    model = untrained_backbone(name)
     assert tuple(model.input.shape) == (None, *_min_shape(name))
     assert len(model.output.shape) == 4  # a feature map: no classifier, no pooling
     assert not any(isinstance(layer, keras.layers.Dense) and layer.name == "predictions" for layer in model.layers)
@@ -145,9 +130,9 @@ def test_imagenet_weights_without_network_are_one_line_naming_the_offline_way(tm
 
 
 @pytest.mark.parametrize("name", list_backbones())
-def test_imagenet_weights_go_through_the_keras_constructor(name, built, monkeypatch):
+def test_imagenet_weights_go_through_the_keras_constructor(name, untrained_backbone, monkeypatch):
     calls = []
-    model = built(name)
+    model = untrained_backbone(name)
 
     def constructor(**kwargs):
         calls.append(kwargs)
@@ -186,8 +171,8 @@ def test_feature_layer_cuts_the_network_and_leaves_later_groups_empty():
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"])
-def test_a_weights_file_round_trips(name, built, tmp_path):
-    source = built(name)
+def test_a_weights_file_round_trips(name, untrained_backbone, tmp_path):
+    source = untrained_backbone(name)
     path = tmp_path / f"{name}.weights.h5"
     source.save_weights(path)
     loaded = build_backbone(name, input_shape=_min_shape(name), weights=path)
@@ -196,25 +181,25 @@ def test_a_weights_file_round_trips(name, built, tmp_path):
         np.testing.assert_array_equal(saved.numpy(), restored.numpy())
 
 
-def test_weights_saved_at_one_size_load_at_another(built, tmp_path):
+def test_weights_saved_at_one_size_load_at_another(untrained_backbone, tmp_path):
     path = tmp_path / "small.weights.h5"
-    built("mobilenet_v2").save_weights(path)
+    untrained_backbone("mobilenet_v2").save_weights(path)
     larger = build_backbone("mobilenet_v2", input_shape=(64, 48, 3), weights=str(path))
-    for saved, restored in zip(built("mobilenet_v2").weights, larger.weights):
+    for saved, restored in zip(untrained_backbone("mobilenet_v2").weights, larger.weights):
         np.testing.assert_array_equal(saved.numpy(), restored.numpy())
 
 
-def test_a_weights_path_under_the_home_directory_may_start_with_a_tilde(built, tmp_path, monkeypatch):
+def test_a_weights_path_under_the_home_directory_may_start_with_a_tilde(untrained_backbone, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    built("mobilenet_v2").save_weights(tmp_path / "home.weights.h5")
+    untrained_backbone("mobilenet_v2").save_weights(tmp_path / "home.weights.h5")
     loaded = build_backbone("mobilenet_v2", input_shape=_min_shape("mobilenet_v2"), weights="~/home.weights.h5")
-    for saved, restored in zip(built("mobilenet_v2").weights, loaded.weights, strict=True):
+    for saved, restored in zip(untrained_backbone("mobilenet_v2").weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(saved.numpy(), restored.numpy())
 
 
-def test_the_keras_cache_file_format_loads(built, tmp_path):
+def test_the_keras_cache_file_format_loads(untrained_backbone, tmp_path):
     """``weights="imagenet"`` downloads a legacy ``*_notop.h5`` file; a copy of it loads offline."""
-    source = built("mobilenet_v3_small")
+    source = untrained_backbone("mobilenet_v3_small")
     path = tmp_path / "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"
     with h5py.File(path, "w") as file:
         legacy_h5_format.save_weights_to_hdf5_group(file, source)
@@ -225,8 +210,8 @@ def test_the_keras_cache_file_format_loads(built, tmp_path):
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenet_v3_small"])
 @pytest.mark.filterwarnings("ignore:`input_shape` is undefined or non-square")
-def test_a_weights_file_computes_what_the_imagenet_download_would(name, built, tmp_path, monkeypatch):
-    source = built(name)
+def test_a_weights_file_computes_what_the_imagenet_download_would(name, untrained_backbone, tmp_path, monkeypatch):
+    source = untrained_backbone(name)
     normalization = [layer for layer in source.layers if isinstance(layer, keras.layers.Normalization)]
     for layer in normalization:  # the statistics Keras's EfficientNet files hold
         layer.set_weights([np.array([0.485, 0.456, 0.406], "float32"), np.array([0.229, 0.224, 0.225], "float32"),
@@ -253,7 +238,7 @@ def test_a_weights_file_computes_what_the_imagenet_download_would(name, built, t
 
 
 @pytest.mark.filterwarnings("ignore:Skipping nested container")  # Keras, before its own error
-def test_bad_weights_values_name_the_problem(built, tmp_path):
+def test_bad_weights_values_name_the_problem(untrained_backbone, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.weights.h5"):
         build_backbone("mobilenet_v2", input_shape=(32, 32, 3), weights=tmp_path / "missing.weights.h5")
     with pytest.raises(ValueError, match=r"whole model.*keras.saving.load_model.*model.keras"):
@@ -263,7 +248,7 @@ def test_bad_weights_values_name_the_problem(built, tmp_path):
     with pytest.raises(ValueError, match="weights=True"):
         build_backbone("mobilenet_v2", input_shape=(32, 32, 3), weights=True)
     other = tmp_path / "mobilenet_v3_small.weights.h5"
-    built("mobilenet_v3_small").save_weights(other)
+    untrained_backbone("mobilenet_v3_small").save_weights(other)
     with pytest.raises(ValueError, match=r"Could not load weights file '.*small.weights.h5' into backbone 'mobilenet_v2'"):
         build_backbone("mobilenet_v2", input_shape=(32, 32, 3), weights=other)
     broken = tmp_path / "broken.h5"
@@ -276,8 +261,8 @@ def test_bad_weights_values_name_the_problem(built, tmp_path):
 
 
 @pytest.mark.parametrize("name", list_backbones())
-def test_every_layer_is_in_exactly_one_group_in_order(name, built):
-    model = built(name)
+def test_every_layer_is_in_exactly_one_group_in_order(name, untrained_backbone):
+    model = untrained_backbone(name)
     groups = layer_groups(model, name)
     assert list(groups) == [group for group, _ in get_backbone(name).groups]
     joined = [layer for layers in groups.values() for layer in layers]
@@ -287,8 +272,8 @@ def test_every_layer_is_in_exactly_one_group_in_order(name, built):
     assert sum(len(layer.weights) for layer in joined) == len(model.weights)
 
 
-def test_unnamed_layers_join_their_block(built):
-    model = built("xception")
+def test_unnamed_layers_join_their_block(untrained_backbone):
+    model = untrained_backbone("xception")
     groups = layer_groups(model, "xception")
     group_of = {layer.name: group for group, layers in groups.items() for layer in layers}
     shortcut_convs = [layer for layer in model.layers if type(layer) is keras.layers.Conv2D
@@ -297,16 +282,16 @@ def test_unnamed_layers_join_their_block(built):
     assert group_of[model.layers[0].name] == "stem"  # the input layer
 
 
-def test_layer_groups_refuse_data_that_does_not_fit(built):
+def test_layer_groups_refuse_data_that_does_not_fit(untrained_backbone):
     with pytest.raises(ValueError, match="No layer of model .* matches a group of backbone 'resnet50'"):
-        layer_groups(built("vgg16"), "resnet50")
+        layer_groups(untrained_backbone("vgg16"), "resnet50")
     vgg = get_backbone("vgg16")
     overlapping = dataclasses.replace(vgg, groups=(*vgg.groups, ("all", r"block")))
     with pytest.raises(ValueError, match="Layer 'block1_conv1' matches several groups .*block1, all"):
-        layer_groups(built("vgg16"), overlapping)
+        layer_groups(untrained_backbone("vgg16"), overlapping)
     reversed_groups = dataclasses.replace(vgg, groups=vgg.groups[::-1])
     with pytest.raises(ValueError, match="Layer 'block2_conv1' \\(group 'block2'\\) comes after"):
-        layer_groups(built("vgg16"), reversed_groups)
+        layer_groups(untrained_backbone("vgg16"), reversed_groups)
 
 
 # --------------------------------------------------------------------------- preprocessing
