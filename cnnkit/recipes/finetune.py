@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import os
 from pathlib import Path
 
 import keras
@@ -32,6 +33,7 @@ from cnnkit.distribute import describe, distributed, learning_rate_scale, shard
 from cnnkit.recipes.fitting import (
     Stage,
     finish_run,
+    finished_run,
     fit_stages,
     prepare_run_dir,
     recorded_arguments,
@@ -40,7 +42,7 @@ from cnnkit.recipes.fitting import (
 )
 from cnnkit.recipes.optimization import NO_DECAY_NAMES, check_ema, is_finite_number, make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
-from cnnkit.runs import Run
+from cnnkit.runs import MODEL_FILE, Run, file_sha256
 
 BATCH_NORM_POLICIES = ("frozen", "scale_shift", "recalibrate")
 SIMILARITIES = ("similar", "different")
@@ -138,8 +140,10 @@ def finetune(
             ``train`` (``batch_size`` is the global batch; only the chief writes ``run_dir``).
         scale_learning_rate: multiply every stage's learning rate by the number of replicas.
         callbacks: extra Keras callbacks.
-        run_dir: the run directory, as for ``train`` (resumes an interrupted run of the same
-            arguments, refuses a finished or other one).
+        run_dir: the run directory, as for ``train``: it resumes an interrupted run of the same
+            call, returns the finished run of the same call instead of training again, and refuses
+            another call's run. "The same call" is the same arguments and data, and, for a saved
+            backbone or a weights file, the same file contents.
         overwrite: replace a run directory that holds a finished or other run.
         report: write ``report.html`` in the run directory (``cnnkit.html_report``; a few seconds
             for a small net, more for a large backbone); ``cnnkit report RUN`` writes it later too.
@@ -167,6 +171,13 @@ def finetune(
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     data = resolve_data(data)
+    key = run_key(arguments, data, files=_file_digests(backbone, weights))
+    name = _backbone_name(backbone)
+    label = f"finetune-{name}"
+    if name is not None:  # else building raises, below
+        done = finished_run(run_dir, label, key=key, overwrite=overwrite, verbose=verbose)
+        if done is not None:
+            return done
     precision = resolve_precision(precision)
     recipe = prepare_inputs(data, augment=augment, imbalance=imbalance, label_smoothing=label_smoothing, seed=seed)
     built = build_finetune_model(backbone, data, weights=weights, trust=trust, input_size=input_size,
@@ -191,7 +202,7 @@ def finetune(
                                images=split.size if split else recipe.train_size)
                 for spec, split in zip(stage_specs, splits)]
     source = built.source
-    run_dir = prepare_run_dir(run_dir, f"finetune-{source['name']}", key=run_key(arguments, data), overwrite=overwrite)
+    run_dir = prepare_run_dir(run_dir, label, key=key, overwrite=overwrite)
     if verbose:
         print(data.summary())
     history, fit_seconds, stage_records = fit_stages(
@@ -204,7 +215,7 @@ def finetune(
     plain = make_optimizer(optimizer, learning_rate=learning_rate, steps_per_epoch=1, epochs=1)
     model.compile(optimizer=plain, loss=recipe.loss, metrics=["accuracy"])
     plain.build(model.trainable_variables)  # so a reloaded model's optimizer matches the saved one
-    config = run_config("finetune", arguments, data, seed=seed, backbone=source, precision=precision,
+    config = run_config("finetune", arguments, data, key=key, seed=seed, backbone=source, precision=precision,
                         **recipe.config(), wei_case=plan["case"] if plan else None, groups=group_names,
                         stages=[{**spec, **record} for spec, record in zip(stage_specs, stage_records)],
                         distribution=describe())
@@ -365,6 +376,35 @@ def _load_backbone(backbone, weights, data, input_size, trust):
     return features, groups, adapt, {"name": meta.name, "weights": weights_label, "input_size": list(size)}
 
 
+def _backbone_name(backbone) -> str | None:
+    """The backbone's name in ``config.yaml`` and the default run directory: a registered backbone's
+    own name, a saved one's file or folder name; ``None`` for an argument that building refuses."""
+    if isinstance(backbone, (str, Path)) and is_saved_model(backbone):
+        path = Path(backbone)
+        return path.stem if path.suffix else path.name
+    from cnnkit.models import backbones
+
+    try:
+        return backbones.get_backbone(backbone).name
+    except ValueError:
+        return None
+
+
+def _file_digests(backbone, weights) -> dict:
+    """SHA-256 of the files a call reads beyond its arguments: a saved backbone's model, a weights file.
+
+    Example:
+        >>> _file_digests("runs/digits-0-4", "imagenet")  # doctest: +SKIP
+        {'backbone': '9b1f...'}
+    """
+    files = {}
+    if isinstance(backbone, (str, Path)) and is_saved_model(backbone):
+        files["backbone"] = Path(backbone) / MODEL_FILE if Path(backbone).is_dir() else Path(backbone)
+    if isinstance(weights, (str, os.PathLike)) and weights != "imagenet":
+        files["weights"] = Path(weights).expanduser()
+    return {name: file_sha256(path) for name, path in files.items() if path.is_file()}
+
+
 def _check_input_size(input_size):
     """``input_size`` as a ``(height, width)`` tuple (an int ``n`` is ``(n, n)``), or ``None``."""
     if input_size is None:
@@ -409,7 +449,7 @@ def _saved_backbone(path, data, input_size, trust):
     shape = tuple(features.input_shape[1:])
     if input_size and input_size != shape[:2]:
         raise ValueError(f"{path} takes {shape[:2]} inputs; input_size does not apply. Received: input_size={input_size}")
-    return features, groups, _input_adapter(data.image_shape, shape, path), {"name": path.stem if path.suffix else path.name, "path": str(path)}
+    return features, groups, _input_adapter(data.image_shape, shape, path), {"name": _backbone_name(path), "path": str(path)}
 
 
 def _input_adapter(image_shape, target_shape, path):

@@ -373,11 +373,11 @@ def _named_run_dir(run_dir, label, key) -> Path:
 def finished_run(run_dir, label, *, key: str, overwrite: bool = False, verbose: int = 1) -> Run | None:
     """The finished run of this very call, loaded, when its run directory holds one; else ``None``.
 
-    "This call" is the ``key`` (:func:`run_key`: arguments and data) that ``config.yaml`` recorded
-    as ``run_key``. So making a finished call again returns its run instead of training again, as an
-    interrupted one resumes; ``overwrite=True`` trains again. Only for calls that their arguments
-    describe whole (``train`` of notation or a registered name, not of a model object or a saved
-    backbone, whose contents the key does not hold).
+    "This call" is the ``key`` (:func:`run_key`: arguments, data, and the files the call reads) that
+    ``config.yaml`` recorded as ``run_key``. So making a finished call again returns its run instead
+    of training again, as an interrupted one resumes; ``overwrite=True`` trains again. Only for calls
+    whose key holds all they depend on: ``train`` of notation or a registered name (not of a model
+    object), ``finetune`` with the digests of its saved backbone and weights file.
 
     Example:
         >>> finished_run(None, "lenet", key=run_key(arguments, data))  # doctest: +SKIP
@@ -394,15 +394,16 @@ def finished_run(run_dir, label, *, key: str, overwrite: bool = False, verbose: 
     return load(run_dir)
 
 
-def run_key(arguments: dict, data) -> str:
-    """A digest of a recipe call's recorded arguments and its data's fingerprint.
+def run_key(arguments: dict, data, *, files: dict | None = None) -> str:
+    """A digest of a recipe call's recorded arguments, its data's fingerprint and ``files``: the
+    digests of files the call reads whose contents its arguments do not hold (a saved backbone).
 
     Example:
         >>> run_key({"arch": "lenet", "epochs": 3}, data)[:8]  # doctest: +SKIP
         '3f2a9c1e'
     """
     plain = {key: value for key, value in arguments.items() if key not in ("run_dir", "verbose", "overwrite", "callbacks", "report")}
-    text = json.dumps([plain, data.fingerprint], sort_keys=True, default=str)
+    text = json.dumps([plain, data.fingerprint, *([files] if files else [])], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -423,9 +424,10 @@ def remove_if_failed_start(run_dir) -> None:
         _created_here.discard(run_dir.resolve())
 
 
-def run_config(recipe, arguments, data, *, seed, **details) -> dict:
-    """A run's ``config.yaml`` content: the recipe and its arguments, ``details`` (what the recipe
-    resolved: arch, precision, stages...), then the data, class names, image shape, seed and versions.
+def run_config(recipe, arguments, data, *, seed, key: str | None = None, **details) -> dict:
+    """A run's ``config.yaml`` content: the recipe and its arguments, its ``run_key`` (``key``, by default
+    :func:`run_key` of the arguments and data), ``details`` (what the recipe resolved: arch, precision,
+    stages...), then the data, class names, image shape, seed and versions.
 
     Example:
         >>> run_config("train", {"epochs": 3}, data, seed=0, precision="float32")["recipe"]  # doctest: +SKIP
@@ -434,7 +436,7 @@ def run_config(recipe, arguments, data, *, seed, **details) -> dict:
     return {
         "recipe": recipe,
         "arguments": arguments,
-        "run_key": run_key(arguments, data),
+        "run_key": key or run_key(arguments, data),
         **details,
         "data": {"source": data.source, "fingerprint": data.fingerprint, "class_counts": data.class_counts,
                  "skipped_files": len(data.skipped)},

@@ -199,7 +199,7 @@ def train(
         if verbose:
             print(f"precise_bn: re-estimated the statistics of {layers} batch-norm layer(s) on "
                   f"{len(images)} clean training images")
-    config = run_config("train", arguments, data, seed=seed,
+    config = run_config("train", arguments, data, key=key, seed=seed,
                         arch=label if isinstance(arch, str) else f"<keras.Model {arch.name}>",
                         precision=precision, **recipe.config(), stages=stage_records, distribution=describe())
     return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,

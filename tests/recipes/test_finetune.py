@@ -1,3 +1,5 @@
+import shutil
+
 import keras
 import numpy as np
 import pytest
@@ -345,18 +347,53 @@ def test_the_cli_names_a_bad_input_size_in_one_line(image_folder, tmp_path, caps
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("cnnkit: error: input_size must be")
 
 
-def test_transfer_compares_finetuning_with_scratch(tmp_path):
+def test_transfer_compares_finetuning_with_scratch_and_the_same_call_finishes_an_interrupted_one(tmp_path):
     sample = cnnkit.data.load("mnist-sample")
-    result = cnnkit.recipes.transfer(
-        SPEC, sample, source_classes=[0, 1], target_classes=[7, 8], labels_per_class=10, val_labels_per_class=2,
-        pretrain={"epochs": 1}, finetune={"stages": [{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-3}]},
-        scratch={"epochs": 1}, run_dir=tmp_path / "transfer", verbose=0,
-    )
+
+    def call():
+        return cnnkit.recipes.transfer(
+            SPEC, sample, source_classes=[0, 1], target_classes=[7, 8], labels_per_class=10, val_labels_per_class=2,
+            pretrain={"epochs": 1}, finetune={"stages": [{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-3}]},
+            scratch={"epochs": 1}, run_dir=tmp_path / "transfer", verbose=0)
+
+    result = call()
     assert {path.name for path in (tmp_path / "transfer").iterdir()} == {"pretrain", "finetune", "scratch"}
     assert result.finetuned.config["data"]["class_counts"]["train"] == [10, 10]
     assert result.scratch.config["data"]["class_counts"]["train"] == [10, 10]
     assert result.metrics["gain"] == pytest.approx(result.metrics["test_accuracy"] - result.metrics["scratch_test_accuracy"])
     assert "fine-tuned" in result.summary() and "from scratch" in result.summary()
+
+    shutil.rmtree(tmp_path / "transfer" / "scratch")  # as if killed before the scratch run began
+    kept = {name: (tmp_path / "transfer" / name / "model.keras").read_bytes() for name in ("pretrain", "finetune")}
+    again = call()  # the finished pretraining and fine-tuning are loaded, the scratch run trained
+    assert {name: (tmp_path / "transfer" / name / "model.keras").read_bytes() for name in kept} == kept
+    assert again.metrics == result.metrics
+
+
+def test_the_same_finetune_call_returns_its_finished_run_and_a_changed_backbone_file_is_another_call(
+        digits, pretrained, tmp_path, capsys):
+    backbone = tmp_path / "backbone.keras"
+    shutil.copy(pretrained.run_dir / "model.keras", backbone)
+
+    def call(**options):
+        return cnnkit.recipes.finetune(backbone, digits[1], stages=[{"unfreeze": 0, "epochs": 1, "learning_rate": 1e-2}],
+                                       batch_size=16, run_dir=tmp_path / "run", **{"verbose": 0, **options})
+
+    first = call()
+    written = {name: (tmp_path / "run" / name).read_bytes() for name in ("metrics.json", "model.keras")}
+    again = call(verbose=1)  # not trained again: loaded
+    assert "holds this call's finished run (same arguments and data): loaded, not trained again" in \
+        capsys.readouterr().out
+    assert again.metrics == first.metrics and again.run_dir == first.run_dir
+    x_test, _ = digits[1].arrays("test")
+    np.testing.assert_allclose(again.predict(x_test), first.predict(x_test), atol=1e-6)
+
+    model = keras.saving.load_model(backbone)
+    model.get_layer("conv1").kernel.assign(model.get_layer("conv1").kernel * 2)
+    model.save(backbone)  # the same path, other weights: another call
+    with pytest.raises(ValueError, match="already holds a finished run"):
+        call()
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in written} == written
 
 
 def test_the_packaged_finetune_recipe_runs_with_overrides(image_folder, tmp_path):
