@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cnnkit.config import validate_kwargs
 from cnnkit.recipes.finetune import finetune as finetune_recipe
-from cnnkit.recipes.fitting import prepare_run_dir, release_run_dir
+from cnnkit.recipes.fitting import prepare_run_dir, release_run_dir, remove_if_failed_start
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train as train_recipe
 from cnnkit.runs import Run
@@ -120,15 +120,20 @@ def transfer(
     label = arch if isinstance(arch, str) else "model"
     run_dir = prepare_run_dir(run_dir, f"transfer-{label}")
     common = {"seed": seed, "verbose": verbose}
-    pretrained = train_recipe(arch, source, run_dir=run_dir / "pretrain", **common, **(pretrain or {}))
-    finetuned = finetune_recipe(pretrained.run_dir, target, run_dir=run_dir / "finetune", **common, **(finetune or {}))
-    from_scratch = train_recipe(arch, target, run_dir=run_dir / "scratch", **common, **(scratch or {}))
+    try:
+        pretrained = train_recipe(arch, source, run_dir=run_dir / "pretrain", **common, **(pretrain or {}))
+        finetuned = finetune_recipe(pretrained.run_dir, target, run_dir=run_dir / "finetune", **common,
+                                    **(finetune or {}))
+        from_scratch = train_recipe(arch, target, run_dir=run_dir / "scratch", **common, **(scratch or {}))
+    except BaseException:
+        remove_if_failed_start(run_dir)  # a run that got somewhere keeps the folder, to resume
+        raise
+    release_run_dir(run_dir)
     metrics = dict(finetuned.metrics)
     metrics["scratch_test_accuracy"] = from_scratch.metrics["test_accuracy"]
     metrics["gain"] = round(metrics["test_accuracy"] - metrics["scratch_test_accuracy"], 6)
     metrics["pretrain_test_accuracy"] = pretrained.metrics["test_accuracy"]
     result = TransferResult(pretrained, finetuned, from_scratch, run_dir, metrics)
-    release_run_dir(run_dir)
     if verbose:
         print(result.summary())
     return result

@@ -241,6 +241,17 @@ def test_an_ensemble_killed_in_its_second_member_reuses_the_first_and_resumes_th
         _assert_unlocked(folder)
 
 
+def test_a_transfer_that_fails_leaves_its_folder_unlocked_and_keeps_what_trained(tmp_path):
+    sample = cnnkit.data.load("mnist-sample")
+    bad_stage = [{"unfreeze": ["no_such_group"], "epochs": 1, "learning_rate": 1e-3}]  # found after pretraining
+    with pytest.raises(ValueError, match="no_such_group"):
+        cnnkit.recipes.transfer("4C3-MP2-FC16", sample, source_classes=[0, 1], target_classes=[7, 8],
+                                labels_per_class=10, val_labels_per_class=2, pretrain={"epochs": 1, "report": False},
+                                finetune={"stages": bad_stage}, run_dir=tmp_path / "transfer", verbose=0)
+    assert cnnkit.load(tmp_path / "transfer" / "pretrain").metrics["epochs_run"] == 1  # kept, to reuse
+    _assert_unlocked(tmp_path / "transfer")
+
+
 def test_a_run_directory_in_use_by_another_process_is_refused_and_released_after(digits, tmp_path):
     (tmp_path / "run").mkdir()
     other = os.open(tmp_path / "run", os.O_RDONLY)  # another open file: flock conflicts as across processes
