@@ -13,7 +13,9 @@ activation, where the next layer sees it. In a residual block the convolutions t
 block (the second one and the projection shortcut) are read after the shortcut is added and
 activated (``residual3``, the tensor the next block or the global pooling takes), named after that
 output. A backbone nested as one layer (``keras.applications`` fine-tuned) counts as one
-convolution, its output feature map.
+convolution, its output feature map. A nested backbone that ends in flat features (a saved
+classifier cut before its dense layers, as ``finetune`` makes of a cnnkit run) is opened: its
+convolutions are read as the model's own.
 
 Each function can also write a PNG (``save=path``), atomically (``cnnkit.runs.atomic_write_bytes``).
 
@@ -128,6 +130,41 @@ def _is_conv(layer) -> bool:
     return type(layer).__name__ in _CONV_TYPES or isinstance(layer, keras.layers.Conv2D)
 
 
+def _searchable(model):
+    """``model``, or, when it has no convolution of its own but a nested model holds some (a backbone
+    ending in flat features), a copy that calls the nested models' layers in their place: the same
+    layers and weights, computing the same, with every tensor in one graph to read and differentiate.
+
+    Example:
+        >>> [layer.name for layer in _searchable(finetuned).layers]  # doctest: +SKIP
+        ['image', 'rescale', 'conv1', 'conv1_act', 'pool1', 'flatten', 'fc1', 'classifier', 'probabilities']
+    """
+    import keras
+
+    if _conv_layers_of(model) or not any(isinstance(layer, keras.Model) and _holds_conv(layer)
+                                         for layer in model.layers):
+        return model
+
+    def inline(layer, *args, **kwargs):
+        if isinstance(layer, keras.Model):
+            return _call_layers(layer, args[0]).outputs[0]
+        return layer(*args, **kwargs)
+
+    def _call_layers(nested, tensor):
+        tensors = [tensor] if isinstance(nested.input, list) else tensor
+        return keras.models.clone_model(nested, input_tensors=tensors, clone_function=lambda layer: layer,
+                                        call_function=inline)
+
+    source = model.inputs[0]
+    return _call_layers(model, keras.Input(batch_shape=source.shape, dtype=source.dtype, name=source.name))
+
+
+def _holds_conv(model) -> bool:
+    import keras
+
+    return any(_is_conv(layer) or isinstance(layer, keras.Model) and _holds_conv(layer) for layer in model.layers)
+
+
 def _first_conv(model):
     """The first convolution with a 4-D kernel (the one :func:`kernels` draws), looking inside a nested
     backbone; a locally connected layer (a kernel per position) is passed over."""
@@ -157,7 +194,7 @@ def conv_layers(model) -> list[str]:
         >>> conv_layers(cnnkit.build("20C5-MP2-50C5-MP2-FC256", (28, 28, 1), 10))  # doctest: +SKIP
         ['conv1', 'conv2']
     """
-    return [layer.name for layer in _conv_layers_of(_model(model))]
+    return [layer.name for layer in _conv_layers_of(_searchable(_model(model)))]
 
 
 def _consumers(model) -> dict:
@@ -172,11 +209,17 @@ def _consumers(model) -> dict:
 
 def _output(model, layer):
     """The layer's output tensor in ``model``'s graph (a nested model's ``.output`` is its own graph's)."""
-    for nodes in getattr(model, "_nodes_by_depth", {}).values():  # a Sequential has none: .output is right
+    node = _node(model, layer)
+    return layer.output if node is None else node.output_tensors[0]
+
+
+def _node(model, layer):
+    """The layer's call in ``model``'s graph; ``None`` for a Sequential (its layers have one call)."""
+    for nodes in getattr(model, "_nodes_by_depth", {}).values():
         for node in nodes:
             if node.operation is layer:
-                return node.output_tensors[0]
-    return layer.output
+                return node
+    return None
 
 
 def _block_output(model, layer, consumers=None):
@@ -429,7 +472,7 @@ def feature_maps(model, image, layers=None, *, save=None) -> dict:
     """
     import keras
 
-    model = _model(model)
+    model = _searchable(_model(model))
     batch, single = _batch(model, image)
     resolved = _resolve_layers(model, layers, default=lambda convs: convs)
     probe = keras.Model(model.inputs[0], [tensor for _, tensor in resolved])
@@ -655,7 +698,8 @@ def _class_score_tensor(model):
     last = model.layers[-1]
     config = last.get_config() if type(last).__name__ in ("Activation", "Softmax") else {}
     if type(last).__name__ == "Softmax" or config.get("activation") == "softmax":
-        return last.input, True
+        node = _node(model, last)
+        return (last.input if node is None else node.input_tensors[0]), True
     return model.outputs[0], False
 
 
@@ -694,7 +738,7 @@ def grad_cam(model, image, class_index=None, layer=None, *, save=None) -> np.nda
     import keras
     import tensorflow as tf
 
-    model = _model(model)
+    model = _searchable(_model(model))
     batch, single = _batch(model, image)
     [(name, features)] = _resolve_layers(model, None if layer is None else [layer], default=lambda convs: convs[-1:])
     if len(features.shape) != 4:

@@ -119,6 +119,13 @@ def test_given_data_adds_the_parts_that_need_images(tiny_run, tiny):
     assert "One test image in 3 is used (10 of 30, max_test_images=10)" in fewer and "mistakes" in _sections(fewer)
 
 
+def test_a_run_fine_tuned_from_a_saved_run_gets_feature_maps_and_grad_cam(tiny_run, tiny, tmp_path):
+    tuned = cnnkit.recipes.finetune(tiny_run.run_dir, tiny, stages=[{"unfreeze": "all", "epochs": 1, "learning_rate": 1e-2}],
+                                    run_dir=tmp_path / "tuned", verbose=0, report=False)
+    page = render_report(tuned.run_dir, model=tuned.model, data=tiny, examples=4)  # its backbone: nested, flat output
+    assert {"kernels", "feature-maps", "grad-cam"} <= set(_sections(page)) and "Could not draw" not in page
+
+
 def test_a_keras_file_gets_its_metrics_computed_from_the_data(tiny_run, tiny, tmp_path):
     model_path = tmp_path / "model.keras"
     tiny_run.model.save(model_path)

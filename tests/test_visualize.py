@@ -219,6 +219,25 @@ def test_a_nested_backbone_counts_as_one_convolution():
     assert visualize.grad_cam(model, np.zeros((10, 10))).shape == (10, 10)
 
 
+def test_a_nested_backbone_ending_in_flat_features_is_opened(net, mnist):
+    # The trained seed net as finetune makes it of a saved run: cut before its classifier, nested, a head on top.
+    features = keras.Model(net.inputs, net.get_layer("fc1_act").output, name="backbone")
+    inputs = keras.Input((28, 28, 1), name="image")
+    x = features(inputs)
+    for layer in net.layers[net.layers.index(net.get_layer("fc1_act")) + 1:]:
+        x = layer(x)
+    nested = keras.Model(inputs, x)
+    _, (x_test, _) = mnist
+    images = x_test[:8]
+    np.testing.assert_allclose(nested(images.astype("float32")), net(images.astype("float32")), atol=1e-6)
+    assert visualize.conv_layers(nested) == visualize.conv_layers(net) == ["conv1", "conv2"]
+    np.testing.assert_allclose(visualize.grad_cam(nested, images), visualize.grad_cam(net, images), atol=1e-5)
+    for name, maps in visualize.feature_maps(nested, images[0]).items():
+        np.testing.assert_allclose(maps, visualize.feature_maps(net, images[0])[name], atol=1e-6)
+    assert [layer.name for layer in nested.layers] == ["image", "backbone", *[layer.name for layer in net.layers[
+        net.layers.index(net.get_layer("fc1_act")) + 1:]]]  # the model itself is left as it was
+
+
 def test_a_sequential_model_with_augmentation_and_batch_norm():
     model = keras.Sequential([
         keras.Input((12, 12, 1)), keras.layers.Rescaling(1 / 255), keras.layers.RandomFlip(),
