@@ -321,7 +321,7 @@ def _empty(folder: Path) -> None:
 _locks: dict[Path, int] = {}
 
 
-def lock_run_dir(run_dir) -> None:
+def lock_run_dir(run_dir, *, name: str = "run directory") -> None:
     """Hold an exclusive lock on ``run_dir`` for this process, until :func:`release_run_dir` or exit.
 
     An advisory ``flock`` on the directory itself (no lock file is left behind, and the operating
@@ -329,7 +329,8 @@ def lock_run_dir(run_dir) -> None:
     ``fcntl`` is missing (Windows) nothing is locked.
 
     Raises:
-        RuntimeError: Another process holds the lock: it is training or finishing a run there.
+        RuntimeError: Another process holds the lock: it is training or finishing a run there (a
+            search, for a search directory: ``name`` says which in the message).
 
     Example:
         >>> lock_run_dir(Path("runs/x"))  # doctest: +SKIP
@@ -342,8 +343,8 @@ def lock_run_dir(run_dir) -> None:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
-        raise RuntimeError(f"run directory {run_dir} is in use by another process (a run training or finishing "
-                           "there); wait for it to end, or pass another run_dir") from None
+        raise RuntimeError(f"{name} {run_dir} is in use by another process (training or finishing there); wait for "
+                           "it to end, or give another directory") from None
     _locks[path] = descriptor
 
 

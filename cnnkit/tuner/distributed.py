@@ -242,6 +242,63 @@ class Heartbeat:
         return False
 
 
+def bound_server(servicer, address: str):
+    """A gRPC server of ``servicer`` (Keras Tuner's ``OracleServicer``) bound to ``address``, not started.
+
+    gRPC lets several processes listen on one port by default (``SO_REUSEPORT``), which would let a
+    second chief start beside the first and share its workers; here the port is this server's alone.
+
+    Raises:
+        OSError: the address is in use (another chief), or not an address of this host.
+
+    Example:
+        >>> bound_server(OracleServicer(oracle), "127.0.0.1:8000").start()  # doctest: +SKIP
+    """
+    import grpc
+    from keras_tuner.src import protos
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    problem = f"the chief cannot listen on {address} (in use, maybe by another chief, or not an address of this host)"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise OSError(f"{problem}: {error}") from None
+    if not bound:
+        raise OSError(problem)
+    return server
+
+
+class _ReleasingLock:
+    """The oracle as the chief's gRPC servicer calls it: a call that raises releases the oracle's lock.
+
+    ``keras_tuner.synchronized`` releases the lock only when the method returns, so one exception in
+    a worker's call (a report without the objective, a trial id the oracle does not know) would
+    leave every later call, of every worker and of the chief's own loop, waiting forever.
+    """
+
+    def __init__(self, oracle):
+        self._oracle = oracle
+
+    def __getattr__(self, name):
+        method = getattr(self._oracle, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except BaseException:
+                from keras_tuner.src.engine import oracle as kt_oracle
+
+                if kt_oracle.THREADS[self._oracle] == threading.current_thread().name:  # the lock is this call's
+                    kt_oracle.THREADS[self._oracle] = None
+                    kt_oracle.LOCKS[self._oracle].release()
+                raise
+
+        return call
+
+
 def serve(oracle, address: str, *, worker_timeout: float, verbose: int = 1):
     """Serve ``oracle`` to the workers at ``address`` until the search has ended; requeue lost workers' trials.
 
@@ -260,19 +317,10 @@ def serve(oracle, address: str, *, worker_timeout: float, verbose: int = 1):
     Example:
         >>> serve(tuner.oracle, "127.0.0.1:8000", worker_timeout=60)  # doctest: +SKIP
     """
-    import grpc
-    from keras_tuner.src import protos
     from keras_tuner.src.distribute.oracle_chief import OracleServicer
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    servicer = OracleServicer(oracle)
-    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as error:
-        raise OSError(f"the chief cannot listen on {address}: {error}") from None
-    if not bound:
-        raise OSError(f"the chief cannot listen on {address} (in use, or not an address of this host)")
+    servicer = OracleServicer(_ReleasingLock(oracle))
+    server = bound_server(servicer, address)
     server.start()
     if verbose:
         print(f"search chief: serving the oracle on {address}; start workers with role='worker' (cnnkit tune ... "
@@ -285,4 +333,5 @@ def serve(oracle, address: str, *, worker_timeout: float, verbose: int = 1):
         server.stop(grace=1.0).wait()
 
 
-__all__ = ["DEFAULT_ADDRESS", "ROLES", "Heartbeat", "LivenessMixin", "environment", "resolve_role", "serve"]
+__all__ = ["DEFAULT_ADDRESS", "ROLES", "Heartbeat", "LivenessMixin", "bound_server", "environment", "resolve_role",
+           "serve"]

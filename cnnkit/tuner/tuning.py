@@ -70,6 +70,7 @@ from tensorflow.python.framework import ops as tf_ops
 
 import cnnkit
 from cnnkit.recipes.finetune import build_finetune_model, finetune_stage
+from cnnkit.recipes.fitting import lock_run_dir, release_run_dir
 from cnnkit.recipes.optimization import OPTIMIZERS, loss_scaled, make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.recipes.resume import EpochSeeds
@@ -186,12 +187,15 @@ def search(
         directory: the search directory; default ``runs/tune-<space name>``.
         overwrite: start afresh, deleting an earlier search in ``directory``. With ``False`` an
             earlier search with the same settings is resumed. (On the chief only; a worker
-            never deletes.)
+            never deletes.) The chief, or the one process, holds ``directory`` while it runs: a
+            second chief or one-process search there is refused.
         role: ``None`` (one process, or the role Keras Tuner's ``KERASTUNER_*`` environment
             variables give), "chief" (serves the search to workers and records it; trains
             nothing) or "worker" (trains the trials the chief hands out). Chief and workers
             share ``directory`` (the same path on a shared filesystem for several hosts) and
-            every other argument.
+            every other argument: a worker waits for the chief's ``search.yaml`` there and
+            refuses other settings. A search begun as one process is resumed as one process,
+            a distributed one by a chief (a directory of the other kind is refused).
         oracle_address: ``HOST:PORT`` the chief listens on and workers call; default
             ``127.0.0.1:8000`` (this host only). A chief serving other hosts listens on one
             of its addresses (or ``0.0.0.0:PORT``); there is no authentication, so only on a
@@ -252,52 +256,70 @@ def search(
                 "steps_per_execution": steps_per_execution, "seed": seed}
     if groups is not None:
         settings["groups"] = groups
-    _prepare_directory(directory, settings, overwrite=overwrite and role != "worker", max_trials=max_trials,
-                       source=data.source, write=role != "worker")
-    common = {"objective": objective, "dtype": dtype, "seed": seed, "steps_per_execution": steps_per_execution,
-              "verbose": verbose}
-    hypermodel = (_SpaceHyperModel(space, data, **common) if groups is None
-                  else _FinetuneHyperModel(space, data, groups=groups, trust=trust, precision=resolved, **common))
-    tuner_class = _HyperbandTuner if algorithm == "hyperband" else _Tuner
-    with environment(variables):  # Keras Tuner reads its KERASTUNER_* variables throughout the search
-        with contextlib.redirect_stdout(io.StringIO()):  # Keras Tuner's "Reloading Tuner from ..."; we say it below
-            tuner = tuner_class(oracle=oracle, hypermodel=hypermodel, directory=str(directory), project_name=PROJECT,
-                                executions_per_trial=executions_per_trial)
-        tuner.role, tuner.worker_timeout = role, float(worker_timeout)
-        tuner.report = _Reporter(tuner, space, settings, directory, data, data_argument, verbose=verbose,
-                                 total=max_trials, trust=trust)
-        if role == "chief":
-            oracle.distributed, oracle.trial_ended = True, tuner.report.trial_done
+    if role is not None:
+        settings["distributed"] = True  # Keras Tuner resumes a chief's search from other files than one process's
+    with _holding(directory, role):
+        _prepare_directory(directory, settings, overwrite=overwrite and role != "worker", max_trials=max_trials,
+                           source=data.source, write=role != "worker", verbose=verbose)
+        common = {"objective": objective, "dtype": dtype, "seed": seed, "steps_per_execution": steps_per_execution,
+                  "verbose": verbose}
+        hypermodel = (_SpaceHyperModel(space, data, **common) if groups is None
+                      else _FinetuneHyperModel(space, data, groups=groups, trust=trust, precision=resolved, **common))
+        tuner_class = _HyperbandTuner if algorithm == "hyperband" else _Tuner
+        with environment(variables):  # Keras Tuner reads its KERASTUNER_* variables throughout the search
+            with contextlib.redirect_stdout(io.StringIO()):  # Keras Tuner's "Reloading Tuner from ..."; we say it below
+                tuner = tuner_class(oracle=oracle, hypermodel=hypermodel, directory=str(directory), project_name=PROJECT,
+                                    executions_per_trial=executions_per_trial)
+            tuner.role, tuner.worker_timeout = role, float(worker_timeout)
+            tuner.report = _Reporter(tuner, space, settings, directory, data, data_argument, verbose=verbose,
+                                     total=max_trials, trust=trust)
+            if role == "chief":
+                oracle.distributed, oracle.trial_ended = True, tuner.report.trial_done
+            if verbose:
+                done = sum(trial.status != "RUNNING" for trial in tuner.report.trials().values())
+                resumed = f", resuming after {done} finished trials" if done else ""
+                where = f"; {role} {variables['KERASTUNER_TUNER_ID']!r}" if role == "worker" else ""
+                print(f"search {space.name!r}: {algorithm}, {objective}, {epochs} epochs{resumed}; directory {directory}"
+                      f"{where}", flush=True)
+            try:
+                tuner.search(epochs=epochs, callbacks=list(callbacks or []), verbose=0)
+            except kt.errors.FatalError as error:
+                raise SearchError(str(error)) from error
+            except RuntimeError as error:
+                if "consecutive failures" not in str(error):
+                    raise
+                _stopped(tuner, error, max_consecutive_failed_trials, directory)
+            finally:
+                hypermodel.inputs = None
+        if role == "chief" and oracle.stop_reason is not None:
+            _stopped(tuner, oracle.stop_reason, max_consecutive_failed_trials, directory)
+        result = tuner.report.result()
+        if role == "worker":
+            if verbose:
+                print(f"worker {variables['KERASTUNER_TUNER_ID']!r}: the search has ended ({len(result.trials)} trials); "
+                      f"the chief writes its results to {directory}", flush=True)
+            return result
+        result.write()
         if verbose:
-            done = sum(trial.status != "RUNNING" for trial in tuner.report.trials().values())
-            resumed = f", resuming after {done} finished trials" if done else ""
-            where = f"; {role} {variables['KERASTUNER_TUNER_ID']!r}" if role == "worker" else ""
-            print(f"search {space.name!r}: {algorithm}, {objective}, {epochs} epochs{resumed}; directory {directory}"
-                  f"{where}", flush=True)
-        try:
-            tuner.search(epochs=epochs, callbacks=list(callbacks or []), verbose=0)
-        except kt.errors.FatalError as error:
-            raise SearchError(str(error)) from error
-        except RuntimeError as error:
-            if "consecutive failures" not in str(error):
-                raise
-            _stopped(tuner, error, max_consecutive_failed_trials, directory)
-        finally:
-            hypermodel.inputs = None
-    if role == "chief" and oracle.stop_reason is not None:
-        _stopped(tuner, oracle.stop_reason, max_consecutive_failed_trials, directory)
-    result = tuner.report.result()
-    if role == "worker":
-        if verbose:
-            print(f"worker {variables['KERASTUNER_TUNER_ID']!r}: the search has ended ({len(result.trials)} trials); "
-                  f"the chief writes its results to {directory}", flush=True)
+            print(result.table())
+            print(result.sensitivity.table())
+            print("written: " + ", ".join(str(path) for path in result.files.values()))
         return result
-    result.write()
-    if verbose:
-        print(result.table())
-        print(result.sensitivity.table())
-        print("written: " + ", ".join(str(path) for path in result.files.values()))
-    return result
+
+
+@contextlib.contextmanager
+def _holding(directory, role):
+    """Hold the search directory while the block runs, when this process is the chief or the one process (the
+    workers share the chief's): a second chief or one-process search there is refused (``lock_run_dir``)."""
+    if role == "worker":
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(directory, name="search directory")
+    try:
+        yield
+    finally:
+        release_run_dir(directory)
 
 
 def _stopped(tuner, error, max_consecutive_failed_trials, directory):
@@ -362,8 +384,15 @@ def _sample(data):
     return next(iter(data.train.take(_SAMPLE_IMAGES).batch(_SAMPLE_IMAGES).map(lambda images, labels: images))).numpy()
 
 
-def _prepare_directory(directory, settings, *, overwrite, max_trials, source, write=True):
+def _prepare_directory(directory, settings, *, overwrite, max_trials, source, write=True, verbose=1):
+    """Check ``settings`` against the search in ``directory`` (a worker first waits for the chief to record
+    its own), then record them; ``overwrite`` deletes the earlier search instead."""
     path = directory / SETTINGS_FILE
+    if not write and not path.is_file():  # a worker started before its chief
+        if verbose:
+            print(f"worker: waiting for the chief to write {path}", flush=True)
+        while not path.is_file():
+            time.sleep(POLL_SECONDS)
     if overwrite:
         shutil.rmtree(directory / PROJECT, ignore_errors=True)
         for name in _OUTPUTS:
@@ -371,15 +400,24 @@ def _prepare_directory(directory, settings, *, overwrite, max_trials, source, wr
     elif path.is_file():
         earlier = yaml.safe_load(path.read_text(encoding="utf-8")).get("settings", {})
         current = yaml.safe_load(yaml.safe_dump(settings))
-        for key, value in current.items():
-            if earlier.get(key) != value:
-                shown = "the data fingerprint" if key == "data" else f"{key}={earlier.get(key)!r}"
-                raise ValueError(f"{directory} holds a search with {shown}; this call has "
-                                 f"{'other data' if key == 'data' else f'{key}={value!r}'}. Pass overwrite=True "
+        for key in [*current, *(key for key in earlier if key not in current)]:
+            if earlier.get(key) != current.get(key):
+                raise ValueError(f"{directory} holds a search with {_shown(key, earlier.get(key), 'the data fingerprint')}"
+                                 f"; this call has {_shown(key, current.get(key), 'other data')}. Pass overwrite=True "
                                  "to start over, or another directory")
     if write:  # a worker only checks: the chief writes
+        for leftover in directory.glob(".*.tmp"):  # a write a kill cut short (this process holds the directory)
+            leftover.unlink(missing_ok=True)
         record = {"settings": settings, "max_trials": max_trials, "data_source": source, "versions": package_versions()}
         atomic_write_text(path, yaml.safe_dump(record, sort_keys=False))
+
+
+def _shown(key, value, data_text):
+    if key == "data":
+        return data_text
+    if key == "distributed":
+        return "a chief and workers" if value else "one process"
+    return f"{key}={value!r}"
 
 
 # ----------------------------------------------------------------------------- the hypermodel

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import keras_tuner as kt
 import pytest
@@ -150,3 +151,41 @@ def test_failures_in_a_row_stop_every_worker_with_the_workers_messages(tmp_path)
     _finish(oracle, "3")
     assert [oracle.create_trial(tuner_id).status for tuner_id in "bcd"] == ["STOPPED"] * 3
     assert oracle.finished()
+
+
+def test_a_second_chief_cannot_listen_on_the_first_ones_port(free_ports):
+    from keras_tuner.src.distribute.oracle_chief import OracleServicer
+
+    address = f"127.0.0.1:{free_ports(1)[0]}"
+    first = distributed.bound_server(OracleServicer(None), address)
+    first.start()
+    try:
+        with pytest.raises(OSError, match=f"the chief cannot listen on {address} \\(in use, maybe by another chief"):
+            distributed.bound_server(OracleServicer(None), address)
+    finally:
+        first.stop(grace=None).wait()
+
+
+def test_a_call_that_raises_inside_the_oracle_releases_its_lock(tmp_path):
+    oracle = _chief_oracle(tmp_path)
+    served = distributed._ReleasingLock(oracle)  # as the chief's gRPC servicer calls it
+    with pytest.raises(KeyError):
+        served.update_trial("no such trial", {"val_accuracy": 0.5})  # inside keras_tuner.synchronized
+    other = threading.Thread(target=oracle.create_trial, args=("b",))  # another worker's call, another thread
+    other.start()
+    other.join(timeout=10)
+    assert not other.is_alive() and list(oracle.ongoing_trials) == ["b"]
+
+
+def test_a_worker_started_before_its_chief_waits_for_the_settings_and_refuses_others(tmp_path, capsys):
+    from cnnkit.tuner.tuning import SETTINGS_FILE, _prepare_directory
+
+    chief = threading.Timer(0.5, lambda: (tmp_path / SETTINGS_FILE).write_text(
+        "settings: {epochs: 1, seed: 0, distributed: true}\n"))
+    chief.start()
+    with pytest.raises(ValueError, match="holds a search with epochs=1; this call has epochs=3"):
+        _prepare_directory(tmp_path, {"epochs": 3, "seed": 0, "distributed": True}, overwrite=False, max_trials=4,
+                           source="x", write=False)
+    chief.join()
+    assert f"worker: waiting for the chief to write {tmp_path / SETTINGS_FILE}" in capsys.readouterr().out
+    assert sorted(path.name for path in tmp_path.iterdir()) == [SETTINGS_FILE]  # a worker writes nothing

@@ -52,3 +52,35 @@ def test_retrain_uses_training_and_validation(tmp_path, tiny_space):
     run = result.retrain(run_dir=tmp_path / "retrained", verbose=0)
     assert run.config["data"]["class_counts"]["train"] == [20, 20]  # 30 training + 10 validation images
     assert run.metrics["num_examples"] == 20 and "best_val_accuracy" not in run.metrics
+
+
+def test_a_search_directory_is_held_and_a_search_of_the_other_kind_is_refused(tiny_data, tiny_space, tmp_path,
+                                                                               counter, monkeypatch):
+    import fcntl
+    import os
+
+    def never_serve(*args, **kwargs):
+        raise AssertionError("the chief served a directory it should have refused")
+
+    monkeypatch.setattr(cnnkit.tuner.tuning, "serve", never_serve)
+    (tmp_path / "search").mkdir()
+    other = os.open(tmp_path / "search", os.O_RDONLY)  # another process's search there: flock conflicts as across processes
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(RuntimeError, match=f"search directory {tmp_path / 'search'} is in use by another process"):
+        search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", **FAST)
+    assert list((tmp_path / "search").iterdir()) == []
+    os.close(other)
+
+    search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", callbacks=[counter()], **FAST)
+    (tmp_path / "search" / ".trials.csv.x1y2.tmp").write_text("a write a kill cut short")
+    search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", callbacks=[counter()], **FAST)
+    assert counter.calls == 1 and not list((tmp_path / "search").glob(".*.tmp"))  # resumed; the leftover removed
+    # Keras Tuner resumes a chief's search from other files than one process's: a switch would start over.
+    with pytest.raises(ValueError, match="holds a search with one process; this call has a chief and workers"):
+        search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", role="chief",
+               **FAST)
+    settings = tmp_path / "search" / "search.yaml"
+    settings.write_text(settings.read_text().replace("  seed: 0\n", "  seed: 0\n  distributed: true\n"))
+    with pytest.raises(ValueError, match="holds a search with a chief and workers; this call has one process"):
+        search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", **FAST)
+    assert counter.calls == 1
