@@ -722,6 +722,10 @@ class _Tuner(kt.Tuner):
             return super().search(*fit_args, **fit_kwargs)
         self.oracle.verbose = 0  # Keras Tuner's own display; the reporter prints a line per trial
         self.save()
+        trials = self.oracle.trials.values()
+        if self.oracle.budget is not None and all(trial.status not in ("RUNNING", "IDLE") for trial in trials) \
+                and sum(not _rejected(trial) for trial in trials) >= self.oracle.budget:
+            return  # the same search called again once finished: nothing to hand out, no worker to wait for
         host, port = os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"]
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         serve(self.oracle, address, worker_timeout=self.worker_timeout, verbose=self.hypermodel.verbose)
