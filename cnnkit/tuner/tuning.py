@@ -609,6 +609,14 @@ class _Oracle(LivenessMixin, kt.Oracle):
             self.stop_reason = error
             return self._create_trial(tuner_id, self._create)
 
+    def reload(self):
+        """Reload; a trial whose ``trial.json`` was written but not yet the oracle's state (a kill in between) is
+        dropped: the oracle's own state (its random state, Hyperband's brackets) never moved on, so it proposes
+        the same trial again under the same id. Otherwise it would stay RUNNING for good."""
+        super().reload()
+        for trial_id in [trial_id for trial_id in self.trials if trial_id not in self.start_order]:
+            del self.trials[trial_id]
+
     @kt.synchronized
     def get_trial(self, trial_id):
         if self.distributed:
