@@ -34,6 +34,7 @@ import io
 import math
 import numbers
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -141,12 +142,14 @@ def _searchable(model):
     """
     import keras
 
-    if _conv_layers_of(model) or not any(isinstance(layer, keras.Model) and _holds_conv(layer)
-                                         for layer in model.layers):
+    if model in _opened:
+        return _opened[model]
+    if not _is_functional(model) or _conv_layers_of(model) or not any(
+            _is_functional(layer) and _holds_conv(layer) for layer in model.layers):
         return model
 
     def inline(layer, *args, **kwargs):
-        if isinstance(layer, keras.Model):
+        if _is_functional(layer):
             return _call_layers(layer, args[0]).outputs[0]
         return layer(*args, **kwargs)
 
@@ -156,13 +159,23 @@ def _searchable(model):
                                         call_function=inline)
 
     source = model.inputs[0]
-    return _call_layers(model, keras.Input(batch_shape=source.shape, dtype=source.dtype, name=source.name))
+    _opened[model] = _call_layers(model, keras.Input(batch_shape=source.shape, dtype=source.dtype, name=source.name))
+    return _opened[model]
+
+
+_opened = weakref.WeakKeyDictionary()  # model -> its opened copy, made once (each copy adds a call to every layer)
+
+
+def _is_functional(model) -> bool:
+    """A functional model of one input (what ``clone_model`` can re-call layer by layer; not a Sequential)."""
+    import keras
+
+    return (isinstance(model, keras.Model) and not isinstance(model, keras.Sequential)
+            and hasattr(model, "_nodes_by_depth") and len(model.inputs) == 1)
 
 
 def _holds_conv(model) -> bool:
-    import keras
-
-    return any(_is_conv(layer) or isinstance(layer, keras.Model) and _holds_conv(layer) for layer in model.layers)
+    return any(_is_conv(layer) or _is_functional(layer) and _holds_conv(layer) for layer in model.layers)
 
 
 def _first_conv(model):
@@ -248,7 +261,7 @@ def _resolve_layers(model, layers, *, default):
         chosen = default(_conv_layers_of(model))
         if not chosen:
             raise ValueError(f"The model {model.name!r} has no convolution with a spatial output at its own level (a "
-                             "nested backbone that ends in flat features is not searched). Received: a "
+                             "nested Sequential or several-input model is not opened). Received: a "
                              f"model with layers {[layer.name for layer in model.layers]}")
     else:
         chosen = [_layer(model, layer) for layer in ([layers] if isinstance(layers, str) else layers)]

@@ -8,7 +8,8 @@ from cnnkit.models.backbones import build_backbone, get_backbone
 @pytest.fixture(scope="session")
 def untrained_backbone():
     """``untrained_backbone(name)``: the registered backbone, untrained, at its smallest input, built once per
-    test process (building is the slow part: seconds for the larger ones). Tests only read it.
+    test process (building is the slow part: seconds for the larger ones). Tests only read it (one that sets
+    weights puts them back).
 
     Example:
         >>> def test_x(untrained_backbone):  # doctest: +SKIP

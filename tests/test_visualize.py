@@ -236,6 +236,15 @@ def test_a_nested_backbone_ending_in_flat_features_is_opened(net, mnist):
         np.testing.assert_allclose(maps, visualize.feature_maps(net, images[0])[name], atol=1e-6)
     assert [layer.name for layer in nested.layers] == ["image", "backbone", *[layer.name for layer in net.layers[
         net.layers.index(net.get_layer("fc1_act")) + 1:]]]  # the model itself is left as it was
+    calls = len(net.get_layer("conv1")._inbound_nodes)
+    visualize.grad_cam(nested, images[:1])
+    assert len(net.get_layer("conv1")._inbound_nodes) == calls  # opened once: no call added to its layers again
+    # A Sequential backbone cannot be re-called layer by layer: the clear refusal, as before.
+    sequential = keras.Sequential([keras.Input((10, 10, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten()])
+    inputs = keras.Input((10, 10, 1))
+    outer = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(sequential(inputs)))
+    with pytest.raises(ValueError, match="has no convolution with a spatial output at its own level"):
+        visualize.grad_cam(outer, np.zeros((10, 10)))
 
 
 def test_a_sequential_model_with_augmentation_and_batch_norm():

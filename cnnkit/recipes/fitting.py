@@ -321,12 +321,16 @@ def _empty(folder: Path) -> None:
 _locks: dict[Path, int] = {}
 
 
-def lock_run_dir(run_dir, *, name: str = "run directory") -> None:
+def lock_run_dir(run_dir, *, name: str = "run directory") -> bool:
     """Hold an exclusive lock on ``run_dir`` for this process, until :func:`release_run_dir` or exit.
 
     An advisory ``flock`` on the directory itself (no lock file is left behind, and the operating
     system drops it when the process dies); taking it again in the same process is a no-op. Where
     ``fcntl`` is missing (Windows) nothing is locked.
+
+    Returns:
+        Whether this call took the lock (``False``: this process held it already, or no ``fcntl``),
+        so that a caller nested in another's hold leaves the release to it.
 
     Raises:
         RuntimeError: Another process holds the lock: it is training or finishing a run there (a
@@ -337,7 +341,7 @@ def lock_run_dir(run_dir, *, name: str = "run directory") -> None:
     """
     path = Path(run_dir).resolve()
     if fcntl is None or path in _locks:
-        return
+        return False
     descriptor = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -346,6 +350,7 @@ def lock_run_dir(run_dir, *, name: str = "run directory") -> None:
         raise RuntimeError(f"{name} {run_dir} is in use by another process (training or finishing there); wait for "
                            "it to end, or give another directory") from None
     _locks[path] = descriptor
+    return True
 
 
 def release_run_dir(run_dir) -> None:

@@ -102,6 +102,8 @@ _SCORED_ON = {"val_loss": "val_cross_entropy"}
 
 PROJECT = "keras_tuner"
 SETTINGS_FILE = "search.yaml"
+WORKER_WAIT_SECONDS = 3600.0
+"""How long a worker started before its chief waits for the chief's ``search.yaml`` (Keras Tuner's client waits as long)."""
 MAX_INVALID_IN_A_ROW = 100
 """The search stops when this many proposed networks in a row do not fit the input."""
 
@@ -315,11 +317,12 @@ def _holding(directory, role):
         yield
         return
     directory.mkdir(parents=True, exist_ok=True)
-    lock_run_dir(directory, name="search directory")
+    taken = lock_run_dir(directory, name="search directory")
     try:
         yield
     finally:
-        release_run_dir(directory)
+        if taken:  # else an outer call of this process holds it
+            release_run_dir(directory)
 
 
 def _stopped(tuner, error, max_consecutive_failed_trials, directory):
@@ -391,7 +394,11 @@ def _prepare_directory(directory, settings, *, overwrite, max_trials, source, wr
     if not write and not path.is_file():  # a worker started before its chief
         if verbose:
             print(f"worker: waiting for the chief to write {path}", flush=True)
+        deadline = time.monotonic() + WORKER_WAIT_SECONDS
         while not path.is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no chief wrote {path} in {WORKER_WAIT_SECONDS:g} s: start the chief with the same "
+                                   "directory (a path every worker reaches), or check that it started")
             time.sleep(POLL_SECONDS)
     if overwrite:
         shutil.rmtree(directory / PROJECT, ignore_errors=True)
@@ -399,6 +406,8 @@ def _prepare_directory(directory, settings, *, overwrite, max_trials, source, wr
             (directory / name).unlink(missing_ok=True)
     elif path.is_file():
         earlier = yaml.safe_load(path.read_text(encoding="utf-8")).get("settings", {})
+        if "distributed" not in earlier and (directory / PROJECT / "chief.json").is_file():
+            earlier["distributed"] = True  # a chief's search of an earlier cnnkit, which did not record it
         current = yaml.safe_load(yaml.safe_dump(settings))
         for key in [*current, *(key for key in earlier if key not in current)]:
             if earlier.get(key) != current.get(key):
@@ -406,8 +415,8 @@ def _prepare_directory(directory, settings, *, overwrite, max_trials, source, wr
                                  f"; this call has {_shown(key, current.get(key), 'other data')}. Pass overwrite=True "
                                  "to start over, or another directory")
     if write:  # a worker only checks: the chief writes
-        for leftover in directory.glob(".*.tmp"):  # a write a kill cut short (this process holds the directory)
-            leftover.unlink(missing_ok=True)
+        for leftover in [*directory.glob(".*.tmp"), *(directory / PROJECT).glob(".*.tmp")]:
+            leftover.unlink(missing_ok=True)  # writes a kill cut short, of files only this process writes
         record = {"settings": settings, "max_trials": max_trials, "data_source": source, "versions": package_versions()}
         atomic_write_text(path, yaml.safe_dump(record, sort_keys=False))
 
@@ -610,12 +619,19 @@ class _Oracle(LivenessMixin, kt.Oracle):
             return self._create_trial(tuner_id, self._create)
 
     def reload(self):
-        """Reload; a trial whose ``trial.json`` was written but not yet the oracle's state (a kill in between) is
-        dropped: the oracle's own state (its random state, Hyperband's brackets) never moved on, so it proposes
-        the same trial again under the same id. Otherwise it would stay RUNNING for good."""
+        """Reload, mending what Keras Tuner's order of writes leaves after a kill or at the end of a search.
+
+        A trial whose ``trial.json`` was written but not yet the oracle's state is dropped: the
+        oracle's own state (its random state, Hyperband's brackets) never moved on, so it proposes
+        the same trial again under the same id (it would stay RUNNING for good). A trial that had
+        ended is not run again: Keras Tuner saves the oracle's state before it takes an ended trial
+        off the running ones, so the last trial of a search reloads as interrupted (a chief's worker
+        would then train it over and over, its reports dropped as late duplicates).
+        """
         super().reload()
         for trial_id in [trial_id for trial_id in self.trials if trial_id not in self.start_order]:
             del self.trials[trial_id]
+        self._retry_queue = [trial_id for trial_id in self._retry_queue if trial_id not in self.end_order]
 
     @kt.synchronized
     def get_trial(self, trial_id):
@@ -682,8 +698,8 @@ class _GridOracle(_Oracle, kt.oracles.GridSearchOracle):
 
         Every trial is queued: proposing skips one whose next combination is already a trial, so
         the search goes on with the first combination not tried. An interrupted trial runs again
-        (Keras Tuner's retry queue), also one whose ``trial.json`` was written but not yet the
-        oracle's state.
+        (Keras Tuner's retry queue); one whose ``trial.json`` was written but not yet the oracle's
+        state was dropped (:meth:`_Oracle.reload`) and is proposed again.
         """
         super().reload()
         order = functools.cmp_to_key(lambda a, b: self._compare(a.hyperparameters.values, b.hyperparameters.values))

@@ -189,3 +189,26 @@ def test_a_worker_started_before_its_chief_waits_for_the_settings_and_refuses_ot
     chief.join()
     assert f"worker: waiting for the chief to write {tmp_path / SETTINGS_FILE}" in capsys.readouterr().out
     assert sorted(path.name for path in tmp_path.iterdir()) == [SETTINGS_FILE]  # a worker writes nothing
+
+
+def test_a_worker_gives_up_waiting_for_its_chief_with_the_path_named(tmp_path, monkeypatch):
+    from cnnkit.tuner import tuning
+
+    monkeypatch.setattr(tuning, "WORKER_WAIT_SECONDS", 0.3)
+    with pytest.raises(TimeoutError, match=f"no chief wrote {tmp_path / 'search.yaml'} in 0.3 s: start the chief"):
+        tuning._prepare_directory(tmp_path, {"epochs": 1}, overwrite=False, max_trials=4, source="x", write=False,
+                                  verbose=0)
+
+
+def test_a_chiefs_search_of_an_earlier_cnnkit_is_known_by_its_keras_tuner_files(tmp_path):
+    from cnnkit.tuner.tuning import SETTINGS_FILE, _prepare_directory
+
+    (tmp_path / SETTINGS_FILE).write_text("settings: {epochs: 1}\n")  # written before `distributed` was recorded
+    (tmp_path / "keras_tuner").mkdir()
+    (tmp_path / "keras_tuner" / "chief.json").write_text("{}")
+    for write in (False, True):  # a worker, then the chief
+        _prepare_directory(tmp_path, {"epochs": 1, "distributed": True}, overwrite=False, max_trials=4, source="x",
+                           write=write, verbose=0)
+    (tmp_path / SETTINGS_FILE).write_text("settings: {epochs: 1}\n")
+    with pytest.raises(ValueError, match="holds a search with a chief and workers; this call has one process"):
+        _prepare_directory(tmp_path, {"epochs": 1}, overwrite=False, max_trials=4, source="x", verbose=0)

@@ -213,11 +213,14 @@ def test_the_keras_cache_file_format_loads(untrained_backbone, tmp_path):
 def test_a_weights_file_computes_what_the_imagenet_download_would(name, untrained_backbone, tmp_path, monkeypatch):
     source = untrained_backbone(name)
     normalization = [layer for layer in source.layers if isinstance(layer, keras.layers.Normalization)]
+    shared = [layer.get_weights() for layer in normalization]  # the shared build's: put back below
     for layer in normalization:  # the statistics Keras's EfficientNet files hold
         layer.set_weights([np.array([0.485, 0.456, 0.406], "float32"), np.array([0.229, 0.224, 0.225], "float32"),
                            np.array(0)])
     path = tmp_path / f"{name}.weights.h5"
     source.save_weights(path)
+    for layer, weights in zip(normalization, shared, strict=True):
+        layer.set_weights(weights)
     # Keras's imagenet path, with the "download" answered by the local file.
     monkeypatch.setattr(file_utils, "get_file", lambda *args, **kwargs: str(path))
     reference = _constructor(name)(include_top=False, weights="imagenet", input_shape=_min_shape(name))

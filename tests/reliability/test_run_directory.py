@@ -250,6 +250,10 @@ def test_a_transfer_that_fails_leaves_its_folder_unlocked_and_keeps_what_trained
                                 finetune={"stages": bad_stage}, run_dir=tmp_path / "transfer", verbose=0)
     assert cnnkit.load(tmp_path / "transfer" / "pretrain").metrics["epochs_run"] == 1  # kept, to reuse
     _assert_unlocked(tmp_path / "transfer")
+    with pytest.raises(ValueError, match="optimizer"):  # refused before anything trained: no folder left
+        cnnkit.recipes.transfer("4C3-MP2-FC16", sample, source_classes=[0, 1], target_classes=[7, 8],
+                                pretrain={"optimizer": "no_such_optimizer"}, run_dir=tmp_path / "nothing", verbose=0)
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_a_run_directory_in_use_by_another_process_is_refused_and_released_after(digits, tmp_path):
@@ -307,3 +311,14 @@ def test_damaged_backup_records_are_refused_naming_the_file(tmp_path):
     (tmp_path / "config.yaml").write_text("- a list\n")
     with pytest.raises(ValueError, match="config.yaml' must hold a mapping"):
         fitting.finished_run(tmp_path, "x", key="k")
+
+
+def test_a_nested_hold_of_a_directory_leaves_the_release_to_the_outer_one(tmp_path):
+    from cnnkit.recipes.fitting import lock_run_dir, release_run_dir
+
+    assert lock_run_dir(tmp_path) is True
+    assert lock_run_dir(tmp_path) is False  # held already by this process: the caller must not release it
+    with pytest.raises(BlockingIOError):
+        _assert_unlocked(tmp_path)
+    release_run_dir(tmp_path)
+    _assert_unlocked(tmp_path)

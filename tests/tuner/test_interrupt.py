@@ -116,29 +116,45 @@ def test_sigkill_mid_trial_of_a_grid_search_then_the_same_command_trains_the_res
     assert _trials(tmp_path / "search") == after and int((tmp_path / "trainings").read_text()) == 5
 
 
-def test_a_kill_between_a_new_trials_file_and_the_oracles_state_proposes_that_trial_again(tmp_path):
+def _oracle(tmp_path):
+    """A random-search oracle over 12 combinations, its state in ``tmp_path`` (reloaded from there if it is)."""
     import keras_tuner as kt
 
     from cnnkit.tuner.tuning import _make_oracle
 
-    def oracle():
-        made = _make_oracle("random", objective="val_accuracy", max_trials=4, epochs=1, factor=3,
-                            hyperband_iterations=1, seed=0, max_consecutive_failed_trials=3)
-        made._set_project_dir(str(tmp_path), "keras_tuner")
-        return made
+    oracle = _make_oracle("random", objective="val_accuracy", max_trials=4, epochs=1, factor=3, hyperband_iterations=1,
+                          seed=0, max_consecutive_failed_trials=3)
+    oracle._set_project_dir(str(tmp_path), "keras_tuner")
+    if (tmp_path / "keras_tuner" / "oracle.json").exists():
+        oracle.reload()
+    else:
+        space = kt.HyperParameters()
+        space.Choice("f", [2, 4, 8, 16])
+        space.Choice("units", [4, 8, 16])
+        oracle.update_space(space)
+    return oracle
 
-    first = oracle()
-    space = kt.HyperParameters()
-    space.Choice("f", [2, 4, 8, 16])
-    space.Choice("units", [4, 8, 16])
-    first.update_space(space)
+
+def test_a_kill_between_a_new_trials_file_and_the_oracles_state_proposes_that_trial_again(tmp_path):
+    first = _oracle(tmp_path)
     first.create_trial("tuner0")
     state = (tmp_path / "keras_tuner" / "oracle.json").read_text()
     orphan = first.create_trial("tuner1")  # its trial.json written ...
     (tmp_path / "keras_tuner" / "oracle.json").write_text(state)  # ... and killed before the oracle's state
-    resumed = oracle()
-    resumed.reload()
+    resumed = _oracle(tmp_path)
     assert sorted(resumed.trials) == ["0"] and resumed._retry_queue == ["0"]
     assert resumed.create_trial("tuner0").trial_id == "0"  # the interrupted trial first
     again = resumed.create_trial("tuner1")
     assert again.trial_id == orphan.trial_id == "1" and again.hyperparameters.values == orphan.hyperparameters.values
+
+
+def test_an_ended_trial_is_not_run_again_after_a_reload(tmp_path):
+    import keras_tuner as kt
+
+    first = _oracle(tmp_path)
+    trial = first.create_trial("tuner0")
+    first.update_trial(trial.trial_id, {"val_accuracy": 0.5})
+    first.end_trial(kt.engine.trial.Trial(trial.hyperparameters, trial_id=trial.trial_id, status="COMPLETED"))
+    resumed = _oracle(tmp_path)  # Keras Tuner saved its state with the ended trial still running
+    assert resumed._retry_queue == [] and resumed.trials["0"].status == "COMPLETED"
+    assert resumed.create_trial("tuner0").trial_id == "1"
