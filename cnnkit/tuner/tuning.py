@@ -595,6 +595,14 @@ class _FinetuneHyperModel(_SpaceHyperModel):
 # ----------------------------------------------------------------------------- oracle and tuner
 
 
+def _all_trained(trials, budget) -> bool:
+    """Whether a search has trained all of its ``budget`` (``max_trials``) trials, the planner's rejects not
+    counted, and none is running; ``False`` without a budget (Hyperband's brackets decide when it ends)."""
+    trials = list(trials)
+    return budget is not None and all(trial.status not in ("RUNNING", "IDLE") for trial in trials) and sum(
+        not _rejected(trial) for trial in trials) >= budget
+
+
 def _rejected(trial) -> bool:
     """Whether the planner rejected this trial's network (then it stays INVALID and is not counted)."""
     return trial.status == "INVALID" and (trial.message or "").startswith(INVALID_PREFIX)
@@ -742,13 +750,13 @@ class _Tuner(kt.Tuner):
     _heartbeat = None
 
     def search(self, *fit_args, **fit_kwargs):
+        if self.role == "worker" and _all_trained(self.report.trials().values(), self.report.total):
+            return  # the chief's search is over (the chief, called again, returns at once): nothing to ask for
         if self.role != "chief":
             return super().search(*fit_args, **fit_kwargs)
         self.oracle.verbose = 0  # Keras Tuner's own display; the reporter prints a line per trial
         self.save()
-        trials = self.oracle.trials.values()
-        if self.oracle.budget is not None and all(trial.status not in ("RUNNING", "IDLE") for trial in trials) \
-                and sum(not _rejected(trial) for trial in trials) >= self.oracle.budget:
+        if _all_trained(self.oracle.trials.values(), self.oracle.budget):
             return  # the same search called again once finished: nothing to hand out, no worker to wait for
         host, port = os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"]
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -61,8 +61,10 @@ def test_a_search_directory_is_held_and_a_search_of_the_other_kind_is_refused(ti
     import fcntl
     import os
 
+    import keras_tuner as kt
+
     def never_serve(*args, **kwargs):
-        raise AssertionError("the chief served where it had nothing to serve")
+        raise AssertionError("the search went on where nothing was left to do")
 
     monkeypatch.setattr(cnnkit.tuner.tuning, "serve", never_serve)
     (tmp_path / "search").mkdir()
@@ -89,3 +91,8 @@ def test_a_search_directory_is_held_and_a_search_of_the_other_kind_is_refused(ti
     shutil.copy(tmp_path / "search" / "keras_tuner" / "tuner0.json", tmp_path / "search" / "keras_tuner" / "chief.json")
     again = search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", role="chief", **FAST)
     assert counter.calls == 1 and [trial.status for trial in again.trials] == ["COMPLETED"]
+    # A worker given the same command asks no chief (none serves: Keras Tuner's client would wait an hour).
+    monkeypatch.setattr(kt.engine.base_tuner.BaseTuner, "search", never_serve)
+    worker = search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", role="worker",
+                    worker_id="w1", **FAST)
+    assert [(trial.trial_id, trial.status) for trial in worker.trials] == [("0", "COMPLETED")]
