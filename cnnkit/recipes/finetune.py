@@ -37,6 +37,7 @@ from cnnkit.recipes.fitting import (
     fit_stages,
     prepare_run_dir,
     recorded_arguments,
+    released_on_failure,
     run_config,
     run_key,
 )
@@ -205,22 +206,23 @@ def finetune(
     run_dir = prepare_run_dir(run_dir, label, key=key, overwrite=overwrite)
     if verbose:
         print(data.summary())
-    history, fit_seconds, stage_records = fit_stages(
-        model, fit_plan, validation=shard(recipe.validation_pipeline()), run_dir=run_dir, seed=seed, loss=recipe.loss,
-        steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
-        seeded=recipe.augmentation.layers if recipe.augmentation else (), precision=precision,
-        verbose=verbose,
-    )
-    # A plain optimiser for the saved model: the discriminative-rate wrapper is not serializable.
-    plain = make_optimizer(optimizer, learning_rate=learning_rate, steps_per_epoch=1, epochs=1)
-    model.compile(optimizer=plain, loss=recipe.loss, metrics=["accuracy"])
-    plain.build(model.trainable_variables)  # so a reloaded model's optimizer matches the saved one
-    config = run_config("finetune", arguments, data, key=key, seed=seed, backbone=source, precision=precision,
-                        **recipe.config(), wei_case=plan["case"] if plan else None, groups=group_names,
-                        stages=[{**spec, **record} for spec, record in zip(stage_specs, stage_records)],
-                        distribution=describe())
-    return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
-                      verbose=verbose, report=report)
+    with released_on_failure(run_dir):
+        history, fit_seconds, stage_records = fit_stages(
+            model, fit_plan, validation=shard(recipe.validation_pipeline()), run_dir=run_dir, seed=seed, loss=recipe.loss,
+            steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
+            seeded=recipe.augmentation.layers if recipe.augmentation else (), precision=precision,
+            verbose=verbose,
+        )
+        # A plain optimiser for the saved model: the discriminative-rate wrapper is not serializable.
+        plain = make_optimizer(optimizer, learning_rate=learning_rate, steps_per_epoch=1, epochs=1)
+        model.compile(optimizer=plain, loss=recipe.loss, metrics=["accuracy"])
+        plain.build(model.trainable_variables)  # so a reloaded model's optimizer matches the saved one
+        config = run_config("finetune", arguments, data, key=key, seed=seed, backbone=source, precision=precision,
+                            **recipe.config(), wei_case=plan["case"] if plan else None, groups=group_names,
+                            stages=[{**spec, **record} for spec, record in zip(stage_specs, stage_records)],
+                            distribution=describe())
+        return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
+                          verbose=verbose, report=report)
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -137,17 +138,6 @@ def fit_stages(model, stages, *, validation, run_dir, seed, loss="sparse_categor
         >>> records
         [{'name': 'head', 'epochs_run': 2}, {'name': 'top', 'epochs_run': 3}]
     """
-    try:
-        return _fit_all(model, stages, validation=validation, run_dir=run_dir, seed=seed, loss=loss,
-                        steps_per_execution=steps_per_execution, early_stopping=early_stopping,
-                        callbacks=callbacks, seeded=seeded, precision=precision, verbose=verbose)
-    except BaseException:
-        remove_if_failed_start(run_dir)
-        raise
-
-
-def _fit_all(model, stages, *, validation, run_dir, seed, loss, steps_per_execution, early_stopping, callbacks,
-             seeded, precision, verbose):
     history, records, fit_seconds, epoch = {}, [], 0.0, 0
     backup = Path(run_dir) / "backup"
     for index, stage in enumerate(stages, 1):
@@ -411,6 +401,22 @@ def run_key(arguments: dict, data, *, files: dict | None = None) -> str:
     plain = {key: value for key, value in arguments.items() if key not in ("run_dir", "verbose", "overwrite", "callbacks", "report")}
     text = json.dumps([plain, data.fingerprint, *([files] if files else [])], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def released_on_failure(run_dir):
+    """On an exception in the block, :func:`remove_if_failed_start` (release the lock; drop a folder
+    that got nowhere), then re-raise: wraps a recipe from its fit to its finished run directory.
+
+    Example:
+        >>> with released_on_failure(run_dir):  # doctest: +SKIP
+        ...     history, seconds, records = fit_stages(model, stages, validation=val, run_dir=run_dir, seed=0)
+    """
+    try:
+        yield
+    except BaseException:
+        remove_if_failed_start(run_dir)
+        raise
 
 
 def remove_if_failed_start(run_dir) -> None:

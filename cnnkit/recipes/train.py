@@ -24,6 +24,7 @@ from cnnkit.recipes.fitting import (
     fit_stages,
     prepare_run_dir,
     recorded_arguments,
+    released_on_failure,
     run_config,
     run_key,
 )
@@ -187,23 +188,24 @@ def train(
     run_dir = prepare_run_dir(run_dir, label, key=key, overwrite=overwrite)  # args checked
     if verbose:
         print(data.summary())
-    history, fit_seconds, stage_records = fit_stages(
-        model, stages, validation=shard(recipe.validation_pipeline()), run_dir=run_dir, seed=seed, loss=recipe.loss,
-        steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
-        seeded=recipe.augmentation.layers if recipe.augmentation else (), precision=precision,
-        verbose=verbose,
-    )
-    if precise_bn:
-        images = training_subsample(data, precise_bn, seed)
-        layers = recalibrate_batch_norm(model, images, batch_size=batch_size)
-        if verbose:
-            print(f"precise_bn: re-estimated the statistics of {layers} batch-norm layer(s) on "
-                  f"{len(images)} clean training images")
-    config = run_config("train", arguments, data, key=key, seed=seed,
-                        arch=label if isinstance(arch, str) else f"<keras.Model {arch.name}>",
-                        precision=precision, **recipe.config(), stages=stage_records, distribution=describe())
-    return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
-                      verbose=verbose, report=report)
+    with released_on_failure(run_dir):  # precise_bn or writing the run may fail after the fit
+        history, fit_seconds, stage_records = fit_stages(
+            model, stages, validation=shard(recipe.validation_pipeline()), run_dir=run_dir, seed=seed, loss=recipe.loss,
+            steps_per_execution=steps_per_execution, early_stopping=early_stopping, callbacks=callbacks or (),
+            seeded=recipe.augmentation.layers if recipe.augmentation else (), precision=precision,
+            verbose=verbose,
+        )
+        if precise_bn:
+            images = training_subsample(data, precise_bn, seed)
+            layers = recalibrate_batch_norm(model, images, batch_size=batch_size)
+            if verbose:
+                print(f"precise_bn: re-estimated the statistics of {layers} batch-norm layer(s) on "
+                      f"{len(images)} clean training images")
+        config = run_config("train", arguments, data, key=key, seed=seed,
+                            arch=label if isinstance(arch, str) else f"<keras.Model {arch.name}>",
+                            precision=precision, **recipe.config(), stages=stage_records, distribution=describe())
+        return finish_run(model, data, history=history, fit_seconds=fit_seconds, config=config, run_dir=run_dir,
+                          verbose=verbose, report=report)
 
 
 def _make_model(arch, data, dtype, model_options, preprocessing):

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -266,6 +267,24 @@ def test_a_run_directory_in_use_by_another_process_is_refused_and_released_after
     os.close(other)
     _train(digits, tmp_path / "run", epochs=1, report=False)
     _assert_unlocked(tmp_path / "run")  # a finished run leaves the directory unlocked
+
+
+def test_a_run_that_fails_after_its_fit_leaves_its_folder_unlocked_and_resumes(digits, tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise MemoryError("no room for the statistics")
+
+    def train():
+        return cnnkit.recipes.train("4C3-BN-MP2-FC16", digits, epochs=1, precise_bn=64, run_dir=tmp_path / "run",
+                                    report=False, verbose=0)
+
+    monkeypatch.setattr(sys.modules["cnnkit.recipes.train"], "recalibrate_batch_norm", failing)
+    with pytest.raises(MemoryError, match="no room"):
+        train()
+    _assert_unlocked(tmp_path / "run")  # another process may take it over at once
+    assert (tmp_path / "run" / "backup").is_dir() and not (tmp_path / "run" / "metrics.json").exists()
+    monkeypatch.undo()
+    run = train()
+    assert run.metrics["epochs_run"] == 1 and verify_manifest(tmp_path / "run") == []
 
 
 def _assert_unlocked(folder):
