@@ -523,12 +523,12 @@ def main(argv=None) -> int:
     import yaml
 
     from cnnkit.config import ConfigError
-    from cnnkit.runs import TrainingDiverged
+    from cnnkit.runs import DirectoryInUse, TrainingDiverged
     from cnnkit.spec import SpecError
 
     try:
         return args.handler(args)
-    except (SpecError, ConfigError, ValueError, OSError, yaml.YAMLError) as error:  # OSError: "strerror: file"
+    except (SpecError, ConfigError, ValueError, OSError, yaml.YAMLError, DirectoryInUse) as error:  # OSError: "strerror: file"
         if os.environ.get("CNNKIT_DEBUG", "").strip() not in ("", "0"):
             raise
         print(f"{PROG}: error: {_error_message(error)}", file=sys.stderr)

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from cnnkit.runs import atomic_write_text
+from cnnkit.runs import MANIFEST_FILE, atomic_write_text, holding_run_dir
 
 __all__ = ["REPORT_FILE", "Finding", "diagnose", "member_agreement", "render_report", "write_report",
            "write_search_report"]
@@ -720,7 +721,10 @@ def write_report(path, *, model=None, data=None, out=None, strict: bool = False,
     try:
         target = Path(out) if out is not None else (
             Path(path) / REPORT_FILE if Path(path).is_dir() else Path(path).with_suffix(".html"))
-        return atomic_write_text(target, render_report(path, model=model, data=data, **options))
+        page = render_report(path, model=model, data=data, **options)
+        # held while it is written: its manifest.json entry is read, changed and written again
+        with holding_run_dir(target.parent) if (target.parent / MANIFEST_FILE).is_file() else contextlib.nullcontext():
+            return atomic_write_text(target, page)
     except Exception as error:
         if strict:
             raise

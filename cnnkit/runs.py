@@ -40,6 +40,11 @@ import warnings
 import zipfile
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are not locked
+    fcntl = None
+
 import numpy as np
 import yaml
 
@@ -95,8 +100,12 @@ def _default_file_mode() -> int:
     return 0o644
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Best-effort fsync of a directory so the rename itself is durable (POSIX only)."""
+def fsync_dir(directory: Path) -> None:
+    """Best-effort fsync of a directory so that a rename into it is durable (POSIX only).
+
+    Example:
+        >>> os.replace("runs/x/backup", "runs/x/.backup-discarded"); fsync_dir(Path("runs/x"))  # doctest: +SKIP
+    """
     if os.name != "posix":
         return
     try:
@@ -148,7 +157,7 @@ def _temp_beside(path: Path, suffix: str = ".tmp"):
         if isinstance(err, OSError) and err.errno is not None and str(err.filename) == str(tmp_path):
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if manifest_files is not None:  # in place: the manifest forgets the file's previous content
         manifest_files[path.name].pop("previous_sha256", None)
         _write_manifest_files(path.parent, manifest_files)
@@ -358,6 +367,16 @@ def _shape_matches(shape, expected) -> bool:
 
 def _fmt_shape(shape) -> str:
     return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+class DirectoryInUse(RuntimeError):
+    """Another process holds the run (or search) directory (:func:`lock_run_dir`); the message names it.
+
+    ``cnnkit`` prints it as one line and exits with status 2.
+
+    Example:
+        >>> raise DirectoryInUse("run directory runs/x is in use by another process")  # doctest: +SKIP
+    """
 
 
 class TrainingDiverged(RuntimeError):
@@ -665,6 +684,68 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
     atomic_write_text(run_dir / README_FILE, card)
     write_manifest(run_dir)
     return run_dir
+
+
+_locks: dict[Path, int] = {}
+
+
+def lock_run_dir(run_dir, *, name: str = "run directory") -> bool:
+    """Hold an exclusive lock on ``run_dir`` for this process, until :func:`release_run_dir` or exit.
+
+    An advisory ``flock`` on the directory itself (no lock file is left behind, and the operating
+    system drops it when the process dies); taking it again in the same process is a no-op. Where
+    ``fcntl`` is missing (Windows) nothing is locked.
+
+    Returns:
+        Whether this call took the lock (``False``: this process held it already, or no ``fcntl``),
+        so that a caller nested in another's hold leaves the release to it.
+
+    Raises:
+        DirectoryInUse: Another process holds the lock: it is training or finishing a run there (a
+            search, for a search directory: ``name`` says which in the message).
+
+    Example:
+        >>> lock_run_dir(Path("runs/x"))  # doctest: +SKIP
+    """
+    path = Path(run_dir).resolve()
+    if fcntl is None or path in _locks:
+        return False
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise DirectoryInUse(f"{name} {run_dir} is in use by another process (training or finishing there); wait for "
+                             "it to end, or give another directory") from None
+    _locks[path] = descriptor
+    return True
+
+
+def release_run_dir(run_dir) -> None:
+    """Release this process's lock on ``run_dir`` (:func:`lock_run_dir`), if it holds one.
+
+    Example:
+        >>> release_run_dir(Path("runs/x"))  # doctest: +SKIP
+    """
+    descriptor = _locks.pop(Path(run_dir).resolve(), None)
+    if descriptor is not None:
+        os.close(descriptor)
+
+@contextlib.contextmanager
+def holding_run_dir(run_dir, *, name: str = "run directory"):
+    """Hold ``run_dir``'s lock (:func:`lock_run_dir`) while the block runs; within an outer hold of
+    this process, leave it to that one.
+
+    Example:
+        >>> with holding_run_dir(Path("runs/x")):  # doctest: +SKIP
+        ...     write_report("runs/x")
+    """
+    taken = lock_run_dir(run_dir, name=name)
+    try:
+        yield
+    finally:
+        if taken:
+            release_run_dir(run_dir)
 
 
 def file_sha256(path) -> str:

@@ -3,8 +3,11 @@
 The full report of a real MNIST run, opened in a browser, is tested in test_report_browser.py.
 """
 
+import fcntl
 import math
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import cnnkit
 from cnnkit import html_report
 from cnnkit.cli import main
 from cnnkit.html_report import diagnose, member_agreement, render_report, write_report, write_search_report
+from cnnkit.runs import verify_manifest
 
 FAST = {"epochs": 1, "batch_size": 16, "precision": "float32"}
 
@@ -143,6 +147,26 @@ def test_a_keras_file_gets_its_metrics_computed_from_the_data(tiny_run, tiny, tm
     assert "One test image in 3 is used (10 of 30" in sampled
     support = [int(count) for count in re.findall(r"<tr><td class=l>\d</td>.*?<td>(\d+)</td></tr>", sampled)]
     assert len(support) == 3 and all(count > 0 for count in support), support  # every class, not the first only
+
+
+def test_a_report_into_a_run_another_process_holds_is_refused_then_written_with_its_manifest(tiny_run, tiny, tmp_path,
+                                                                                           capsys):
+    run_dir = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    manifest = (run_dir / "manifest.json").read_bytes()
+    other = os.open(run_dir, os.O_RDONLY)  # another process training there, or writing its report
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(RuntimeError, match=f"run directory {run_dir} is in use by another process"):
+            write_report(run_dir, model=tiny_run.model, data=tiny, strict=True)
+        assert (run_dir / "manifest.json").read_bytes() == manifest  # nothing read, changed and written over it
+        capsys.readouterr()
+        assert main(["report", str(run_dir)]) == 2
+        assert capsys.readouterr().err == f"cnnkit: error: run directory {run_dir} is in use by another process " \
+                                          "(training or finishing there); wait for it to end, or give another directory\n"
+    finally:
+        os.close(other)
+    assert write_report(run_dir, model=tiny_run.model, data=tiny, strict=True) == run_dir / "report.html"
+    assert (run_dir / "manifest.json").read_bytes() != manifest and verify_manifest(run_dir) == []
 
 
 def test_a_failing_part_becomes_a_note_and_a_failing_report_only_warns(tiny_run, tiny, monkeypatch, tmp_path):

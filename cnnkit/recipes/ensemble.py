@@ -33,13 +33,12 @@ from cnnkit.html_report import write_report
 from cnnkit.recipes.fitting import (
     prepare_run_dir,
     recorded_arguments,
-    release_run_dir,
     remove_if_failed_start,
     run_config,
 )
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train
-from cnnkit.runs import Run, atomic_save_model, write_manifest, write_run
+from cnnkit.runs import Run, atomic_save_model, release_run_dir, write_manifest, write_run
 
 COMBINE_MODES = ("mean", "geometric", "vote")
 TTA_MODES = ("flip", "crops", "ten_crop")

@@ -49,20 +49,17 @@ from cnnkit.runs import (
     MANIFEST_FILE,
     SKIPPED_FILE,
     Run,
-    _fsync_dir,
     atomic_file,
     atomic_write_text,
     file_sha256,
+    fsync_dir,
     load,
+    lock_run_dir,
     read_mapping,
+    release_run_dir,
     write_manifest,
     write_run,
 )
-
-try:
-    import fcntl
-except ImportError:  # Windows: run directories are not locked
-    fcntl = None
 
 
 @dataclasses.dataclass
@@ -308,52 +305,6 @@ def _empty(folder: Path) -> None:
     _created_here.add(folder.resolve())  # as good as new: a failed start takes it away again
 
 
-_locks: dict[Path, int] = {}
-
-
-def lock_run_dir(run_dir, *, name: str = "run directory") -> bool:
-    """Hold an exclusive lock on ``run_dir`` for this process, until :func:`release_run_dir` or exit.
-
-    An advisory ``flock`` on the directory itself (no lock file is left behind, and the operating
-    system drops it when the process dies); taking it again in the same process is a no-op. Where
-    ``fcntl`` is missing (Windows) nothing is locked.
-
-    Returns:
-        Whether this call took the lock (``False``: this process held it already, or no ``fcntl``),
-        so that a caller nested in another's hold leaves the release to it.
-
-    Raises:
-        RuntimeError: Another process holds the lock: it is training or finishing a run there (a
-            search, for a search directory: ``name`` says which in the message).
-
-    Example:
-        >>> lock_run_dir(Path("runs/x"))  # doctest: +SKIP
-    """
-    path = Path(run_dir).resolve()
-    if fcntl is None or path in _locks:
-        return False
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        raise RuntimeError(f"{name} {run_dir} is in use by another process (training or finishing there); wait for "
-                           "it to end, or give another directory") from None
-    _locks[path] = descriptor
-    return True
-
-
-def release_run_dir(run_dir) -> None:
-    """Release this process's lock on ``run_dir`` (:func:`lock_run_dir`), if it holds one.
-
-    Example:
-        >>> release_run_dir(Path("runs/x"))  # doctest: +SKIP
-    """
-    descriptor = _locks.pop(Path(run_dir).resolve(), None)
-    if descriptor is not None:
-        os.close(descriptor)
-
-
 def _finished(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run that has finished: results written, no checkpoints left."""
     return (run_dir / "metrics.json").is_file() and not (run_dir / "backup").exists()
@@ -518,7 +469,7 @@ def discard_backup(run_dir) -> None:
     shutil.rmtree(discarded, ignore_errors=True)  # left by a kill during an earlier removal
     if backup.exists():
         os.replace(backup, discarded)
-        _fsync_dir(Path(run_dir))
+        fsync_dir(Path(run_dir))
     shutil.rmtree(discarded, ignore_errors=True)
 
 

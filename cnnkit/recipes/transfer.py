@@ -19,10 +19,10 @@ from pathlib import Path
 
 from cnnkit.config import validate_kwargs
 from cnnkit.recipes.finetune import finetune as finetune_recipe
-from cnnkit.recipes.fitting import prepare_run_dir, release_run_dir, remove_if_failed_start
+from cnnkit.recipes.fitting import prepare_run_dir, remove_if_failed_start
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train as train_recipe
-from cnnkit.runs import Run
+from cnnkit.runs import Run, release_run_dir
 
 
 @dataclasses.dataclass

@@ -70,12 +70,11 @@ from tensorflow.python.framework import ops as tf_ops
 
 import cnnkit
 from cnnkit.recipes.finetune import build_finetune_model, finetune_stage
-from cnnkit.recipes.fitting import lock_run_dir, release_run_dir
 from cnnkit.recipes.optimization import OPTIMIZERS, loss_scaled, make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.recipes.resume import EpochSeeds
 from cnnkit.report import package_versions
-from cnnkit.runs import atomic_write_text
+from cnnkit.runs import atomic_write_text, holding_run_dir
 from cnnkit.tuner.distributed import POLL_SECONDS, Heartbeat, LivenessMixin, environment, resolve_role, serve
 from cnnkit.tuner.metrics import BalancedAccuracy
 from cnnkit.tuner.result import (
@@ -317,12 +316,8 @@ def _holding(directory, role):
         yield
         return
     directory.mkdir(parents=True, exist_ok=True)
-    taken = lock_run_dir(directory, name="search directory")
-    try:
+    with holding_run_dir(directory, name="search directory"):
         yield
-    finally:
-        if taken:  # else an outer call of this process holds it
-            release_run_dir(directory)
 
 
 def _stopped(tuner, error, max_consecutive_failed_trials, directory):

@@ -333,7 +333,7 @@ def test_damaged_backup_records_are_refused_naming_the_file(tmp_path):
 
 
 def test_a_nested_hold_of_a_directory_leaves_the_release_to_the_outer_one(tmp_path):
-    from cnnkit.recipes.fitting import lock_run_dir, release_run_dir
+    from cnnkit.runs import lock_run_dir, release_run_dir
 
     assert lock_run_dir(tmp_path) is True
     assert lock_run_dir(tmp_path) is False  # held already by this process: the caller must not release it
