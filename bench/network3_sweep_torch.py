@@ -20,6 +20,11 @@ Example (one H100, 15 workers: about 280 s per 60-epoch run), then the table of 
     python bench/network3_sweep_torch.py --data mnist.npz --out results.jsonl \\
         --jobs n60k_wd1e-1_ep60@0-7 n60k_wd5e-2_ep60@0-8 base@0-1
     python bench/network3_sweep_torch.py --out results.jsonl --summary
+
+With ``--probs DIR`` each run also saves its test probabilities, and ``--ensembles`` scores every
+five-run ensemble of each setting from them:
+    python bench/network3_sweep_torch.py --data mnist.npz --out results.jsonl --probs probs --jobs ...
+    python bench/network3_sweep_torch.py --data mnist.npz --probs probs --ensembles
 """
 
 import argparse
@@ -27,6 +32,7 @@ import copy
 import json
 import math
 import multiprocessing
+import os
 import statistics
 import time
 
@@ -49,13 +55,18 @@ SETTINGS = {  # changes to the recipe's AdamW 1e-3, weight decay 1e-4, 30 epochs
     "n60k_wd5e-2_ep60": {"train": 60000, "wd": 5e-2, "epochs": 60},
     "n60k_wd1e-1_ep60": {"train": 60000, "wd": 1e-1, "epochs": 60},
     "n60k_wd2e-1_ep60": {"train": 60000, "wd": 2e-1, "epochs": 60},
+    "n60k_wd1e-2_ep60": {"train": 60000, "wd": 1e-2, "epochs": 60},
+    "n60k_wd2e-2_ep60": {"train": 60000, "wd": 2e-2, "epochs": 60},
 }
 DEFAULTS = {"opt": "adamw", "lr": 1e-3, "wd": 1e-4, "epochs": 30, "batch": 128, "warmup": 0,
             "train": 54000, "pixels": 1, "swa": 0.0}
 
 
-def train_network3(setting, seed, data_path, device="cuda"):
-    """One run of ``setting`` -> a dict of its settings and final test/validation accuracy."""
+def train_network3(setting, seed, data_path, device="cuda", probs_dir=None):
+    """One run of ``setting`` -> a dict of its settings and final test/validation accuracy.
+
+    With ``probs_dir``, its softmax outputs on the test images go to ``SETTING_sSEED.npy`` there.
+    """
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -131,13 +142,14 @@ def train_network3(setting, seed, data_path, device="cuda"):
         return torch.gather(torch.gather(padded, 2, rows), 3, cols)
 
     @torch.no_grad()
-    def accuracy(net, x, y):
-        if len(x) == 0:
-            return None
+    def probabilities(net, x):
         net.eval()
-        correct = sum((net(x[i:i + 2000]).argmax(1) == y[i:i + 2000]).sum().item() for i in range(0, len(x), 2000))
+        out = torch.cat([F.softmax(net(x[i:i + 2000]), 1) for i in range(0, len(x), 2000)])
         net.train()
-        return correct / len(x)
+        return out
+
+    def accuracy(net, x, y):
+        return (probabilities(net, x).argmax(1) == y).float().mean().item() if len(x) else None
 
     swa_start = int(config["epochs"] * (1 - config["swa"])) if config["swa"] else None
     swa_model, swa_count, step, start = None, 0, 0, time.time()
@@ -167,10 +179,12 @@ def train_network3(setting, seed, data_path, device="cuda"):
               "val": accuracy(model, x_val, y_val), "seconds": round(time.time() - start, 1), **config}
     if swa_model is not None:
         result["swa_test"] = accuracy(swa_model, x_te, y_te)
+    if probs_dir:
+        np.save(f"{probs_dir}/{setting}_s{seed}.npy", probabilities(model, x_te).cpu().numpy())
     return result
 
 
-def _worker(jobs, next_job, results, data_path, device):
+def _worker(jobs, next_job, results, data_path, device, probs_dir):
     import torch
 
     torch.backends.cudnn.benchmark = True
@@ -180,7 +194,7 @@ def _worker(jobs, next_job, results, data_path, device):
             index, next_job.value = next_job.value, next_job.value + 1
         if index >= len(jobs):
             break
-        results.put(train_network3(*jobs[index], data_path, device))
+        results.put(train_network3(*jobs[index], data_path, device, probs_dir))
     results.put(None)
 
 
@@ -209,23 +223,59 @@ def summarize(path):
               f"{max(accuracies):.2f}% | {', '.join(f'{a:.2f}' for a in accuracies)} |")
 
 
+def summarize_ensembles(probs_dir, data_path, size=5):
+    """Print, per setting with ``size`` or more saved runs, the test accuracy of every ``size``-run
+    ensemble by mean probability and by vote (all subsets scored, none picked)."""
+    import itertools
+    import pathlib
+
+    import numpy as np
+
+    with np.load(data_path) as arrays:
+        labels = arrays["y_test"]
+    by_setting = {}
+    for path in sorted(pathlib.Path(probs_dir).glob("*_s*.npy")):
+        setting, _, seed = path.stem.rpartition("_s")
+        by_setting.setdefault(setting, {})[int(seed)] = np.load(path)
+    print(f"| setting | runs | mean single | {size}-run ensembles, mean probability: mean (range) | vote: mean |")
+    print("|---|---|---|---|---|")
+    for setting, runs in sorted(by_setting.items()):
+        if len(runs) < size:
+            continue
+        singles = [np.mean(p.argmax(1) == labels) for p in runs.values()]
+        means, votes = [], []
+        for subset in itertools.combinations(runs.values(), size):
+            means.append(np.mean(np.mean(subset, 0).argmax(1) == labels))
+            ballots = np.stack([np.eye(10)[p.argmax(1)] + 1e-3 * p for p in subset])  # ties by probability
+            votes.append(np.mean(ballots.sum(0).argmax(1) == labels))
+        print(f"| {setting} | {len(runs)} | {100 * np.mean(singles):.2f}% | {100 * np.mean(means):.2f}% "
+              f"({100 * min(means):.2f}-{100 * max(means):.2f}%) | {100 * np.mean(votes):.2f}% |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="mnist.npz")
-    parser.add_argument("--out", required=True, help="JSON lines file to append results to")
+    parser.add_argument("--out", help="JSON lines file to append results to")
     parser.add_argument("--jobs", nargs="+", help="SETTING@FIRST-LAST seeds")
     parser.add_argument("--workers", type=int, default=15)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--summary", action="store_true", help="only print the table of --out's results")
+    parser.add_argument("--probs", help="folder for each run's test probabilities (SETTING_sSEED.npy)")
+    parser.add_argument("--ensembles", action="store_true",
+                        help="only print the ensembles of the runs in --probs (labels from --data)")
     args = parser.parse_args()
     if args.summary:
         return summarize(args.out)
-    if not (args.data and args.jobs):
-        parser.error("--data and --jobs are needed to run jobs (or --summary to print results)")
+    if args.ensembles:
+        return summarize_ensembles(args.probs, args.data)
+    if not (args.data and args.jobs and args.out):
+        parser.error("--data, --jobs and --out are needed to run jobs (or --summary, --ensembles to print results)")
     jobs = parse_jobs(args.jobs)
+    if args.probs:
+        os.makedirs(args.probs, exist_ok=True)
     context = multiprocessing.get_context("spawn")
     results, next_job = context.Queue(), context.Value("i", 0)
-    workers = [context.Process(target=_worker, args=(jobs, next_job, results, args.data, args.device))
+    workers = [context.Process(target=_worker, args=(jobs, next_job, results, args.data, args.device, args.probs))
                for _ in range(min(args.workers, len(jobs)))]
     for worker in workers:
         worker.start()
