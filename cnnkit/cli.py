@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -496,6 +497,16 @@ def _error_message(error: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _unreadable_image(error: BaseException) -> str | None:
+    """The line naming an image file that failed to decode inside ``tf.data``, for an op error
+    raised by one (``from_folder`` with ``verify=False``); else ``None``."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(error, tf.errors.OpError):
+        return None
+    found = re.search(r"cnnkit\.data\.from_folder cannot decode [^\n]*", error.message)
+    return found.group(0) if found else None
+
+
 def main(argv=None) -> int:
     """Run the ``cnnkit`` command line.
 
@@ -536,6 +547,13 @@ def main(argv=None) -> int:
     except TrainingDiverged as error:
         print(f"{PROG}: {_error_message(error)}", file=sys.stderr)
         return 3
+    except Exception as error:
+        unreadable = _unreadable_image(error)
+        if unreadable is None or os.environ.get("CNNKIT_DEBUG", "").strip() not in ("", "0"):
+            raise
+        print(f"{PROG}: error: {unreadable}; it was not checked when the folder was read (verify: false), "
+              "or it changed since", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

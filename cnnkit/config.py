@@ -131,11 +131,11 @@ class _Loader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
 
 
-_NUMBER = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_REDEFINED = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")  # no dates
 _Loader.yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 for _first in "-+0123456789.":
     _Loader.yaml_implicit_resolvers[_first] = [
-        (tag, regexp) for tag, regexp in _Loader.yaml_implicit_resolvers.get(_first, []) if tag not in _NUMBER
+        (tag, regexp) for tag, regexp in _Loader.yaml_implicit_resolvers.get(_first, []) if tag not in _REDEFINED
     ]
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789")
@@ -309,10 +309,16 @@ def parse_override(text: str) -> tuple[list[str], object]:
     Returns:
         ``(keys, value)``, e.g. ``(["model_options", "activation"], "tanh")``.
 
+    The value of a path key (``PATH_KEYS``: ``run_dir``, ``data.path``, ``backbone``...) is the text
+    as typed unless quoted or null, so ``run_dir=2024-06-01`` is a folder, not a date.
+
     Raises:
-        ConfigError: no ``=``, an empty key or key part, or a value that is not valid YAML.
+        ConfigError: no ``=``, an empty key or key part, a value that is not valid YAML, or one
+            where `` #`` would start a YAML comment and drop the rest.
 
     Example:
+        >>> parse_override("run_dir=runs/010")
+        (['run_dir'], 'runs/010')
         >>> parse_override("epochs=3")
         (['epochs'], 3)
         >>> parse_override("model_options.activation=tanh")
@@ -327,12 +333,21 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if not all(part.strip() for part in keys):
         raise ConfigError(f"an override needs a key before '=' (e.g. epochs=3). Received: {text!r}")
     keys = [part.strip() for part in keys]
+    typed = raw.strip()
+    if tuple(keys) in PATH_KEYS and typed[:1] not in ("'", '"') and typed not in ("", "~", "null", "Null", "NULL"):
+        return keys, typed  # a path as typed: 010, 2024-06-01 or runs/exp #2 stay text
+    if re.search(r"(^|\s)#", raw) and typed[:1] not in ("'", '"'):
+        raise ConfigError(f"override {text!r}: '#' after a space starts a YAML comment, which would drop the rest of "
+                          f"the value; quote the value (e.g. {key.strip()}='\"{raw.strip()}\"')")
     try:
         value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None
     return keys, value
+
+
+PATH_KEYS = {("run_dir",), ("directory",), ("backbone",), ("weights",), ("data", "path"), ("data", "test_path")}
 
 
 def apply_overrides(kwargs: dict, overrides=()) -> dict:
@@ -619,7 +634,9 @@ def check_paths(kwargs: dict, *, source=None) -> None:
     if isinstance(data, dict):
         for key in ("path", "test_path"):
             if isinstance(data.get(key), (str, os.PathLike)) and not Path(data[key]).expanduser().is_dir():
-                raise ConfigError(f"{prefix}data.{key}: no such folder {str(data[key])!r}")
+                what = "is a file, not a folder of class subfolders:" if Path(data[key]).expanduser().exists() \
+                    else "no such folder"
+                raise ConfigError(f"{prefix}data.{key}: {what} {str(data[key])!r}")
     backbone = kwargs.get("backbone")
     if isinstance(backbone, str) and _looks_like_path(backbone) and not Path(backbone).exists():
         raise ConfigError(f"{prefix}backbone: no .keras file or run directory at {backbone!r}")

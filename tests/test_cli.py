@@ -192,6 +192,29 @@ def test_run_trains_and_writes_metrics(tmp_path, capsys):
     assert "(error " in out
 
 
+def test_run_on_a_folder_read_without_verify_names_an_image_that_fails_to_decode(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    for index in range(12):
+        folder = tmp_path / "images" / "ab"[index % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (8, 8), np.uint8)).save(folder / f"{index}.png")
+    broken = tmp_path / "images" / "b" / "3.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # the header passes verify: false's check; the pixels are cut
+    recipe = tmp_path / "folder.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "arch": "FC8", "epochs": 1, "batch_size": 4, "verbose": 0, "run_dir": str(tmp_path / "run"), "report": False,
+        "data": {"path": str(tmp_path / "images"), "image_size": 8, "color_mode": "grayscale", "val_split": 0, "verify": False},
+    }))
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"cnnkit: error: cnnkit.data.from_folder cannot decode {broken}: ")
+    assert err.endswith("; it was not checked when the folder was read (verify: false), or it changed since\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_quickstart_runs_the_packaged_transfer_experiment(tmp_path, capsys):
     overrides = ["labels_per_class=5", "pretrain.epochs=1", "scratch.epochs=1", f"run_dir={tmp_path / 'qs'}",
                  "finetune.stages=[{unfreeze: 0, epochs: 1, learning_rate: 0.001}]", "verbose=0"]

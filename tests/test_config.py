@@ -62,6 +62,12 @@ def fake_recipes(monkeypatch, tmp_path):
         ("run_dir=", (["run_dir"], None)),
         ("image_size=[64, 64]", (["image_size"], [64, 64])),
         ("name=a=b", (["name"], "a=b")),
+        ("note=2024-06-01", (["note"], "2024-06-01")),  # no dates
+        ("run_dir=2024-06-01", (["run_dir"], "2024-06-01")),  # a path key: the text as typed
+        ("data.path=010", (["data", "path"], "010")),
+        ("run_dir=runs/exp #2", (["run_dir"], "runs/exp #2")),
+        ("backbone='a b.keras'", (["backbone"], "a b.keras")),
+        ("data.test_path=null", (["data", "test_path"], None)),
     ],
 )
 def test_parse_override(text, expected):
@@ -100,6 +106,18 @@ def test_recipe_file_integers_are_yaml_1_2(fake_recipes, tmp_path):
 def test_malformed_override_names_it(text):
     with pytest.raises(ConfigError, match=re.escape(repr(text))):
         config.parse_override(text)
+
+
+def test_an_override_whose_rest_yaml_would_drop_as_a_comment_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("""override 'model_options.activation=tanh #2': '#' after a space starts a YAML comment, which would drop the rest of the value; quote the value (e.g. model_options.activation='"tanh #2"')""")):
+        config.parse_override("model_options.activation=tanh #2")
+    assert config.parse_override("note='a #2'") == (["note"], "a #2")
+
+
+def test_a_data_path_that_is_a_file_is_named_as_one(tmp_path):
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    with pytest.raises(ConfigError, match="data.path: is a file, not a folder of class subfolders: '.*images.zip'"):
+        config.check_paths({"data": {"path": str(tmp_path / "images.zip")}})
 
 
 def test_apply_overrides_nested_and_does_not_modify_input():

@@ -67,7 +67,7 @@ class AuditReport:
         class_names: Sorted class subfolder names of both folders together.
         class_counts: `{"train": {class: usable files}, "test": {...}}` (no "test" without
             a test folder); a class missing from one folder counts 0 there.
-        skipped: `(path, reason)` for each file `from_folder` would skip.
+        skipped: `(path, reason)` for each file (or unreadable subfolder) `from_folder` would skip.
         duplicates: Every group of two or more usable files with identical bytes.
 
     Example:
@@ -110,7 +110,7 @@ class AuditReport:
             if empty:
                 problems.append(f"{len(empty)} class(es) without usable images in {split}: {', '.join(empty)}")
         if self.skipped:
-            problems.append(f"{len(self.skipped)} file(s) skipped (cannot be used as images)")
+            problems.append(f"{len(self.skipped)} file(s) or folder(s) skipped (cannot be used)")
         for groups, what in (
             (self.within_class, "duplicated within a class"),
             (self.conflicting_labels, "duplicated across classes (conflicting labels)"),
@@ -167,7 +167,7 @@ class AuditReport:
             lines.append(f"  {name:<{width}}{counts}")
         totals = "".join(f"  {sum(self.class_counts[split].values()):>6}" for split in splits)
         lines.append(f"  {'total':<{width}}{totals}")
-        lines.append(f"skipped files: {len(self.skipped)}")
+        lines.append(f"skipped files and folders: {len(self.skipped)}")
         lines += [f"  {path}: {reason}" for path, reason in self.skipped[:_SHOW]]
         if len(self.skipped) > _SHOW:
             lines.append(f"  ... and {len(self.skipped) - _SHOW} more (--json lists all)")

@@ -210,18 +210,27 @@ def _read_mnist_npz(path) -> dict[str, np.ndarray]:
                 f"{path} lacks the MNIST arrays {missing} (it has {sorted(npz.files)}); "
                 f"expected keys {list(MNIST_KEYS)}. Received: path={str(path)!r}"
             )
-        return {k: npz[k] for k in MNIST_KEYS}
+        arrays = {}
+        for key in MNIST_KEYS:
+            try:
+                arrays[key] = npz[key]
+            except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:  # a damaged or pickled member
+                raise ValueError(f"Cannot read the array {key!r} of {path}: {exc}. Received: path={str(path)!r}") from exc
+        return arrays
 
 
 def _mnist_image_data(arrays, source, val_split, seed) -> ImageData:
-    data = from_arrays(
-        arrays["x_train"],
-        arrays["y_train"],
-        x_test=arrays["x_test"],
-        y_test=arrays["y_test"],
-        val_split=val_split,
-        class_names=[str(d) for d in range(10)],
-        seed=seed,
-    )
+    try:
+        data = from_arrays(
+            arrays["x_train"],
+            arrays["y_train"],
+            x_test=arrays["x_test"],
+            y_test=arrays["y_test"],
+            val_split=val_split,
+            class_names=[str(d) for d in range(10)],
+            seed=seed,
+        )
+    except ValueError as exc:  # arrays that are not MNIST's: say which file holds them
+        raise ValueError(f"{source}: {exc}") from exc
     data.source = source
     return data

@@ -5,7 +5,8 @@ A folder of real-world files holds surprises: zero-byte and truncated files, tex
 them may crash a pipeline, and none may be dropped silently: every listed file is checked once
 when the folder is scanned (`scan_folder`, shared with `cnnkit.data.audit`), the usable ones are
 converted the same documented way every time (`convert_image`), and each excluded file is
-recorded with its reason in `ImageData.skipped` and named in a warning.
+recorded with its reason in `ImageData.skipped` and named in a warning, as is a subfolder that
+cannot be read. Symlinked subfolders are followed, each real folder once.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class FolderScan(NamedTuple):
         files: Paths of the usable images, in class order then sorted relative path.
         labels: Class index of each file in `files`.
         sizes: Size in bytes of each file in `files`.
-        skipped: `(path, reason)` for each listed file that cannot be used, in listing order.
+        skipped: `(path, reason)` for each subfolder that cannot be read or is a second way into
+            one (a symlink), then each listed file that cannot be used, in listing order.
     """
 
     root: Path
@@ -266,11 +268,17 @@ def scan_folder(
             f"No class subfolders in {root}: expected one subfolder of images per class "
             f"(e.g. {root / 'cats'}/1.jpg). Received: {name}={str(root)!r}"
         )
-    listed = [
-        (str(file), label)
-        for label, class_dir in enumerate(class_dirs)
-        for file in _list_images(class_dir, extensions)
-    ]
+    names = [p.name for p in class_dirs]
+    if len(names) > 1 and {folder.lower() for folder in names} <= SPLIT_NAMES:
+        train = next((folder for folder in names if folder.lower() in ("train", "training")), names[0])
+        warnings.warn(f"the class subfolders of {root} are {names}: that looks like a dataset's splits, not its "
+                      f"classes; give {name}={str(root / train)!r} (and test_path= the other split) for a "
+                      "folder of class subfolders", stacklevel=3)
+    listed, left_out = [], []
+    for label, class_dir in enumerate(class_dirs):
+        files, folders = _list_images(class_dir, extensions)
+        listed += [(str(file), label) for file in files]
+        left_out += folders
     check = functools.partial(check_image, max_pixels=max_pixels, verify=verify, pil_mode=pil_mode)
     with warnings.catch_warnings():
         # PIL warns on opening a file above its limit; such a file is skipped with a reason here.
@@ -280,7 +288,7 @@ def scan_folder(
                 results = list(pool.map(check, [file for file, _ in listed]))
         else:
             results = [check(file) for file, _ in listed]
-    scan = FolderScan(root, [p.name for p in class_dirs], [], [], [], [])
+    scan = FolderScan(root, names, [], [], [], left_out)
     for (file, label), (size, reason) in zip(listed, results):
         if reason is not None:
             scan.skipped.append((file, reason))
@@ -414,7 +422,7 @@ def _skipped_message(skipped) -> str:
     shown = "; ".join(f"{p} ({reason})" for p, reason in skipped[:_SHOW_SKIPPED])
     more = f"; ... and {len(skipped) - _SHOW_SKIPPED} more" if len(skipped) > _SHOW_SKIPPED else ""
     return (
-        f"from_folder skipped {len(skipped)} file(s) that cannot be used as images: {shown}{more}. "
+        f"from_folder skipped {len(skipped)} file(s) or folder(s) that cannot be used: {shown}{more}. "
         "The full list is in ImageData.skipped."
     )
 
@@ -466,14 +474,32 @@ def check_extensions(extensions) -> tuple[str, ...]:
     return result
 
 
-def _list_images(folder: Path, extensions) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
+
+
+def _list_images(folder: Path, extensions) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files under ``folder``, sorted, and ``(folder, reason)`` for each subfolder left out.
+
+    Symlinked subfolders are followed, each real folder listed once: a second way into one (a
+    link back up, a loop) is left out with a reason, as is a folder that cannot be read.
+    """
+    found, left_out, listed = [], [], set()
+
+    def unreadable(error):
+        left_out.append((str(error.filename), f"cannot read the folder: {error.strerror or error}"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in listed:
+            dirnames[:] = []
+            left_out.append((dirpath, f"a second way into the folder {real}, listed once (a symlink)"))
+            continue
+        listed.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for filename in filenames:
             if not filename.startswith(".") and filename.lower().endswith(extensions):
                 found.append(Path(dirpath, filename))
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix()), left_out
 
 
 def _listing(root: Path, files, sizes) -> list[list]:

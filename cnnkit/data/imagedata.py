@@ -189,7 +189,8 @@ class ImageData:
             An `ImageData` whose source says what was taken (a fingerprint of the new content).
 
         Raises:
-            ValueError: an unknown class, or a count below 1.
+            ValueError: an unknown class, a label index that is also another class's name (folders
+                named 0, 1, ..., 10 sort as 0, 1, 10, 2...), or a count below 1.
 
         Example:
             >>> digits = cnnkit.data.load("mnist-sample").subset(classes=["5", "6", "7", "8", "9"],
@@ -198,6 +199,8 @@ class ImageData:
             [50, 50, 50, 50, 50]
         """
         keep = list(range(self.num_classes)) if classes is None else [self._class_index(c) for c in classes]
+        if not keep:
+            raise ValueError(f"classes must name at least one class (None keeps them all). Received: classes={classes!r}")
         if len(set(keep)) != len(keep):
             raise ValueError(f"classes must not repeat a class. Received: classes={classes!r}")
         for name, value in (("per_class", per_class), ("val_per_class", val_per_class)):
@@ -228,6 +231,10 @@ class ImageData:
 
     def _class_index(self, name) -> int:
         if isinstance(name, numbers.Integral) and 0 <= name < self.num_classes:
+            if str(name) in self.class_names and self.class_names[name] != str(name):
+                raise ValueError(f"class {name!r} is ambiguous: label index {name} is class "
+                                 f"{self.class_names[name]!r}, and another class is named {str(name)!r}; give "
+                                 f"the name as a string ({str(name)!r}, quoted in YAML)")
             return int(name)
         if str(name) in self.class_names:
             return self.class_names.index(str(name))

@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from cnnkit.data.imagedata import ImageData, count_classes
+from cnnkit.data.imagedata import ImageData, check_seed, count_classes
 
 __all__ = ["long_tailed"]
 
@@ -51,6 +51,7 @@ def long_tailed(data: ImageData, *, largest: int = 5000, smallest: int = 50, see
     for name, value in (("largest", largest), ("smallest", smallest)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
+    seed = check_seed(seed)
     if smallest > largest:
         raise ValueError(f"smallest must not exceed largest. Received: largest={largest}, smallest={smallest}")
     if data.num_classes < 2:

@@ -125,6 +125,21 @@ def test_file_that_is_not_an_npz(tmp_path, monkeypatch):
         load("mnist")
 
 
+def test_a_damaged_or_wrong_member_of_mnist_npz_names_the_file_and_the_array(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNKIT_DATA_DIR", str(tmp_path))
+    arrays = write_fake_mnist(tmp_path)
+    archive = bytearray((tmp_path / "mnist.npz").read_bytes())
+    at = archive.find(arrays["x_train"].tobytes()[:64])  # stored uncompressed: flip a pixel, the CRC no longer matches
+    archive[at + 100] ^= 0xFF
+    (tmp_path / "mnist.npz").write_bytes(bytes(archive))
+    path = (tmp_path / "mnist.npz").resolve()
+    with pytest.raises(ValueError, match=f"Cannot read the array 'x_train' of {path}: Bad CRC-32"):
+        load("mnist")
+    write_fake_mnist(tmp_path, y_train=np.full(40, 11, np.uint8))
+    with pytest.raises(ValueError, match=rf"mnist \({path}\): y holds labels beyond the 10 class_names"):
+        load("mnist")
+
+
 def test_mnist_from_keras_cache(tmp_path, monkeypatch):
     write_fake_mnist(tmp_path / "keras_home" / "datasets", n_train=30, n_test=10)
     monkeypatch.delenv("CNNKIT_DATA_DIR", raising=False)

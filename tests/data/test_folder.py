@@ -1,5 +1,6 @@
 """Tests of from_folder: listing, decoding with PIL, skipped files, splits, errors."""
 
+import os
 import shutil
 
 import numpy as np
@@ -158,6 +159,38 @@ def test_unreadable_files_are_skipped_with_a_warning_and_recorded(tree):
     assert data.class_counts == {"train": [4, 5]}
     assert "skipped: 2 unreadable" in data.summary()
     assert len(data.arrays("train")[0]) == 9
+
+
+def test_symlinked_subfolders_are_followed_once_and_unreadable_ones_recorded(tree, tmp_path, monkeypatch):
+    more = make_tree(tmp_path / "elsewhere", {"m": 3}) / "m"
+    (tree / "cat" / "more").symlink_to(more, target_is_directory=True)  # followed: 3 more cats
+    (tree / "cat" / "more" / "loop").symlink_to(tree / "cat", target_is_directory=True)  # back up: listed once
+    (tree / "dog" / "locked").mkdir()
+    save(tree / "dog" / "locked" / "hidden.png", solid(6, 8, (0, 0, 0)))
+    scandir = os.scandir
+
+    def denied(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)  # root reads any folder: refuse this one as a user's mode 000 would
+    with pytest.warns(UserWarning, match="skipped 2 file"):
+        data = from_folder(tree, image_size=(6, 8), val_split=0)
+    assert data.class_counts == {"train": [7, 5]}
+    assert data.skipped == [
+        (str(tree / "cat" / "more" / "loop"), f"a second way into the folder {tree.resolve() / 'cat'}, listed once (a symlink)"),
+        (str(tree / "dog" / "locked"), "cannot read the folder: Permission denied"),
+    ]
+
+
+def test_a_folder_of_splits_given_as_the_class_folder_is_warned_about(tmp_path):
+    make_tree(tmp_path / "pets" / "train", {"cat": 2, "dog": 2})
+    make_tree(tmp_path / "pets" / "val", {"cat": 1, "dog": 1})
+    with pytest.warns(UserWarning, match=r"the class subfolders of .*pets are \['train', 'val'\]: that looks like a "
+                                         r"dataset's splits, not its classes; give path='.*pets/train'"):
+        data = from_folder(tmp_path / "pets", image_size=(6, 8), val_split=0)
+    assert data.class_names == ["train", "val"]  # still read as asked
 
 
 def test_file_broken_after_scan_fails_loudly_naming_it(tree):

@@ -353,5 +353,17 @@ def test_subset_rejects_unknown_classes_and_bad_counts():
     data = from_arrays(np.zeros((10, 2, 2), np.uint8), np.arange(10) % 2, val_split=0)
     with pytest.raises(ValueError, match="unknown class 'z'"):
         data.subset(classes=["z"])
+    with pytest.raises(ValueError, match=r"classes must name at least one class \(None keeps them all\)"):
+        data.subset(classes=[])
     with pytest.raises(ValueError, match="per_class must be a positive integer"):
         data.subset(per_class=0)
+
+
+def test_subset_refuses_a_label_index_that_is_another_class_s_name():
+    names = sorted(str(n) for n in range(12))  # folders 0..11 sort as 0, 1, 10, 11, 2, ...
+    data = from_arrays(np.zeros((24, 2, 2), np.uint8), np.arange(24) % 12, class_names=names, val_split=0)
+    with pytest.raises(ValueError, match=r"class 2 is ambiguous: label index 2 is class '10', and another class is "
+                                         r"named '2'; give the name as a string \('2', quoted in YAML\)"):
+        data.subset(classes=[0, 1, 2])
+    assert data.subset(classes=["0", "1", "2"]).class_names == ["0", "1", "2"]
+    assert data.subset(classes=[0, 1]).class_names == ["0", "1"]  # index and name agree

@@ -305,7 +305,9 @@ def test_long_tailed_defaults_fall_from_5000_to_50(balanced):
 @pytest.mark.parametrize(
     "options, match",
     [({"largest": 0}, "largest=0"), ({"largest": 10, "smallest": 20}, "smallest must not exceed largest"),
-     ({"smallest": 2.5}, "smallest=2.5")],
+     ({"smallest": 2.5}, "smallest=2.5"), ({"largest": 10, "smallest": 5, "seed": -1}, "seed must be a non-negative "
+                                                                                      "integer. Received: seed=-1"),
+     ({"largest": 10, "smallest": 5, "seed": "0"}, "Received: seed='0'")],
 )
 def test_long_tailed_refuses_bad_counts(balanced, options, match):
     with pytest.raises(ValueError, match=match):

@@ -82,7 +82,7 @@ def test_counts_skipped_and_every_kind_of_duplicate(dirty):
     assert all(len(group.sha256) == 64 for group in report.duplicates)
     assert not report.clean
     assert report.problems == [
-        "2 file(s) skipped (cannot be used as images)",
+        "2 file(s) or folder(s) skipped (cannot be used)",
         "1 image(s) duplicated within a class",
         "1 image(s) duplicated across classes (conflicting labels)",
         "1 image(s) in both train and test (leakage)",
