@@ -263,14 +263,9 @@ def _cmd_quickstart(args) -> int:
 def _cmd_export(args) -> int:
     from cnnkit.exporting import ExportVerificationError, export
 
-    source = args.run
-    if args.trust_model:
-        import cnnkit
-
-        source = cnnkit.load(args.run, trust=True)
     try:
-        export(source, args.out, format=args.format, quantize=args.quantize, data=args.data,
-               overwrite=args.overwrite, verify=args.verify)
+        export(args.run, args.out, format=args.format, quantize=args.quantize, data=args.data,
+               overwrite=args.overwrite, verify=args.verify, trust=args.trust_model)
     except ExportVerificationError as error:
         print(f"{PROG}: export failed: {_error_message(error)}", file=sys.stderr)
         return 1

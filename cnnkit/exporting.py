@@ -158,6 +158,7 @@ def export(
     tolerance: float = TOLERANCE,
     verify: bool = True,
     overwrite: bool = False,
+    trust: bool = False,
     verbose: int = 1,
 ):
     """Export a trained classifier as a SavedModel, TFLite or ONNX directory, and verify it.
@@ -187,6 +188,8 @@ def export(
         verify: Run the fresh-process check. Without it the report says it was skipped.
         overwrite: Replace an earlier export (a directory holding its ``verification.json``)
             or an empty directory at ``path``. Anything else there is refused, never deleted.
+        trust: Load a ``run_or_model`` path with ``cnnkit.load(..., trust=True)``: a model whose
+            custom code Keras's safe mode blocks, from a source you trust.
         verbose: ``0`` silent; ``1`` prints the verification report.
 
     Returns:
@@ -207,7 +210,7 @@ def export(
         -0.1
     """
     quantize = _check_arguments(format, quantize, representative_samples, tolerance, verbose)
-    run = _resolve_run(run_or_model, class_names)
+    run = _resolve_run(run_or_model, class_names, trust)
     path = _check_target(path, overwrite, run_or_model, run)
     model, reference_note = _float32_copy(run.model)
     image_shape = _image_shape(model)
@@ -315,13 +318,13 @@ def _check_not_source(path: Path, run_or_model, run) -> None:
                              f"Received: path={str(path)!r}")
 
 
-def _resolve_run(run_or_model, class_names):
+def _resolve_run(run_or_model, class_names, trust):
     import keras
 
     import cnnkit
 
     if isinstance(run_or_model, (str, os.PathLike)):
-        run = cnnkit.load(run_or_model)
+        run = cnnkit.load(run_or_model, trust=trust)
     elif isinstance(run_or_model, Run):
         run = run_or_model
     elif isinstance(run_or_model, keras.Model):
@@ -336,7 +339,7 @@ def _resolve_run(run_or_model, class_names):
 
 def _check_class_names(names) -> list[str]:
     for name in names:
-        if not name or "\n" in name or "\r" in name or name != name.strip():
+        if not name or name.splitlines() != [name] or name != name.strip():  # no \n, \r, \f, \x1c-\x1e, \x85, \u2028...
             raise ValueError("Class names must be non-empty single lines without surrounding spaces (they become "
                              f"lines of labels.txt). Received: class name {name!r}")
     return list(names)
@@ -472,7 +475,7 @@ def _staging_dir(path: Path, overwrite: bool):
 
     On any exception the staging directory is removed and ``path`` is left as it was. With
     ``overwrite`` an existing ``path`` (checked again: an earlier export or an empty directory)
-    is moved aside, replaced, then deleted.
+    is moved aside, replaced, then deleted; if the replacing rename fails, it is moved back.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -487,16 +490,20 @@ def _staging_dir(path: Path, overwrite: bool):
             raise ValueError(f"`path` was created while exporting; pass overwrite=True to replace it. "
                              f"Received: path={str(path)!r}")
         _check_replaceable(path, overwrite)
-        previous = None
-        if path.exists():
-            previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, previous / path.name)
-        os.replace(staging, path)
+        previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+        try:
+            if path.exists():
+                os.replace(path, previous / path.name)
+            os.replace(staging, path)
+        except BaseException:  # the second rename failed (or a signal came between): put the old export back
+            if (previous / path.name).exists() and not path.exists():
+                os.replace(previous / path.name, path)
+            shutil.rmtree(previous, ignore_errors=True)
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _size(artifact: Path) -> int:
@@ -654,7 +661,7 @@ def _verify(model, artifact, format, images, labels, quantised, tolerance, names
         "runtime": str(results["runtime"]),
         "cnnkit_imported": bool(results["cnnkit_imported"]),
         "examples": len(images),
-        "max_abs_diff": float(np.max(np.abs(got - expected), initial=0.0)),
+        "max_abs_diff": _max_abs_diff(got, expected),
         "class_agreement": float(np.mean(got.argmax(axis=1) == expected.argmax(axis=1))),
         "tolerance": None if quantised else tolerance,
     }
@@ -666,13 +673,21 @@ def _verify(model, artifact, format, images, labels, quantised, tolerance, names
     problems = []
     if report["cnnkit_imported"]:
         problems.append("the check imported cnnkit")
-    if not quantised and report["max_abs_diff"] > tolerance:
+    not_finite = {side: int(np.sum(~np.isfinite(values).all(axis=1))) for side, values in (("export", got),
+                                                                                       ("keras", expected))}
+    if any(not_finite.values()):  # NaN compares as within any tolerance: refused on its own
+        report["images_with_non_finite_probabilities"] = not_finite
+        problems.append(f"probabilities that are NaN or infinite on {not_finite['export']} image(s) from the export "
+                        f"and {not_finite['keras']} from the Keras model")
+    elif not quantised and report["max_abs_diff"] > tolerance:
         problems.append(f"max abs difference {report['max_abs_diff']:.3g} > tolerance {tolerance:.3g}")
     if format == "savedmodel":
         report.update(_signature_checks(results, got, names))
         if report["bytes_class_agreement"] != 1.0:
             problems.append(f"the bytes signature agrees with the uint8 one on {report['bytes_class_agreement']:.2%} "
                             "of the PNG-encoded images")
+        if report["bytes_max_abs_diff"] is None:
+            problems.append("the bytes signature's probabilities are NaN or infinite")
         if report["class_name_agreement"] != 1.0:
             problems.append("class_id/class_name do not match the probabilities and labels")
     report["passed"] = not problems
@@ -682,13 +697,20 @@ def _verify(model, artifact, format, images, labels, quantised, tolerance, names
     return report
 
 
+def _max_abs_diff(got, expected) -> float | None:
+    """The largest absolute difference of two arrays; ``None`` (JSON null) where either holds NaN or infinity."""
+    if not (np.isfinite(got).all() and np.isfinite(expected).all()):
+        return None
+    return float(np.max(np.abs(got - expected), initial=0.0))
+
+
 def _signature_checks(results, probabilities, names) -> dict:
     """How the SavedModel's class outputs and its bytes signature agree with its probabilities."""
     class_id = results["class_id"]
     consistent = (class_id == probabilities.argmax(axis=1)) & (results["class_name"] == np.asarray(names)[class_id])
     return {
         "bytes_class_agreement": float(np.mean(results["bytes_class_id"] == class_id)),
-        "bytes_max_abs_diff": float(np.max(np.abs(results["bytes_probabilities"] - probabilities), initial=0.0)),
+        "bytes_max_abs_diff": _max_abs_diff(results["bytes_probabilities"], probabilities),
         "class_name_agreement": float(np.mean(consistent)),
     }
 

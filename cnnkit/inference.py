@@ -255,11 +255,14 @@ def _saved_model_predictor(path: Path) -> Predictor:
                          f"outputs {sorted(outputs)}")
     (name,) = signature.structured_input_signature[1]
     image_shape = tuple(specs[0].shape[1:])
-    labels = path / LABELS_FILE
+    labels, classes = path / LABELS_FILE, outputs["probabilities"].shape[-1]
     if labels.is_file():
-        class_names = labels.read_text(encoding="utf-8").splitlines()
+        class_names = labels.read_text(encoding="utf-8").removesuffix("\n").split("\n")  # as export writes it
+        if len(class_names) != classes:
+            raise ValueError(f"{str(labels)!r} names {len(class_names)} classes, one a line; the model has {classes} "
+                             "outputs")
     else:
-        class_names = [str(i) for i in range(outputs["probabilities"].shape[-1])]
+        class_names = [str(i) for i in range(classes)]
     return Predictor(lambda images: signature(**{name: tf.constant(images)})["probabilities"],
                      image_shape=image_shape, class_names=class_names, source=str(path))
 
@@ -269,7 +272,8 @@ def image_files(inputs, *, extensions=IMAGE_EXTENSIONS) -> tuple[list[Path], lis
 
     A file is taken as given (whatever its name); a folder contributes, recursively and
     sorted, the files whose names end in one of ``extensions`` (case-insensitive; hidden
-    entries skipped). Other files in folders are returned separately, never dropped silently.
+    entries skipped; symlinked subfolders followed, as ``cnnkit.data.from_folder`` does). Other
+    files, and subfolders that cannot be read, are returned separately, never dropped silently.
 
     Returns:
         ``(images, skipped)``: lists of paths.
@@ -282,6 +286,8 @@ def image_files(inputs, *, extensions=IMAGE_EXTENSIONS) -> tuple[list[Path], lis
         >>> image_files(["digits/", "extra.png"])  # doctest: +SKIP
         ([PosixPath('digits/0.png'), PosixPath('extra.png')], [PosixPath('digits/notes.txt')])
     """
+    from cnnkit.data.folder import walk_files
+
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     suffixes = tuple(extension.lower() for extension in extensions)
@@ -291,11 +297,10 @@ def image_files(inputs, *, extensions=IMAGE_EXTENSIONS) -> tuple[list[Path], lis
         if item.is_file():
             images.append(item)
         elif item.is_dir():
-            for file in sorted(item.rglob("*")):
-                relative = file.relative_to(item).parts
-                if not file.is_file() or any(part.startswith(".") for part in relative):
-                    continue
+            files, left_out = walk_files(item)  # symlinked subfolders followed; unreadable ones returned
+            for file in files:
                 (images if file.name.lower().endswith(suffixes) else skipped).append(file)
+            skipped += [Path(folder) for folder, _ in left_out]
         else:
             raise FileNotFoundError(f"No image file or folder at {str(item)!r}. Received: {str(item)!r}")
     if not images:

@@ -293,6 +293,20 @@ def test_export_then_predict_with_the_export(saved_run, tmp_path, capsys):
     assert from_run.startswith(f"{images / '0.png'}: ") and len(from_run.splitlines()) == 1
 
 
+def test_export_with_trust_model_still_refuses_a_target_holding_its_source(saved_run, tmp_path, capsys):
+    import shutil
+
+    run_dir, _ = saved_run
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--format", "tflite", "--out", str(out), "--no-verify"]) == 0
+    source = Path(shutil.copy(run_dir / "model.keras", out / "model.keras"))  # a model kept beside its export
+    capsys.readouterr()
+    assert main(["export", str(source), "--format", "tflite", "--out", str(out), "--overwrite", "--no-verify",
+                 "--trust-model"]) == 2
+    assert f"`path` is or holds the run being exported ({source})" in capsys.readouterr().err
+    assert source.is_file()
+
+
 def test_predict_skips_unreadable_images_naming_them_and_predicts_the_rest(saved_run, tmp_path, capsys):
     run_dir, images = saved_run
     (tmp_path / "bad").mkdir()

@@ -3,6 +3,7 @@
 import io
 import json
 import struct
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -227,6 +228,18 @@ def test_float_tflite_and_onnx_match_keras(seed_run, tiny_data, tmp_path, fmt, r
     assert report["keras_accuracy"] == report["export_accuracy"]
 
 
+def test_fitted_preprocessing_exports_to_onnx_with_parity(tmp_path):
+    from cnnkit.recipes.preprocess import fit_preprocessing
+
+    images = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 1), dtype=np.uint8)
+    keras.utils.set_random_seed(0)
+    layers = fit_preprocessing(["center_pixel", "standardize"], images)  # per-pixel, then per-channel statistics
+    model = cnnkit.build("4C3-MP2-FC8", (8, 8, 1), 3, preprocessing=layers)
+    out = cnnkit.export(model, tmp_path / "onnx", format="onnx", verbose=0)
+    report = _report(out)
+    assert report["passed"] is True and report["max_abs_diff"] <= exporting.TOLERANCE
+
+
 def test_mixed_precision_model_is_exported_as_a_float32_copy(tmp_path):
     keras.utils.set_random_seed(3)
     model = cnnkit.build(SEED_NET, (28, 28, 1), 10, dtype="mixed_bfloat16")
@@ -303,6 +316,36 @@ def test_a_failed_check_leaves_nothing_and_keeps_the_old_export(seed_run, tmp_pa
     assert (out / "model.onnx").read_bytes() == before and not (out / "model.tflite").exists()
 
 
+def test_nan_probabilities_fail_the_check_whatever_the_tolerance(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = cnnkit.build("4C3-MP2-FC8", (8, 8, 1), 3)
+    weights = model.get_weights()
+    weights[0][0, 0, 0, 0] = np.nan  # a diverged run: NaN compares as within any tolerance
+    model.set_weights(weights)
+    with pytest.raises(exporting.ExportVerificationError,
+                       match=r"probabilities that are NaN or infinite on \d+ image\(s\) from the export and \d+ from "
+                             r"the Keras model.*\"max_abs_diff\": null"):
+        cnnkit.export(model, tmp_path / "export", format="tflite", verbose=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_overwrite_whose_last_rename_fails_puts_the_old_export_back(seed_run, tmp_path, monkeypatch):
+    out = cnnkit.export(seed_run, tmp_path / "export", format="tflite", verify=False, verbose=0)
+    before = (out / "model.tflite").read_bytes()
+    replace = exporting.os.replace
+
+    def failing_into_place(source, target):
+        if Path(source).name.endswith(".partial"):
+            raise OSError(28, "No space left on device")
+        return replace(source, target)
+
+    monkeypatch.setattr(exporting.os, "replace", failing_into_place)
+    with pytest.raises(OSError, match="No space left"):
+        cnnkit.export(seed_run, out, format="tflite", overwrite=True, verify=False, verbose=0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]  # no staging, no hidden .old
+    assert (out / "model.tflite").read_bytes() == before
+
+
 def test_existing_target_needs_overwrite(seed_run, tmp_path, capsys):
     out = cnnkit.export(seed_run, tmp_path / "export", format="onnx", verify=False)
     assert "verified: skipped" in capsys.readouterr().out
@@ -352,6 +395,8 @@ def test_overwrite_replaces_only_an_earlier_export_or_an_empty_directory(tmp_pat
     ({"tolerance": -1.0}, "tolerance=-1.0"),
     ({"class_names": ["a", "b"]}, "one name per model output"),
     ({"class_names": [f"c{i}" for i in range(9)] + ["two\nlines"]}, "two\\\\nlines"),
+    ({"class_names": [f"c{i}" for i in range(9)] + ["cat\x0cdog"]}, "cat\\\\x0cdog"),  # a line break to splitlines
+    ({"class_names": [f"c{i}" for i in range(9)] + ["a\u2028b"]}, "single lines"),
 ])
 def test_bad_arguments_are_refused_before_writing(seed_run, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -137,3 +137,26 @@ def test_a_savedmodel_without_the_uint8_signature_is_refused(tmp_path):
     tf.saved_model.save(module, str(tmp_path / "other"), signatures={"serving_default": module.serve})
     with pytest.raises(ValueError, match="not a SavedModel exported by cnnkit"):
         inference.load_predictor(tmp_path / "other", trust=True)
+
+
+def test_a_labels_file_that_does_not_name_one_class_per_output_is_refused(saved, tmp_path):
+    import shutil
+
+    export = shutil.copytree(saved["savedmodel"], tmp_path / "export")
+    assert inference.load_predictor(export, trust=True).class_names == NAMES
+    (export / "labels.txt").write_text("\n".join(NAMES[:9]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"labels.txt' names 9 classes, one a line; the model has 10 outputs"):
+        inference.load_predictor(export, trust=True)
+
+
+def test_symlinked_subfolders_are_followed_and_a_dangling_link_is_not_dropped(digits, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(digits[0, ..., 0]).save(elsewhere / "b.png")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(digits[1, ..., 0]).save(folder / "a.png")
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "gone.png").symlink_to(tmp_path / "missing.png")  # dangling: its reader names it
+    files, skipped = inference.image_files([folder])
+    assert files == [folder / "a.png", folder / "gone.png", folder / "linked" / "b.png"] and skipped == []

@@ -477,12 +477,19 @@ def check_extensions(extensions) -> tuple[str, ...]:
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 
 
-def _list_images(folder: Path, extensions) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The image files under ``folder``, sorted, and ``(folder, reason)`` for each subfolder left out.
+def walk_files(folder) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every file under ``folder`` (hidden entries skipped), sorted by relative path, and
+    ``(folder, reason)`` for each subfolder left out.
 
     Symlinked subfolders are followed, each real folder listed once: a second way into one (a
-    link back up, a loop) is left out with a reason, as is a folder that cannot be read.
+    link back up, a loop) is left out with a reason, as is a folder that cannot be read. A
+    dangling link is listed as a file, for its reader to report.
+
+    Example:
+        >>> walk_files(Path("pets/cat"))  # doctest: +SKIP
+        ([PosixPath('pets/cat/1.jpg'), PosixPath('pets/cat/more/2.jpg')], [])
     """
+    folder = Path(folder)
     found, left_out, listed = [], [], set()
 
     def unreadable(error):
@@ -496,10 +503,14 @@ def _list_images(folder: Path, extensions) -> tuple[list[Path], list[tuple[str, 
             continue
         listed.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for filename in filenames:
-            if not filename.startswith(".") and filename.lower().endswith(extensions):
-                found.append(Path(dirpath, filename))
+        found += [Path(dirpath, filename) for filename in filenames if not filename.startswith(".")]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix()), left_out
+
+
+def _list_images(folder: Path, extensions) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files under ``folder`` named as images (:func:`walk_files`), and the subfolders left out."""
+    files, left_out = walk_files(folder)
+    return [file for file in files if file.name.lower().endswith(extensions)], left_out
 
 
 def _listing(root: Path, files, sizes) -> list[list]:

@@ -42,7 +42,7 @@ import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["PREPROCESSORS", "Whitening", "fit_preprocessing"]
+__all__ = ["PREPROCESSORS", "Standardization", "Whitening", "fit_preprocessing"]
 
 PREPROCESSORS = ("scale", "center_pixel", "center_channel", "standardize", "pca", "zca")
 EPSILON = 1e-5  # added to the eigenvalues (whitening) and variances (standardize), as in CS231n
@@ -75,8 +75,8 @@ def fit_preprocessing(preprocess, train_images, *, dtype=None, seed: int = 0) ->
 
     Returns:
         Layers mapping raw 0-255 pixels to what the network should see: ``Rescaling``
-        (``"rescale"``), then ``Normalization`` (``"center"``, ``"standardize"``) and/or
-        :class:`Whitening` (``"whiten"``) with the fitted statistics as constants.
+        (``"rescale"``), then ``Standardization`` (``"center"``, ``"standardize"``) and/or
+        :class:`Whitening` (``"whiten"``) with the fitted statistics as non-trainable weights.
 
     Raises:
         ValueError: an unknown or misplaced name, images that are not raw integer pixels,
@@ -111,6 +111,62 @@ def fit_preprocessing(preprocess, train_images, *, dtype=None, seed: int = 0) ->
         if index + 1 < len(fitted_steps):
             x = np.concatenate([np.asarray(layer(x[start:start + 4096])) for start in range(0, len(x), 4096)])
     return layers
+
+
+@keras.saving.register_keras_serializable(package="cnnkit")
+class Standardization(keras.layers.Layer):
+    """``(x - mean) / std`` per pixel (statistics shaped like the image) or per channel (shaped ``(C,)``).
+
+    The statistics are non-trainable weights, as in :class:`Whitening`. Keras's ``Normalization``
+    keeps its statistics as tensors made when it is built, which ONNX export (tf2onnx) turns into
+    inputs the exported graph then lacks; weights are frozen into the graph.
+
+    Args:
+        mean: the mean image ``(H, W, C)`` or per-channel means ``(C,)``.
+        std: standard deviations of the same shape (ones: centring only).
+        per_pixel: for loading a saved model without ``mean`` and ``std``: the statistics' layout.
+        **kwargs: standard ``keras.layers.Layer`` arguments (``name``, ``dtype``, ...).
+
+    Example:
+        >>> import numpy as np
+        >>> layer = Standardization(np.array([0.5]), np.array([0.25]))
+        >>> np.asarray(layer(np.ones((1, 2, 2, 1)))).ravel().tolist()
+        [2.0, 2.0, 2.0, 2.0]
+    """
+
+    def __init__(self, mean=None, std=None, *, per_pixel=None, **kwargs):
+        super().__init__(**kwargs)
+        if (mean is None) != (std is None):
+            raise ValueError("Pass Standardization both `mean` and `std`, or neither (when loading a saved model)")
+        self._fitted = None
+        if mean is not None:
+            mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+            if mean.shape != std.shape or mean.ndim not in (1, 3) or not (std > 0).all():
+                raise ValueError(f"Standardization needs a mean and a positive std of one shape, (C,) or (H, W, C). "
+                                 f"Received: mean.shape={mean.shape}, std.shape={std.shape}")
+            self._fitted, per_pixel = (mean, std), mean.ndim == 3
+        self.per_pixel = bool(per_pixel)
+
+    def build(self, input_shape):
+        shape = tuple(input_shape[1:]) if self.per_pixel else (input_shape[-1],)
+        if self._fitted is not None and self._fitted[0].shape != shape:
+            raise ValueError(f"This Standardization was fitted on statistics of shape {self._fitted[0].shape}; the "
+                             f"input needs {shape}. Received: input_shape={tuple(input_shape)}")
+        self.mean = self.add_weight(name="mean", shape=shape, initializer="zeros", trainable=False)
+        self.std = self.add_weight(name="std", shape=shape, initializer="ones", trainable=False)
+        if self._fitted is not None:
+            self.mean.assign(self._fitted[0])
+            self.std.assign(self._fitted[1])
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        return (x - ops.cast(self.mean, self.compute_dtype)) / ops.cast(self.std, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "per_pixel": self.per_pixel}  # the statistics are weights
 
 
 @keras.saving.register_keras_serializable(package="cnnkit")
@@ -228,12 +284,11 @@ def _fit_step(step: str, x: np.ndarray, dtype) -> keras.layers.Layer:
     name = _LAYER_NAMES[step]
     if step == "center_pixel":
         mean = x.mean(axis=0, dtype=np.float64)
-        return keras.layers.Normalization(axis=(1, 2, 3), mean=_f32(mean), variance=np.ones_like(_f32(mean)),
-                                          name=name, dtype=dtype)
+        return Standardization(_f32(mean), np.ones_like(_f32(mean)), name=name, dtype=dtype)
     if step in ("center_channel", "standardize"):
         mean = x.mean(axis=(0, 1, 2), dtype=np.float64)
-        variance = x.var(axis=(0, 1, 2), dtype=np.float64) + EPSILON if step == "standardize" else np.ones_like(mean)
-        return keras.layers.Normalization(axis=-1, mean=_f32(mean), variance=_f32(variance), name=name, dtype=dtype)
+        std = np.sqrt(x.var(axis=(0, 1, 2), dtype=np.float64) + EPSILON) if step == "standardize" else np.ones_like(mean)
+        return Standardization(_f32(mean), _f32(std), name=name, dtype=dtype)
     mean, matrix = _whitening(x.reshape(len(x), -1), zca=step == "zca")
     return Whitening(_f32(mean), _f32(matrix), name=name, dtype=dtype)
 

@@ -8,7 +8,7 @@ import pytest
 import cnnkit
 import cnnkit.runs
 from cnnkit.recipes import preprocess
-from cnnkit.recipes.preprocess import EPSILON, PREPROCESSORS, Whitening, fit_preprocessing
+from cnnkit.recipes.preprocess import EPSILON, PREPROCESSORS, Standardization, Whitening, fit_preprocessing
 
 SHAPE = (4, 4, 1)
 
@@ -148,11 +148,13 @@ def test_mixed_bfloat16_keeps_preprocessing_in_float32(correlated_images, tmp_pa
 
 
 def test_statistics_use_a_seeded_sample_when_the_images_do_not_fit(monkeypatch, correlated_images):
-    full = fit_preprocessing("center_pixel", correlated_images)[1].input_mean
+    def fitted_mean(seed=0):  # centring maps a black image to minus the mean image
+        layer = fit_preprocessing("center_pixel", correlated_images, seed=seed)[1]
+        return -np.asarray(layer(np.zeros((1, *correlated_images.shape[1:]), np.float32)))[0]
+
+    full = fitted_mean()
     monkeypatch.setattr(preprocess, "FIT_SAMPLE_BYTES", 100 * 4 * 16)  # room for 100 of the 600 images
-    first = fit_preprocessing("center_pixel", correlated_images, seed=1)[1].input_mean
-    again = fit_preprocessing("center_pixel", correlated_images, seed=1)[1].input_mean
-    other = fit_preprocessing("center_pixel", correlated_images, seed=2)[1].input_mean
+    first, again, other = fitted_mean(seed=1), fitted_mean(seed=1), fitted_mean(seed=2)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other) and not np.array_equal(first, full)
     np.testing.assert_allclose(first, full, atol=0.05)  # a sample's mean, near the full one
@@ -203,6 +205,17 @@ def test_whitening_layer_checks_its_arrays_and_input():
         Whitening(np.zeros(4), np.zeros((4, 3)))
     with pytest.raises(ValueError, match="fitted on 4 values per image; the input has 9"):
         Whitening(np.zeros(4), np.eye(4))(np.zeros((1, 3, 3, 1), np.float32))
+
+
+def test_standardization_layer_checks_its_arrays_and_input():
+    with pytest.raises(ValueError, match="both `mean` and `std`"):
+        Standardization(mean=np.zeros(4))
+    with pytest.raises(ValueError, match=r"positive std of one shape.*std.shape=\(3,\)"):
+        Standardization(np.zeros(4), np.ones(3))
+    with pytest.raises(ValueError, match="positive std"):
+        Standardization(np.zeros(2), np.zeros(2))
+    with pytest.raises(ValueError, match=r"fitted on statistics of shape \(2,\); the input needs \(1,\)"):
+        Standardization(np.zeros(2), np.ones(2))(np.zeros((1, 3, 3, 1), np.float32))
 
 
 def test_every_name_builds_a_model(correlated_images):
