@@ -539,7 +539,9 @@ def _serving_archive(model, names, image_shape):
     image can differ by a level or so). What the graph cannot match: EXIF orientation is not
     applied (clients should send upright images), 16-bit grayscale PNGs keep their high byte (PIL
     rounds ``v / 257``: at most one level apart), a BMP with an alpha mask (PIL: RGBA) is read as
-    RGB, an 8-bit palette BMP as its palette indices, and GIF transparency decodes as black.
+    RGB, an 8-bit palette BMP as its palette indices, GIF transparency decodes as black, and the
+    colour-key transparency of an RGB or grayscale PNG (a ``tRNS`` chunk naming one colour) is
+    ignored, where PIL composites that colour onto white.
     """
     import keras
     import tensorflow as tf
