@@ -225,7 +225,9 @@ class ImageData:
         class_names = [self.class_names[i] for i in keep]
         described = f"{self.source}, classes {', '.join(class_names)}"
         if per_class is not None:
-            described += f", {per_class} training images per class (seed {seed})"
+            taken = [int(np.sum(splits["train"][1] == label)) for label in range(len(keep))]
+            described += f", {per_class} training images per class (seed {seed})" if min(taken) == per_class else \
+                f", at most {per_class} training images per class: {taken} (seed {seed})"
         digest = hashlib.sha256(json.dumps([self.fingerprint, keep, per_class, val_per_class, seed]).encode())
         return from_splits(splits, class_names, source=described, fingerprint=digest.hexdigest())
 

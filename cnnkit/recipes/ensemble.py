@@ -31,14 +31,25 @@ import cnnkit
 from cnnkit.distribute import describe, distributed
 from cnnkit.html_report import write_report
 from cnnkit.recipes.fitting import (
+    discard_backup,
     prepare_run_dir,
     recorded_arguments,
-    remove_if_failed_start,
+    released_on_failure,
     run_config,
+    run_key,
 )
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train
-from cnnkit.runs import Run, atomic_save_model, release_run_dir, write_manifest, write_run
+from cnnkit.runs import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    Run,
+    atomic_save_model,
+    atomic_write_text,
+    release_run_dir,
+    write_manifest,
+    write_run,
+)
 
 COMBINE_MODES = ("mean", "geometric", "vote")
 TTA_MODES = ("flip", "crops", "ten_crop")
@@ -85,8 +96,10 @@ class CombineProbabilities(keras.layers.Layer):
             return mean
         if self.mode == "geometric":
             return ops.softmax(ops.mean(ops.log(probabilities + self.epsilon), axis=0), axis=-1)
-        num_classes = probabilities.shape[-1]
-        votes = ops.sum(ops.one_hot(ops.argmax(probabilities, axis=-1), num_classes, dtype="float32"), axis=0)
+        # Each member's vote: a one-hot of its argmax, from comparisons (Keras's argmax in TensorFlow adds
+        # Bitcast ops that TFLite and ONNX cannot run); the cumulative sum keeps the first of tied maxima.
+        is_max = ops.cast(ops.equal(probabilities, ops.max(probabilities, axis=-1, keepdims=True)), "float32")
+        votes = ops.sum(is_max * ops.cast(ops.equal(ops.cumsum(is_max, axis=-1), 1.0), "float32"), axis=0)
         return (votes + mean) / (len(inputs) + 1)
 
     def compute_output_shape(self, input_shape):
@@ -282,6 +295,7 @@ def ensemble(
     seed: int = 0,
     strategy="auto",
     run_dir=None,
+    overwrite: bool = False,
     verbose: int = 1,
 ) -> Run:
     """Train or gather ensemble members, combine them into one model, evaluate it, write its run directory.
@@ -321,6 +335,8 @@ def ensemble(
             in ``snapshots``. A finished ensemble there is refused; a finished member there is
             reused (when its arch, seed, data and train options match) rather than retrained,
             so an interrupted ensemble resumes.
+        overwrite: delete a finished ensemble (or an interrupted one, members included) in
+            ``run_dir`` and build it again.
         verbose: 0 silent, 1 progress bars, 2 one line per epoch.
 
     Returns:
@@ -345,13 +361,17 @@ def ensemble(
     if tta is not None and tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES} or None. Received: tta={tta!r}")
     data = resolve_data(data)
-    run_dir = prepare_run_dir(run_dir, "ensemble")
-    try:
-        models, labels = _gather(plan, data, options, run_dir, verbose)
-        _check_agreement(models, labels, data)
-    except BaseException:
-        remove_if_failed_start(run_dir)  # a member that trained an epoch keeps the folder, to resume
-        raise
+    run_dir = prepare_run_dir(run_dir, "ensemble", overwrite=overwrite)
+    with released_on_failure(run_dir):  # a member that trained an epoch keeps the folder, to resume
+        run = _combine_and_write(plan, data, options, arguments, members, combine, tta, seed, run_dir, verbose)
+    if verbose:
+        print(_result_line(run))
+    return run
+
+
+def _combine_and_write(plan, data, options, arguments, members, combine, tta, seed, run_dir, verbose) -> Run:
+    models, labels = _gather(plan, data, options, run_dir, verbose)
+    _check_agreement(models, labels, data)
     model = combine_models(models, combine=combine)
 
     arguments.update(members=members if isinstance(members, (int, str)) else labels,
@@ -370,12 +390,12 @@ def ensemble(
             metrics.update({f"tta_{key}": tta_metrics[key] for key in ("test_accuracy", "test_error", "balanced_accuracy")})
     metrics["num_members"] = len(models)
     run.metrics = metrics
+    atomic_write_text(run_dir / "backup" / "key", run_key(arguments, data))  # interrupted until all is written
     write_run(run_dir, model=model, history={}, metrics=metrics, config=config, class_names=data.class_names)
     write_report(run_dir, model=model, data=data)  # report.html with member agreement; a failure only warns
     write_manifest(run_dir)
+    discard_backup(run_dir)
     release_run_dir(run_dir)
-    if verbose:
-        print(_result_line(run))
     return run
 
 
@@ -451,7 +471,17 @@ def _member_plan(members, arch, snapshot_cycles, options, seed) -> list:
     objects = [id(_as_model(step[1])) for step in plan if step[0] == "existing" and not _is_path(step[1])]
     if len(objects) != len(set(objects)):
         raise ValueError("the same model object is given as two members; pass each member once")
+    paths = [_source(step[1]).resolve() for step in plan if step[0] == "existing" and _is_path(step[1])]
+    repeated = sorted({str(path) for path in paths if paths.count(path) > 1})
+    if repeated:
+        raise ValueError(f"the same run is given as two members ({', '.join(repeated)}); pass each member once")
     return plan
+
+
+def _source(path) -> Path:
+    """A member path as a run: a run directory's ``model.keras`` is its run directory (class names, config)."""
+    path = Path(path)
+    return path.parent if path.name == MODEL_FILE and (path.parent / CONFIG_FILE).is_file() else path
 
 
 def _names_a_path(text: str) -> bool:
@@ -471,13 +501,15 @@ def _gather(plan, data, options, run_dir, verbose):
     models, labels = [], []
     for step in plan:
         if step[0] == "existing":
-            item = cnnkit.load(step[1]) if _is_path(step[1]) else step[1]
+            item = cnnkit.load(_source(step[1])) if _is_path(step[1]) else step[1]
             model = _as_model(item)
             if _is_path(step[1]) or (isinstance(item, Run) and item.run_dir):
                 label = str(step[1] if _is_path(step[1]) else item.run_dir)
             else:
                 label = f"<keras.Model {model.name}>"
-            if isinstance(item, Run) and item.config.get("class_names") and item.class_names != list(data.class_names):
+            named = isinstance(item, Run) and (item.config.get("class_names") or
+                                               item.class_names != [str(i) for i in range(len(item.class_names))])
+            if named and item.class_names != list(data.class_names):  # not just the 0..K-1 of a bare model
                 raise ValueError(f"member {label} was trained on classes {item.class_names}; the data has "
                                  f"{list(data.class_names)}")
             models.append(model)

@@ -267,7 +267,7 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
     """
     run_dir = _named_run_dir(run_dir, label, key)
     if run_dir.is_dir() and any(run_dir.iterdir()) and not _is_run(run_dir) \
-            and not (key is None and not overwrite and _holds_runs(run_dir)):
+            and not (key is None and _holds_runs(run_dir)):
         raise ValueError(f"run directory {run_dir} is not empty and holds no cnnkit run (no backup/key, no "
                          "metrics.json with manifest.json or model.keras); pass a new or empty run_dir "
                          "(overwrite=True deletes only a run)")
@@ -285,7 +285,7 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
                 raise ValueError(f"run directory {run_dir} already holds {what}; pass overwrite=True (overwrite=true "
                                  "on the command line) to replace it, or another run_dir")
             _empty(run_dir)
-        elif overwrite and _is_run(run_dir):
+        elif overwrite and (_is_run(run_dir) or key is None and _holds_runs(run_dir)):
             _empty(run_dir)
         if key is not None and not recorded.exists():
             atomic_write_text(recorded, key)

@@ -109,14 +109,22 @@ def transfer(
             raise ValueError(f"{name} must be a mapping of {recipe.__name__} arguments. Received: {name}={settings!r}")
         validate_kwargs(recipe, settings or {}, qualname=f"transfer's {name} ({recipe.__name__})",
                         provided=(passed, "data", "seed", "verbose", "run_dir"))
+    source_classes, target_classes = list(source_classes), list(target_classes)  # a generator is read once
     for name, classes in (("source_classes", source_classes), ("target_classes", target_classes)):
-        if len(list(classes)) < 2:
+        if len(classes) < 2:
             raise ValueError(f"{name} must name at least 2 classes (each task is a classifier). Received: "
-                             f"{name}={list(classes)!r}")
+                             f"{name}={classes!r}")
     data = resolve_data(data)
-    source = data.subset(classes=list(source_classes), seed=seed)
-    target = data.subset(classes=list(target_classes), per_class=labels_per_class,
+    if data.test is None:
+        raise ValueError(f"transfer compares fine-tuning with scratch on the test split; the data has none "
+                         f"({data.source}): give test data (from_folder's test_path, or from_arrays' x_test)")
+    source = data.subset(classes=source_classes, seed=seed)
+    target = data.subset(classes=target_classes, per_class=labels_per_class,
                          val_per_class=val_labels_per_class, seed=seed)
+    shared = sorted(set(source.class_names) & set(target.class_names))
+    if shared:  # pretraining on all of their labels would leak into the few-label comparison
+        raise ValueError(f"source_classes and target_classes share {shared}: pretraining must see other classes. "
+                         f"Received: source_classes={source_classes!r}, target_classes={target_classes!r}")
     label = arch if isinstance(arch, str) else "model"
     run_dir = prepare_run_dir(run_dir, f"transfer-{label}")
     common = {"seed": seed, "verbose": verbose}

@@ -1,4 +1,6 @@
+import fcntl
 import importlib
+import os
 import shutil
 
 import keras
@@ -194,7 +196,54 @@ def test_members_trained_on_other_classes_are_refused(seeded, data, tmp_path):
     with pytest.raises(ValueError, match=r"members/0 was trained on classes \['0', '1', '2'\]; the data has "
                                          r"\['a', 'b', 'c'\]"):
         ensemble([seeded.run_dir / "members" / "0"], renamed, run_dir=tmp_path / "renamed", verbose=0)
-    assert not (tmp_path / "renamed").exists()
+    with pytest.raises(ValueError, match=r"model.keras was trained on classes \['0', '1', '2'\]"):  # its run's names
+        ensemble([seeded.run_dir / "members" / "0" / "model.keras"], renamed, run_dir=tmp_path / "renamed", verbose=0)
+    reordered = cnnkit.Run(_members(seeded)[0].model, class_names=["2", "1", "0"])
+    with pytest.raises(ValueError, match=r"was trained on classes \['2', '1', '0'\]; the data has \['0', '1', '2'\]"):
+        ensemble([reordered], data, run_dir=tmp_path / "reordered", verbose=0)
+    assert not (tmp_path / "renamed").exists() and not (tmp_path / "reordered").exists()
+
+
+def test_the_same_run_twice_by_path_is_refused(seeded, data, tmp_path):
+    member = seeded.run_dir / "members" / "0"
+    with pytest.raises(ValueError, match=f"the same run is given as two members \\({member}\\)"):
+        ensemble([member, member / "model.keras"], data, run_dir=tmp_path / "twice", verbose=0)
+
+
+def test_a_vote_ensemble_exports_to_tflite_and_onnx(seeded, data, tmp_path):
+    run = ensemble([seeded.run_dir / "members" / "0", seeded.run_dir / "members" / "1"], data, combine="vote",
+                   run_dir=tmp_path / "voted", verbose=0)
+    for fmt in ("tflite", "onnx"):  # verified in a fresh process against the Keras model
+        report = cnnkit.export(run, tmp_path / fmt, format=fmt, verbose=0)
+        assert (report / "verification.json").is_file()
+
+
+def test_an_ensemble_that_fails_while_writing_resumes_and_overwrite_rebuilds_it(seeded, data, tmp_path, monkeypatch):
+    import sys
+
+    members = [seeded.run_dir / "members" / "0", seeded.run_dir / "members" / "1"]
+    module = sys.modules["cnnkit.recipes.ensemble"]
+    real = module.write_run
+
+    def killed_after_the_metrics(run_dir, **kwargs):
+        real(run_dir, **kwargs)
+        (run_dir / "manifest.json").unlink(missing_ok=True)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(module, "write_run", killed_after_the_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        ensemble(members, data, run_dir=tmp_path / "ens", verbose=0)
+    probe = os.open(tmp_path / "ens", os.O_RDONLY)  # released: another process may take it over
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(probe)
+    monkeypatch.undo()
+    run = ensemble(members, data, run_dir=tmp_path / "ens", verbose=0)  # interrupted, not finished: it resumes
+    assert run.metrics["num_members"] == 2 and not (tmp_path / "ens" / "backup").exists()
+    with pytest.raises(ValueError, match="already holds a finished run; pass overwrite=True"):
+        ensemble(members, data, run_dir=tmp_path / "ens", verbose=0)
+    written = (tmp_path / "ens" / "model.keras").stat().st_mtime_ns
+    again = ensemble(members, data, run_dir=tmp_path / "ens", overwrite=True, verbose=0)
+    assert (tmp_path / "ens" / "model.keras").stat().st_mtime_ns != written and again.metrics["num_members"] == 2
 
 
 def test_the_same_model_twice_is_refused(data):

@@ -458,3 +458,17 @@ def test_every_applications_backbone_fine_tunes_from_a_local_weights_file(name, 
     assert changed == {unfrozen}
     assert run.model.input_shape == (None, 32, 32, 3) and run.model.output_shape == (None, 2)
     assert not (run.run_dir / "report.html").exists()  # report=False
+
+
+def test_transfer_refuses_shared_classes_and_data_without_a_test_split_before_training(tmp_path):
+    sample = cnnkit.data.load("mnist-sample")
+    with pytest.raises(ValueError, match=r"source_classes and target_classes share \['1'\]: pretraining must see "
+                                         r"other classes"):
+        cnnkit.recipes.transfer("4C3-MP2-FC16", sample, source_classes=["0", "1"], target_classes=(c for c in [1, 2]),
+                                run_dir=tmp_path / "shared", verbose=0)
+    x, y = sample.arrays("train")
+    no_test = cnnkit.data.from_arrays(x[:300], y[:300], seed=0)
+    with pytest.raises(ValueError, match="transfer compares fine-tuning with scratch on the test split; the data has none"):
+        cnnkit.recipes.transfer("4C3-MP2-FC16", no_test, source_classes=[0, 1], target_classes=[2, 3],
+                                run_dir=tmp_path / "no_test", verbose=0)
+    assert list(tmp_path.iterdir()) == []  # refused before any folder or training
