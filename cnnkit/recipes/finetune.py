@@ -24,10 +24,12 @@ import dataclasses
 import math
 import numbers
 import os
+import re
 from pathlib import Path
 
 import keras
 import tensorflow as tf
+from keras import ops
 
 from cnnkit.distribute import describe, distributed, learning_rate_scale, shard
 from cnnkit.recipes.fitting import (
@@ -91,8 +93,10 @@ def finetune(
         backbone: a ``keras.applications`` name from ``cnnkit.models.list_backbones()``
             ("mobilenet_v2", "efficientnet_b0", "resnet50", ...), a ``.keras`` file, or a cnnkit
             run directory. A saved classifier is cut at the input of its last dense layer (its
-            penultimate features) and given a new head; its groups are its weighted layers, those
-            of a nested model (a base model inside it, an earlier fine-tuning's backbone) included.
+            penultimate features; refused when weighted layers follow that dense layer) and given a
+            new head; a model of any input size takes the data's size (or ``input_size``). Its
+            groups are its weighted layers, those of a nested model (a base model inside it, an
+            earlier fine-tuning's backbone) included.
         data: an ``ImageData``, a dataset name, or a mapping of ``load`` or ``from_folder`` arguments (as for ``train``).
         weights: for an applications backbone: "imagenet" (Keras downloads and caches them), a
             path to a weights file of the headless model, or ``None`` (untrained).
@@ -311,7 +315,8 @@ def with_lr_multipliers(optimizer, multipliers):
     Keras optimisers take one rate for every variable; this copy scales the rate of each
     variable in ``multipliers`` (``(keras.Variable, factor)`` pairs) inside
     ``update_step``, so Adam's updates shrink too (scaling gradients would not: Adam is
-    invariant to gradient scale). Weight decay spares biases and batch-norm parameters, as
+    invariant to gradient scale). Decoupled weight decay scales with the factor too (as
+    PyTorch's per-group rates do), and spares biases and batch-norm parameters, as
     ``make_optimizer``'s does. With no multipliers the optimiser is returned unchanged.
 
     Example:
@@ -323,16 +328,26 @@ def with_lr_multipliers(optimizer, multipliers):
 
     class Discriminative(base):
         def update_step(self, gradient, variable, learning_rate):
-            factor = self.lr_multipliers.get(self._var_key(variable))
+            key = self._var_key(variable)
+            factor = self.lr_multipliers.get(key)
             if factor is not None:
                 learning_rate = learning_rate * factor
+                if key in self.decayed_at_factor:  # decoupled decay at the group's rate, before its update as Keras's
+                    decay = ops.cast(self.weight_decay, variable.dtype) * ops.cast(learning_rate, variable.dtype)
+                    variable.assign_sub(variable * decay)
             return super().update_step(gradient, variable, learning_rate)
 
     Discriminative.__name__ = f"Discriminative{base.__name__}"
     discriminative = Discriminative.from_config(optimizer.get_config())
     discriminative.lr_multipliers = {discriminative._var_key(variable): factor for variable, factor in multipliers}
+    discriminative.decayed_at_factor = set()
     if optimizer.weight_decay:  # the config does not carry make_optimizer's exclusions
-        discriminative.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
+        spared = re.compile("|".join(NO_DECAY_NAMES))
+        discriminative.decayed_at_factor = {discriminative._var_key(variable) for variable, _ in multipliers
+                                            if not spared.search(variable.name)}
+        # Keras decays every other variable at the full rate; these the update step decays at their factor.
+        discriminative.exclude_from_weight_decay(var_list=[variable for variable, _ in multipliers],
+                                                 var_names=list(NO_DECAY_NAMES))
     return discriminative
 
 
@@ -446,10 +461,16 @@ def _saved_backbone(path, data, input_size, trust):
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     if not dense:
         raise ValueError(f"{path}: the model has no dense classifier to cut off")
+    following = [layer.name for layer in model.layers[model.layers.index(dense[-1]) + 1:] if layer.weights]
+    if following:  # a dense layer inside the network (a squeeze-excitation block): not its classifier
+        raise ValueError(f"{path}: its last dense layer, {dense[-1].name!r}, is not its classifier: weighted layers "
+                         f"{following} follow it. Give a model whose classifier is its last dense layer")
     features = keras.Model(model.inputs, dense[-1].input, name=f"{model.name}_features")
     groups = _layer_groups_by_block(features)
     shape = tuple(features.input_shape[1:])
-    if input_size and input_size != shape[:2]:
+    if None in shape[:2]:  # a model of any input size: the data's size, or input_size
+        shape = (*(input_size or data.image_shape[:2]), shape[2])
+    elif input_size and input_size != shape[:2]:
         raise ValueError(f"{path} takes {shape[:2]} inputs; input_size does not apply. Received: input_size={input_size}")
     return features, groups, _input_adapter(data.image_shape, shape, path), {"name": _backbone_name(path), "path": str(path)}
 
@@ -474,10 +495,13 @@ def _layer_groups_by_block(model):
     """Groups of a saved model's layers, those of nested models (a base model inside a classifier,
     an earlier fine-tuning's backbone) taken in their place: a weighted layer starts a group;
     batch norm, activations and pooling join the group before them (the first group, before any),
-    as do layers sharing its name prefix."""
+    as do layers sharing its name prefix: the name up to its first ``_`` (``conv1`` of ``conv1_bn``),
+    or to its second where a number follows the first (Keras's own names ``conv2d_1``, ``dense_2``;
+    MobileNet's ``block_1_expand``), so such layers are not all one group."""
     groups, leading = [], []
     for layer in _leaf_layers(model):
-        prefix = layer.name.split("_")[0]
+        parts = layer.name.split("_")
+        prefix = "_".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
         owner = next((group for group in groups if group[0] == prefix), None)
         starts = layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
         if owner is None and starts:
@@ -556,7 +580,11 @@ def _check_stages(stages, group_names):
             raise ValueError(f"stage {index}: learning_rate must be positive. Received: {stage['learning_rate']!r}")
         unfreeze = stage.get("unfreeze", 0)
         unfrozen = _unfrozen_groups(unfreeze, group_names, where=f"stage {index}")
-        for group, factor in (stage.get("lr_multipliers") or {}).items():
+        multipliers = stage.get("lr_multipliers") or {}
+        if not isinstance(multipliers, dict):
+            raise ValueError(f"stage {index}: lr_multipliers must be a mapping {{group: factor}}. Received: "
+                             f"{multipliers!r}")
+        for group, factor in multipliers.items():
             if group not in group_names:
                 raise ValueError(f"stage {index}: lr_multipliers names unknown group {group!r}; groups: {group_names}")
             if group not in unfrozen:

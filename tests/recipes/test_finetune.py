@@ -307,6 +307,8 @@ def test_auto_prints_the_case_it_chose(digits, pretrained, tmp_path, capsys):
     ([{"unfreeze": 1, "epochs": 1, "learning_rate": 1e-3, "lr_multipliers": {"fc9": 0.1}}], "unknown group 'fc9'"),
     ([{"unfreeze": 1, "epochs": 1, "learning_rate": 1e-3, "lr_multipliers": {"conv1": 0.1}}],
      r"names group 'conv1', which the stage leaves frozen \(unfreeze=1 trains \['fc1'\]\)"),
+    ([{"unfreeze": 1, "epochs": 1, "learning_rate": 1e-3, "lr_multipliers": [("fc1", 0.1)]}],
+     r"lr_multipliers must be a mapping \{group: factor\}"),
     ("fast", "stages must be 'auto' or a non-empty list"),
 ])
 def test_bad_stages_are_named(digits, pretrained, tmp_path, stages, message):
@@ -472,3 +474,54 @@ def test_transfer_refuses_shared_classes_and_data_without_a_test_split_before_tr
         cnnkit.recipes.transfer("4C3-MP2-FC16", no_test, source_classes=[0, 1], target_classes=[2, 3],
                                 run_dir=tmp_path / "no_test", verbose=0)
     assert list(tmp_path.iterdir()) == []  # refused before any folder or training
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_discriminative_rates_scale_decoupled_weight_decay_and_spare_biases(optimizer):
+    from cnnkit.recipes.optimization import make_optimizer
+
+    slow, fast = (keras.Variable(np.ones((3, 3), "float32"), name="kernel") for _ in range(2))
+    bias = keras.Variable(np.ones(3, "float32"), name="bias")
+    base = make_optimizer(optimizer, learning_rate=0.1, weight_decay=0.5, steps_per_epoch=1, epochs=1)
+    discriminative = with_lr_multipliers(base, [(slow, 0.01), (bias, 0.01)])
+    discriminative.apply([np.zeros((3, 3), "float32"), np.zeros((3, 3), "float32"), np.zeros(3, "float32")],
+                         [slow, fast, bias])  # zero gradients: only the decay moves them
+    np.testing.assert_allclose(1 - slow.numpy(), 0.1 * 0.01 * 0.5, rtol=1e-3)  # at the group's rate
+    np.testing.assert_allclose(1 - fast.numpy(), 0.1 * 0.5, rtol=1e-3)
+    np.testing.assert_array_equal(bias.numpy(), 1.0)
+
+
+def test_a_saved_model_with_keras_s_own_layer_names_gets_one_group_per_weighted_layer(tmp_path):
+    from cnnkit.recipes.finetune import build_finetune_model
+
+    model = keras.Sequential([keras.Input((12, 12, 1)), keras.layers.Conv2D(2, 3), keras.layers.Conv2D(2, 3),
+                              keras.layers.BatchNormalization(), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
+                              keras.layers.Dense(8), keras.layers.Dense(3, activation="softmax")])
+    model.save(tmp_path / "auto_named.keras")  # conv2d, conv2d_1, batch_normalization, conv2d_2, flatten, dense, dense_1
+    data = cnnkit.data.from_arrays(np.zeros((6, 12, 12, 1), np.uint8), np.arange(6) % 2, val_split=0)
+    built = build_finetune_model(tmp_path / "auto_named.keras", data)
+    assert [name.split("_")[0] for name in built.group_names] == ["conv2d"] * 3 + ["dense"]
+    assert len(set(built.group_names)) == 4  # not one group for every conv2d_<n>
+
+
+def test_a_saved_backbone_of_any_input_size_and_a_dense_layer_inside_the_network(tmp_path):
+    from cnnkit.recipes.finetune import build_finetune_model
+
+    data = cnnkit.data.from_arrays(np.zeros((6, 20, 20, 1), np.uint8), np.arange(6) % 2, val_split=0)
+    image = keras.Input((None, None, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="c1")(image))
+    keras.Model(image, keras.layers.Dense(3, activation="softmax")(x)).save(tmp_path / "any_size.keras")
+    built = build_finetune_model(tmp_path / "any_size.keras", data)  # no resize: the data's own size
+    assert built.model.input_shape == (None, 20, 20, 1) and built.model.predict(np.zeros((1, 20, 20, 1)), verbose=0).shape == (1, 2)
+    resized = build_finetune_model(tmp_path / "any_size.keras", data, input_size=12)
+    assert resized.model.get_layer("resize").get_config()["height"] == 12
+
+    image = keras.Input((8, 8, 1))
+    conv = keras.layers.Conv2D(4, 3, name="c1")(image)
+    squeeze = keras.layers.Dense(4, name="se_up")(keras.layers.GlobalAveragePooling2D()(conv))
+    excited = keras.layers.Multiply()([conv, keras.layers.Reshape((1, 1, 4))(squeeze)])
+    logits = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 1, name="logits")(excited))
+    keras.Model(image, keras.layers.Softmax()(logits)).save(tmp_path / "se.keras")
+    with pytest.raises(ValueError, match=r"its last dense layer, 'se_up', is not its classifier: weighted layers "
+                                         r"\['logits'\] follow it"):
+        build_finetune_model(tmp_path / "se.keras", data)
