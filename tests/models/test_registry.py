@@ -127,7 +127,9 @@ def test_save_load_round_trip(name, built, tmp_path):
     actual = loaded.predict(x, verbose=0)
     assert actual.shape == (2, NUM_CLASSES)
     np.testing.assert_allclose(np.sum(actual, axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-7)
+    # Another graph of the same weights: oneDNN may pick other kernels (measured: 1.3e-7 for alexnet); a weight
+    # not restored moves the probabilities far more.
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)
 
 
 def test_docstring_descriptions():
