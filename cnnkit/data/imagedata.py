@@ -400,11 +400,12 @@ def check_seed(seed) -> int:
 
 def check_class_names(class_names) -> list[str]:
     """Return `class_names` as a list of unique non-empty strings, or raise ValueError."""
-    if isinstance(class_names, str) or not all(isinstance(n, str) and n for n in class_names):
+    if not isinstance(class_names, str) and hasattr(class_names, "__iter__"):
+        class_names = list(class_names)  # a generator is read once
+    if not isinstance(class_names, list) or not all(isinstance(n, str) and n for n in class_names):
         raise ValueError(
             f"class_names must be a list of non-empty strings. Received: class_names={class_names!r}"
         )
-    class_names = list(class_names)
     if not class_names:
         raise ValueError("class_names must not be empty. Received: class_names=[]")
     duplicates = sorted({n for n in class_names if class_names.count(n) > 1})

@@ -600,7 +600,7 @@ def _check_stages(stages, group_names):
 
 def _unfrozen_groups(unfreeze, group_names, where="stage"):
     """The set of group names an ``unfreeze`` value selects."""
-    if unfreeze in (0, None):
+    if unfreeze is None or (unfreeze == 0 and not isinstance(unfreeze, bool)):  # False is no number of groups
         return set()
     if unfreeze == "all":
         return set(group_names)

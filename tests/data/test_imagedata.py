@@ -86,6 +86,7 @@ def test_test_split_and_default_class_names_cover_test_labels():
 def test_class_names_given():
     data = from_arrays(tagged_images(4), [0, 1, 1, 0], class_names=["cat", "dog", "eel"])
     assert data.class_names == ["cat", "dog", "eel"]
+    assert from_arrays(tagged_images(4), [0, 1, 1, 0], class_names=(n for n in "ab")).class_names == ["a", "b"]
     assert data.num_classes == 3
     assert data.class_counts["train"][2] == 0
 
@@ -327,6 +328,9 @@ def test_imagedata_can_be_built_directly_and_arrays_iterates():
             {"x_test": np.zeros((1, 3, 3), np.uint8), "y_test": [5], "class_names": ["a", "b"]},
             r"Received: y_test\.max\(\)=5",
         ),
+        (np.zeros((2, 3, 3), np.uint8), [0, 1], {"class_names": 5}, r"class_names must be a list of non-empty "
+                                                                     r"strings\. Received: class_names=5"),
+        (np.zeros((2, 3, 3), np.uint8), [0, 1], {"class_names": ["a", ""]}, r"Received: class_names=\['a', ''\]"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(x, y, kwargs, message):

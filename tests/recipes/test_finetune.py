@@ -304,6 +304,7 @@ def test_auto_prints_the_case_it_chose(digits, pretrained, tmp_path, capsys):
     ([{"unfreeze": 1, "epochs": 1, "learning_rate": 1e-3, "lr_multipliers": {"fc1": float("inf")}}],
      r"lr_multipliers\['fc1'\] must be positive"),
     ([{"unfreeze": 7, "epochs": 1, "learning_rate": 1e-3}], "between 0 and the 3 groups"),
+    ([{"unfreeze": False, "epochs": 1, "learning_rate": 1e-3}], "Received: unfreeze=False"),
     ([{"unfreeze": 1, "epochs": 1, "learning_rate": 1e-3, "lr_multipliers": {"fc9": 0.1}}], "unknown group 'fc9'"),
     ([{"unfreeze": 1, "epochs": 1, "learning_rate": 1e-3, "lr_multipliers": {"conv1": 0.1}}],
      r"names group 'conv1', which the stage leaves frozen \(unfreeze=1 trains \['fc1'\]\)"),
