@@ -338,9 +338,9 @@ def parse_override(text: str) -> tuple[list[str], object]:
         return keys, typed  # a path as typed: 010, 2024-06-01 or runs/exp #2 stay text
     if re.search(r"(^|\s)#", raw) and typed[:1] not in ("'", '"'):
         raise ConfigError(f"override {text!r}: '#' after a space starts a YAML comment, which would drop the rest of "
-                          f"the value; quote the value (e.g. {key.strip()}='\"{raw.strip()}\"')")
+                          f"the value; quote the value (e.g. {key.strip()}='\"{typed}\"')")
     try:
-        value = _yaml_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if typed else None
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None

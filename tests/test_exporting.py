@@ -346,6 +346,18 @@ def test_an_overwrite_whose_last_rename_fails_puts_the_old_export_back(seed_run,
     assert (out / "model.tflite").read_bytes() == before
 
 
+def test_a_model_safe_mode_blocks_exports_from_its_path_only_with_trust(tmp_path):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Lambda(lambda images: images / 255.0)(inputs)  # code in the file: safe mode refuses it
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(x)))
+    model.save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match="trust=True"):
+        cnnkit.export(tmp_path / "lambda.keras", tmp_path / "refused", format="tflite", verify=False, verbose=0)
+    assert not (tmp_path / "refused").exists()
+    out = cnnkit.export(tmp_path / "lambda.keras", tmp_path / "trusted", format="tflite", trust=True, verbose=0)
+    assert _report(out)["passed"] is True
+
+
 def test_existing_target_needs_overwrite(seed_run, tmp_path, capsys):
     out = cnnkit.export(seed_run, tmp_path / "export", format="onnx", verify=False)
     assert "verified: skipped" in capsys.readouterr().out
