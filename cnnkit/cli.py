@@ -37,6 +37,7 @@ import os
 import re
 import sys
 import textwrap
+import unicodedata
 from pathlib import Path
 
 PROG = "cnnkit"
@@ -273,10 +274,18 @@ def _cmd_export(args) -> int:
 
 
 def _shown_path(path) -> str:
-    """A file name any terminal can print: bytes that are not valid in the file-system encoding (the lone
-    surrogates of ``os.fsdecode``, e.g. ``caf\\udce9.png``) shown as ``\\xe9``, as Python shows them on stderr.
-    The CSV keeps the original bytes."""
-    return os.fsencode(path).decode(sys.getfilesystemencoding(), "backslashreplace")
+    """A file name any terminal can print on one line: bytes that are not valid in the file-system encoding
+    (the lone surrogates of ``os.fsdecode``, e.g. ``caf\\udce9.png``) shown as ``\\xe9``, as Python shows them
+    on stderr, and control or format characters (a newline, an escape sequence, a right-to-left mark) escaped
+    (``a\\nb.png``). The CSV keeps the original name.
+
+    Example:
+        >>> _shown_path("a\\nb.png")
+        'a\\\\nb.png'
+    """
+    text = os.fsencode(path).decode(sys.getfilesystemencoding(), "backslashreplace")
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch)[0] == "C" else ch
+                   for ch in text)
 
 
 def _cmd_predict(args) -> int:

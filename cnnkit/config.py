@@ -585,6 +585,9 @@ def _check_data(data, kwargs: dict, source) -> None:
             raise ConfigError(f"{prefix}data: unknown dataset {data!r}{hint}; known datasets: {', '.join(known)}, "
                               "or a folder as a mapping like {path: images/, image_size: [160, 160]}")
     elif isinstance(data, dict) and "name" in data:  # with "path" too, 'path' is named as the unknown key
+        if not isinstance(data["name"], str):
+            raise ConfigError(f"{prefix}data.name: a dataset name is text, one of "
+                              f"{', '.join(cnnkit.data.list_datasets())}; received {data['name']!r}")
         options = {key: value for key, value in data.items() if key != "name"}
         _check_data(data["name"], kwargs, source)
         validate_kwargs(dataset_loader(data["name"]), options, source=source,

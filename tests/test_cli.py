@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -294,8 +295,6 @@ def test_export_then_predict_with_the_export(saved_run, tmp_path, capsys):
 
 
 def test_export_with_trust_model_still_refuses_a_target_holding_its_source(saved_run, tmp_path, capsys):
-    import shutil
-
     run_dir, _ = saved_run
     out = tmp_path / "export"
     assert main(["export", str(run_dir), "--format", "tflite", "--out", str(out), "--no-verify"]) == 0
@@ -411,8 +410,6 @@ def test_tune_user_errors_are_one_line(tmp_path, capsys):
 
 def test_unwritable_outputs_and_run_files_that_do_not_parse_are_one_line_naming_the_file(saved_run, tmp_path,
                                                                                           capsys):
-    import shutil
-
     run_dir, images = saved_run
     bad_manifest, bad_config = tmp_path / "bad_manifest", tmp_path / "bad_config"
     shutil.copytree(run_dir, bad_manifest)
@@ -444,3 +441,17 @@ def test_predict_csv_keeps_a_file_name_that_is_not_utf8(saved_run, tmp_path, cap
     assert main(["predict", str(run_dir), str(images), "--top-k", "1", "--csv", str(csv_path)]) == 0
     assert f"{images}/caf\\xe9.png: " in capsys.readouterr().out  # shown escaped, as Python shows it on stderr
     assert latin1 + b",1," in csv_path.read_bytes()  # the CSV has the file's own bytes
+
+
+def test_predict_prints_a_file_name_with_a_newline_or_escape_sequence_on_one_line(saved_run, tmp_path, capsys):
+    run_dir, images = saved_run
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for name in ["a\nb.png", "c\x1b[31md.png"]:
+        shutil.copy(images / "0.png", folder / name)
+    csv_path = tmp_path / "predictions.csv"
+    assert main(["predict", str(run_dir), str(folder), "--top-k", "1", "--csv", str(csv_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines[:2]] == [f"{folder}/a\\nb.png", f"{folder}/c\\x1b[31md.png"]
+    assert "\x1b" not in "".join(lines)
+    assert f"{folder}/a\nb.png".encode() in csv_path.read_bytes()  # quoted by the csv module, name kept

@@ -120,6 +120,13 @@ def test_a_data_path_that_is_a_file_is_named_as_one(tmp_path):
         config.check_paths({"data": {"path": str(tmp_path / "images.zip")}})
 
 
+def test_a_data_name_that_is_not_text_names_the_recipe_file_and_the_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("arch: FC16\ndata: {name: 5}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: data.name: a dataset name is text, one of ") + ".*mnist.*received 5$"):
+        config.load_recipe(path)
+
+
 def test_apply_overrides_nested_and_does_not_modify_input():
     original = {"epochs": 10, "model_options": {"dropout": 0.5}}
     result = config.apply_overrides(original, ["epochs=2", "model_options.activation=tanh", "new.deep.key=1"])

@@ -88,12 +88,21 @@ def _converted_layer(layer, grid):
         return pool(tuple(layer.input.shape[1:3]), strides=1, name=layer.name, dtype=policy)
     if isinstance(layer, keras.layers.PReLU) and len(layer.input.shape) == 2:
         return keras.layers.PReLU(shared_axes=[1, 2], name=layer.name, dtype=policy)
-    if isinstance(layer, _SLIDING_SAFE + (keras.layers.PReLU,)) or type(layer).__name__ == "LocalResponseNormalization":
+    if _position_wise(layer):
         return layer.__class__.from_config(config)
     reason = ("a locally connected layer has weights for fixed positions" if type(layer).__name__ ==
               "LocallyConnected2D" else "it is not known to act the same at every position")
     raise ValueError(f"cannot convert layer {layer.name!r} ({type(layer).__name__}) to slide over larger images: "
                      f"{reason}")
+
+
+def _position_wise(layer) -> bool:
+    """A layer that acts the same at every position: it slides unchanged. cnnkit's per-channel
+    ``Standardization`` (``preprocess="standardize"`` or ``"center_channel"``) is; the per-pixel one
+    and ``Whitening`` hold statistics for fixed positions."""
+    name = type(layer).__name__
+    return (isinstance(layer, _SLIDING_SAFE + (keras.layers.PReLU,)) or name == "LocalResponseNormalization"
+            or name == "Standardization" and not layer.per_pixel)
 
 
 def _check_unpadded(model):
@@ -150,7 +159,7 @@ def _layer_stride(layer) -> int:
     """A layer's stride: its ``strides`` (the same along height and width), or 1 for a position-wise layer."""
     strides = getattr(layer, "strides", None)
     if strides is None:
-        if isinstance(layer, _SLIDING_SAFE + (keras.layers.PReLU,)) or type(layer).__name__ == "LocalResponseNormalization":
+        if _position_wise(layer):
             return 1
         raise ValueError(f"cannot tell the native stride at layer {layer.name!r}: the stride of a "
                          f"{type(layer).__name__} is not known")

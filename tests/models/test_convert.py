@@ -4,6 +4,7 @@ import pytest
 
 import cnnkit
 from cnnkit.models.convert import native_stride, predict_map, to_fully_convolutional
+from cnnkit.recipes.preprocess import fit_preprocessing
 
 RNG = np.random.default_rng(0)
 
@@ -16,6 +17,18 @@ def _crop_scores(model, canvas, stride, shape):
     return np.asarray(model(crops)).reshape(rows, cols, -1)
 
 
+def _with_random_statistics(model):
+    """``model`` with batch-norm statistics and PReLU slopes away from their initial values, so a
+    conversion that did not copy them would differ."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.set_weights([RNG.uniform(0.5, 2.0, w.shape) if "variance" in w.path or "gamma" in w.path
+                               else RNG.normal(0, 0.5, w.shape) for w in layer.weights])
+        elif isinstance(layer, keras.layers.PReLU):
+            layer.set_weights([RNG.uniform(0.1, 0.5, layer.weights[0].shape)])
+    return model
+
+
 @pytest.mark.parametrize("arch, shape", [
     ("20C5-MP2-50C5-MP2-FC256", (28, 28, 1)),
     ("lenet", (28, 28, 1)),
@@ -26,7 +39,7 @@ def _crop_scores(model, canvas, stride, shape):
     ("resnet8", (28, 28, 1)),  # padded: converts, and agrees at the native size
 ])
 def test_converted_model_equals_the_original_at_the_native_size(arch, shape):
-    model = cnnkit.build(arch, shape, 10)
+    model = _with_random_statistics(cnnkit.build(arch, shape, 10))
     converted = to_fully_convolutional(model)
     assert converted.input_shape == (None, None, None, shape[2])
     x = RNG.integers(0, 256, (3, *shape)).astype("float32")
@@ -43,6 +56,18 @@ def test_every_map_position_equals_the_network_on_its_crop(stride):
     assert scores.shape == ((47 - 28) // stride + 1, (41 - 28) // stride + 1, 10)
     np.testing.assert_allclose(scores, _crop_scores(model, canvas[..., None], stride, (28, 28)), atol=1e-5)
     np.testing.assert_allclose(scores.sum(-1), 1.0, atol=1e-5)  # softmax per position
+
+
+def test_a_model_with_per_channel_standardization_slides_and_one_per_pixel_is_refused():
+    images = RNG.integers(0, 256, (50, 12, 12, 1)).astype(np.uint8)
+    model = cnnkit.build("8C3-MP2-FC8", (12, 12, 1), 10, preprocessing=fit_preprocessing("standardize", images))
+    canvas = RNG.integers(0, 256, (19, 17)).astype(np.uint8)
+    np.testing.assert_allclose(predict_map(model, canvas, stride=1), _crop_scores(model, canvas[..., None], 1, (12, 12)),
+                               atol=1e-5)
+    per_pixel = cnnkit.build("8C3-MP2-FC8", (12, 12, 1), 10, preprocessing=fit_preprocessing("center_pixel", images))
+    with pytest.raises(ValueError, match="layer 'center' .Standardization. to slide over larger images: it is "
+                                         "not known to act the same at every position"):
+        to_fully_convolutional(per_pixel)
 
 
 def test_global_pooling_slides_at_its_native_size():
