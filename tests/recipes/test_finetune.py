@@ -429,8 +429,47 @@ def rgb_images():
 
 
 @pytest.mark.parametrize("name", cnnkit.models.list_backbones())
-def test_every_applications_backbone_fine_tunes_from_a_local_weights_file(name, rgb_images, untrained_backbone, tmp_path,
-                                                                          monkeypatch):
+def test_every_applications_backbone_loads_a_local_weights_file_and_a_stage_trains_exactly_its_groups(
+        name, rgb_images, untrained_backbone, tmp_path):
+    """What differs from backbone to backbone: the weights file, the cut and the groups. Training itself is
+    the same code for all; the next test runs it end to end on three families."""
+    from cnnkit.models.backbones import get_backbone
+    from cnnkit.recipes.finetune import build_finetune_model, finetune_stage
+
+    source = untrained_backbone(name)  # built with weights=None (random) at the smallest input
+    source.save_weights(tmp_path / "w.weights.h5")
+    built = build_finetune_model(name, rgb_images, weights=str(tmp_path / "w.weights.h5"),
+                                 input_size=get_backbone(name).min_input_size)
+    for loaded, saved in zip(built.features.weights, source.weights, strict=True):  # by position
+        np.testing.assert_array_equal(loaded.numpy(), saved.numpy(), err_msg=loaded.path)
+    trainable = {id(variable) for variable in built.model.trainable_weights}  # every layer, before a stage
+    inside = {id(variable) for variable in built.features.weights}
+    head = trainable - inside
+    assert head and all(isinstance(layer, keras.layers.Dense) for layer in built.model.layers
+                        if any(id(variable) in head for variable in layer.weights))
+
+    def trained_by(unfreeze):
+        stage = finetune_stage(built, {"name": "s", "unfreeze": unfreeze, "epochs": 1, "learning_rate": 1e-3},
+                               train=None, steps_per_epoch=1)
+        stage.prepare(built.model)
+        return {id(variable) for variable in built.model.trainable_weights}
+
+    def weights_of(group):  # trainable variables of the group's layers, batch norm's left out (batch_norm="frozen")
+        layers = dict(built.groups)[group]
+        norms = {id(variable) for layer in layers for norm in layer._flatten_layers(include_self=True)
+                 if isinstance(norm, keras.layers.BatchNormalization) for variable in norm.weights}
+        return {id(variable) for layer in layers for variable in layer.weights} & trainable - norms
+
+    assert trained_by(0) == head
+    groups = [group for group in built.group_names if weights_of(group)]
+    for group in {groups[0], groups[-1]}:
+        assert trained_by([group]) == head | weights_of(group), group
+    assert trained_by("all") == head | set().union(*map(weights_of, built.group_names))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "resnet50"])
+def test_applications_backbones_fine_tune_from_a_local_weights_file(name, rgb_images, untrained_backbone, tmp_path,
+                                                                    monkeypatch):
     from cnnkit.models.backbones import get_backbone, layer_groups
 
     monkeypatch.setenv("CNNKIT_EAGER", "1")  # two one-step stages: skip tracing a graph per stage
