@@ -149,7 +149,7 @@ class Plan:
             raise ValueError(f"batch_size must be at least 1. Received: batch_size={batch_size}")
         activation_bytes = 4 if precision == "float32" else 2
         preprocessing = self.options.get("preprocessing")
-        layers_before = 1 if preprocessing == "rescale" else len(preprocessing) if isinstance(preprocessing, list) else 0
+        layers_before = 1 if preprocessing == "rescale" else len(preprocessing) if isinstance(preprocessing, (list, tuple)) else 0
         stored, inputs = math.prod(self.input_shape) * (1 + layers_before), self.input_shape
         for row in self.rows:
             stored += _stored_elements(row, inputs, self.options.get("shortcut", "projection"))

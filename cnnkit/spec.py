@@ -81,9 +81,13 @@ class Layer:
     """One parsed token. Fields that do not apply to a kind are ``None``.
 
     ``size`` is the filter count (C, LC, R), unit count (FC) or LRN depth; ``kernel`` and
-    ``stride`` are (height, width) pairs (an int stride given to the constructor becomes a pair);
-    a pool's default stride is its window, per axis; ``padding`` is an int, ``"same"``, or
-    ``None`` for the build default; ``activation`` is ``None`` for the build default.
+    ``stride`` are (height, width) pairs (an int given to the constructor becomes a pair);
+    a pool's default stride is its window, per axis, and that of C, LC and R is 1; ``padding`` is
+    an int, ``"same"``, or ``None`` for the build default; ``activation`` is ``None`` for the build default.
+
+    Example:
+        >>> str(Layer("maxpool", kernel=3)), str(Layer("conv", size=64, kernel=3, stride=2))
+        ('MP3', '64C3s2')
     """
 
     kind: str
@@ -97,9 +101,17 @@ class Layer:
     position: int = 0
 
     def __post_init__(self):
+        def pair(value):
+            return (value, value) if isinstance(value, int) else tuple(value)
+
+        if self.kernel is not None:
+            object.__setattr__(self, "kernel", pair(self.kernel))
         if self.stride is not None:
-            stride = (self.stride, self.stride) if isinstance(self.stride, int) else tuple(self.stride)
-            object.__setattr__(self, "stride", stride)
+            object.__setattr__(self, "stride", pair(self.stride))
+        elif self.kind in ("maxpool", "avgpool") and self.kernel is not None:
+            object.__setattr__(self, "stride", self.kernel)
+        elif self.kind in ("conv", "local", "residual"):
+            object.__setattr__(self, "stride", (1, 1))
 
     def __str__(self):
         return format_layer(self)
@@ -198,7 +210,7 @@ def format_layer(layer: Layer) -> str:
     elif kind == "dense":
         text = f"FC{layer.size}"
     elif kind == "dropout":
-        text = f"D{decimal.Decimal(repr(layer.rate)).normalize():f}"  # exact and never in exponent form
+        text = f"D{decimal.Decimal(repr(float(layer.rate))).normalize():f}"  # exact and never in exponent form
     elif kind == "lrn":
         text = "LRN" if layer.size in (None, 5) else f"LRN{layer.size}"
     elif kind == "residual":

@@ -462,6 +462,15 @@ def test_memory_counts_an_explicitly_padded_input():
     assert p.activations == 2 * 4 * (100 + 16 * 16 + 2 * (7 * 7 * 8))
 
 
+def test_memory_counts_preprocessing_given_as_a_list_or_a_tuple():
+    import keras
+
+    layers = [keras.layers.Rescaling(0.5), keras.layers.Rescaling(2.0)]
+    as_list, as_tuple, none = (plan("FC2", (4, 4, 1), preprocessing=value).memory(batch_size=1, optimizer="sgd")
+                               for value in (layers, tuple(layers), None))
+    assert as_list.activations == as_tuple.activations == none.activations + 2 * 4 * 2 * 16  # two 4x4 images more
+
+
 def test_memory_docstring_example():
     assert plan("FC256", (28, 28, 1), 10).memory(batch_size=1, optimizer="sgd").weights == 814_120
 

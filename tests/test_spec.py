@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -236,6 +237,14 @@ def test_layer_takes_an_int_stride_as_a_pair():
     assert Layer("conv", size=8, kernel=(3, 3), stride=2).stride == (2, 2)
     assert Layer("maxpool", kernel=(2, 4), stride=[2, 4]) == Layer("maxpool", kernel=(2, 4), stride=(2, 4))
     assert format_layer(Layer("maxpool", kernel=(2, 4), stride=(2, 4))) == "MP2x4"
+
+
+def test_a_layer_built_by_hand_takes_the_defaults_parse_gives():
+    for token, layer in [("64C3", Layer("conv", size=64, kernel=3)), ("MP2x4", Layer("maxpool", kernel=(2, 4))),
+                         ("R64", Layer("residual", size=64)), ("8LC5", Layer("local", size=8, kernel=[5, 5]))]:
+        assert _fields(layer) == _fields(parse(token)[0]), token
+        assert format_layer(layer) == token
+    assert format_layer(Layer("dropout", rate=np.float64(0.5))) == "D0.5"  # a NumPy rate, as from a sweep
 
 
 @pytest.mark.parametrize("spec", ["", "   ", None, 42, ["64C3"]])

@@ -72,6 +72,11 @@ def build(arch, input_shape, num_classes, **options) -> keras.Model:
     x = inputs
     for layer in _preprocessing_layers(options["preprocessing"], dtype):
         x = layer(x)
+        if tuple(x.shape[1:]) != model_plan.input_shape:
+            raise ValueError(f"preprocessing layer {layer.name!r} ({type(layer).__name__}) changes the image shape "
+                             f"{model_plan.input_shape} to {tuple(x.shape[1:])}; the network is planned on the "
+                             "input shape, so preprocessing must keep it (resize before build, or pass the "
+                             "preprocessed shape as input_shape)")
     rows = model_plan.rows
     for index, row in enumerate(rows):
         input_shape = rows[index - 1].output_shape if index else model_plan.input_shape

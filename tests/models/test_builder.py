@@ -1,6 +1,7 @@
 """cnnkit.build: plan == model for random valid specs, and every build option."""
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -330,6 +331,13 @@ def test_preprocessing_list_of_layers():
     double = keras.layers.Rescaling(2.0, name="double")
     model = cnnkit.build("FC2", (2, 2, 1), 2, preprocessing=[double])
     assert model.layers[1] is double
+
+
+def test_preprocessing_that_changes_the_image_shape_is_refused_naming_the_layer():
+    resize = keras.layers.Resizing(8, 8, name="resize")
+    with pytest.raises(ValueError, match=re.escape("preprocessing layer 'resize' (Resizing) changes the image shape "
+                                                   "(16, 16, 1) to (8, 8, 1); the network is planned on the input")):
+        cnnkit.build("4C3-FC4", (16, 16, 1), 2, preprocessing=[resize])
 
 
 @pytest.mark.parametrize("options, needle", [
