@@ -123,8 +123,9 @@ import onnxruntime
 artifact, inputs, outputs = sys.argv[1:4]
 images = np.load(inputs)["images"]
 session = onnxruntime.InferenceSession(artifact, providers=["CPUExecutionProvider"])
-name = session.get_inputs()[0].name
-probabilities = [session.run(None, {name: images[start:start + 256].astype(np.float32)})[0]
+name, kind = session.get_inputs()[0].name, session.get_inputs()[0].type  # kind: "tensor(float)", "tensor(uint8)"
+dtype = {"tensor(uint8)": np.uint8, "tensor(float16)": np.float16, "tensor(double)": np.float64}.get(kind, np.float32)
+probabilities = [session.run(None, {name: images[start:start + 256].astype(dtype)})[0]
                  for start in range(0, len(images), 256)]
 np.savez(outputs, runtime=f"onnxruntime {onnxruntime.__version__}", cnnkit_imported="cnnkit" in sys.modules,
          probabilities=np.concatenate(probabilities))

@@ -240,6 +240,15 @@ def test_fitted_preprocessing_exports_to_onnx_with_parity(tmp_path):
     assert report["passed"] is True and report["max_abs_diff"] <= exporting.TOLERANCE
 
 
+def test_a_model_with_a_uint8_input_exports_to_onnx_and_is_checked_with_uint8_images(tmp_path):
+    inputs = keras.Input((8, 8, 1), dtype="uint8")
+    flat = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(flat))
+    out = cnnkit.export(model, tmp_path / "onnx", format="onnx", verbose=0)
+    report = _report(out)
+    assert report["passed"] is True and report["max_abs_diff"] <= exporting.TOLERANCE
+
+
 def test_mixed_precision_model_is_exported_as_a_float32_copy(tmp_path):
     keras.utils.set_random_seed(3)
     model = cnnkit.build(SEED_NET, (28, 28, 1), 10, dtype="mixed_bfloat16")
