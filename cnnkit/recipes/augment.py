@@ -25,7 +25,9 @@ deterministic for a seed, and the identity when ``training=False``:
 
 They are written with ``keras.ops``, except that shifts and warps gather with ``tf.gather`` and
 ``batch_dims`` (about 3x faster on a CPU than ``keras.ops.take_along_axis``, which broadcasts
-its indices); like the rest of cnnkit they assume Keras's TensorFlow backend.
+its indices); like the rest of cnnkit they assume Keras's TensorFlow backend. ``make_augmentation``
+builds every layer in float32 whatever the global dtype policy (``mixed_bfloat16`` would round
+pixel values and sampling positions); the pipeline hands the model float32 images.
 
 Reproducibility: every layer draws from its own ``keras.random.SeedGenerator``, seeded from
 ``make_augmentation``'s ``seed``, so a layer built with a seed gives the same outputs for the same
@@ -121,6 +123,24 @@ def _check_positive_int(name, value):
         raise ValueError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
 
 
+def _check_positive(name, value):
+    if not (is_finite_number(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0. Received: {name}={value!r}")
+
+
+def _check_range(name, value, high):
+    if not (is_finite_number(value) and 0 <= value <= high):
+        raise ValueError(f"{name} must be a number in [0, {high}]. Received: {name}={value!r}")
+
+
+def _check_shift(name, value, image_shape):
+    """``value`` pixels of shift must leave part of an image ``(height, width, channels)`` in the frame."""
+    _check_positive_int(name, value)
+    if value >= min(image_shape[:2]):
+        raise ValueError(f"{name} must be less than the image's shorter side: images moved that far come out blank. "
+                         f"Received: {name}={value!r}, image_shape={tuple(image_shape)}")
+
+
 @keras.saving.register_keras_serializable(package="cnnkit")
 class RandomPixelShift(_RandomImageLayer):
     """Nielsen's "expanded data": each image moved up, down, left or right, or left in place.
@@ -201,7 +221,11 @@ def _gaussian_kernel(sigma: float) -> np.ndarray:
 
 
 def _bilinear_sample(images, rows, cols):
-    """``images`` (B, H, W, C) read at real positions ``rows, cols`` (B, H, W), bilinear, zeros outside."""
+    """``images`` (B, H, W, C) read at real positions ``rows, cols`` (B, H, W), bilinear, zeros outside.
+
+    The positions should be float32 whatever the images' dtype: bfloat16 has 8 significant bits,
+    so a flat index such as 783 would round to 784.
+    """
     height, width, channels = images.shape[1], images.shape[2], images.shape[3]
     flat = ops.reshape(images, (-1, height * width, channels))
     top, left = ops.floor(rows), ops.floor(cols)
@@ -212,7 +236,7 @@ def _bilinear_sample(images, rows, cols):
             inside = (row >= 0) & (row <= height - 1) & (col >= 0) & (col <= width - 1)
             index = ops.cast(ops.clip(row, 0, height - 1) * width + ops.clip(col, 0, width - 1), "int32")
             values = tf.gather(flat, ops.reshape(index, (-1, height * width)), axis=1, batch_dims=1)
-            weight = ops.where(inside, weight, ops.zeros_like(weight))[..., None]
+            weight = ops.cast(ops.where(inside, weight, ops.zeros_like(weight)), images.dtype)[..., None]
             output = output + ops.reshape(values, ops.shape(images)) * weight
     return output
 
@@ -242,24 +266,24 @@ class ElasticDistortion(_RandomImageLayer):
 
     def __init__(self, alpha=34.0, sigma=4.0, seed=None, **kwargs):
         super().__init__(seed=seed, **kwargs)
-        for name, value in (("alpha", alpha), ("sigma", sigma)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a positive number. Received: {name}={value!r}")
+        _check_positive("alpha", alpha)
+        _check_positive("sigma", sigma)
         self.alpha = float(alpha)
         self.sigma = float(sigma)
         self._kernel = _gaussian_kernel(self.sigma)
 
     def _augment(self, images):
         height, width = images.shape[1], images.shape[2]
-        field = keras.random.uniform((ops.shape(images)[0], height, width, 2), -1.0, 1.0, seed=self.generator)
-        kernel = ops.convert_to_tensor(self._kernel, dtype=field.dtype)
+        # the field and positions in float32 whatever the compute dtype (see _bilinear_sample)
+        field = keras.random.uniform((ops.shape(images)[0], height, width, 2), -1.0, 1.0, dtype="float32",
+                                     seed=self.generator)
+        kernel = ops.convert_to_tensor(self._kernel, dtype="float32")
         size = self._kernel.shape[0]
         column = ops.tile(ops.reshape(kernel, (size, 1, 1, 1)), (1, 1, 2, 1))
         field = ops.depthwise_conv(field, column, padding="same")
-        field = ops.depthwise_conv(field, ops.reshape(column, (1, size, 2, 1)), padding="same")
-        field = ops.cast(field * self.alpha, images.dtype)
-        rows = ops.cast(ops.arange(height), images.dtype)[None, :, None] + field[..., 0]
-        cols = ops.cast(ops.arange(width), images.dtype)[None, None, :] + field[..., 1]
+        field = ops.depthwise_conv(field, ops.reshape(column, (1, size, 2, 1)), padding="same") * self.alpha
+        rows = ops.arange(height, dtype="float32")[None, :, None] + field[..., 0]
+        cols = ops.arange(width, dtype="float32")[None, None, :] + field[..., 1]
         return _bilinear_sample(images, rows, cols)
 
     def get_config(self):
@@ -300,8 +324,8 @@ class PCAColor(_RandomImageLayer):
                 or not np.all(np.isfinite(vectors)):
             raise ValueError("PCAColor needs 3 finite eigenvalues and a 3 x 3 matrix of eigenvectors. Received: "
                              f"eigenvalues={eigenvalues!r}, eigenvectors={eigenvectors!r}")
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or std < 0:
-            raise ValueError(f"std must be a number >= 0. Received: std={std!r}")
+        if not (is_finite_number(std) and std >= 0):
+            raise ValueError(f"std must be a finite number >= 0. Received: std={std!r}")
         self.eigenvalues = values.tolist()
         self.eigenvectors = vectors.tolist()
         self.std = float(std)
@@ -355,6 +379,12 @@ class _Context:
     seed: int
     train_images: np.ndarray | None
 
+    @property
+    def layer_args(self) -> dict:
+        """Every op layer's arguments: its seed, and float32 (the pipeline's dtype) whatever the global dtype
+        policy, which a ``mixed_bfloat16`` model sets: bfloat16 would round pixel values and positions."""
+        return {"seed": self.seed, "dtype": "float32"}
+
 
 _OPS = {}
 
@@ -371,45 +401,51 @@ def _op(about):
 
 @_op("RandomPixelShift: Nielsen's one-pixel shifts (up, down, left, right or none), zeros in")
 def _op_shift(context, *, pixels=1):
-    return RandomPixelShift(pixels=pixels, seed=context.seed)
+    _check_shift("pixels", pixels, context.image_shape)
+    return RandomPixelShift(pixels=pixels, **context.layer_args)
 
 
 @_op("RandomPadCrop: pad by `padding` pixels (default a side / 8) and crop back at a random offset")
 def _op_crop(context, *, padding=None):
     if padding is None:
         padding = max(1, min(context.image_shape[:2]) // 8)
-    return RandomPadCrop(padding=padding, seed=context.seed)
+    _check_shift("padding", padding, context.image_shape)
+    return RandomPadCrop(padding=padding, **context.layer_args)
 
 
 @_op("keras.layers.RandomFlip('horizontal'): mirror half the images left-right (not for digits or text)")
 def _op_flip(context):
-    return keras.layers.RandomFlip("horizontal", seed=context.seed)
+    return keras.layers.RandomFlip("horizontal", **context.layer_args)
 
 
 @_op("keras.layers.RandomRotation: rotate by up to +-`degrees`")
 def _op_rotation(context, *, degrees=10.0, fill_mode="constant"):
-    return keras.layers.RandomRotation(degrees / 360.0, fill_mode=fill_mode, seed=context.seed)
+    _check_range("degrees", degrees, 180)
+    return keras.layers.RandomRotation(degrees / 360.0, fill_mode=fill_mode, **context.layer_args)
 
 
 @_op("keras.layers.RandomShear: shear by up to +-`factor` (tangent of the angle) along x and y, "
      "about the top-left corner as Keras does (so it also moves the image a little)")
 def _op_shear(context, *, factor=0.1, fill_mode="constant"):
-    return keras.layers.RandomShear(x_factor=factor, y_factor=factor, fill_mode=fill_mode, seed=context.seed)
+    _check_range("factor", factor, 1)
+    return keras.layers.RandomShear(x_factor=factor, y_factor=factor, fill_mode=fill_mode, **context.layer_args)
 
 
 @_op("keras.layers.RandomTranslation: move by up to +-`fraction` of the height and width")
 def _op_translation(context, *, fraction=0.1, fill_mode="constant"):
-    return keras.layers.RandomTranslation(fraction, fraction, fill_mode=fill_mode, seed=context.seed)
+    _check_range("fraction", fraction, 1)
+    return keras.layers.RandomTranslation(fraction, fraction, fill_mode=fill_mode, **context.layer_args)
 
 
 @_op("keras.layers.RandomZoom: zoom in or out by up to `fraction`, aspect kept")
 def _op_zoom(context, *, fraction=0.1, fill_mode="constant"):
-    return keras.layers.RandomZoom(fraction, fill_mode=fill_mode, seed=context.seed)
+    _check_range("fraction", fraction, 1)
+    return keras.layers.RandomZoom(fraction, fill_mode=fill_mode, **context.layer_args)
 
 
 @_op("ElasticDistortion: Simard et al. 2003 elastic distortions (their MNIST alpha 34, sigma 4)")
 def _op_elastic(context, *, alpha=34.0, sigma=4.0):
-    return ElasticDistortion(alpha=alpha, sigma=sigma, seed=context.seed)
+    return ElasticDistortion(alpha=alpha, sigma=sigma, **context.layer_args)
 
 
 @_op("keras.layers.RandomColorJitter: brightness +-`brightness` (of 255), contrast x(1 +- `contrast`), "
@@ -421,8 +457,8 @@ def _op_color(context, *, brightness=0.2, contrast=0.2, saturation=None, hue=Non
                          f"channel(s). Received: saturation={saturation!r}, hue={hue!r}")
     for name, value, high in (("brightness", brightness, 1), ("contrast", contrast, 1), ("saturation", saturation, 1),
                               ("hue", hue, 0.5)):
-        if value is not None and not (is_finite_number(value) and 0 <= value <= high):
-            raise ValueError(f"{name} must be a number in [0, {high}]. Received: {name}={value!r}")
+        if value is not None:
+            _check_range(name, value, high)
     options = {}
     if rgb:
         saturation = 0.2 if saturation is None else saturation
@@ -432,9 +468,13 @@ def _op_color(context, *, brightness=0.2, contrast=0.2, saturation=None, hue=Non
         if hue:  # Keras: factor f shifts hue by up to f / 2 of the circle
             options["hue_factor"] = (0.0, 2 * hue)
     # Keras: one contrast number c draws from [1, 1 + c]; the pair (c, c) from [1 - c, 1 + c]
-    return keras.layers.RandomColorJitter(value_range=(0, 255), brightness_factor=brightness or None,
-                                          contrast_factor=(contrast, contrast) if contrast else None,
-                                          seed=context.seed, **options)
+    layer = keras.layers.RandomColorJitter(value_range=(0, 255), brightness_factor=brightness or None,
+                                           contrast_factor=(contrast, contrast) if contrast else None,
+                                           **context.layer_args, **options)
+    for part in (layer.random_brightness, layer.random_contrast, layer.random_saturation, layer.random_hue):
+        if part is not None:  # Keras makes them with the global dtype policy, not the layer's
+            part.dtype_policy = layer.dtype_policy
+    return layer
 
 
 @_op("PCAColor: AlexNet's fancy PCA colour, alpha ~ N(0, `std`), fitted on the training pixels (RGB only)")
@@ -443,11 +483,11 @@ def _op_pca_color(context, *, std=0.1, eigenvalues=None, eigenvectors=None):
         raise ValueError(f"PCA colour augmentation needs RGB images (3 channels). Received: "
                          f"image_shape={tuple(context.image_shape)}")
     if eigenvalues is not None or eigenvectors is not None:
-        return PCAColor(eigenvalues, eigenvectors, std=std, seed=context.seed)
+        return PCAColor(eigenvalues, eigenvectors, std=std, **context.layer_args)
     if context.train_images is None:
         raise ValueError("PCA colour augmentation is fitted on the training pixels: pass train_images "
                          "(or eigenvalues and eigenvectors). Received: train_images=None")
-    return PCAColor.from_images(context.train_images, std=std, seed=context.seed)
+    return PCAColor.from_images(context.train_images, std=std, **context.layer_args)
 
 
 class SymmetricRandAugment(keras.layers.RandAugment):
@@ -482,14 +522,14 @@ class SymmetricRandAugment(keras.layers.RandAugment):
      "(rotation up to +-factor x 360 degrees, translation, shear and brightness up to +-factor)")
 def _op_randaugment(context, *, num_ops=2, factor=0.1):
     _check_positive_int("num_ops", num_ops)
-    return SymmetricRandAugment(value_range=(0, 255), num_ops=num_ops, factor=factor, seed=context.seed)
+    _check_range("factor", factor, 1)
+    return SymmetricRandAugment(value_range=(0, 255), num_ops=num_ops, factor=factor, **context.layer_args)
 
 
 @_op("keras.layers.MixUp: convex mixes of image pairs and of their one-hot labels, weight ~ Beta(alpha, alpha)")
 def _op_mixup(context, *, alpha=0.2):
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number. Received: alpha={alpha!r}")
-    return keras.layers.MixUp(alpha=alpha, seed=context.seed)
+    _check_positive("alpha", alpha)
+    return keras.layers.MixUp(alpha=alpha, **context.layer_args)
 
 
 class PixelAreaCutMix(keras.layers.CutMix):
@@ -513,7 +553,7 @@ class PixelAreaCutMix(keras.layers.CutMix):
 def _op_cutmix(context, *, alpha=1.0):
     if not is_finite_number(alpha) or not 0 < alpha <= 1:
         raise ValueError(f"alpha must be a number in (0, 1]. Received: alpha={alpha!r}")
-    return PixelAreaCutMix(factor=(alpha, alpha), seed=context.seed)  # Keras draws alpha from the factor range
+    return PixelAreaCutMix(factor=(alpha, alpha), **context.layer_args)  # Keras draws alpha from the factor range
 
 
 _LABEL_MIXING = (keras.layers.MixUp, keras.layers.CutMix)
@@ -644,7 +684,9 @@ def make_augmentation(augment, *, image_shape, num_classes, seed=0, train_images
 
     Raises:
         ValueError: an unknown preset, op or parameter (the message lists the valid ones), a
-            parameter Keras refuses, or an op that does not fit the images (PCA colour on grey).
+            parameter out of its range (a number that is not finite, a shift or crop padding as
+            large as the image's shorter side) or that Keras refuses, or an op that does not fit
+            the images (PCA colour on grey).
 
     Example:
         >>> make_augmentation(["shift", {"name": "rotation", "degrees": 15}], image_shape=(28, 28, 1),
@@ -667,7 +709,7 @@ def make_augmentation(augment, *, image_shape, num_classes, seed=0, train_images
         context = _Context(image_shape, int(layer_seed), train_images)
         try:
             layer = function(context, **params)
-        except (ValueError, TypeError, NotImplementedError) as error:
+        except (ValueError, TypeError, OverflowError, NotImplementedError) as error:
             raise ValueError(f"augment op {item!r}: {error}") from error
         entry = {"name": name, **_parameters(function), **params}
         for key, value in entry.items():

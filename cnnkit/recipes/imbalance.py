@@ -59,6 +59,7 @@ import numpy as np
 import tensorflow as tf
 
 from cnnkit.data.imagedata import count_classes
+from cnnkit.recipes.optimization import is_finite_number
 from cnnkit.recipes.pipeline import cross_entropy
 
 __all__ = ["STRATEGIES", "LogitAdjustedCrossentropy", "Resampled", "resample"]
@@ -219,11 +220,12 @@ def _parse(imbalance) -> tuple[str, dict]:
     if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"second_stage_epochs must be an integer >= 1. Received: second_stage_epochs={epochs!r}")
     factor = options.get("second_stage_lr_factor", 1.0)
-    if not isinstance(factor, numbers.Real) or isinstance(factor, bool) or not factor > 0:
-        raise ValueError(f"second_stage_lr_factor must be a number > 0. Received: second_stage_lr_factor={factor!r}")
+    if not (is_finite_number(factor) and factor > 0):
+        raise ValueError(f"second_stage_lr_factor must be a finite number > 0. "
+                         f"Received: second_stage_lr_factor={factor!r}")
     tau = options.get("tau", 1.0)
-    if not isinstance(tau, numbers.Real) or isinstance(tau, bool) or not tau >= 0:
-        raise ValueError(f"tau must be a number >= 0. Received: tau={tau!r}")
+    if not (is_finite_number(tau) and tau >= 0):
+        raise ValueError(f"tau must be a finite number >= 0. Received: tau={tau!r}")
     return strategy, options
 
 
@@ -319,8 +321,8 @@ def _copy_augmentation(augmented_copies, train_images: np.ndarray, seed: int):
         return None
     if augmented_copies is True:  # minority crops: a random 85-90%-area crop scaled back up, then a small shift
         zoom = (np.sqrt(CROP_AREA[0]) - 1, np.sqrt(CROP_AREA[1]) - 1)  # negative factors zoom in
-        layers = [keras.layers.RandomZoom(zoom, fill_mode="nearest", seed=seed),
-                  keras.layers.RandomTranslation(SHIFT, SHIFT, fill_mode="nearest", seed=seed + 1)]
+        layers = [keras.layers.RandomZoom(zoom, fill_mode="nearest", seed=seed, dtype="float32"),
+                  keras.layers.RandomTranslation(SHIFT, SHIFT, fill_mode="nearest", seed=seed + 1, dtype="float32")]
         return Augmentation(layers, num_classes=1, config={"preset": "minority crops", "ops": [], "seed": seed})
     try:
         augmentation = make_augmentation(augmented_copies, image_shape=train_images.shape[1:], num_classes=1,

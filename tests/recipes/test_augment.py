@@ -245,7 +245,7 @@ def test_every_preset_builds_and_is_documented(preset):
     ([{"degrees": 5}], "needs 'name'"),
     ([{"name": "shift", "pixels": 0}], "augment op .*pixels must be an integer >= 1"),
     ([{"name": "rotation", "fill_mode": "mirrorball"}], "augment op .*mirrorball"),
-    ([{"name": "mixup", "alpha": "strong"}], "augment op .*alpha must be a positive number"),
+    ([{"name": "mixup", "alpha": "strong"}], "augment op .*alpha must be a finite number > 0"),
     ([{"name": "randaugment", "num_ops": 0}], "augment op .*num_ops must be an integer >= 1"),
     ([{"name": "rotation", "degrees": "ten"}], "augment op {'name': 'rotation', 'degrees': 'ten'}"),
     ([{"name": "color", "saturation": 0.3}], "saturation and hue jitter need RGB"),
@@ -256,6 +256,69 @@ def test_every_preset_builds_and_is_documented(preset):
 def test_bad_augment_is_a_clear_error(augment, message):
     with pytest.raises(ValueError, match=message):
         make_augmentation(augment, image_shape=(8, 8, 1), num_classes=3)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("op, message", [
+    ({"name": "elastic", "alpha": NAN}, r"'elastic'.*alpha must be a finite number > 0. Received: alpha=nan"),
+    ({"name": "elastic", "alpha": INF}, r"'elastic'.*alpha must be a finite number > 0. Received: alpha=inf"),
+    ({"name": "elastic", "sigma": NAN}, r"'elastic'.*sigma must be a finite number > 0. Received: sigma=nan"),
+    ({"name": "elastic", "sigma": INF}, r"'elastic'.*sigma must be a finite number > 0. Received: sigma=inf"),
+    ({"name": "mixup", "alpha": NAN}, r"'mixup'.*alpha must be a finite number > 0. Received: alpha=nan"),
+    ({"name": "mixup", "alpha": INF}, r"'mixup'.*alpha must be a finite number > 0. Received: alpha=inf"),
+    ({"name": "pca_color", "std": NAN}, r"'pca_color'.*std must be a finite number >= 0. Received: std=nan"),
+    ({"name": "pca_color", "std": INF}, r"'pca_color'.*std must be a finite number >= 0. Received: std=inf"),
+    ({"name": "rotation", "degrees": NAN}, r"'rotation'.*degrees must be a number in \[0, 180\]. Received: degrees=nan"),
+    ({"name": "rotation", "degrees": True}, r"'rotation'.*degrees must be a number in \[0, 180\]. Received: degrees=True"),
+    ({"name": "rotation", "degrees": -10}, r"'rotation'.*degrees must be a number in \[0, 180\]. Received: degrees=-10"),
+    ({"name": "shear", "factor": NAN}, r"'shear'.*factor must be a number in \[0, 1\]. Received: factor=nan"),
+    ({"name": "translation", "fraction": NAN}, r"'translation'.*fraction must be a number in \[0, 1\]"),
+    ({"name": "zoom", "fraction": INF}, r"'zoom'.*fraction must be a number in \[0, 1\]. Received: fraction=inf"),
+    ({"name": "randaugment", "factor": NAN}, r"'randaugment'.*factor must be a number in \[0, 1\]"),
+    ({"name": "elastic", "sigma": 1e308}, r"augment op .*'sigma': 1e\+308}: cannot convert float infinity"),
+], ids=str)
+def test_non_finite_and_out_of_range_numbers_are_refused(op, message):
+    with pytest.raises(ValueError, match=message):
+        make_augmentation([op], image_shape=(8, 8, 3), num_classes=3, train_images=_images((8, 8, 3), count=4))
+
+
+@pytest.mark.parametrize("name, key", [("shift", "pixels"), ("crop", "padding")])
+def test_shifts_that_move_images_out_of_the_frame_are_refused(name, key):
+    with pytest.raises(ValueError, match=rf"augment op .*{key} must be less than the image's shorter side: images "
+                                         rf"moved that far come out blank. Received: {key}=8, image_shape=\(8, 12, 1\)"):
+        make_augmentation([{"name": name, key: 8}], image_shape=(8, 12, 1), num_classes=3)
+    (layer,) = make_augmentation([{"name": name, key: 7}], image_shape=(8, 12, 1), num_classes=3).layers
+    assert getattr(layer, key) == 7  # one row still in the frame
+
+
+def test_every_op_works_in_float32_under_a_global_mixed_bfloat16_policy():
+    images = _images((28, 28, 3), count=8)
+    ops = [*list_ops(), {"name": "color", "saturation": 0.3, "hue": 0.1}]
+    expected = [_run(_augment([op], (28, 28, 3)), images) for op in ops]
+    batches = tf.data.Dataset.from_tensor_slices((images, np.zeros(8, np.int32))).batch(4)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")  # as a user training in mixed precision sets it
+    try:
+        got = [_run(_augment([op], (28, 28, 3)), images) for op in ops]
+        mapped = np.concatenate([batch for batch, _ in _augment("elastic", (28, 28, 3)).apply(batches)])
+    finally:
+        keras.config.set_dtype_policy(previous)
+    for op, (want_images, want_labels), (got_images, got_labels) in zip(ops, expected, got):
+        assert got_images.dtype == np.float32, op
+        np.testing.assert_array_equal(got_images, want_images, err_msg=str(op))
+        np.testing.assert_array_equal(got_labels, want_labels, err_msg=str(op))
+    assert mapped.shape == images.shape and mapped.dtype == np.float32
+
+
+def test_elastic_positions_stay_float32_in_a_bfloat16_layer():
+    # bfloat16 holds 8 significant bits: a flat index 783 computed in it rounds to 784, out of a 28x28 image
+    ramp = np.tile(np.arange(28, dtype=np.float32)[None, None, :, None] * 9, (4, 28, 1, 1))
+    exact = keras.ops.convert_to_numpy(ElasticDistortion(seed=0)(ramp))
+    rounded = keras.ops.convert_to_numpy(keras.ops.cast(ElasticDistortion(seed=0, dtype="mixed_bfloat16")(ramp),
+                                                        "float32"))
+    np.testing.assert_allclose(rounded, exact, rtol=2e-2, atol=1.0)  # the same field; only the values rounded
 
 
 def test_bad_shapes_are_refused():

@@ -104,6 +104,18 @@ def test_augmented_copies_differ_while_originals_stay(skewed):
     np.testing.assert_array_equal(images, again)
 
 
+def test_minority_crops_are_made_in_float32_under_a_global_mixed_bfloat16_policy(skewed):
+    oversample = {"strategy": "oversample", "augmented_copies": True}
+    expected, _ = _collect(resample(oversample, skewed, seed=3).dataset)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        images, _ = _collect(resample(oversample, skewed, seed=3).dataset)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    np.testing.assert_array_equal(images, expected)  # not rounded to bfloat16's 8 significant bits
+
+
 def test_augmented_copies_take_an_augmentation(skewed):
     elastic = {"strategy": "oversample", "augmented_copies": "elastic"}
     resampled = resample(elastic, skewed, seed=3)
@@ -253,6 +265,11 @@ def test_a_class_without_examples_is_left_out():
         ({"strategy": "two_stage", "second_stage_lr_factor": -1}, "second_stage_lr_factor=-1"),
         (["oversample"], "imbalance must be None"),
         ({"strategy": "logit_adjusted", "tau": -0.5}, "tau=-0.5"),
+        ({"strategy": "logit_adjusted", "tau": float("inf")}, r"tau must be a finite number >= 0. Received: tau=inf"),
+        ({"strategy": "logit_adjusted", "tau": float("nan")}, r"tau must be a finite number >= 0. Received: tau=nan"),
+        ({"strategy": "two_stage", "second_stage_lr_factor": float("inf")},
+         r"second_stage_lr_factor must be a finite number > 0. Received: second_stage_lr_factor=inf"),
+        ({"strategy": "two_stage", "second_stage_lr_factor": True}, r"second_stage_lr_factor=True"),
     ],
 )
 def test_bad_imbalance_names_the_key(skewed, imbalance, match):

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -182,6 +183,25 @@ def test_whitening_too_many_values_is_refused_with_the_limit():
     with pytest.raises(ValueError, match=r"65x64x1 = 4160 values.*up to 4096"):
         fit_preprocessing("zca", images)
     assert [layer.name for layer in fit_preprocessing("standardize", images)] == ["rescale", "standardize"]
+
+
+@pytest.mark.parametrize("step", ["pca", "zca"])
+def test_whitening_on_no_more_images_than_values_is_refused(correlated_images, step):
+    with pytest.raises(ValueError, match=r"Whitening images of 4x4x1 = 16 values needs more than 16 training images: "
+                                         r"fitted on 16, it would scale the directions .* by up to 316 on new images. "
+                                         r"Use more images or 'standardize'"):
+        fit_preprocessing(step, correlated_images[:16])
+    assert [layer.name for layer in fit_preprocessing("standardize", correlated_images[:16])] == ["rescale",
+                                                                                                  "standardize"]
+
+
+def test_whitening_on_fewer_than_five_images_per_value_warns(correlated_images):
+    with pytest.warns(UserWarning, match=r"4x4x1 = 16 values fitted on 17 images, fewer than 5 x 16: new images will "
+                                         r"come out with a larger spread"):
+        fit_preprocessing("zca", correlated_images[:17])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_preprocessing("zca", correlated_images[:80])
 
 
 @pytest.mark.parametrize(
