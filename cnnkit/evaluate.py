@@ -33,18 +33,11 @@ def _validate(y_true, probabilities, class_names, split):
             "`probabilities` must be a numeric array of shape (num_examples, num_classes). "
             f"Received: probabilities of type {type(probabilities).__name__}"
         ) from err
-    labels = np.asarray(y_true)
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
     if probs.ndim != 2:
         raise ValueError(
             f"`probabilities` must have shape (num_examples, num_classes). Received: probabilities.shape={probs.shape}"
         )
-    if labels.ndim != 1:
-        raise ValueError(
-            "`y_true` must be a 1-D array of integer class indices (or shape (N, 1)). "
-            f"Received: y_true.shape={np.shape(y_true)}"
-        )
+    labels = class_indices(y_true, probs.shape[1])
     if labels.shape[0] != probs.shape[0]:
         raise ValueError(
             "`y_true` and `probabilities` must have the same number of examples. "
@@ -66,20 +59,42 @@ def _validate(y_true, probabilities, class_names, split):
         raise ValueError(f"`class_names` must be unique. Received: class_names={names}")
     if not np.all(np.isfinite(probs)):
         raise ValueError("`probabilities` contains NaN or infinite values. Received: non-finite probabilities")
+    return labels, probs, names
+
+
+def class_indices(y_true, num_classes: int, *, name: str = "y_true") -> np.ndarray:
+    """``y_true`` as a 1-D int64 array of class indices, each in ``[0, num_classes)``.
+
+    Integer and boolean labels are taken as they are, float labels only when they are whole numbers
+    (``1.0``, never ``1.5``); shape ``(N,)`` or ``(N, 1)``. ``name`` is the argument the errors name.
+
+    Raises:
+        ValueError: labels that are not a 1-D array of class indices, or lie outside ``[0, num_classes)``.
+
+    Example:
+        >>> class_indices([0, 2.0, 1], 3)
+        array([0, 2, 1])
+    """
+    labels = np.asarray(y_true)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise ValueError(
+            f"`{name}` must be a 1-D array of integer class indices (or shape (N, 1)). "
+            f"Received: {name}.shape={np.shape(y_true)}"
+        )
     if labels.dtype.kind == "f":
         if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
-            raise ValueError(f"`y_true` must hold integer class indices. Received: y_true={labels[:10]}...")
-        labels = labels.astype(np.int64)
+            raise ValueError(f"`{name}` must hold integer class indices. Received: {name}={labels[:10]}...")
     elif labels.dtype.kind not in "iub":
-        raise ValueError(f"`y_true` must hold integer class indices. Received: y_true.dtype={labels.dtype}")
-    labels = labels.astype(np.int64)
-    bad = (labels < 0) | (labels >= probs.shape[1])
+        raise ValueError(f"`{name}` must hold integer class indices. Received: {name}.dtype={labels.dtype}")
+    bad = (labels < 0) | (labels >= num_classes)  # before the cast: a uint64 label above 2**63 is no negative one
     if bad.any():
         raise ValueError(
-            f"`y_true` values must lie in [0, {probs.shape[1] - 1}] (one per class). "
-            f"Received: y_true containing {sorted(set(labels[bad].tolist()))[:10]}"
+            f"`{name}` values must lie in [0, {num_classes - 1}] (one per class). "
+            f"Received: {name} containing {sorted(set(labels[bad].tolist()))[:10]}"
         )
-    return labels, probs, names
+    return labels.astype(np.int64)
 
 
 def classification_metrics(y_true, probabilities, class_names, *, split="test") -> dict:

@@ -32,7 +32,6 @@ import dataclasses
 import datetime
 import html
 import io
-import json
 import math
 import numbers
 import tempfile
@@ -80,13 +79,14 @@ class Finding:
 
 
 def _series(history, key):
+    """``history[key]`` as a list of floats (a list or a numpy array; missing or ``None``: empty)."""
     values = history.get(key)
-    return [float(v) for v in values] if values else []
+    return [] if values is None else [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
 
 
 def _train_accuracy_keys(history):
     for name in ("accuracy", "sparse_categorical_accuracy", "categorical_accuracy", "acc"):
-        if history.get(name) or history.get("val_" + name):
+        if _series(history, name) or _series(history, "val_" + name):
             return name, "val_" + name
     return None, None
 
@@ -112,8 +112,8 @@ def diagnose(history) -> list[Finding]:
     * ``healthy`` (ok): 3 or more epochs and no warning or error.
 
     Args:
-        history: ``{"loss": [...], "val_loss": [...], "accuracy": [...], ...}`` per epoch (a
-            ``keras.callbacks.History`` works too).
+        history: ``{"loss": [...], "val_loss": [...], "accuracy": [...], ...}`` per epoch, lists or numpy
+            arrays (a ``keras.callbacks.History`` works too).
 
     Returns:
         A list of :class:`Finding`, in the order above.
@@ -162,9 +162,10 @@ def diagnose(history) -> list[Finding]:
     if len(val) >= 3 and len(loss) == len(val):
         best = int(np.argmin(val))
         if len(val) - 1 - best >= 2 and val[-1] > val[best] * (1 + OVERFIT_RISE) and loss[-1] < loss[best]:
+            rise = f"{val[-1] / val[best] - 1:.0%} higher" if val[best] > 0 else f"above it ({val[-1]:.3g})"
             findings.append(Finding("overfitting", "warning", f"Over-fitting: the validation loss was lowest at epoch "
-                                    f"{best + 1} ({val[best]:.3g}) and ended {val[-1] / val[best] - 1:.0%} higher at "
-                                    f"epoch {len(val)} while the training loss kept falling. Stop near epoch "
+                                    f"{best + 1} ({val[best]:.3g}) and ended {rise} at epoch {len(val)} while the "
+                                    "training loss kept falling. Stop near epoch "
                                     f"{best + 1} (early_stopping), or add augmentation, dropout or weight decay."))
     if len(train_acc) >= 2 and val_acc:
         gap = train_acc[-1] - val_acc[-1]
@@ -198,8 +199,8 @@ def member_agreement(probabilities, labels) -> dict:
     """How often ensemble members agree, and whether their disagreements are where the errors are.
 
     Args:
-        probabilities: one ``(N, K)`` array of class probabilities per member.
-        labels: the ``N`` true classes.
+        probabilities: one ``(N, K)`` array of class probabilities per member, all of one shape.
+        labels: the ``N`` true classes: integers (or whole-number floats) in ``[0, K)``.
 
     Returns:
         A dict of plain numbers: ``member_accuracy`` (one per member), ``pairwise`` (``M x M``
@@ -215,9 +216,15 @@ def member_agreement(probabilities, labels) -> dict:
         >>> m["pairwise"][0][1], m["all_agree"], m["oracle_accuracy"]
         (0.6666666666666666, 0.6666666666666666, 1.0)
     """
+    from cnnkit.evaluate import class_indices
+
+    shapes = list(dict.fromkeys(np.shape(member) for member in probabilities))
+    if len(shapes) != 1 or len(shapes[0]) != 2:
+        raise ValueError(f"`probabilities` must be one (N, K) array per member, all of one shape. Received: shapes "
+                         f"{shapes}")
     stacked = np.asarray([np.asarray(p, dtype=np.float64) for p in probabilities])
-    labels = np.asarray(labels).astype(np.int64).reshape(-1)
-    if stacked.ndim != 3 or stacked.shape[0] < 1 or stacked.shape[1] != len(labels) or len(labels) == 0:
+    labels = class_indices(labels, stacked.shape[2], name="labels")
+    if stacked.shape[1] != len(labels) or len(labels) == 0:
         raise ValueError("`probabilities` must be one (N, K) array per member with N = len(labels) > 0. Received: "
                          f"shape {stacked.shape} for {len(labels)} labels")
     predicted = stacked.argmax(axis=-1)  # (M, N)
@@ -357,22 +364,22 @@ class _Parts:
 
 
 def _read_run(path, model):
-    """``(name, model, config, metrics, history, run_dir)`` of a run directory or ``.keras`` file."""
+    """``(name, model, config, metrics, history, run_dir)`` of a run directory or ``.keras`` file.
+
+    A run directory's files are read as ``cnnkit.load`` reads them, ``model`` given or not: checked against
+    ``manifest.json``, and a file that does not parse (or a config that is not a mapping) is an error naming it."""
     from cnnkit import runs
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No run directory or .keras file at {str(path)!r}. Received: path={str(path)!r}")
+    if not path.is_dir():
+        return path.stem, runs.load(path).model if model is None else model, {}, {}, {}, None
     if model is None:
         run = runs.load(path)
-        model = run.model
-    if not path.is_dir():
-        return path.stem, model, {}, {}, {}, None
-    config_path, metrics_path, history_path = (path / runs.CONFIG_FILE, path / runs.METRICS_FILE,
-                                               path / runs.HISTORY_FILE)
-    config = (yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}) if config_path.is_file() else {}
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
-    history = runs._history_from_csv(history_path.read_text(encoding="utf-8")) if history_path.is_file() else {}
+        model, config, metrics, history = run.model, run.config, run.metrics, run.history
+    else:
+        config, metrics, history = runs.read_run_files(path)
     return str(config.get("name") or path.name), model, config, metrics, history, path
 
 
@@ -492,10 +499,15 @@ def _metrics_html(metrics):
             bar = f'<span class="bar" style="width:{max(0.0, min(1.0, f1)) * 6:.2f}em"></span>'
             rows.append([_e(name), _number(row.get("precision")), _number(row.get("recall")),
                          bar + _number(f1), _number(row.get("support"))])
-        worst = min(per_class, key=lambda name: per_class[name].get("f1", 0.0))
-        text = (f"<p>The weakest class: <b>{_e(worst)}</b> (F1 {per_class[worst].get('f1', 0.0):.3f}). Precision: of "
-                "the images predicted as a class, the fraction that are; recall: of a class's images, the fraction "
-                "found; F1: their harmonic mean.</p>")
+        # the weakest among classes with test images (one without has F1 0 by convention, which says nothing)
+        tested = [name for name, row in per_class.items()
+                  if isinstance(row.get("support"), numbers.Real) and row["support"] > 0]
+        weakest = ""
+        if tested:
+            worst = min(tested, key=lambda name: per_class[name].get("f1", 0.0))
+            weakest = f"The weakest class: <b>{_e(worst)}</b> (F1 {per_class[worst].get('f1', 0.0):.3f}). "
+        text = (f"<p>{weakest}Precision: of the images predicted as a class, the fraction that are; recall: of a "
+                "class's images, the fraction found; F1: their harmonic mean.</p>")
         parts.append(_table(["class", "precision", "recall", "F1", "support"], rows))
     if not parts:
         return _note("No metrics were recorded and there is no test data to compute them.")
@@ -642,7 +654,9 @@ def render_report(path, *, model=None, data=None, examples: int = 8, max_test_im
 
     Raises:
         FileNotFoundError: ``path`` does not exist or holds no model.
-        ValueError: ``data`` was given and does not load, or its classes are not the run's.
+        ValueError: the run directory's files do not match its ``manifest.json`` or do not parse (as
+            ``cnnkit.load`` refuses them, ``model`` given or not); ``data`` was given and does not load, or its
+            classes are not the run's.
 
     Example:
         >>> html_text = render_report("runs/mnist", data="mnist")  # doctest: +SKIP

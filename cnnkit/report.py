@@ -36,10 +36,16 @@ _MAX_LABELLED_CLASSES = 60
 # --------------------------------------------------------------------------- helpers
 
 
+def _filled(history: dict, key) -> bool:
+    """Whether ``history[key]`` holds values: a non-empty list or numpy array (``None`` or missing: no)."""
+    return history.get(key) is not None and np.size(history[key]) > 0
+
+
 def _accuracy_keys(history: dict) -> tuple[str | None, str | None]:
     for name in _ACCURACY_NAMES:
-        if history.get(name) or history.get("val_" + name):
-            return (name if history.get(name) else None), ("val_" + name if history.get("val_" + name) else None)
+        train, val = (key if _filled(history, key) else None for key in (name, "val_" + name))
+        if train or val:
+            return train, val
     return None, None
 
 
@@ -53,7 +59,7 @@ def has_curves(history: dict) -> bool:
     if not isinstance(history, dict):
         return False
     keys = (*_LOSS_KEYS, *_LR_KEYS, *_ACCURACY_NAMES, *("val_" + n for n in _ACCURACY_NAMES))
-    return any(len(history.get(key) or ()) > 0 for key in keys)
+    return any(_filled(history, key) for key in keys)
 
 
 def _new_figure(width: float, height: float):
@@ -85,7 +91,7 @@ def _series(history: dict, key: str) -> np.ndarray:
 
 def _plot_pair(ax, history, train_key, val_key, title):
     for key, label, style in ((train_key, "train", "-"), (val_key, "val", "--")):
-        if key is None or not history.get(key):
+        if not _filled(history, key):
             continue
         values = _series(history, key)
         epochs = np.arange(1, len(values) + 1)
@@ -108,7 +114,8 @@ def plot_training_curves(history: dict, path) -> Path:
     the epoch number, starting at 1.
 
     Args:
-        history: ``{"loss": [...], "val_loss": [...], ...}`` (e.g. ``keras.callbacks.History.history``).
+        history: ``{"loss": [...], "val_loss": [...], ...}``, lists or numpy arrays (e.g.
+            ``keras.callbacks.History.history``).
         path: Output file; the format comes from the suffix (``.png`` normally).
 
     Returns:
@@ -130,12 +137,12 @@ def plot_training_curves(history: dict, path) -> Path:
             f"'val_accuracy' or 'learning_rate'. Received: history keys={sorted(history) if isinstance(history, dict) else type(history).__name__}"
         )
     panels = []
-    if any(history.get(k) for k in _LOSS_KEYS):
+    if any(_filled(history, k) for k in _LOSS_KEYS):
         panels.append(("loss", "loss", "val_loss"))
     train_acc, val_acc = _accuracy_keys(history)
     if train_acc or val_acc:
         panels.append(("accuracy", train_acc, val_acc))
-    lr_key = next((k for k in _LR_KEYS if history.get(k)), None)
+    lr_key = next((k for k in _LR_KEYS if _filled(history, k)), None)
     if lr_key:
         panels.append(("learning rate", lr_key, None))
 

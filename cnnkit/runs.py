@@ -929,6 +929,28 @@ def _safe_mode_scope():
     return SafeModeScope(True)
 
 
+def read_run_files(run_dir) -> tuple[dict, dict, dict]:
+    """``(config, metrics, history)`` of a run directory, checked against its ``manifest.json`` first;
+    a missing file reads as empty.
+
+    Raises:
+        ValueError: a file does not match the manifest, or does not parse (naming the file).
+
+    Example:
+        >>> config, metrics, history = read_run_files("runs/mnist_lenet")  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    problems = verify_manifest(run_dir)
+    if problems:
+        raise ValueError(f"run directory {str(run_dir)!r} does not match its {MANIFEST_FILE}: {'; '.join(problems)}. "
+                         "Restore the files, or train again")
+    history_path, metrics_path, config_path = run_dir / HISTORY_FILE, run_dir / METRICS_FILE, run_dir / CONFIG_FILE
+    history = _read_file(history_path, _history_from_csv, "CSV") if history_path.is_file() else {}
+    metrics = read_mapping(metrics_path, json.loads, "JSON") if metrics_path.is_file() else {}
+    config = read_mapping(config_path, yaml.safe_load, "YAML") if config_path.is_file() else {}
+    return config, metrics, history
+
+
 def load(path, *, trust: bool = False) -> Run:
     """Load a run directory or a ``.keras`` file as a :class:`Run`.
 
@@ -978,14 +1000,7 @@ def load(path, *, trust: bool = False) -> Run:
                 f"{str(path)!r} is not a run directory: expected a {MODEL_FILE!r} file in it{hint}. "
                 f"Received: path={str(path)!r}"
             )
-        problems = verify_manifest(path)
-        if problems:
-            raise ValueError(f"run directory {str(path)!r} does not match its {MANIFEST_FILE}: {'; '.join(problems)}. "
-                             "Restore the files, or train again")
-        history_path, metrics_path, config_path = path / HISTORY_FILE, path / METRICS_FILE, path / CONFIG_FILE
-        history = _read_file(history_path, _history_from_csv, "CSV") if history_path.is_file() else {}
-        metrics = read_mapping(metrics_path, json.loads, "JSON") if metrics_path.is_file() else {}
-        config = read_mapping(config_path, yaml.safe_load, "YAML") if config_path.is_file() else {}
+        config, metrics, history = read_run_files(path)
         model = _load_model(model_path, trust)
         return Run(
             model, history=history, metrics=metrics, config=config, run_dir=path, class_names=config.get("class_names")

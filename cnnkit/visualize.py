@@ -15,7 +15,8 @@ activated (``residual3``, the tensor the next block or the global pooling takes)
 output. A backbone nested as one layer (``keras.applications`` fine-tuned) counts as one
 convolution, its output feature map. A nested backbone that ends in flat features (a saved
 classifier cut before its dense layers, as ``finetune`` makes of a cnnkit run) is opened: its
-convolutions are read as the model's own.
+convolutions are read as the model's own. A model whose convolutions are in several nested models (an
+ensemble's members) is refused: visualise one member, ``model.get_layer("member_0")``.
 
 Each function can also write a PNG (``save=path``), atomically (``cnnkit.runs.atomic_write_bytes``).
 
@@ -135,6 +136,7 @@ def _searchable(model):
     """``model``, or, when it has no convolution of its own but a nested model holds some (a backbone
     ending in flat features), a copy that calls the nested models' layers in their place: the same
     layers and weights, computing the same, with every tensor in one graph to read and differentiate.
+    Several nested models that hold convolutions (an ensemble's members) are refused (:func:`_one_nested`).
 
     Example:
         >>> [layer.name for layer in _searchable(finetuned).layers]  # doctest: +SKIP
@@ -144,6 +146,7 @@ def _searchable(model):
 
     if model in _opened:
         return _opened[model]
+    _one_nested(model)
     if not _is_functional(model) or _conv_layers_of(model) or not any(
             _is_functional(layer) and _holds_conv(layer) for layer in model.layers):
         return model
@@ -178,11 +181,26 @@ def _holds_conv(model) -> bool:
     return any(_is_conv(layer) or _is_functional(layer) and _holds_conv(layer) for layer in model.layers)
 
 
-def _first_conv(model):
-    """The first convolution with a 4-D kernel (the one :func:`kernels` draws), looking inside a nested
-    backbone; a locally connected layer (a kernel per position) is passed over."""
+def _one_nested(model) -> None:
+    """Refuse a model with no convolution of its own whose convolutions lie in several nested models (an
+    ensemble's members, ``member_0``, ``member_1``, ...): which member to show is the caller's choice."""
     import keras
 
+    nested = [layer.name for layer in model.layers if isinstance(layer, keras.Model) and _holds_conv(layer)]
+    if len(nested) > 1 and not _conv_layers_of(model):
+        raise ValueError(f"The model {model.name!r} is an ensemble: its convolutions are in {len(nested)} nested "
+                         f"models ({', '.join(nested)}). Visualise one member: model.get_layer({nested[0]!r}) in "
+                         "Python, or the member's own run directory (an ensemble's trained members are in its "
+                         f"members/ folder). Received: a model with layers {[layer.name for layer in model.layers]}")
+
+
+def _first_conv(model):
+    """The first convolution with a 4-D kernel (the one :func:`kernels` draws), looking inside a nested
+    backbone; a locally connected layer (a kernel per position) is passed over. An ensemble is refused
+    (:func:`_one_nested`)."""
+    import keras
+
+    _one_nested(model)
     for layer in model.layers:  # a nested backbone whatever its output (a saved net cut before its dense layers)
         if isinstance(layer, keras.Model):
             try:
@@ -521,10 +539,11 @@ def _feature_png(maps, single=True, *, max_channels: int = 64, columns: int = 16
 
 
 def _blur(images, sigma):
-    """Gaussian blur of an NHWC float tensor, per channel, with reflect padding."""
+    """Gaussian blur of an NHWC float tensor, per channel, with reflect padding; the kernel is cut at 2 sigma
+    and below the image's size (reflect padding needs fewer pixels than the image has)."""
     import tensorflow as tf
 
-    radius = max(1, int(math.ceil(2 * sigma)))
+    radius = min(max(1, int(math.ceil(2 * sigma))), min(images.shape[1:3]) - 1)
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps = (taps / taps.sum()).astype(np.float32)
     channels = images.shape[-1]
@@ -560,7 +579,8 @@ def filter_patterns(model, layer=None, filters=8, *, steps: int = 64, step_size:
         step_size: grey levels per step (root mean square of the change).
         decay: fraction of the distance to mid-grey removed each step; 0 for none.
         blur_every: blur every this many steps; 0 for never.
-        blur_sigma: standard deviation of the blur in pixels.
+        blur_sigma: standard deviation of the blur in pixels (its kernel, 2 sigma each side, is cut to
+            fit inside the image).
         jitter: largest random shift in pixels; 0 for none.
         seed: the random start and shifts.
         save: write a PNG, one tile per filter (each scaled to its own range).
@@ -576,7 +596,7 @@ def filter_patterns(model, layer=None, filters=8, *, steps: int = 64, step_size:
     import keras
     import tensorflow as tf
 
-    model = _model(model)
+    model = _searchable(_model(model))
     for name, value, low in (("steps", steps, 0), ("blur_every", blur_every, 0), ("jitter", jitter, 0)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
             raise ValueError(f"`{name}` must be an integer >= {low}. Received: {name}={value!r}")
@@ -795,17 +815,17 @@ def grad_cam(model, image, class_index=None, layer=None, *, save=None) -> np.nda
 def _cams_png(images, cams, titles, *, columns: int = 8) -> bytes:
     """Each image over its Grad-CAM overlay, titled, ``columns`` pairs per row."""
     pairs = []
-    for image, cam in zip(images, cams):
-        picture = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
-        gap = np.full((max(1, image.shape[0] // 14), *picture.shape[1:]), 255.0)
-        pairs.append(np.concatenate([picture, gap, overlay(image, cam).astype(np.float32)]) / 255.0)
+    for picture, cam in zip(_rgb(images), cams):
+        gap = np.ones((max(1, picture.shape[0] // 14), *picture.shape[1:]), np.float32)
+        pairs.append(np.concatenate([picture, gap, overlay(picture, cam) / np.float32(255.0)]))
     return _mosaic_png(np.stack(pairs), titles, columns=columns, lines=1)
 
 
 def _rgb(images) -> np.ndarray:
-    """``(N, h, w, 1 or 3)`` pixels 0..255 as RGB in [0, 1]."""
+    """``(N, h, w, C)`` pixels 0..255 as RGB in [0, 1]: 3 channels as they are, any other count as the grey
+    of their mean."""
     images = np.asarray(images, np.float32) / 255.0
-    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+    return images if images.shape[-1] == 3 else np.repeat(images.mean(axis=-1, keepdims=True), 3, axis=-1)
 
 
 def _mosaic_png(tiles, labels, *, columns: int, lines: int, inches: float = 1.3) -> bytes:
@@ -860,9 +880,9 @@ def top_losses(model, images, labels, k: int = 9, *, class_names=None, probabili
     Args:
         model: a ``keras.Model``, ``cnnkit.Run``, run directory or ``.keras`` file.
         images: a batch of raw images.
-        labels: their integer classes.
+        labels: their classes: integers (or whole-number floats) in ``[0, K)``.
         k: how many (fewer when fewer are wrong).
-        class_names: names for the PNG's titles (default the indices).
+        class_names: ``K`` names for the PNG's titles, any sequence (default the indices).
         probabilities: the model's ``(N, K)`` probabilities for ``images``, when already computed.
         save: write a PNG grid titled "true / predicted (confidence)".
 
@@ -874,20 +894,27 @@ def top_losses(model, images, labels, k: int = 9, *, class_names=None, probabili
         >>> worst.indices[:3]  # doctest: +SKIP
         array([ 947, 2130,  445])
     """
-    from cnnkit.evaluate import LOSS_EPSILON
+    from cnnkit.evaluate import LOSS_EPSILON, class_indices
     from cnnkit.runs import Run
 
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
         raise ValueError(f"`k` must be a positive integer. Received: k={k!r}")
     model = _model(model)
     batch, _ = _batch(model, images)
-    labels = np.asarray(labels).astype(np.int64).reshape(-1)
     if probabilities is None:
         probabilities = Run(model).predict(batch)
     probabilities = np.asarray(probabilities, np.float64)
+    if probabilities.ndim != 2:
+        raise ValueError(f"`probabilities` must have shape (N, K). Received: probabilities.shape={probabilities.shape}")
+    labels = class_indices(labels, probabilities.shape[1], name="labels")
     if len(labels) != len(batch) or probabilities.shape[0] != len(batch):
         raise ValueError(f"`images`, `labels` and `probabilities` must have one row per example. Received: "
                          f"{len(batch)} images, {len(labels)} labels, {probabilities.shape[0]} probability rows")
+    if class_names is not None:
+        class_names = [str(name) for name in class_names]
+        if len(class_names) != probabilities.shape[1]:
+            raise ValueError(f"`class_names` must have one name per class ({probabilities.shape[1]}). Received: "
+                             f"class_names={class_names}")
     predicted = probabilities.argmax(axis=1)
     losses = -np.log(np.clip(probabilities[np.arange(len(labels)), labels], LOSS_EPSILON, 1.0))
     wrong = np.flatnonzero(predicted != labels)
@@ -900,7 +927,7 @@ def top_losses(model, images, labels, k: int = 9, *, class_names=None, probabili
 
 def _top_losses_png(batch, result, class_names, *, columns: int = 8) -> bytes:
     largest = int(max(result.labels.max(initial=0), result.predicted.max(initial=0)))
-    names = class_names or [str(i) for i in range(largest + 1)]
+    names = [str(i) for i in range(largest + 1)] if class_names is None else class_names
     if not len(result.indices):
         return grid_png(np.ones((1, 4)), "no misclassified examples")
     labels = [f"true {names[true]}\npred {names[predicted]} ({confidence:.2f})"

@@ -1,4 +1,4 @@
-"""Tests for cnnkit.evaluate.classification_metrics on hand-computed cases."""
+"""Tests for cnnkit.evaluate: classification_metrics on hand-computed cases, and class_indices."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from cnnkit.evaluate import classification_metrics
+from cnnkit.evaluate import class_indices, classification_metrics
 
 NAMES = ["cat", "dog", "bird"]
 
@@ -115,6 +115,20 @@ def test_shape_mismatch_names_both_shapes():
 def test_invalid_inputs_raise_value_error(y, probs, names, pattern):
     with pytest.raises(ValueError, match=pattern):
         classification_metrics(y, probs, names)
+
+
+def test_class_indices_name_the_argument_and_the_values():
+    np.testing.assert_array_equal(class_indices([[0], [2.0], [True]], 3), [0, 2, 1])
+    assert class_indices(np.array([1], np.uint8), 2).dtype == np.int64
+    with pytest.raises(ValueError, match=r"`labels` must hold integer class indices\. Received: labels=\[1\.5\]"):
+        class_indices([1.5], 3, name="labels")
+    with pytest.raises(ValueError, match=r"`labels` must hold integer class indices\. Received: labels.dtype=<U1"):
+        class_indices(["a"], 3, name="labels")
+    with pytest.raises(ValueError, match=r"`y_true` values must lie in \[0, 1\] \(one per class\)\. Received: y_true "
+                                         r"containing \[9223372036854775809\]"):  # not wrapped round to negative
+        class_indices(np.array([2**63 + 1], np.uint64), 2)
+    with pytest.raises(ValueError, match=r"`y_true` must be a 1-D array .* Received: y_true.shape=\(2, 2\)"):
+        class_indices([[0, 1], [1, 0]], 2)
 
 
 def test_ties_go_to_the_lower_class_index():

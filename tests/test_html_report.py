@@ -64,6 +64,15 @@ def test_diagnosis_messages_carry_the_numbers_and_the_advice():
         diagnose([1.0, 0.5])
 
 
+def test_diagnosis_reads_numpy_histories_and_a_validation_minimum_of_zero():
+    history = {"loss": [1.0, 0.5, 0.3, 0.2, 0.1], "val_loss": [1.0, 0.6, 0.7, 0.8, 0.9],
+               "accuracy": [0.6, 0.85, 0.92, 0.96, 0.99], "val_accuracy": [0.6, 0.8, 0.8, 0.8, 0.79]}
+    assert diagnose({key: np.array(values) for key, values in history.items()}) == diagnose(history)
+    [overfit] = diagnose({"loss": [1.0, 0.5, 0.3, 0.2, 0.1], "val_loss": [0.5, 0.0, 0.1, 0.2, 0.3]})
+    assert overfit.kind == "overfitting"
+    assert "lowest at epoch 2 (0) and ended above it (0.3) at epoch 5 while" in overfit.message
+
+
 def test_member_agreement():
     labels = np.array([0, 1, 1, 0])
     a = np.eye(2)[[0, 1, 1, 1]]  # right on 0, 1, 2
@@ -77,6 +86,27 @@ def test_member_agreement():
     assert agreement["mean_accuracy"] == 1.0 and agreement["accuracy_when_split"] == 1.0
     with pytest.raises(ValueError, match="one \\(N, K\\) array per member"):
         member_agreement([a], labels[:3])
+    assert member_agreement([a, b, c], labels.astype(float)) == agreement  # whole-number float labels
+    with pytest.raises(ValueError, match=r"`labels` must hold integer class indices\. Received: labels=\[0\. +1\.5"):
+        member_agreement([a, b, c], [0, 1.5, 1, 0])
+    with pytest.raises(ValueError, match=r"`labels` values must lie in \[0, 1\] \(one per class\)\. Received: labels "
+                                         r"containing \[2\]"):
+        member_agreement([a, b, c], [0, 2, 1, 0])
+    with pytest.raises(ValueError, match=r"one \(N, K\) array per member, all of one shape\. Received: shapes "
+                                         r"\[\(4, 2\), \(4, 3\)\]"):
+        member_agreement([a, np.full((4, 3), 1 / 3)], labels)
+
+
+def test_the_weakest_class_is_one_with_test_images():
+    from cnnkit.evaluate import classification_metrics
+
+    probabilities = np.array([[0.9, 0.1, 0], [0.2, 0.8, 0], [0.1, 0.9, 0], [0.2, 0.8, 0], [0.6, 0.4, 0]])
+    metrics = classification_metrics([0, 0, 1, 1, 1], probabilities, ["cat", "dog", "rare"])
+    assert metrics["per_class"]["rare"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert "The weakest class: <b>cat</b> (F1 0.500)." in html_report._metrics_html(metrics)
+    untested = {"per_class": {"a": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}}}
+    page = html_report._metrics_html(untested)
+    assert "weakest" not in page and "<p>Precision: of the images predicted as a class" in page
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +197,26 @@ def test_a_report_into_a_run_another_process_holds_is_refused_then_written_with_
         os.close(other)
     assert write_report(run_dir, model=tiny_run.model, data=tiny, strict=True) == run_dir / "report.html"
     assert (run_dir / "manifest.json").read_bytes() != manifest and verify_manifest(run_dir) == []
+
+
+def test_run_files_are_checked_and_named_when_the_model_is_given_too(tiny_run, tmp_path):
+    run_dir = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    (run_dir / "training_curves.png").write_bytes(b"garbage")  # would be embedded as it is
+    for model in (tiny_run.model, None):
+        with pytest.raises(ValueError, match=r"does not match its manifest.json: training_curves.png: SHA-256 differs"):
+            render_report(run_dir, model=model)
+    (run_dir / "manifest.json").unlink()  # a run written before manifests: nothing to check, files still parsed
+    (run_dir / "training_curves.png").write_bytes((tiny_run.run_dir / "training_curves.png").read_bytes())
+    for name, text, problem in (("config.yaml", "- 1\n", "must hold a mapping. Received: list"),
+                                ("metrics.json", "{oops", "is not valid JSON"),
+                                ("history.csv", "epoch,loss\n1,abc\n", "is not valid CSV")):
+        saved = (run_dir / name).read_text()
+        (run_dir / name).write_text(text)
+        for model in (tiny_run.model, None):
+            with pytest.raises(ValueError, match=f"'{run_dir / name}' {problem}"):
+                render_report(run_dir, model=model)
+        (run_dir / name).write_text(saved)
+    assert "summary" in _sections(render_report(run_dir, model=tiny_run.model))
 
 
 def test_a_failing_part_becomes_a_note_and_a_failing_report_only_warns(tiny_run, tiny, monkeypatch, tmp_path):

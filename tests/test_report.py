@@ -76,6 +76,16 @@ def test_has_curves():
     assert report.has_curves({"learning_rate": [0.1]})
     assert not report.has_curves({})
     assert not report.has_curves({"loss": []})
+    assert report.has_curves({"loss": np.array([1.0, 0.5])})
+    assert not report.has_curves({"loss": np.array([]), "accuracy": None})
+
+
+def test_training_curves_of_numpy_arrays_are_those_of_lists(tmp_path):
+    arrays = {**{key: np.array(values) for key, values in HISTORY.items()}, "learning_rate": np.array([0.1] * 4)}
+    report.plot_training_curves(arrays, tmp_path / "arrays.png")
+    report.plot_training_curves({**HISTORY, "learning_rate": [0.1] * 4}, tmp_path / "lists.png")
+    assert (tmp_path / "arrays.png").read_bytes() == (tmp_path / "lists.png").read_bytes()
+    _assert_real_png(tmp_path / "arrays.png")
 
 
 def test_confusion_matrix_png_and_normalize_changes_it(tmp_path):

@@ -247,6 +247,58 @@ def test_a_nested_backbone_ending_in_flat_features_is_opened(net, mnist):
         visualize.grad_cam(outer, np.zeros((10, 10)))
 
 
+def test_filter_patterns_open_a_nested_backbone_ending_in_flat_features():
+    inner = cnnkit.build("4C3-6C3-FC8", (10, 10, 1), 2)  # as finetune nests a saved run: cut before its classifier
+    features = keras.Model(inner.inputs, inner.get_layer("fc1").output, name="backbone")
+    inputs = keras.Input((10, 10, 1))
+    outer = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(features(inputs)))
+    for layer in (None, "conv1"):  # by default the last convolution, conv2
+        patterns = visualize.filter_patterns(outer, layer, 2, steps=2)
+        assert patterns.shape == (2, 10, 10, 1)
+        np.testing.assert_allclose(patterns, visualize.filter_patterns(inner, layer, 2, steps=2), atol=1e-3)
+
+
+def test_an_ensemble_is_refused_naming_how_to_see_one_member():
+    from cnnkit.recipes.ensemble import combine_models
+
+    members = [cnnkit.build("4C3-FC8", (8, 8, 1), 3) for _ in range(2)]  # the same layer names in each
+    model = combine_models(members)
+    image = np.zeros((8, 8), np.uint8)
+    refusal = (r"The model 'ensemble' is an ensemble: its convolutions are in 2 nested models \(member_0, member_1\)\. "
+               r"Visualise one member: model.get_layer\('member_0'\)")
+    for draw in (lambda: visualize.conv_layers(model), lambda: visualize.kernels(model),
+                 lambda: visualize.feature_maps(model, image), lambda: visualize.grad_cam(model, image),
+                 lambda: visualize.filter_patterns(model, filters=1, steps=1)):
+        with pytest.raises(ValueError, match=refusal):
+            draw()
+    member = model.get_layer("member_0")
+    assert visualize.conv_layers(member) == ["conv1"] and visualize.grad_cam(member, image).shape == (8, 8)
+    np.testing.assert_array_equal(visualize.kernels(member), visualize.kernels(members[0]))
+
+
+def test_pictures_of_two_channel_images_show_the_mean_of_the_channels(tmp_path):
+    model = cnnkit.build("4C3-FC8", (6, 6, 2), 3)
+    images = np.zeros((2, 6, 6, 2), np.uint8)
+    images[..., 1] = 255
+    np.testing.assert_array_equal(visualize._rgb(images), np.full((2, 6, 6, 3), 0.5, np.float32))
+    cams = visualize.grad_cam(model, images, class_index=[0, 1], save=tmp_path / "cam.png")
+    assert cams.shape == (2, 6, 6) and _png(tmp_path / "cam.png").std() > 10
+    worst = visualize.top_losses(model, images, [0, 1], probabilities=[[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]],
+                                 save=tmp_path / "worst.png")
+    np.testing.assert_array_equal(worst.indices, [0, 1])
+    assert _png(tmp_path / "worst.png").std() > 10
+
+
+def test_the_blur_of_filter_patterns_fits_inside_a_small_image():
+    import tensorflow as tf
+
+    flat = visualize._blur(tf.fill((1, 8, 8, 1), 7.0), 4.0)  # a 2-sigma radius of 8 pixels: cut to 7
+    np.testing.assert_allclose(flat.numpy(), np.full((1, 8, 8, 1), 7.0), rtol=1e-6)
+    patterns = visualize.filter_patterns(cnnkit.build("4C3-FC8", (8, 8, 1), 3), filters=1, steps=2, blur_every=1,
+                                         blur_sigma=4)
+    assert patterns.shape == (1, 8, 8, 1) and np.isfinite(patterns).all()
+
+
 def test_a_sequential_model_with_augmentation_and_batch_norm():
     model = keras.Sequential([
         keras.Input((12, 12, 1)), keras.layers.Rescaling(1 / 255), keras.layers.RandomFlip(),
@@ -276,6 +328,18 @@ def test_top_losses_are_the_most_confident_mistakes(tmp_path):
     np.testing.assert_allclose(worst.losses, -np.log([0.05, 0.1, 0.3]))
     np.testing.assert_allclose(worst.confidence, [0.7, 0.8, 0.6])
     assert (tmp_path / "worst.png").is_file()
+    names = np.array(["cat", "dog", "bird"])  # any sequence of names; whole-number float labels
+    same = visualize.top_losses(model, images, np.array([0.0, 0.0, 2.0, 1.0, 2.0]), k=3, probabilities=probabilities,
+                                class_names=names, save=tmp_path / "named.png")
+    np.testing.assert_array_equal(same.indices, worst.indices)
+    assert (tmp_path / "named.png").is_file()
+    with pytest.raises(ValueError, match=r"`labels` must hold integer class indices\. Received: labels=\[0\. +1\.5"):
+        visualize.top_losses(model, images, [0, 1.5, 2, 1, 2], probabilities=probabilities)
+    with pytest.raises(ValueError, match=r"`labels` values must lie in \[0, 2\] \(one per class\)\. Received: labels "
+                                         r"containing \[5\]"):
+        visualize.top_losses(model, images, [0, 5, 2, 1, 2], probabilities=probabilities)
+    with pytest.raises(ValueError, match=r"`class_names` must have one name per class \(3\)"):
+        visualize.top_losses(model, images, [0, 0, 2, 1, 2], probabilities=probabilities, class_names=["a", "b"])
 
 
 def test_bad_arguments_say_what_was_received(net, tmp_path):
