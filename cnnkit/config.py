@@ -347,7 +347,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return keys, value
 
 
-PATH_KEYS = {("run_dir",), ("directory",), ("backbone",), ("weights",), ("data", "path"), ("data", "test_path")}
+PATH_KEYS = {("run_dir",), ("directory",), ("backbone",), ("weights",), ("data", "path"), ("data", "test_path"),
+             ("space", "backbone"), ("space", "weights")}
 
 
 def apply_overrides(kwargs: dict, overrides=()) -> dict:

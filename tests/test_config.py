@@ -68,6 +68,8 @@ def fake_recipes(monkeypatch, tmp_path):
         ("run_dir=runs/exp #2", (["run_dir"], "runs/exp #2")),
         ("backbone='a b.keras'", (["backbone"], "a b.keras")),
         ("data.test_path=null", (["data", "test_path"], None)),
+        ("space.backbone=010", (["space", "backbone"], "010")),  # a search space's backbone folder
+        ("space.weights=007", (["space", "weights"], "007")),
     ],
 )
 def test_parse_override(text, expected):

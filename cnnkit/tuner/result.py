@@ -30,6 +30,7 @@ import inspect
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -273,8 +274,9 @@ class SearchResult:
         A search over an ``arch`` template gives ``train`` arguments; a fine-tuning search gives
         ``finetune`` arguments whose ``stages`` are the best trial's, for its number of epochs
         (:meth:`cnnkit.tuner.SearchSpace.stages_for`).
-        ``data`` is the search's data argument when it was a name or a ``from_folder`` mapping,
-        else ``None`` (set it when running the file: ``cnnkit run best_recipe.yaml data=...``).
+        ``data`` is the search's data argument when it was a name or a ``from_folder`` mapping
+        (its paths as strings), else ``None`` (set it when running the file:
+        ``cnnkit run best_recipe.yaml data=...``).
 
         Raises:
             ValueError: no trial completed.
@@ -286,7 +288,7 @@ class SearchResult:
         best = self.best_trial
         if best is None:
             raise ValueError(f"no trial of the search in {self.directory} completed, so there is no best configuration")
-        data = self._data_argument if isinstance(self._data_argument, (str, dict)) else None
+        data = _path_text(self._data_argument) if isinstance(self._data_argument, (str, dict)) else None
         if self.space.kind == "finetune":
             return self._finetune_recipe(best, data)
         values = {**train_defaults(), **best.values}
@@ -487,6 +489,17 @@ def _error_line(message) -> str:
     if not separator or " " in name:
         return last
     return text if short == "FailedTrialError" else f"{short}: {text}"
+
+
+def _path_text(value):
+    """``value`` with every path (``pathlib.Path``, ...) in it, however nested, as a string (YAML holds no paths)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {key: _path_text(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_path_text(item) for item in value]
+    return value
 
 
 def _short(value) -> str:

@@ -187,16 +187,15 @@ def sensitivity(trials, *, objective: str, direction: str = "max", bins: int = D
         observed = [(values[name], score) for values, score in usable if name in values]
         if len({_key(value) for value, _ in observed}) < 2 or len(observed) < 2:
             continue
-        labels, order = _levels([value for value, _ in observed], bins)
+        levels, labels = _levels([value for value, _ in observed], bins)
         scores = np.array([score for _, score in observed])
-        groups = {label: scores[[i for i, item in enumerate(labels) if item == label]] for label in order}
+        groups = [scores[levels == level] for level in range(len(labels))]
         grand = scores.mean()
         total = float(((scores - grand) ** 2).sum())
-        between = float(sum(len(group) * (group.mean() - grand) ** 2 for group in groups.values()))
+        between = float(sum(len(group) * (group.mean() - grand) ** 2 for group in groups))
         importance.append((name, _epsilon_squared(between, total, len(scores), len(groups))))
-        points[name] = list(zip(labels, scores.tolist()))
-        for label in order:
-            group = groups[label]
+        points[name] = [(labels[level], score) for level, score in zip(levels, scores.tolist())]
+        for label, group in zip(labels, groups):
             rows.append({"hyperparameter": name, "value": label, "count": len(group), "mean": float(group.mean()),
                          "std": float(group.std(ddof=1)) if len(group) > 1 else None,
                          "min": float(group.min()), "max": float(group.max())})
@@ -225,22 +224,36 @@ def _key(value):
 
 
 def _levels(values, bins):
-    """A label per value and the labels in display order: the values, or quantile bins of numbers."""
+    """Each value's level (an index array) and the levels' distinct labels, in display order: the distinct
+    values, or the quantile bins of numbers that hold some value."""
     numeric = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values)
-    distinct = sorted(set(values), key=lambda value: value if numeric else str(value))
+    distinct = sorted({_key(value) for value in values}, key=lambda key: (key[1] if numeric else str(key[1]), key[0]))
     if not numeric or len(distinct) <= bins + 1:
-        labels = [_label(value) for value in values]
-        return labels, [_label(value) for value in distinct]
+        position = {key: level for level, key in enumerate(distinct)}
+        return np.array([position[_key(value)] for value in values]), _labels([key[1] for key in distinct], 6)
     array = np.array(values, dtype=float)
     edges = np.unique(np.quantile(array, np.linspace(0, 1, bins + 1)))
     index = np.clip(np.searchsorted(edges, array, side="right") - 1, 0, len(edges) - 2)
-    names = [f"{edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(len(edges) - 1)]
-    labels = [names[i] for i in index]
-    return labels, [name for name in names if name in labels]
+    used, levels = np.unique(index, return_inverse=True)
+    names = _labels(edges.tolist(), 3)
+    return levels, [f"{names[i]}-{names[i + 1]}" for i in used]
 
 
-def _label(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def _labels(values, digits) -> list:
+    """Labels of distinct values: floats to ``digits`` significant digits, or as many more as tell them apart."""
+    numeric = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values)
+    for precision in range(digits, 18):
+        labels = [_label(value, precision) for value in values]
+        if len(set(map(float, labels) if numeric else labels)) == len(labels):  # "1e+03" reads as 1000
+            return labels
+    return [repr(value) for value in values]  # 3 and 3.0, or 3 and "3"
+
+
+def _label(value, digits=6) -> str:
+    """A value as shown: whole numbers as integers, other floats to ``digits`` significant digits."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.{digits}g}"
+    return str(value)
 
 
 def _number(value) -> str:

@@ -27,7 +27,8 @@ knob from ``KNOBS``: build options (``batch_norm``, ``activation``, ...), traini
 "log", "reverse_log"); the declarations become Keras Tuner ``Choice``, ``Int``, ``Float`` and
 ``Fixed`` hyperparameters, so every Keras Tuner algorithm can search them. Under log sampling
 ``step`` is a multiplier, as in Keras Tuner: ``{min: 16, max: 128, step: 2, sampling: log}`` is
-16, 32, 64, 128; a step <= 1, or one that leaves ``min`` the only value, is refused.
+16, 32, 64, 128; a step <= 1, or one that leaves ``min`` the only value, is refused. A grid
+needs a ``step`` in every range but a linear integer one (:meth:`SearchSpace.check_grid`).
 
 A combination whose network does not fit the input (a kernel larger than the feature map) is
 found by the planner before anything is built: :meth:`SearchSpace.invalid_reason` returns the
@@ -69,6 +70,7 @@ import random
 import string
 
 import keras_tuner as kt
+import numpy as np
 
 from cnnkit.planner import plan
 from cnnkit.recipes.optimization import is_finite_number
@@ -121,7 +123,8 @@ class SearchSpace:
             fine-tuning space.
         hyperparameters: name -> declaration: a list (one of these values; ``None`` in a list of
             strings means the string ``"none"``), a mapping ``{min, max, step?, sampling?}`` (a
-            range), or a single value (fixed).
+            range), or a single value (fixed). NumPy scalars and arrays in them (``np.geomspace(...)``)
+            are taken as the plain Python values they hold.
         backbone: the pretrained backbone a fine-tuning space fine-tunes (instead of ``arch``):
             a ``keras.applications`` name (``cnnkit.models.list_backbones()``), a ``.keras``
             file or a cnnkit run directory, as for ``cnnkit.recipes.finetune``.
@@ -157,6 +160,7 @@ class SearchSpace:
         if not isinstance(self.hyperparameters, dict):
             raise ValueError("hyperparameters must map names to declarations. "
                              f"Received: hyperparameters={self.hyperparameters!r}")
+        self.hyperparameters = {name: _plain(declaration) for name, declaration in self.hyperparameters.items()}
         if self.arch is not None and not isinstance(self.arch, str):
             raise ValueError(f"arch must be a notation template string. Received: arch={self.arch!r}")
         self._check_backbone_fields()
@@ -365,6 +369,32 @@ class SearchSpace:
         raise ValueError(f"no network of search space {self.name!r} fits input {tuple(input_shape)}: tried "
                          f"{len(tried)} combinations; the first: {first_reason}")
 
+    def check_grid(self) -> None:
+        """Refuse a range a grid search cannot list: one without a ``step``, unless it is a linear range of integers.
+
+        Keras Tuner's grid takes ten points of a step-less float (or log) range, which may not
+        include ``max``; a linear integer range without a step is every integer from min to max.
+
+        Raises:
+            ValueError: such a range; the message names the hyperparameter.
+
+        Example:
+            >>> space = SearchSpace("{f}C3", {"f": {"min": 4, "max": 8}, "learning_rate": {"min": 1e-3, "max": 1e-2}})
+            >>> space.check_grid()  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: hyperparameter 'learning_rate': a grid search needs a step in this range (or a list of ...
+        """
+        for name, declaration in self.hyperparameters.items():
+            if not isinstance(declaration, dict) or declaration.get("step") is not None:
+                continue
+            integers = isinstance(declaration["min"], int) and isinstance(declaration["max"], int)
+            if integers and declaration.get("sampling", "linear") == "linear":
+                continue
+            raise ValueError(f"hyperparameter {name!r}: a grid search needs a step in this range (or a list of values "
+                             "instead); without one Keras Tuner's grid tries ten points of it, which may not include "
+                             f"max. Received: {name}={declaration!r}")
+
     def check_finetune(self, groups, epochs: int) -> None:
         """Refuse fine-tuning knob values this backbone or epoch count cannot honour, before any trial.
 
@@ -504,6 +534,17 @@ def _declare(hp, name, declaration):
         if not isinstance(declaration, (bool, int, float, str)):
             raise ValueError("a declaration is a list (choices), a mapping {min, max, ...} (a range) or one value")
         hp.Fixed(name, declaration)
+
+
+def _plain(declaration):
+    """A declaration with NumPy scalars and arrays as Python values (search.yaml holds plain YAML)."""
+    if isinstance(declaration, (np.generic, np.ndarray)):
+        return declaration.tolist()
+    if isinstance(declaration, list):
+        return [_plain(value) for value in declaration]
+    if isinstance(declaration, dict):
+        return {key: _plain(value) for key, value in declaration.items()}
+    return declaration
 
 
 def _candidates(declaration) -> list:

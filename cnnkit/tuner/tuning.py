@@ -82,6 +82,7 @@ from cnnkit.tuner.result import (
     RECORD_FILE,
     SearchResult,
     TrialRecord,
+    _error_line,
     finetune_defaults,
     train_defaults,
 )
@@ -161,6 +162,7 @@ def search(
             mapping of ``cnnkit.data.from_folder`` arguments with "path". It needs a
             validation split: trials are scored on it.
         algorithm: "random", "grid", "bayesian" (needs scipy and scikit-learn) or "hyperband".
+            A grid needs a ``step`` in every range but a linear range of integers (every integer).
         objective: "val_accuracy", "val_loss" or "val_balanced_accuracy"; a trial's score is its
             best epoch's value. "val_loss" is plain validation cross-entropy (logged as
             ``val_cross_entropy``), without a trial's ``label_smoothing`` or ``l2`` penalty.
@@ -213,10 +215,10 @@ def search(
         them; a worker's result is the record as it stood when the chief stopped it).
 
     Raises:
-        ValueError: a bad argument, a space none of whose networks fits, a bad knob value (an
-            ``unfreeze_depth`` beyond the backbone's layer groups, a ``head_epochs`` that leaves
-            no epoch to unfreeze in), data without a validation split, or a directory holding a
-            search with other settings.
+        ValueError: a bad argument, a grid over a range without a step, a space none of whose
+            networks fits, a bad knob value (an ``unfreeze_depth`` beyond the backbone's layer
+            groups, a ``head_epochs`` that leaves no epoch to unfreeze in), data without a
+            validation split, or a directory holding a search with other settings.
         ImportError: a package the algorithm or a knob needs is missing.
         SearchError: a setup error inside a trial, or too many failures in a row.
 
@@ -232,6 +234,8 @@ def search(
     if isinstance(worker_timeout, bool) or not isinstance(worker_timeout, (int, float)) or not worker_timeout > 0:
         raise ValueError(f"worker_timeout must be a number of seconds > 0. Received: worker_timeout={worker_timeout!r}")
     space = SearchSpace.coerce(space)
+    if algorithm == "grid":
+        space.check_grid()
     data_argument = data
     data = resolve_data(data)
     if data.val is None:
@@ -326,7 +330,7 @@ def _stopped(tuner, error, max_consecutive_failed_trials, directory):
         raise error if isinstance(error, SearchError) else SearchError(error)
     if tuner.role != "worker":
         tuner.report.result().write()
-    last = str(error).strip().splitlines()[-1]
+    last = _error_line(str(error))
     raise SearchError(f"{max_consecutive_failed_trials} trials in a row failed, so the search stopped; the last "
                       f"error: {last}. Finished trials are kept in {directory}")
 
@@ -348,7 +352,7 @@ def _check_arguments(*, algorithm, objective, max_trials, epochs, factor, hyperb
 
 def _check_knobs(space, data, dtype):
     """Try every listed value (or range end) of the knobs that name things, before any trial."""
-    sample = None
+    sample = training = None
     for name, declaration in space.hyperparameters.items():
         if name not in KNOBS:
             continue
@@ -371,11 +375,12 @@ def _check_knobs(space, data, dtype):
 
                 sample = sample if sample is not None else _sample(data)
                 make_augmentation(value, image_shape=data.image_shape, num_classes=data.num_classes, train_images=sample)
-            if name == "preprocess" and value != "scale":
+            if name == "preprocess" and value != "scale":  # fitted as a trial fits it (whitening needs the images)
+                from cnnkit.recipes.pipeline import training_sample
                 from cnnkit.recipes.preprocess import fit_preprocessing
 
-                sample = sample if sample is not None else _sample(data)
-                fit_preprocessing(value, sample, dtype=dtype)
+                training = training if training is not None else training_sample(data)
+                fit_preprocessing(value, training, dtype=dtype)
 
 
 def _sample(data):

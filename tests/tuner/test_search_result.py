@@ -4,6 +4,8 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
+from PIL import Image
 
 import cnnkit
 from cnnkit.tuner import search
@@ -54,6 +56,19 @@ def test_retrain_uses_training_and_validation(tmp_path, tiny_space):
     run = result.retrain(run_dir=tmp_path / "retrained", verbose=0)
     assert run.config["data"]["class_counts"]["train"] == [20, 20]  # 30 training + 10 validation images
     assert run.metrics["num_examples"] == 20 and "best_val_accuracy" not in run.metrics
+
+
+def test_a_folder_given_as_a_path_is_written_as_text_into_the_best_recipe(tiny_data, tiny_space, tmp_path):
+    images, labels = tiny_data.arrays("train")
+    for index, (image, label) in enumerate(zip(images[:16], labels[:16])):
+        (tmp_path / "images" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0]).save(tmp_path / "images" / str(label) / f"{index}.png")
+    data = {"path": tmp_path / "images", "image_size": 8, "color_mode": "grayscale", "val_split": 0.25}
+    result = search(tiny_space, data, max_trials=1, directory=tmp_path / "search", **FAST)
+    expected = {"path": str(tmp_path / "images"), "image_size": 8, "color_mode": "grayscale", "val_split": 0.25}
+    assert result.best_recipe()["data"] == expected
+    assert yaml.safe_load((tmp_path / "search" / "best_recipe.yaml").read_text())["data"] == expected
+    assert (tmp_path / "search" / "report.html").is_file()
 
 
 def test_a_search_directory_is_held_and_a_search_of_the_other_kind_is_refused(tiny_data, tiny_space, tmp_path,

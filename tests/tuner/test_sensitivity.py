@@ -40,6 +40,19 @@ def test_many_numeric_values_fall_into_quantile_bins():
     assert all("-" in row["value"] for row in rows)
 
 
+def test_close_bin_edges_keep_their_bins_apart():
+    trials = [({"units": units, "rate": rate}, 0.9 + 0.01 * (units % 3))
+              for units, rate in zip(range(1000, 1008), [0.1, 0.1000001, 0.1000002, 0.2, 0.2, 0.2, 0.2, 0.2])]
+    result = sensitivity(trials, objective="val_accuracy", bins=4)
+    units = [(row["value"], row["count"]) for row in result.rows if row["hyperparameter"] == "units"]
+    assert units == [("1000-1002", 2), ("1002-1004", 2), ("1004-1005", 2), ("1005-1007", 2)]  # 1e+03 each at 3 digits
+    assert [label for label, _ in result.points["units"]] == [label for label, _ in units for _ in range(2)]
+    rates = [(row["value"], row["count"]) for row in result.rows if row["hyperparameter"] == "rate"]
+    assert rates == [("0.1", 1), ("0.1000001", 1), ("0.1000002", 1), ("0.2", 5)]  # 0.1 each at 6 digits
+    mixed = sensitivity([({"k": 3}, 0.9), ({"k": 3.0}, 0.8)], objective="val_accuracy")
+    assert [row["value"] for row in mixed.rows] == ["3.0", "3"]
+
+
 def test_fixed_values_and_missing_scores_are_left_out():
     trials = [({"k": 3, "units": 64}, 0.9), ({"k": 5, "units": 64}, 0.8), ({"k": 5, "units": 64}, None),
               ({"k": 3, "units": 64}, float("nan")), ({"k": 3, "units": 64}, 0.85)]

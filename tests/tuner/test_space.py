@@ -5,7 +5,9 @@ import re
 from pathlib import Path
 
 import keras_tuner as kt
+import numpy as np
 import pytest
+import yaml
 
 from cnnkit import config
 from cnnkit.tuner import KNOBS, SearchSpace
@@ -84,6 +86,29 @@ def test_a_log_range_with_a_multiplier_step_gives_its_powers_as_ints():
     assert space.arch_for({"units": 32}) == "FC32"
 
 
+def test_numpy_values_are_declared_as_python_values_that_search_yaml_can_hold():
+    space = SearchSpace("{f}C3", {"f": list(np.arange(4, 9, 4)), "learning_rate": list(np.geomspace(1e-3, 1e-2, 3)),
+                                  "weight_decay": np.array([0.0, 0.5]), "batch_size": np.int64(8),
+                                  "l2": {"min": np.float32(0.0), "max": np.float64(0.5)}, "batch_norm": [np.True_]})
+    assert space.hyperparameters == {"f": [4, 8], "learning_rate": [0.001, pytest.approx(0.00316227766), 0.01],
+                                     "weight_decay": [0.0, 0.5], "batch_size": 8, "l2": {"min": 0.0, "max": 0.5},
+                                     "batch_norm": [True]}
+    assert [type(value) for value in space.hyperparameters["f"]] == [int, int]
+    assert type(space.hyperparameters["learning_rate"][0]) is float and type(space.hyperparameters["batch_size"]) is int
+    assert SearchSpace.coerce(yaml.safe_load(yaml.safe_dump(space.to_dict()))) == space
+
+
+@pytest.mark.parametrize("declaration, step", [({"min": 1e-3, "max": 1e-2, "sampling": "log"}, 2),
+                                               ({"min": 0, "max": 0.5}, 0.25),
+                                               ({"min": 16, "max": 64, "sampling": "log"}, 2)])
+def test_a_grid_refuses_a_range_without_a_step(declaration, step):
+    space = SearchSpace("{f}C3", {"f": declaration})
+    with pytest.raises(ValueError, match=r"hyperparameter 'f': a grid search needs a step in this range \(or a list"):
+        space.check_grid()
+    SearchSpace("{f}C3", {"f": {**declaration, "step": step}}).check_grid()
+    SearchSpace("{f}C3", {"f": {"min": 4, "max": 8}}).check_grid()  # every integer
+
+
 def test_model_options_are_the_build_knobs():
     space = SearchSpace("{f}C3", {"f": [4], "batch_norm": [False, True], "activation": ["relu", "tanh"],
                                   "learning_rate": 0.01})
@@ -159,6 +184,8 @@ def test_packaged_space_files_hold_valid_spaces(path):
     assert recipe.qualname == "cnnkit.tuner.search"
     space = SearchSpace.coerce(recipe.kwargs["space"])
     assert space.name == path.stem
+    if recipe.kwargs["algorithm"] == "grid":
+        space.check_grid()
     space.check_fits((28, 28, 1), 10)
 
 

@@ -94,6 +94,13 @@ def test_failures_in_a_row_stop_the_search_and_keep_the_trials(tiny_data, tiny_s
     assert [row["status"] for row in _rows(tmp_path / "search" / "trials.csv")] == ["FAILED", "FAILED"]
 
 
+def test_a_search_stopped_by_failures_shows_the_last_error_alone(tiny_data, tiny_space, tmp_path, counter):
+    counter.actions = {1: "nan", 2: "nan"}
+    with pytest.raises(SearchError, match=r"the last error: the training loss became nan in epoch 1\. Finished"):
+        search(tiny_space, tiny_data, max_trials=4, max_consecutive_failed_trials=2, directory=tmp_path / "search",
+               callbacks=[counter()], **FAST)
+
+
 def test_overwrite_removes_the_old_searchs_report_even_if_the_new_one_stops(tiny_data, tiny_space, tmp_path,
                                                                            counter):
     search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", **FAST)
@@ -127,8 +134,11 @@ def test_a_setup_error_in_a_trial_stops_at_once_and_the_trial_reruns(tiny_data, 
     ({"algorithm": "evolution"}, ValueError, "algorithm must be one of random, grid, bayesian, hyperband"),
     ({"objective": "accuracy"}, ValueError, "objective must be one of val_accuracy, val_loss"),
     ({"max_trials": 0}, ValueError, "max_trials must be an integer >= 1"),
+    ({"knob": {"learning_rate": {"min": 1e-3, "max": 1e-2, "sampling": "log"}}, "algorithm": "grid"}, ValueError,
+     r"hyperparameter 'learning_rate': a grid search needs a step in this range \(or a list of values instead\)"),
     ({"space": {"backbone": "mobilenet_v2", "weights": None, "hyperparameters": {"unfreeze_depth": [1, 9]}}},
      ValueError, "knob unfreeze_depth: 9 is more than the 6 layer groups of backbone 'mobilenet_v2'"),
+    ({"knob": {"preprocess": ["scale", "zca"]}}, ValueError, "needs more than 64 training images: fitted on 48"),
 ])
 def test_setup_errors_stop_before_any_trial(tiny_data, tiny_space, tmp_path, change, error, message):
     space = dict(tiny_space, hyperparameters={**tiny_space["hyperparameters"], **change.get("knob", {})})
@@ -143,6 +153,19 @@ def test_setup_errors_stop_before_any_trial(tiny_data, tiny_space, tmp_path, cha
     with pytest.raises(error, match=message):
         search(change.get("space", space), data, directory=tmp_path / "search", **{**FAST, **options})
     assert not (tmp_path / "search").exists()
+
+
+def test_a_whitening_knob_is_checked_on_the_training_images_a_trial_fits_it_on():
+    from cnnkit.tuner.space import SearchSpace
+    from cnnkit.tuner.tuning import _SAMPLE_IMAGES, _check_knobs
+
+    rng = np.random.default_rng(0)
+    data = cnnkit.data.from_arrays(rng.integers(0, 256, (600, 20, 20), dtype=np.uint8), np.arange(600) % 2,
+                                   val_split=0.1)
+    assert _SAMPLE_IMAGES <= 20 * 20 < data.sizes["train"]  # too few for whitening in a sample, enough in all
+    space = SearchSpace("4C3-FC{units}", {"units": [4], "preprocess": ["scale", "zca"]})
+    with pytest.warns(UserWarning, match="fitted on 540 images, fewer than 5 x 400"):
+        _check_knobs(space, data, "float32")
 
 
 def test_bayesian_without_its_packages_says_what_to_install(tiny_data, tiny_space, tmp_path, monkeypatch):
