@@ -283,6 +283,9 @@ def _resolve_layers(model, layers, *, default):
                              f"model with layers {[layer.name for layer in model.layers]}")
     else:
         chosen = [_layer(model, layer) for layer in ([layers] if isinstance(layers, str) else layers)]
+        if not chosen:
+            raise ValueError("`layers` names no layer: give layer names, or None for every convolution. "
+                             f"Received: layers={layers!r}")
     resolved = []
     for layer in chosen:
         tensor, residual = _block_output(model, layer, consumers) if _is_conv(layer) else (_output(model, layer), None)
@@ -335,6 +338,10 @@ def image_grid(tiles, *, columns: int | None = None, pad: int = 1, normalize: st
         tiles = 0.5 + 0.5 * tiles / np.where(scale > 0, scale, 1.0)
     elif normalize != "none":
         raise ValueError(f"`normalize` must be 'each', 'symmetric' or 'none'. Received: normalize={normalize!r}")
+    if columns is not None and (isinstance(columns, bool) or not isinstance(columns, int) or columns < 1):
+        raise ValueError(f"`columns` must be None or an integer >= 1. Received: columns={columns!r}")
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"`pad` must be an integer >= 0. Received: pad={pad!r}")
     tiles = np.clip(tiles, 0.0, 1.0)
     count, height, width = tiles.shape[:3]
     columns = columns or math.ceil(math.sqrt(count))

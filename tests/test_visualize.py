@@ -355,6 +355,12 @@ def test_bad_arguments_say_what_was_received(net, tmp_path):
         visualize.filter_patterns(net, "conv2", [50])
     with pytest.raises(ValueError, match="`model` must be"):
         visualize.kernels(42)
+    with pytest.raises(ValueError, match=r"`layers` names no layer.*Received: layers=\[\]"):
+        visualize.feature_maps(net, np.zeros((28, 28)), [])
+    with pytest.raises(ValueError, match=r"`columns` must be None or an integer >= 1. Received: columns=-1"):
+        visualize.image_grid(np.zeros((4, 3, 3)), columns=-1)
+    with pytest.raises(ValueError, match=r"`pad` must be an integer >= 0. Received: pad=-2"):
+        visualize.image_grid(np.zeros((4, 3, 3)), pad=-2)
 
 
 def test_the_visualize_command_draws_each_picture(net, mnist, tmp_path, capsys):
