@@ -488,6 +488,9 @@ class Run:
             dtype = np.dtype(getattr(dtype, "name", dtype))
         except TypeError:
             dtype = np.dtype("float32")
+        if array.dtype.kind == "f" and array.size and array.any() and array.max() <= 1.0:
+            warnings.warn(f"cnnkit: `x` holds floats in 0-1 (max {array.max():.3g}), but the model takes raw 0-255 "
+                          "pixels (it scales them itself): pass the uint8 images, or x * 255", stacklevel=3)
         return array.astype(dtype, copy=False)
 
     # -- public API
@@ -498,7 +501,8 @@ class Run:
         ``(H, W)`` or ``(H, W, C)``, or a batch ``(N, H, W)`` or ``(N, H, W, C)``. Missing batch
         and (single-)channel axes are added. The model runs through one compiled
         ``tf.function`` per Run (not ``model.predict``, which costs tens of milliseconds of
-        set-up per call), ``batch_size`` images at a time.
+        set-up per call), ``batch_size`` images at a time. A float ``x`` all in 0-1 (not all
+        zeros) looks scaled already: it is used as given, with a ``UserWarning``.
 
         Args:
             x: Image(s) as described above.
@@ -572,6 +576,10 @@ class Run:
     def save(self, run_dir) -> Path:
         """Write this run to ``run_dir`` with :func:`write_run` and remember the directory.
 
+        Saved into the directory it was loaded from, the run keeps its ``skipped_files.csv`` (the
+        data is unchanged), but ``report.html`` is removed, as it may no longer match: write it
+        again with ``cnnkit report``.
+
         Example:
             >>> run.save("runs/my-run")  # doctest: +SKIP
             PosixPath('runs/my-run')
@@ -583,6 +591,7 @@ class Run:
             metrics=self.metrics,
             config=self.config,
             class_names=self.class_names,
+            keep_skipped=self.run_dir is not None and Path(self.run_dir).resolve() == Path(run_dir).resolve(),
         )
         return self.run_dir
 
@@ -601,7 +610,7 @@ class Run:
 # --------------------------------------------------------------------------- write / load
 
 
-def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
+def write_run(run_dir, *, model, history, metrics, config, class_names, keep_skipped: bool = False) -> Path:
     """Write a complete run directory, every file atomically.
 
     Writes ``model.keras``, ``history.csv`` (``epoch`` from 1, one column per history key),
@@ -610,7 +619,7 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
     something to plot), ``confusion_matrix.png`` (when ``metrics`` has ``"confusion_matrix"``)
     and ``README.md`` (the model card). Existing files are replaced; an earlier run's figures,
     ``report.html`` and ``skipped_files.csv`` are removed (the caller writes the last two anew
-    where they apply). A figure that fails to draw
+    where they apply), and dropped from ``manifest.json`` first. A figure that fails to draw
     only warns, naming it and the error, and is left out (and unlinked from the README): the
     model and the other files are written all the same.
 
@@ -622,6 +631,7 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
         config: Plain-data config. ``class_names`` is added to it if missing; the caller's
             dict is not modified.
         class_names: One name per model output.
+        keep_skipped: Keep an existing ``skipped_files.csv`` (the same run written again: its data is unchanged).
 
     Returns:
         ``run_dir`` as a ``pathlib.Path``.
@@ -659,7 +669,9 @@ def write_run(run_dir, *, model, history, metrics, config, class_names) -> Path:
     atomic_write_text(run_dir / HISTORY_FILE, _history_to_csv(history))
     atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=True) + "\n")
     atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-    for file in (CURVES_FILE, CONFUSION_FILE, REPORT_FILE, SKIPPED_FILE):  # an earlier run's, if this write makes none
+    stale = [CURVES_FILE, CONFUSION_FILE, REPORT_FILE] + ([] if keep_skipped else [SKIPPED_FILE])
+    _drop_from_manifest(run_dir, stale)  # first, so that a kill in between leaves a run that loads
+    for file in stale:  # an earlier run's, if this write makes none
         (run_dir / file).unlink(missing_ok=True)
     figures = {}
     if report.has_curves(history):
@@ -762,12 +774,21 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def _nested_runs(run_dir: Path) -> set[Path]:
+    """The subfolders of ``run_dir`` with a manifest of their own (an ensemble's members): each checks its own files."""
+    return {manifest.parent for manifest in run_dir.rglob(MANIFEST_FILE) if manifest.parent != run_dir}
+
+
 def _artifacts(run_dir: Path) -> list[Path]:
-    """The run's files, without the TensorBoard logs, the resume backup, hidden files and folders and the manifest."""
-    skip = {"logs", "backup"}
-    return sorted(path for path in run_dir.rglob("*") if path.is_file() and path.name != MANIFEST_FILE
-                  and not path.name.startswith(".") and path.relative_to(run_dir).parts[0] not in skip
-                  and not path.relative_to(run_dir).parts[0].startswith("."))
+    """The run's files, without the TensorBoard logs (``logs/`` at any depth), the resume backup, hidden files and
+    folders, the manifest, and subfolders with a manifest of their own (:func:`_nested_runs`)."""
+    def kept(parts):
+        return (parts[-1] != MANIFEST_FILE and parts[0] != "backup" and "logs" not in parts[:-1]
+                and not any(part.startswith(".") for part in parts))
+
+    nested = _nested_runs(run_dir)
+    return sorted(path for path in run_dir.rglob("*") if path.is_file() and kept(path.relative_to(run_dir).parts)
+                  and nested.isdisjoint(path.parents))
 
 
 def _parse_error(err: Exception) -> str:
@@ -857,6 +878,17 @@ def _record_in_manifest(path: Path, *, written: Path) -> dict | None:
     return files
 
 
+def _drop_from_manifest(run_dir: Path, names) -> None:
+    """Drop ``names`` from the ``manifest.json`` of ``run_dir``, if it has a readable one (else left for :func:`load`)."""
+    try:
+        files = _manifest_files(run_dir)
+    except (OSError, ValueError):
+        return
+    kept = {name: record for name, record in files.items() if name not in names}
+    if kept != files:
+        _write_manifest_files(run_dir, kept)
+
+
 def _write_manifest_files(run_dir: Path, files: dict) -> Path:
     return atomic_write_text(run_dir / MANIFEST_FILE, json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n")
 
@@ -866,7 +898,9 @@ def verify_manifest(run_dir) -> list[str]:
 
     Each problem names the file: changed (SHA-256 differs) or missing. A file being replaced when its
     writer was killed may match its ``previous_sha256``. A run directory without a manifest (written
-    before cnnkit had one) has nothing to check.
+    before cnnkit had one) has nothing to check. A file in a subfolder with a manifest of its own (an
+    ensemble member, which ``cnnkit report`` may write again) is left to that manifest, though an
+    older ensemble's manifest may list it too.
 
     Raises:
         ValueError: If ``manifest.json`` is not valid JSON or not a manifest (naming it and the problem).
@@ -879,8 +913,11 @@ def verify_manifest(run_dir) -> list[str]:
     if not (run_dir / MANIFEST_FILE).exists():
         return []
     problems = []
+    nested = _nested_runs(run_dir)
     for name, record in _manifest_files(run_dir).items():
         file = run_dir / name
+        if not nested.isdisjoint(file.parents):
+            continue
         if not file.is_file():
             problems.append(f"{name}: missing (listed in {MANIFEST_FILE})")
         elif file_sha256(file) not in (record.get("sha256"), record.get("previous_sha256")):
@@ -956,8 +993,9 @@ def load(path, *, trust: bool = False) -> Run:
 
     A run directory must contain ``model.keras``; ``history.csv``, ``metrics.json`` and
     ``config.yaml`` are read when present (empty otherwise), and class names come from
-    ``config.yaml``. A bare ``.keras`` file gives a Run with empty history, metrics and config
-    and class names ``"0".."K-1"`` from the model's output size.
+    ``config.yaml``. A ``.keras`` file gives a Run with empty history, metrics and config, and
+    class names from the ``config.yaml`` beside it when it is a run's own model (listed in the
+    folder's ``manifest.json``), else ``"0".."K-1"`` from the model's output size.
 
     Loading is safe by default: Keras safe mode refuses to deserialise Python code such as a
     ``Lambda`` layer, so a model file from someone else cannot run code on this machine (even
@@ -1008,4 +1046,15 @@ def load(path, *, trust: bool = False) -> Run:
     if path.suffix != ".keras":
         raise ValueError(f"Expected a run directory or a '.keras' model file. Received: path={str(path)!r}")
     model = _load_model(path, trust)
-    return Run(model)
+    return Run(model, class_names=_run_class_names(path))
+
+
+def _run_class_names(model_path: Path) -> list | None:
+    """The ``class_names`` in ``config.yaml`` beside ``model_path`` if its folder is a run directory whose
+    ``manifest.json`` lists it (``RUN/model.keras``), else ``None``."""
+    try:
+        listed = model_path.name in _manifest_files(model_path.parent)
+        config = read_mapping(model_path.parent / CONFIG_FILE, yaml.safe_load, "YAML")
+    except (OSError, ValueError):
+        return None
+    return config.get("class_names") if listed else None

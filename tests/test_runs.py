@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import stat
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -512,3 +514,69 @@ def test_run_files_that_do_not_parse_are_a_value_error_naming_the_file(tmp_path,
         load(run_dir)
     message = str(info.value)
     assert message.startswith(repr(str(run_dir / name))) and problem in message and "\n" not in message
+
+
+def test_an_ensemble_manifest_leaves_its_members_to_theirs(tmp_path, trained):
+    """`cnnkit report` on a member rewrites its report.html and its own manifest: the ensemble still loads."""
+    model = trained[0]
+    run_dir = write_run(tmp_path / "ens", model=model, history={}, metrics={}, config={}, class_names=NAMES)
+    member = write_run(run_dir / "members" / "0", model=model, history={}, metrics={}, config={}, class_names=NAMES)
+    atomic_write_text(member / "report.html", "<html>member</html>")
+    atomic_write_text(run_dir / "stage" / "logs" / "train" / "events", "tensorboard")  # logs/ at any depth
+    runs.write_manifest(run_dir)
+    assert not [name for name in json.loads((run_dir / runs.MANIFEST_FILE).read_text())["files"] if "/" in name]
+    atomic_write_text(member / "report.html", "<html>member, written again</html>")
+    assert runs.verify_manifest(run_dir) == [] and load(run_dir).class_names == NAMES
+
+    old = {"files": {**json.loads((run_dir / runs.MANIFEST_FILE).read_text())["files"],  # as written before the fix
+                     "members/0/report.html": {"sha256": "0" * 64, "bytes": 9}}}
+    (run_dir / runs.MANIFEST_FILE).write_text(json.dumps(old))
+    assert runs.verify_manifest(run_dir) == []
+
+
+class _Killed(BaseException):
+    """The process dying (a kill, a power cut), which no ``except Exception`` catches."""
+
+
+def test_a_write_run_killed_over_a_finished_run_leaves_it_loadable(tmp_path, trained, monkeypatch):
+    from cnnkit import report
+
+    model, history = trained
+    run_dir = write_run(tmp_path / "r", model=model, history=history, metrics={"confusion_matrix": np.eye(3)},
+                        config={}, class_names=NAMES)
+    atomic_write_text(run_dir / "report.html", "<html>report</html>")
+    monkeypatch.setattr(report, "plot_training_curves", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):
+        load(run_dir).save(run_dir)
+    assert "training_curves.png" not in _listing(run_dir) and "report.html" not in _listing(run_dir)
+    assert runs.verify_manifest(run_dir) == []
+    assert load(run_dir).class_names == NAMES
+
+
+def test_a_runs_own_keras_file_loads_with_the_runs_class_names(tmp_path, trained):
+    run_dir = write_run(tmp_path / "run", model=trained[0], history={}, metrics={}, config={}, class_names=NAMES)
+    assert load(run_dir / runs.MODEL_FILE).class_names == NAMES
+    copy = shutil.copy(run_dir / runs.MODEL_FILE, run_dir / "copy.keras")  # not in the manifest: not the run's
+    assert load(copy).class_names == ["0", "1", "2"]
+
+
+def test_predict_warns_of_floats_already_scaled_to_0_1(trained, data):
+    run = Run(trained[0], class_names=NAMES)
+    x = data[0][:4]
+    with pytest.warns(UserWarning, match=r"floats in 0-1 \(max 1\), but the model takes raw 0-255 pixels"):
+        run.predict(x / 255.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run.predict(x.astype(np.float32))
+        run.predict(np.zeros((8, 8), np.float32))
+
+
+def test_save_into_its_own_folder_keeps_skipped_files(tmp_path, trained):
+    run_dir = write_run(tmp_path / "r", model=trained[0], history={}, metrics={}, config={}, class_names=NAMES)
+    atomic_write_text(run_dir / runs.SKIPPED_FILE, "path,reason\nbad.png,truncated\n")
+    run = load(run_dir)
+    run.save(run_dir)
+    assert (run_dir / runs.SKIPPED_FILE).read_text() == "path,reason\nbad.png,truncated\n"
+    assert load(run_dir).class_names == NAMES
+    run.save(tmp_path / "elsewhere")
+    assert runs.SKIPPED_FILE not in _listing(tmp_path / "elsewhere")
