@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 import textwrap
 import unicodedata
@@ -254,9 +255,10 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_quickstart(args) -> int:
-    from cnnkit.config import load_recipe
+    from cnnkit.config import load_recipe, packaged_dir
 
-    result = _run_recipe(load_recipe(QUICKSTART, args.overrides, kind="recipes"))
+    packaged = packaged_dir("recipes") / f"{QUICKSTART}.yaml"  # not a file or folder 'quickstart' in the working directory
+    result = _run_recipe(load_recipe(packaged, args.overrides, kind="recipes"))
     print(f"{QUICKSTART}: {result.summary()}")
     return 0
 
@@ -380,7 +382,7 @@ def _cmd_tune(args) -> int:
         print(f"{PROG}: error: {_error_message(error)}", file=sys.stderr)
         return 2
     if "best_recipe" in result.files:
-        print(f"train the best configuration: {PROG} run {result.files['best_recipe']}")
+        print(f"train the best configuration: {PROG} run {shlex.quote(str(result.files['best_recipe']))}")
     return 0
 
 
@@ -424,7 +426,8 @@ def _add_report_and_visualize(commands) -> None:
     )
     report.add_argument("path", metavar="RUN", help="a run directory, a .keras file or a search directory")
     report.add_argument("--data", default=None, metavar="NAME", help="test data (default: the run's recorded data)")
-    report.add_argument("--out", default=None, metavar="FILE", help="the HTML file (default RUN/report.html)")
+    report.add_argument("--out", default=None, metavar="FILE",
+                        help="the HTML file (default RUN/report.html; for a .keras file, <stem>.html beside it)")
     report.add_argument("--examples", type=_positive_int, default=8, metavar="N", help="mistakes and Grad-CAM images")
     report.set_defaults(handler=_cmd_report)
 
@@ -522,7 +525,8 @@ def main(argv=None) -> int:
         notation, unknown or invalid recipe, a missing, unreadable or unwritable file, a run file
         that does not parse), which is printed as one line
         ``cnnkit: error: <message>`` on stderr; 3 when training diverged (NaN loss: the message
-        names the epoch, the step and the checkpoint kept). ``--help`` and ``--version`` return 0.
+        names the epoch, the step and the checkpoint kept); 1, silently, when the reader of stdout closed it
+        (``cnnkit plan ... | head -1``). ``--help`` and ``--version`` return 0.
         With ``CNNKIT_DEBUG=1`` in the environment such errors are raised instead.
 
     Example:
@@ -542,7 +546,12 @@ def main(argv=None) -> int:
     from cnnkit.spec import SpecError
 
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # a reader that closed the pipe (| head) fails here, inside the try
+        return status
+    except BrokenPipeError:  # stop quietly, as Python's documentation (signal module, SIGPIPE) advises
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the flush at exit
+        return 1
     except (SpecError, ConfigError, ValueError, OSError, yaml.YAMLError, DirectoryInUse) as error:  # OSError: "strerror: file"
         if os.environ.get("CNNKIT_DEBUG", "").strip() not in ("", "0"):
             raise

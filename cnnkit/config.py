@@ -40,6 +40,7 @@ import inspect
 import numbers
 import os
 import re
+import shlex
 from pathlib import Path
 
 import yaml
@@ -255,13 +256,14 @@ def find_recipe(path_or_name, kind: str = "recipes") -> Path:
 
     Args:
         path_or_name: a path to a YAML file, or the name of a packaged one (with or without
-            ``.yaml``).
+            ``.yaml``). A bare name that is a folder here (a run directory named after its
+            recipe, ``run_dir=mnist_conv``) is the packaged recipe of that name.
         kind: where to look names up: ``"recipes"`` or ``"tuner"``.
 
     Raises:
         FileNotFoundError: a path (it has a folder part) that does not exist.
-        ConfigError: a name that is not packaged; the message lists close matches first, then
-            every available name.
+        ConfigError: a folder that is no packaged recipe's name; a name that is not packaged (the
+            message lists close matches first, then every available name).
 
     Example:
         >>> find_recipe("mnist_lenet").name  # doctest: +SKIP
@@ -271,8 +273,9 @@ def find_recipe(path_or_name, kind: str = "recipes") -> Path:
     path = Path(text).expanduser()
     if path.is_file():
         return path
-    if path.is_dir():
-        raise ConfigError(f"{text} is a folder; expected a recipe file (.yaml) or a packaged recipe name")
+    folder = f"{text} is a folder; expected a recipe file (.yaml) or a packaged recipe name"
+    if path.is_dir() and len(path.parts) > 1:
+        raise ConfigError(folder)
     name = path.name
     stem = name[: -len(path.suffix)] if path.suffix in _SUFFIXES else name
     what = "search space" if kind == "tuner" else "recipe"
@@ -281,6 +284,8 @@ def find_recipe(path_or_name, kind: str = "recipes") -> Path:
             candidate = packaged_dir(kind) / (stem + suffix)
             if candidate.is_file():
                 return candidate
+        if path.is_dir():
+            raise ConfigError(folder)
     else:
         raise FileNotFoundError(f"no such {what} file: {text}")
     available = [file.stem for file in _files(kind)]
@@ -384,6 +389,19 @@ def apply_overrides(kwargs: dict, overrides=()) -> dict:
     return result
 
 
+def _expand_home(kwargs: dict) -> None:
+    """Expand a leading ``~`` in the value of every path key (``PATH_KEYS``), in place."""
+    for keys in PATH_KEYS:
+        target = kwargs
+        for key in keys[:-1]:
+            target = target.get(key)
+            if not isinstance(target, dict):
+                break
+        else:
+            if isinstance(target.get(keys[-1]), str):
+                target[keys[-1]] = os.path.expanduser(target[keys[-1]])
+
+
 def _copy(value):
     if isinstance(value, dict):
         return {key: _copy(item) for key, item in value.items()}
@@ -427,7 +445,8 @@ def resolve_function(module: str, name: str, *, source=None):
         source: the file that asked for it, for the error message.
 
     Raises:
-        ConfigError: no such public function; the message lists the available ones.
+        ConfigError: no such public function; the message lists the available ones (and points a
+            search space's ``search`` in :mod:`cnnkit.recipes` to ``cnnkit tune``).
 
     Example:
         >>> resolve_function("cnnkit.recipes", "train")  # doctest: +SKIP
@@ -445,6 +464,8 @@ def resolve_function(module: str, name: str, *, source=None):
         available = sorted(key for key in public if callable(getattr(mod, key, None)))
         close = difflib.get_close_matches(name, available, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
+        if (module, name) == (_KINDS["recipes"][2], _KINDS["tuner"][3]):  # a search space outside tuner/
+            hint = f"; run a search-space file with: cnnkit tune {shlex.quote(str(source or 'FILE'))}."
         raise ConfigError(
             f"{prefix}{module} has no function {name!r}{hint} "
             f"Available: {', '.join(available) if available else '(none yet)'}"
@@ -459,9 +480,10 @@ def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, overr
     fits its parameter's annotation (``epochs: int`` refuses ``"ten"``, ``learning_rate:
     float`` refuses ``[1]``; parameters without an annotation are not checked). For cnnkit's
     own functions also: ``arch`` is a registered name or valid notation (the message names the
-    bad token) and ``model_options`` holds build options; ``data`` is a known dataset name or
-    a mapping of ``cnnkit.data.load`` (with ``name``) or ``cnnkit.data.from_folder`` arguments;
-    ``backbone`` is a registered backbone or a path. Whether paths exist is checked by :func:`check_paths`.
+    bad token) or a ``keras.Model``, and ``model_options`` holds build options; ``data`` is a known dataset
+    name or a mapping of ``cnnkit.data.load`` (with ``name``) or ``cnnkit.data.from_folder`` arguments;
+    ``backbone`` is a registered backbone or a path; a ``None`` where it is the default is not checked.
+    Whether paths exist is checked by :func:`check_paths`.
 
     Args:
         function: the function to be called.
@@ -523,7 +545,7 @@ def validate_kwargs(function, kwargs: dict, *, source=None, qualname=None, overr
             _check_type(key, value, parameters[key].annotation, prefix)
     if getattr(function, "__module__", "").startswith("cnnkit."):
         for key, check in _VALUE_CHECKS.items():
-            if key in kwargs and key in parameters:
+            if key in kwargs and key in parameters and not (kwargs[key] is None and parameters[key].default is None):
                 check(kwargs[key], kwargs, source)
 
 
@@ -557,10 +579,16 @@ def _check_type(key: str, value, annotation, prefix: str = "") -> None:
 
 
 def _check_arch(arch, kwargs: dict, source) -> None:
-    """A registered name or notation (naming the bad token), and known ``model_options``."""
-    if not isinstance(arch, str):
-        return
+    """A registered name or notation (naming the bad token), and known ``model_options``; from Python
+    also a ``keras.Model``."""
     prefix = f"{source}: " if source is not None else ""
+    if not isinstance(arch, str):
+        import keras
+
+        if isinstance(arch, keras.Model):
+            return
+        raise ConfigError(f"{prefix}arch must be notation (e.g. 20C5-MP2-50C5-MP2-FC256) or a registered model "
+                          f"name (see 'cnnkit models'). Received: arch={arch!r}")
     from cnnkit.models.registry import resolve_arch
 
     options = kwargs.get("model_options")
@@ -653,6 +681,9 @@ def load_recipe(path_or_name, overrides=(), *, kind: str | None = None) -> Recip
         path_or_name: a YAML file path, or the name of a packaged recipe (``"mnist_lenet"``).
         overrides: ``key=value`` strings; values are YAML (``epochs=3`` is an int), dotted keys
             set nested values (``model_options.activation=tanh``).
+
+    A leading ``~`` in a path (``run_dir``, ``backbone``, ``data.path``, ... see ``PATH_KEYS``) is
+    expanded to the home folder, from the file and from overrides.
         kind: ``"recipes"`` (functions of :mod:`cnnkit.recipes`, default ``train``) or
             ``"tuner"`` (functions of :mod:`cnnkit.tuner`, default ``search``). ``None``: names
             are looked up among the recipes; a file in a ``tuner/`` folder is a search space.
@@ -677,6 +708,7 @@ def load_recipe(path_or_name, overrides=(), *, kind: str | None = None) -> Recip
         raise ValueError(f"kind must be one of {sorted(_KINDS)}. Received: kind={kind!r}")
     _, _, module, default_function = _KINDS[kind]
     data = apply_overrides(_read_mapping(path), overrides)
+    _expand_home(data)
     function_name = data.pop(RESERVED_KEY, default_function)
     override_keys = set()
     for text in [overrides] if isinstance(overrides, str) else overrides:

@@ -66,6 +66,15 @@ def test_plan_bad_token_names_it(capsys):
     assert len(lines) == 1 and lines[0].startswith("cnnkit: error: ") and "'XP2'" in lines[0]
 
 
+def test_plan_into_a_closed_pipe_exits_quietly():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen([sys.executable, "-m", "cnnkit", "plan", "resnet20", "--input-shape", "28,28,1"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # as `| head -1` does once it has its line
+    stderr = process.communicate(timeout=120)[1].decode()
+    assert (process.returncode, stderr) == (1, "")
+
+
 def test_plan_bad_precision_is_a_user_error(capsys):
     assert main(["plan", "FC16", "--input-shape", "28,28,1", "--precision", "float8"]) == 2
     lines = _error_lines(capsys.readouterr())
@@ -83,6 +92,11 @@ def test_help_and_version_return_0(capsys):
     assert "quickstart" in capsys.readouterr().out
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("cnnkit ")
+
+
+def test_report_help_names_the_default_output_of_a_keras_file(capsys):
+    assert main(["report", "--help"]) == 0
+    assert "for a .keras file, <stem>.html beside it" in " ".join(capsys.readouterr().out.split())
 
 
 def test_debug_env_reraises(monkeypatch):
@@ -242,6 +256,15 @@ def test_quickstart_refuses_a_bad_nested_key_before_pretraining(tmp_path, capsys
     assert not (tmp_path / "qs").exists()
 
 
+def test_quickstart_uses_the_packaged_recipe_beside_a_file_or_folder_named_quickstart(tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").write_text("arch: FC16\n", encoding="utf-8")  # not the packaged recipe
+    assert main(["quickstart", "epoch=1"]) == 2
+    packaged = config.packaged_dir("recipes") / "quickstart.yaml"
+    assert f"cnnkit: error: {packaged}: unknown override 'epoch' for cnnkit.recipes.transfer" in capsys.readouterr().err
+
+
 def test_packaged_quickstart_recipe_is_valid():
     recipe = config.check_recipe_file(config.find_recipe("quickstart"))
     assert recipe.function == "transfer"
@@ -379,14 +402,14 @@ def test_tune_prints_trials_and_the_best_recipe_reproduces_its_score(tmp_path, c
 
     training_epoch().assign(7)  # left over from an earlier run in this process: trials must not depend on it
     path = _tiny_space_file(tmp_path)
-    assert main(["tune", str(path), "max_trials=2"]) == 0
+    assert main(["tune", str(path), "max_trials=2", f"directory={tmp_path / 'my search'}"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^trial 0 \[1/2\]  COMPLETED  val_accuracy \d\.\d{4}", out, re.M), out
     assert re.search(r"^trial 1 \[2/2\]  COMPLETED", out, re.M) and "2 trials (2 completed)" in out
-    recipe_path = tmp_path / "search" / "best_recipe.yaml"
-    assert f"train the best configuration: cnnkit run {recipe_path}" in out
+    recipe_path = tmp_path / "my search" / "best_recipe.yaml"
+    assert f"train the best configuration: cnnkit run '{recipe_path}'" in out  # quoted for the shell
     for name in ("trials.csv", "sensitivity.png", "sensitivity.csv", "search.yaml"):
-        assert (tmp_path / "search" / name).is_file(), name
+        assert (tmp_path / "my search" / name).is_file(), name
     best = float(re.search(r"^best: trial \d+, val_accuracy (\d\.\d+)", out, re.M).group(1))
 
     assert main(["run", str(recipe_path), f"run_dir={tmp_path / 'best'}", "verbose=0"]) == 0

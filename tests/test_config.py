@@ -129,6 +129,21 @@ def test_a_data_name_that_is_not_text_names_the_recipe_file_and_the_key(tmp_path
         config.load_recipe(path)
 
 
+def test_an_arch_that_is_not_text_names_the_recipe_file_and_the_key(tmp_path):
+    import keras
+
+    path = tmp_path / "r.yaml"
+    path.write_text("arch: 256\ndata: mnist-sample\n", encoding="utf-8")
+    for overrides, shown in (([], "256"), (["arch="], "None"), (["arch=[FC8]"], r"\['FC8'\]")):
+        with pytest.raises(ConfigError, match=re.escape(f"{path}: arch must be notation") + f".*Received: arch={shown}$"):
+            config.load_recipe(path, overrides)
+    from cnnkit.recipes import ensemble, train
+
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    config.validate_kwargs(train, {"arch": model, "data": "mnist-sample"})  # from Python, a keras.Model
+    config.validate_kwargs(ensemble, {"members": ["FC8"], "data": "mnist-sample", "arch": None})  # its default
+
+
 def test_apply_overrides_nested_and_does_not_modify_input():
     original = {"epochs": 10, "model_options": {"dropout": 0.5}}
     result = config.apply_overrides(original, ["epochs=2", "model_options.activation=tanh", "new.deep.key=1"])
@@ -165,6 +180,17 @@ def test_load_by_path_with_overrides(fake_recipes, tmp_path):
     assert config.run_recipe(recipe)["epochs"] == 2
 
 
+def test_a_home_folder_tilde_is_expanded_in_every_path_key(fake_recipes, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = _write(tmp_path, "r.yaml", "arch: FC16\ndata: {path: ~/images, test_path: ~/test}\nrun_dir: ~/runs/x\n")
+    kwargs = config.load_recipe(path).kwargs
+    assert (kwargs["run_dir"], kwargs["data"]) == (f"{tmp_path}/runs/x", {"path": f"{tmp_path}/images",
+                                                                           "test_path": f"{tmp_path}/test"})
+    assert config.load_recipe(path, ["run_dir=~/other", "data=mnist"]).kwargs["run_dir"] == f"{tmp_path}/other"
+    finetune = _write(tmp_path, "ft.yaml", "recipe: finetune\nbackbone: ~/runs/pretrain\ndata: mnist\n")
+    assert config.load_recipe(finetune).kwargs["backbone"] == f"{tmp_path}/runs/pretrain"
+
+
 def test_load_by_name_from_packaged_folder(fake_recipes):
     _write(fake_recipes, "mnist_lenet.yaml", """
         # Reproduces: LeNet on MNIST.
@@ -180,6 +206,18 @@ def test_load_by_name_from_packaged_folder(fake_recipes):
     assert config.list_recipes() == [("mnist_lenet", "Reproduces: LeNet on MNIST.")]
 
 
+def test_a_folder_named_after_a_packaged_recipe_is_that_recipe(fake_recipes, tmp_path, monkeypatch):
+    _write(fake_recipes, "mnist_conv.yaml", "arch: FC16\ndata: mnist\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mnist_conv").mkdir()  # the run directory of `cnnkit run mnist_conv run_dir=mnist_conv`
+    (tmp_path / "runs").mkdir()
+    assert config.find_recipe("mnist_conv") == fake_recipes / "mnist_conv.yaml"
+    with pytest.raises(ConfigError, match="^runs is a folder; expected a recipe file"):
+        config.find_recipe("runs")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'mnist_conv'} is a folder; expected a recipe file")):
+        config.find_recipe(tmp_path / "mnist_conv")
+
+
 def test_recipe_key_selects_the_function(fake_recipes, tmp_path):
     path = _write(tmp_path, "ft.yaml", "recipe: finetune\nbackbone: mobilenet_v2\ndata: flowers\n")
     recipe = config.load_recipe(path, ["epochs=1"])
@@ -190,6 +228,13 @@ def test_recipe_key_selects_the_function(fake_recipes, tmp_path):
 def test_unknown_recipe_function(fake_recipes, tmp_path):
     path = _write(tmp_path, "bad.yaml", "recipe: fintune\nbackbone: x\ndata: y\n")
     with pytest.raises(ConfigError, match=r"no function 'fintune'; did you mean 'finetune'\?.*finetune, train"):
+        config.load_recipe(path)
+
+
+def test_a_search_space_outside_tuner_points_to_cnnkit_tune(tmp_path):
+    path = _write(tmp_path, "my space.yaml", "recipe: search\nspace: lenet_space\ndata: mnist-sample\n")
+    with pytest.raises(ConfigError, match=re.escape(f"no function 'search'; run a search-space file with: "
+                                                    f"cnnkit tune '{path}'. Available: ")):
         config.load_recipe(path)
 
 

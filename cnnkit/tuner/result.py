@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -345,7 +346,7 @@ class SearchResult:
         lines = [
             f"# Best configuration of search {self.space.name!r} ({self.settings['algorithm']}, trial {best.trial_id}): "
             f"{self.objective} {best.score:.4f} at epoch {best.best_epoch} of {best.epochs}.",
-            f"# Run:        cnnkit run {path}",
+            f"# Run:        cnnkit run {shlex.quote(str(path))}",
             "# Trade-offs: trains on the training split and validates as the search did, so best_val_accuracy",
             "#             should match the search's score within noise; SearchResult.retrain() trains the",
             "#             same configuration on training + validation and reports the test split only.",

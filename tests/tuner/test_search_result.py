@@ -46,6 +46,13 @@ def test_val_loss_objective_picks_the_lowest(tiny_data, tiny_space, tmp_path):
     assert result.best_score == min(trial.score for trial in result.trials) == result.best_trial.metrics["val_loss"]
 
 
+def test_the_best_recipe_header_quotes_its_run_command_for_the_shell(tiny_data, tiny_space, tmp_path):
+    result = search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "my search", **FAST)
+    header = (tmp_path / "my search" / "best_recipe.yaml").read_text().splitlines()[1]
+    assert header == f"# Run:        cnnkit run '{tmp_path / 'my search' / 'best_recipe.yaml'}'"
+    assert result.recipe_text("runs/a.yaml").splitlines()[1] == "# Run:        cnnkit run runs/a.yaml"
+
+
 def test_retrain_uses_training_and_validation(tmp_path, tiny_space):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 100, (60, 8, 8), dtype=np.uint8)
