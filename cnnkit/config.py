@@ -677,13 +677,13 @@ def check_paths(kwargs: dict, *, source=None) -> None:
 def load_recipe(path_or_name, overrides=(), *, kind: str | None = None) -> Recipe:
     """Read a recipe file, apply overrides and check every key against the function's signature.
 
+    A leading ``~`` in a path (``run_dir``, ``backbone``, ``data.path``, ... see ``PATH_KEYS``) is
+    expanded to the home folder, from the file and from overrides.
+
     Args:
         path_or_name: a YAML file path, or the name of a packaged recipe (``"mnist_lenet"``).
         overrides: ``key=value`` strings; values are YAML (``epochs=3`` is an int), dotted keys
             set nested values (``model_options.activation=tanh``).
-
-    A leading ``~`` in a path (``run_dir``, ``backbone``, ``data.path``, ... see ``PATH_KEYS``) is
-    expanded to the home folder, from the file and from overrides.
         kind: ``"recipes"`` (functions of :mod:`cnnkit.recipes`, default ``train``) or
             ``"tuner"`` (functions of :mod:`cnnkit.tuner`, default ``search``). ``None``: names
             are looked up among the recipes; a file in a ``tuner/`` folder is a search space.
