@@ -129,7 +129,13 @@ def test_imagenet_weights_without_network_are_one_line_naming_the_offline_way(tm
         build_backbone("mobilenet_v2", input_shape=(32, 32, 3))
 
 
-@pytest.mark.parametrize("name", list_backbones())
+def test_every_backbone_names_a_keras_applications_constructor():
+    for name in list_backbones():
+        module, _, function = get_backbone(name).constructor.rpartition(".")
+        assert module == "keras.applications" and callable(getattr(keras.applications, function, None)), name
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "resnet50"])  # the same call for every backbone
 def test_imagenet_weights_go_through_the_keras_constructor(name, untrained_backbone, monkeypatch):
     calls = []
     model = untrained_backbone(name)

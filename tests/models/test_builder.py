@@ -62,7 +62,7 @@ OPTIONS = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(max_examples=200, deadline=None, database=None,
+@settings(max_examples=100, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(SPECS, SHAPES, st.sampled_from([None, 2, 10]), OPTIONS)
 def test_random_valid_specs_build_as_planned(spec, input_shape, num_classes, options):
