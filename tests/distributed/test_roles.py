@@ -178,10 +178,11 @@ def test_a_call_that_raises_inside_the_oracle_releases_its_lock(tmp_path):
 
 
 def test_a_worker_started_before_its_chief_waits_for_the_settings_and_refuses_others(tmp_path, capsys):
+    from cnnkit.runs import atomic_write_text
     from cnnkit.tuner.tuning import SETTINGS_FILE, _prepare_directory
 
-    chief = threading.Timer(0.5, lambda: (tmp_path / SETTINGS_FILE).write_text(
-        "settings: {epochs: 1, seed: 0, distributed: true}\n"))
+    chief = threading.Timer(0.5, lambda: atomic_write_text(  # as the chief writes it: the worker never sees it half-written
+        tmp_path / SETTINGS_FILE, "settings: {epochs: 1, seed: 0, distributed: true}\n"))
     chief.start()
     with pytest.raises(ValueError, match="holds a search with epochs=1; this call has epochs=3"):
         _prepare_directory(tmp_path, {"epochs": 3, "seed": 0, "distributed": True}, overwrite=False, max_trials=4,
