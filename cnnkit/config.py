@@ -746,9 +746,10 @@ def check_recipe_file(path) -> Recipe:
 def run_recipe(recipe: Recipe):
     """Call the recipe's function with its keyword arguments and return what it returns.
 
-    The arguments are checked again (:func:`validate_kwargs`), and the paths they name
-    (:func:`check_paths`), before the call: a bad recipe fails before any data is loaded or
-    run directory written. The function itself writes the resolved arguments, versions and
+    The arguments are checked again (:func:`validate_kwargs`), with the paths they name
+    (:func:`check_paths`) and, for a recipe, the option values that need no data
+    (``cnnkit.recipes.options.check_call``: optimizer, schedule, precision, augment, ...), before
+    the call: a bad recipe fails, naming its file, before any data is loaded or run directory written. The function itself writes the resolved arguments, versions and
     seed into its run directory.
 
     Args:
@@ -758,7 +759,7 @@ def run_recipe(recipe: Recipe):
         The function's result (a ``cnnkit.Run`` for :mod:`cnnkit.recipes` functions).
 
     Raises:
-        ConfigError: as :func:`validate_kwargs` and :func:`check_paths`.
+        ConfigError: as :func:`validate_kwargs` and :func:`check_paths`, or an option value refused.
 
     Example:
         >>> run = run_recipe(load_recipe("quickstart", ["epochs=1"]))  # doctest: +SKIP
@@ -768,6 +769,13 @@ def run_recipe(recipe: Recipe):
     function = resolve_function(recipe.module, recipe.function, source=recipe.path)
     validate_kwargs(function, recipe.kwargs, source=recipe.path, qualname=recipe.qualname)
     check_paths(recipe.kwargs, source=recipe.path)
+    if recipe.module == "cnnkit.recipes":
+        from cnnkit.recipes.options import check_call
+
+        try:
+            check_call(function, recipe.kwargs)
+        except ValueError as error:
+            raise ConfigError(f"{recipe.path}: {error}" if recipe.path else str(error)) from None
     kwargs = dict(recipe.kwargs)
     args = []
     for parameter in inspect.signature(function).parameters.values():

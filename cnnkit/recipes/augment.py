@@ -70,6 +70,7 @@ __all__ = [
     "list_ops",
     "list_presets",
     "make_augmentation",
+    "parse_augment",
 ]
 
 
@@ -699,7 +700,7 @@ def make_augmentation(augment, *, image_shape, num_classes, seed=0, train_images
     _check_positive_int("num_classes", num_classes)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer. Received: seed={seed!r}")
-    items = _items(augment)
+    items = parse_augment(augment)
     if not items:
         return None
     seeds = np.random.SeedSequence(seed).generate_state(len(items)) % (2**31 - 1)
@@ -721,8 +722,15 @@ def make_augmentation(augment, *, image_shape, num_classes, seed=0, train_images
     return Augmentation(layers, num_classes=num_classes, config=config)
 
 
-def _items(augment) -> list:
-    """``augment`` -> ``[(op name, parameters, the item as given), ...]`` with presets expanded."""
+def parse_augment(augment) -> list:
+    """``augment`` -> ``[(op name, parameters, the item as given), ...]`` with presets expanded.
+
+    Checks names and parameter names only (values are checked when the layers are made, against the images).
+
+    Example:
+        >>> parse_augment(["shift", {"name": "rotation", "degrees": 15}])
+        [('shift', {}, 'shift'), ('rotation', {'degrees': 15}, {'name': 'rotation', 'degrees': 15})]
+    """
     if augment is None:
         return []
     if isinstance(augment, (str, dict)):
@@ -737,7 +745,7 @@ def _items(augment) -> list:
         if isinstance(item, str) and item in _OPS:
             items.append((item, {}, item))
         elif isinstance(item, str) and item in PRESETS:
-            items += _items(list(PRESETS[item].ops))
+            items += parse_augment(list(PRESETS[item].ops))
         elif isinstance(item, dict):
             items.append(_op_item(item))
         else:

@@ -38,6 +38,7 @@ from cnnkit.recipes.fitting import (
     run_config,
     run_key,
 )
+from cnnkit.recipes.options import check_call
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train
 from cnnkit.runs import (
@@ -425,6 +426,10 @@ def _check_train_options(train_options, *, snapshot) -> dict:
             raise ValueError("a snapshot ensemble's members are its cycles; imbalance='two_stage' trains a balanced "
                              "stage after the last one that no member would hold, so train_options may not set it "
                              f"('balanced_batches' or 'class_weight' act in every cycle). Received: imbalance={imbalance!r}")
+    try:
+        check_call(train, options)
+    except ValueError as error:
+        raise ValueError(f"train_options: {error}") from None
     return options
 
 

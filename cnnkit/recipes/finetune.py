@@ -43,7 +43,8 @@ from cnnkit.recipes.fitting import (
     run_config,
     run_key,
 )
-from cnnkit.recipes.optimization import NO_DECAY_NAMES, check_ema, is_finite_number, make_optimizer, resolve_precision
+from cnnkit.recipes.optimization import NO_DECAY_NAMES, is_finite_number, make_optimizer, resolve_precision
+from cnnkit.recipes.options import check_call
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.runs import MODEL_FILE, Run, file_sha256
 
@@ -165,10 +166,7 @@ def finetune(
     arguments = recorded_arguments(finetune, locals())
     _check_choice("similarity", similarity, SIMILARITIES)
     _check_choice("batch_norm", batch_norm, BATCH_NORM_POLICIES)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("steps_per_execution", steps_per_execution)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
-    check_ema(ema, early_stopping=early_stopping)
+    check_call(finetune, arguments)  # before any data loads
     if not 0 <= head_dropout < 1:
         raise ValueError(f"head_dropout must be in [0, 1). Received: head_dropout={head_dropout!r}")
     scale = learning_rate_scale(batch_size, scale_learning_rate)

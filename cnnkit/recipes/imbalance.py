@@ -62,7 +62,7 @@ from cnnkit.data.imagedata import count_classes
 from cnnkit.recipes.optimization import is_finite_number
 from cnnkit.recipes.pipeline import cross_entropy
 
-__all__ = ["STRATEGIES", "LogitAdjustedCrossentropy", "Resampled", "resample"]
+__all__ = ["STRATEGIES", "LogitAdjustedCrossentropy", "Resampled", "parse_imbalance", "resample"]
 
 STRATEGIES = {
     "none": {},
@@ -155,7 +155,7 @@ def resample(imbalance, data, *, seed: int = 0) -> Resampled:
         >>> resampled.counts_before, resampled.counts_after  # doctest: +SKIP
         ([5000, 2997, ...], [5000, 5000, ...])
     """
-    strategy, options = _parse(imbalance)
+    strategy, options = parse_imbalance(imbalance)
     counts = list(data.class_counts["train"])
     if sum(counts) == 0:
         raise ValueError("The training split has no examples to resample")
@@ -193,7 +193,13 @@ def resample(imbalance, data, *, seed: int = 0) -> Resampled:
                      count_classes(labels[indices], len(counts)))
 
 
-def _parse(imbalance) -> tuple[str, dict]:
+def parse_imbalance(imbalance) -> tuple[str, dict]:
+    """``(strategy, options with defaults)`` of an ``imbalance`` argument, checked.
+
+    Example:
+        >>> parse_imbalance({"strategy": "two_stage", "second_stage_epochs": 2})[1]["second_stage_epochs"]
+        2
+    """
     if imbalance is None:
         return "none", {}
     if isinstance(imbalance, str):

@@ -154,10 +154,7 @@ class TrainingInputs:
     """
 
     def __init__(self, data, *, augment, preprocess, imbalance, label_smoothing, seed, dtype):
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or not (
-                0 <= label_smoothing < 1):
-            raise ValueError(f"label_smoothing must be a number in [0, 1) (e.g. 0.1). "
-                             f"Received: label_smoothing={label_smoothing!r}")
+        check_label_smoothing(label_smoothing)
         self.data = data
         sample = None
         if preprocess != "scale" or augment not in (None, "none"):
@@ -209,6 +206,21 @@ class TrainingInputs:
             if self.resampled.second_stage is not None:
                 config["train_class_counts"]["second_stage"] = list(self.resampled.second_stage.counts_after)
         return config
+
+
+def check_label_smoothing(label_smoothing) -> None:
+    """Refuse a ``label_smoothing`` that is not a number in [0, 1).
+
+    Example:
+        >>> check_label_smoothing(1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: label_smoothing must be a number in [0, 1) (e.g. 0.1). Received: label_smoothing=1.0
+    """
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or not (
+            0 <= label_smoothing < 1):
+        raise ValueError(f"label_smoothing must be a number in [0, 1) (e.g. 0.1). "
+                         f"Received: label_smoothing={label_smoothing!r}")
 
 
 def cross_entropy(*, sparse: bool = True, label_smoothing: float = 0.0):

@@ -46,7 +46,7 @@ import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["PREPROCESSORS", "Standardization", "Whitening", "fit_preprocessing"]
+__all__ = ["PREPROCESSORS", "Standardization", "Whitening", "fit_preprocessing", "parse_preprocess"]
 
 PREPROCESSORS = ("scale", "center_pixel", "center_channel", "standardize", "pca", "zca")
 EPSILON = 1e-5  # added to the eigenvalues (whitening) and variances (standardize), as in CS231n
@@ -92,7 +92,7 @@ def fit_preprocessing(preprocess, train_images, *, dtype=None, seed: int = 0) ->
         >>> layers = fit_preprocessing(["center_pixel", "standardize"], x_train)  # doctest: +SKIP
         >>> model = cnnkit.build("lenet5", (28, 28, 1), 10, preprocessing=layers)  # doctest: +SKIP
     """
-    steps = _parse_steps(preprocess)
+    steps = parse_preprocess(preprocess)
     images = _check_images(train_images)
     dimension = math.prod(images.shape[1:])
     whitening = {"pca", "zca"} & set(steps)
@@ -256,7 +256,13 @@ class Whitening(keras.layers.Layer):
         return super().get_config()  # the fitted arrays are weights, saved with the model's weights
 
 
-def _parse_steps(preprocess) -> list[str]:
+def parse_preprocess(preprocess) -> list[str]:
+    """The steps of a ``preprocess`` argument, checked: known names, "scale" first only, one of each layer.
+
+    Example:
+        >>> parse_preprocess("zca")
+        ['zca']
+    """
     steps = [preprocess] if isinstance(preprocess, str) else preprocess
     if not isinstance(steps, (list, tuple)) or not steps or not all(isinstance(step, str) for step in steps):
         raise ValueError(f"preprocess must be one of {list(PREPROCESSORS)} or a non-empty list of them. "

@@ -28,7 +28,8 @@ from cnnkit.recipes.fitting import (
     run_config,
     run_key,
 )
-from cnnkit.recipes.optimization import check_ema, make_optimizer, resolve_precision
+from cnnkit.recipes.optimization import make_optimizer, resolve_precision
+from cnnkit.recipes.options import check_call
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data, training_subsample
 from cnnkit.runs import Run
 
@@ -145,14 +146,7 @@ def train(
         ...             schedule="cosine", augment="shift", epochs=5)  # doctest: +SKIP
     """
     arguments = recorded_arguments(train, locals())
-    for name, value, low in [("epochs", epochs, 1), ("batch_size", batch_size, 1),
-                             ("steps_per_execution", steps_per_execution, 1), ("precise_bn", precise_bn, 0)]:
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}. Received: {name}={value!r}")
-    if early_stopping is not None and (not isinstance(early_stopping, int) or isinstance(early_stopping, bool)
-                                       or early_stopping < 1):
-        raise ValueError(f"early_stopping must be a patience in epochs (>= 1) or None. Received: "
-                         f"early_stopping={early_stopping!r}")
+    check_call(train, arguments)  # before any data loads
     learning_rate = learning_rate * learning_rate_scale(batch_size, scale_learning_rate)
     keras.utils.set_random_seed(seed)
     if deterministic:
@@ -165,7 +159,6 @@ def train(
         done = finished_run(run_dir, label, key=key, overwrite=overwrite, verbose=verbose)
         if done is not None:
             return done
-    check_ema(ema, early_stopping=early_stopping)
     precision = resolve_precision(precision) if not isinstance(arch, keras.Model) else "as built"
     dtype = None if precision in ("float32", "as built") else precision
     recipe = prepare_inputs(data, augment=augment, preprocess=preprocess, imbalance=imbalance,

@@ -20,6 +20,7 @@ from pathlib import Path
 from cnnkit.config import validate_kwargs
 from cnnkit.recipes.finetune import finetune as finetune_recipe
 from cnnkit.recipes.fitting import prepare_run_dir, remove_if_failed_start
+from cnnkit.recipes.options import check_call
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train as train_recipe
 from cnnkit.runs import Run, release_run_dir
@@ -96,7 +97,8 @@ def transfer(
 
     Raises:
         ValueError: before anything runs, for a key of ``pretrain``, ``finetune`` or ``scratch``
-            that its recipe does not take, a value of the wrong type, or a key transfer sets itself.
+            that its recipe does not take, a value of the wrong type or one ``check_options`` refuses
+            (``cnnkit.recipes.options``), or a key transfer sets itself.
 
     Example:
         >>> result = transfer("lenet", "mnist", source_classes=range(5), target_classes=range(5, 10),
@@ -109,6 +111,10 @@ def transfer(
             raise ValueError(f"{name} must be a mapping of {recipe.__name__} arguments. Received: {name}={settings!r}")
         validate_kwargs(recipe, settings or {}, qualname=f"transfer's {name} ({recipe.__name__})",
                         provided=(passed, "data", "seed", "verbose", "run_dir"))
+        try:
+            check_call(recipe, settings or {})
+        except ValueError as error:
+            raise ValueError(f"transfer's {name}: {error}") from None
     source_classes, target_classes = list(source_classes), list(target_classes)  # a generator is read once
     for name, classes in (("source_classes", source_classes), ("target_classes", target_classes)):
         if len(classes) < 2:

@@ -93,7 +93,8 @@ def test_cli_names_a_bad_schedule_option_in_one_line(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     assert main(["run", "mnist_fc64", "schedule={name: step, every: 2.5}", "epochs=1", "data=mnist-sample"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1] == "cnnkit: error: step every must be an integer >= 1 (epochs). Received: every=2.5"
+    assert lines[-1].startswith("cnnkit: error: ") and lines[-1].endswith(  # the packaged file is named
+        "mnist_fc64.yaml: step every must be an integer >= 1 (epochs). Received: every=2.5")
     assert not any("Traceback" in line for line in lines) and not (tmp_path / "runs").exists()
 
 
