@@ -26,10 +26,23 @@ def untrained_backbone():
     cache.clear()
 
 
+# Session-scoped fixtures that train or build something (seconds each), by test module. A module-scoped one
+# would be made again whenever its worker ran another module's test in between.
+TRAINING_FIXTURES = {
+    "test_exporting.py": "seed_run", "test_ensemble.py": "seeded", "test_finetune.py": "pretrained",
+    "test_html_report.py": "tiny_run", "test_visualize.py": "net", "test_finetune_search.py": "backbone",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
 def pytest_collection_modifyitems(items):
-    """The tests of one backbone (a ``name`` parameter) that use ``untrained_backbone`` go to one xdist
-    worker (``--dist loadgroup``), so each backbone is built once in the whole suite."""
+    """Tests that share something slow to make go to one xdist worker (``--dist loadgroup``), so it is made
+    once in the whole suite: the tests of one backbone (a ``name`` parameter) that use ``untrained_backbone``,
+    and those of a module that use its ``TRAINING_FIXTURES`` entry."""
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
+        fixture = TRAINING_FIXTURES.get(item.path.name)
         if "untrained_backbone" in item.fixturenames and "name" in params:
             item.add_marker(pytest.mark.xdist_group(f"backbone-{params['name']}"))
+        elif fixture in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}-{fixture}"))

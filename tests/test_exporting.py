@@ -21,7 +21,7 @@ from cnnkit.runs import Run, write_run
 SEED_NET = "20C5-MP2-50C5-MP2-FC256"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_data():
     """400 train / 100 test real digits from the bundled MNIST sample."""
     sample = cnnkit.data.load("mnist-sample")
@@ -30,7 +30,7 @@ def tiny_data():
     return cnnkit.data.from_arrays(x[:400], y[:400], x_test=x_test[:100], y_test=y_test[:100], seed=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def seed_run(tiny_data, tmp_path_factory):
     """The seed's conv net, one epoch on the tiny digits, float32."""
     run_dir = tmp_path_factory.mktemp("seed") / "run"

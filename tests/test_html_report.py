@@ -109,7 +109,7 @@ def test_the_weakest_class_is_one_with_test_images():
     assert "weakest" not in page and "<p>Precision: of the images predicted as a class" in page
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny():
     """90 8x8 images of 3 classes (a bright band per class) with a test split, in memory."""
     rng = np.random.default_rng(0)
@@ -120,7 +120,7 @@ def tiny():
     return cnnkit.data.from_arrays(x[:60], y[:60], x_test=x[60:], y_test=y[60:], val_split=0.2, seed=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_run(tiny, tmp_path_factory):
     return cnnkit.recipes.train("4C3-MP2-FC8", tiny, run_dir=tmp_path_factory.mktemp("tiny") / "run", verbose=0, **FAST)
 

@@ -14,13 +14,13 @@ from cnnkit.cli import main
 SEED_NET = "20C5-MP2-50C5-MP2-FC256"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mnist():
     sample = cnnkit.data.load("mnist-sample")
     return sample.arrays("train"), sample.arrays("test")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def net(mnist):
     """The seed's net, float32, one epoch on the 4,500 training images of the sample (about 93% accuracy)."""
     (x, y), _ = mnist

@@ -22,7 +22,7 @@ ARCH = "4C3-FC8"
 FAST = {"epochs": 1, "batch_size": 16, "precision": "float32"}  # float32: exact comparisons
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data():
     """60 random 8x8 images of 3 classes; the first 18 again as the test split."""
     rng = np.random.default_rng(0)
@@ -31,7 +31,7 @@ def data():
     return cnnkit.data.from_arrays(x, y, x_test=x[:18], y_test=y[:18], seed=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def seeded(data, tmp_path_factory):
     """An ensemble of two members of ARCH, seeds 0 and 1."""
     return ensemble(2, data, arch=ARCH, train_options=FAST, run_dir=tmp_path_factory.mktemp("ens") / "seeds",

@@ -10,7 +10,7 @@ from cnnkit.recipes.finetune import _auto_stages, _freezer, with_lr_multipliers
 SPEC = "4C3-BN-MP2-8C3-BN-FC16"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def digits():
     """Digits 0-4 to pretrain on and 5-9 with 20 labels each to fine-tune on (bundled sample)."""
     sample = cnnkit.data.load("mnist-sample")
@@ -19,7 +19,7 @@ def digits():
     return source, target
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pretrained(digits, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pretrained") / "run"
     return cnnkit.recipes.train(SPEC, digits[0], epochs=1, batch_size=32, run_dir=run_dir, verbose=0)

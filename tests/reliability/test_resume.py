@@ -36,7 +36,7 @@ def _metrics(run_dir):
     return {key: value for key, value in metrics.items() if "seconds" not in key and "per_second" not in key}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     done, weights = _job(run_dir)

@@ -18,7 +18,7 @@ FAST = {"epochs": 2, "precision": "float32", "verbose": 0}
 GROUPS = ["conv1", "conv2", "fc1"]  # of the backbone below: conv1 holds bn1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def backbone(tiny_data, tmp_path_factory):
     """A run directory of a small net trained for an epoch: the backbone to fine-tune."""
     run_dir = tmp_path_factory.mktemp("backbone") / "run"
