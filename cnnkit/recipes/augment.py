@@ -446,6 +446,11 @@ def _op_zoom(context, *, fraction=0.1, fill_mode="constant"):
 
 @_op("ElasticDistortion: Simard et al. 2003 elastic distortions (their MNIST alpha 34, sigma 4)")
 def _op_elastic(context, *, alpha=34.0, sigma=4.0):
+    _check_positive("sigma", sigma)
+    if sigma > max(context.image_shape[:2]):  # the Gaussian would average the random field to about zero
+        raise ValueError(f"sigma must be at most the image's longer side: a wider Gaussian smooths the displacement "
+                         f"field to about zero (no distortion). Received: sigma={sigma!r}, "
+                         f"image_shape={tuple(context.image_shape)}")
     return ElasticDistortion(alpha=alpha, sigma=sigma, **context.layer_args)
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import inspect
 import numbers
 
+import keras
+
 from cnnkit.recipes.augment import parse_augment
 from cnnkit.recipes.imbalance import parse_imbalance
 from cnnkit.recipes.optimization import check_ema, make_optimizer, resolve_precision
@@ -25,7 +27,7 @@ from cnnkit.recipes.preprocess import parse_preprocess
 
 OPTIMIZER_KEYS = ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay")
 CHECKED_KEYS = (*OPTIMIZER_KEYS, "ema", "epochs", "batch_size", "steps_per_execution", "precise_bn",
-                "early_stopping", "precision", "label_smoothing", "augment", "preprocess", "imbalance")
+                "early_stopping", "precision", "label_smoothing", "augment", "preprocess", "imbalance", "callbacks")
 
 
 def check_options(**options) -> None:
@@ -65,6 +67,7 @@ def check_options(**options) -> None:
         resolve_precision(options["precision"])
     if "label_smoothing" in options:
         check_label_smoothing(options["label_smoothing"])
+    _check_callbacks(options.get("callbacks"))
     if "augment" in options:
         parse_augment(options["augment"])
     if "preprocess" in options:
@@ -91,6 +94,18 @@ def check_call(function, kwargs: dict) -> None:
     """
     parameters = inspect.signature(function).parameters
     check_options(**{key: kwargs.get(key, parameters[key].default) for key in CHECKED_KEYS if key in parameters})
+
+
+def _check_callbacks(callbacks) -> None:
+    if callbacks is None:
+        return
+    if not isinstance(callbacks, (list, tuple)):
+        raise ValueError(f"callbacks must be a list of keras.callbacks.Callback objects or None. "
+                         f"Received: callbacks={callbacks!r}")
+    for index, callback in enumerate(callbacks):
+        if not isinstance(callback, keras.callbacks.Callback):
+            raise ValueError(f"callbacks[{index}] is not a keras.callbacks.Callback. Received: "
+                             f"{callback!r} ({type(callback).__name__})")
 
 
 def _is_integer(value) -> bool:

@@ -277,7 +277,7 @@ NAN, INF = float("nan"), float("inf")
     ({"name": "translation", "fraction": NAN}, r"'translation'.*fraction must be a number in \[0, 1\]"),
     ({"name": "zoom", "fraction": INF}, r"'zoom'.*fraction must be a number in \[0, 1\]. Received: fraction=inf"),
     ({"name": "randaugment", "factor": NAN}, r"'randaugment'.*factor must be a number in \[0, 1\]"),
-    ({"name": "elastic", "sigma": 1e308}, r"augment op .*'sigma': 1e\+308}: cannot convert float infinity"),
+    ({"name": "elastic", "sigma": 1e308}, r"augment op .*'sigma': 1e\+308}: sigma must be at most the image's longer side"),
 ], ids=str)
 def test_non_finite_and_out_of_range_numbers_are_refused(op, message):
     with pytest.raises(ValueError, match=message):
@@ -291,6 +291,15 @@ def test_shifts_that_move_images_out_of_the_frame_are_refused(name, key):
         make_augmentation([{"name": name, key: 8}], image_shape=(8, 12, 1), num_classes=3)
     (layer,) = make_augmentation([{"name": name, key: 7}], image_shape=(8, 12, 1), num_classes=3).layers
     assert getattr(layer, key) == 7  # one row still in the frame
+
+
+def test_an_elastic_sigma_wider_than_the_image_is_refused():
+    with pytest.raises(ValueError, match=r"sigma must be at most the image's longer side: a wider Gaussian smooths the "
+                                         r"displacement field to about zero \(no distortion\). Received: sigma=12.5, "
+                                         r"image_shape=\(8, 12, 1\)"):
+        make_augmentation([{"name": "elastic", "sigma": 12.5}], image_shape=(8, 12, 1), num_classes=3)
+    (layer,) = make_augmentation([{"name": "elastic", "sigma": 12}], image_shape=(8, 12, 1), num_classes=3).layers
+    assert layer.sigma == 12.0
 
 
 def test_every_op_works_in_float32_under_a_global_mixed_bfloat16_policy():

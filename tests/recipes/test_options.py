@@ -1,5 +1,6 @@
 """Option values that need no data are refused before any data loads, naming the key (and the recipe file)."""
 
+import keras
 import pytest
 
 import cnnkit
@@ -26,6 +27,8 @@ BAD_OPTIONS = [
     ({"early_stopping": 0}, "early_stopping"),
     ({"ema": 1.5}, "ema"),
     ({"ema": 0.999, "early_stopping": 3}, "early_stopping and ema"),
+    ({"callbacks": "EarlyStopping"}, "callbacks must be a list"),
+    ({"callbacks": [keras.callbacks.History(), 1]}, r"callbacks\[1\] is not a keras.callbacks.Callback. Received: 1 \(int\)"),
 ]
 
 
@@ -40,7 +43,8 @@ def test_good_values_of_every_key_pass():
             "momentum": 0.9, "weight_decay": 5e-4, "ema": None, "epochs": 4, "batch_size": 64,
             "steps_per_execution": 8, "precise_bn": 1000, "early_stopping": 2, "precision": "float32",
             "label_smoothing": 0.1, "augment": ["shift", {"name": "rotation", "degrees": 10}],
-            "preprocess": ["scale", "zca"], "imbalance": {"strategy": "oversample", "augmented_copies": "affine"}}
+            "preprocess": ["scale", "zca"], "imbalance": {"strategy": "oversample", "augmented_copies": "affine"},
+            "callbacks": [keras.callbacks.History()]}
     assert set(good) == set(CHECKED_KEYS)
     check_options(**good)
 
