@@ -163,10 +163,10 @@ def finetune(
         ...     {"unfreeze": 0, "epochs": 5, "learning_rate": 1e-3},
         ...     {"unfreeze": 1, "epochs": 5, "learning_rate": 1e-4}])  # doctest: +SKIP
     """
+    check_call(finetune, locals())  # the values as given (recorded_arguments names callbacks), before any data loads
     arguments = recorded_arguments(finetune, locals())
     _check_choice("similarity", similarity, SIMILARITIES)
     _check_choice("batch_norm", batch_norm, BATCH_NORM_POLICIES)
-    check_call(finetune, arguments)  # before any data loads
     if not 0 <= head_dropout < 1:
         raise ValueError(f"head_dropout must be in [0, 1). Received: head_dropout={head_dropout!r}")
     scale = learning_rate_scale(batch_size, scale_learning_rate)

@@ -145,8 +145,8 @@ def train(
         >>> run = train("lenet", "mnist-sample", optimizer="momentum", learning_rate=0.05,
         ...             schedule="cosine", augment="shift", epochs=5)  # doctest: +SKIP
     """
+    check_call(train, locals())  # the values as given (recorded_arguments names callbacks), before any data loads
     arguments = recorded_arguments(train, locals())
-    check_call(train, arguments)  # before any data loads
     learning_rate = learning_rate * learning_rate_scale(batch_size, scale_learning_rate)
     keras.utils.set_random_seed(seed)
     if deterministic:

@@ -85,6 +85,13 @@ def test_each_recipe_refuses_a_bad_option_before_loading_data(call, no_data):
         call()
 
 
+@pytest.mark.parametrize("recipe", [cnnkit.recipes.train, cnnkit.recipes.finetune], ids=["train", "finetune"])
+def test_real_callbacks_pass_the_check(recipe, no_data):
+    with pytest.raises(AssertionError, match="data was loaded"):  # checked, then the data is loaded
+        recipe("lenet" if recipe is cnnkit.recipes.train else "mobilenet_v2", "mnist",
+               callbacks=[keras.callbacks.TerminateOnNaN()])
+
+
 def test_cnnkit_run_names_the_recipe_file_and_loads_no_data(tmp_path, no_data, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(options_module, "check_options", lambda **kw: calls.append(kw) or check_options(**kw))
