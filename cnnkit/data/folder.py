@@ -6,7 +6,11 @@ them may crash a pipeline, and none may be dropped silently: every listed file i
 when the folder is scanned (`scan_folder`, shared with `cnnkit.data.audit`), the usable ones are
 converted the same documented way every time (`convert_image`), and each excluded file is
 recorded with its reason in `ImageData.skipped` and named in a warning, as is a subfolder that
-cannot be read. Symlinked subfolders are followed, each real folder once.
+cannot be read. Symlinked subfolders are followed, each real folder once in the whole folder: a
+second way into one (a link back up, a loop, a link into another class's folder) is left out with a
+reason, so no image gets two labels. A class folder that cannot be listed (unreadable, a broken
+symlink, another name for a class folder: a symlink to it or into it) is refused by `from_folder`,
+naming it and why, rather than dropped, which would shift the labels of the classes after it.
 """
 
 from __future__ import annotations
@@ -55,12 +59,14 @@ class FolderScan(NamedTuple):
 
     Attributes:
         root: The folder scanned (resolved).
-        class_names: Sorted names of the class subfolders.
+        class_names: Sorted names of the class subfolders, those that cannot be listed included.
         files: Paths of the usable images, in class order then sorted relative path.
         labels: Class index of each file in `files`.
         sizes: Size in bytes of each file in `files`.
-        skipped: `(path, reason)` for each subfolder that cannot be read or is a second way into
-            one (a symlink), then each listed file that cannot be used, in listing order.
+        skipped: `(path, reason)` for each class folder that cannot be listed (a broken symlink,
+            another name for a class folder), each subfolder that cannot be read or is a second
+            way into a folder listed once in the scan (a symlink, also into another class's
+            folder), then each listed file that cannot be used, in listing order.
     """
 
     root: Path
@@ -89,7 +95,12 @@ def from_folder(
     Layout: `path/<class name>/**/<image>`; the sorted subfolder names are the class names
     (hidden entries, starting with `.`, are ignored). Files are listed recursively with the
     given extensions (case-insensitive), sorted by relative path, so the same folder always
-    gives the same datasets. The extension only selects files: the format is detected from
+    gives the same datasets. Symlinks are followed, each real folder once in the whole tree, so
+    an image never gets two labels: a second way into a folder already listed (a link back up,
+    a loop, a link from one class into another class's folder) is skipped with a reason. A class
+    entry that is a symlink leading to no folder (an unmounted disk), or to or into another class
+    folder, is refused, as is a class folder that cannot be read: dropping it would shift the
+    labels of the classes after it. The extension only selects files: the format is detected from
     the content, so a PNG named `.jpg` is read as the PNG it is.
 
     Every listed file is checked when the folder is scanned, and a file is skipped when it is
@@ -121,7 +132,7 @@ def from_folder(
         val_split: Fraction of each class's files moved to validation, in `[0, 1)`,
             stratified and seeded as in `from_arrays`; `0` means `val` is `None`.
         test_path: Optional folder with the same layout and the same class names, used as
-            the test split.
+            the test split; neither `path` nor inside it nor holding it (after resolving links).
         seed: Non-negative integer seed of the validation split and of `shuffle`.
         shuffle: Store the training split in a seeded random order, as Keras's
             `image_dataset_from_directory` does, rather than class by class and sorted: a
@@ -142,7 +153,9 @@ def from_folder(
 
     Raises:
         ValueError: If a folder is missing or is not a folder, has no class subfolders, or a
-            class has no usable images; if the test folder's classes differ; or on a bad
+            class has no usable images or cannot be listed (unreadable, a broken symlink, another
+            name for a class folder: the message says which); if the test folder is the train
+            folder or one is inside the other, or the test folder's classes differ; or on a bad
             argument. The message names the path or the argument.
 
     Example:
@@ -155,6 +168,12 @@ def from_folder(
     """
     root = check_dir(path, "path")
     test_root = check_dir(test_path, "test_path") if test_path is not None else None
+    if test_root is not None and (test_root.is_relative_to(root) or root.is_relative_to(test_root)):
+        where = "the train folder" if test_root == root else "nested with the train folder"
+        raise ValueError(
+            f"The test folder {test_root} is {where} {root}: every test image would also be a training "
+            f"image. Give a separate folder. Received: path={str(path)!r}, test_path={str(test_path)!r}"
+        )
     height, width = _check_image_size(image_size)
     if color_mode not in _COLOR_MODES:
         raise ValueError(
@@ -235,7 +254,9 @@ def scan_folder(
     """List a class-per-subfolder tree and check every listed file with `check_image`.
 
     Arguments are taken as already checked (`from_folder` and `audit` do that). Empty classes
-    are not an error here: callers decide.
+    are not an error here: callers decide. One set of real folders serves the whole scan, so a
+    symlink into another class's folder lists nothing twice. A class entry that is a broken
+    symlink or another name for a class folder stays a class, empty, with its reason in `skipped`.
 
     Args:
         root: Resolved folder with one subfolder per class.
@@ -259,10 +280,7 @@ def scan_folder(
     """
     from PIL import Image
 
-    class_dirs = sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-        key=lambda p: p.name,
-    )
+    class_dirs, unusable = _class_folders(root)
     if not class_dirs:
         raise ValueError(
             f"No class subfolders in {root}: expected one subfolder of images per class "
@@ -274,9 +292,13 @@ def scan_folder(
         warnings.warn(f"the class subfolders of {root} are {names}: that looks like a dataset's splits, not its "
                       f"classes; give {name}={str(root / train)!r} (and test_path= the other split) for a "
                       "folder of class subfolders", stacklevel=3)
-    listed, left_out = [], []
+    listed, left_out, walked = [], [(str(entry), reason) for entry, reason in unusable.items()], set()
+    reals = {class_dir: os.path.realpath(class_dir) for class_dir in class_dirs if class_dir not in unusable}
     for label, class_dir in enumerate(class_dirs):
-        files, folders = _list_images(class_dir, extensions)
+        if class_dir not in reals:
+            continue
+        elsewhere = [real for other, real in reals.items() if other != class_dir]
+        files, folders = _list_images(class_dir, extensions, walked, elsewhere)
         listed += [(str(file), label) for file in files]
         left_out += folders
     check = functools.partial(check_image, max_pixels=max_pixels, verify=verify, pil_mode=pil_mode)
@@ -406,6 +428,10 @@ def _require_images(scan: FolderScan, extensions, name: str) -> None:
         if count:
             continue
         class_dir = scan.root / class_name
+        reason = next((reason for folder, reason in scan.skipped if folder == str(class_dir)), None)
+        if reason is not None:
+            raise ValueError(f"Class folder {class_dir} cannot be listed: {reason}. "
+                             f"Received: {name}={str(scan.root)!r}")
         unusable = [item for item in scan.skipped if Path(item[0]).is_relative_to(class_dir)]
         detail = (
             f" ({len(unusable)} file(s) were skipped, e.g. {unusable[0][0]}: {unusable[0][1]})"
@@ -477,27 +503,62 @@ def check_extensions(extensions) -> tuple[str, ...]:
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 
 
-def walk_files(folder) -> tuple[list[Path], list[tuple[str, str]]]:
+def _class_folders(root: Path) -> tuple[list[Path], dict[Path, str]]:
+    """The class subfolders of ``root`` sorted by name (hidden entries and files ignored), and the
+    reason each one that cannot be listed cannot: a symlink leading to no folder (dangling, a loop),
+    or another name for a class folder (the same real folder, or one inside it). Real folders claim
+    their real path before symlinks do, then in name order.
+    """
+    class_dirs, unusable, owners = [], {}, {}
+    for entry in sorted(root.iterdir(), key=lambda p: (p.is_symlink(), p.name)):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            if entry.is_symlink() and not entry.exists():
+                class_dirs.append(entry)
+                unusable[entry] = f"a broken symlink (to {os.readlink(entry)}), not a folder that can be listed"
+            continue
+        class_dirs.append(entry)
+        real = os.path.realpath(entry)
+        owner = next((owners[r] for r in owners if _inside(real, r)), None)
+        if owner is not None:
+            unusable[entry] = f"another name for the class folder {owner} (a symlink to {real}), not a class of its own"
+        else:
+            owners[real] = entry
+    class_dirs.sort(key=lambda p: p.name)
+    return class_dirs, dict(sorted(unusable.items()))
+
+
+def _inside(real: str, folder: str) -> bool:
+    """Whether the real path ``real`` is the real folder ``folder`` or inside it."""
+    return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def walk_files(folder, listed=None, elsewhere=()) -> tuple[list[Path], list[tuple[str, str]]]:
     """Every file under ``folder`` (hidden entries skipped), sorted by relative path, and
     ``(folder, reason)`` for each subfolder left out.
 
     Symlinked subfolders are followed, each real folder listed once: a second way into one (a
     link back up, a loop) is left out with a reason, as is a folder that cannot be read. A
-    dangling link is listed as a file, for its reader to report.
+    dangling link is listed as a file, for its reader to report. To list each real folder once
+    over several calls (the class folders of one tree), pass them one ``listed`` set, and the
+    real paths of the other calls' folders as ``elsewhere``: a way into one of them, or into a
+    folder inside one, is left out as a second way in too.
 
     Example:
         >>> walk_files(Path("pets/cat"))  # doctest: +SKIP
         ([PosixPath('pets/cat/1.jpg'), PosixPath('pets/cat/more/2.jpg')], [])
     """
     folder = Path(folder)
-    found, left_out, listed = [], [], set()
+    found, left_out = [], []
+    listed = set() if listed is None else listed
 
     def unreadable(error):
         left_out.append((str(error.filename), f"cannot read the folder: {error.strerror or error}"))
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in listed:
+        if real in listed or any(_inside(real, other) for other in elsewhere):
             dirnames[:] = []
             left_out.append((dirpath, f"a second way into the folder {real}, listed once (a symlink)"))
             continue
@@ -507,9 +568,9 @@ def walk_files(folder) -> tuple[list[Path], list[tuple[str, str]]]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix()), left_out
 
 
-def _list_images(folder: Path, extensions) -> tuple[list[Path], list[tuple[str, str]]]:
+def _list_images(folder: Path, extensions, listed, elsewhere) -> tuple[list[Path], list[tuple[str, str]]]:
     """The files under ``folder`` named as images (:func:`walk_files`), and the subfolders left out."""
-    files, left_out = walk_files(folder)
+    files, left_out = walk_files(folder, listed, elsewhere)
     return [file for file in files if file.name.lower().endswith(extensions)], left_out
 
 

@@ -46,9 +46,10 @@ class ImageData:
             (pixel and label bytes for arrays; sorted relative paths and sizes for folders)
             and how it was split and decoded (validation fraction and seed; a folder's image
             size, colour mode and order). Equal fingerprints mean the same training data.
-        skipped: `(path, reason)` (plain strings) for each file a folder source excluded
-            because it cannot be used as an image (empty, not an image, too many pixels,
-            truncated or corrupt). Empty for other sources. `skipped_csv()` formats it.
+        skipped: `(path, reason)` (plain strings) for each file (or subfolder) a folder source
+            excluded because it cannot be used as an image (empty, not an image, too many pixels,
+            truncated or corrupt), kept by `subset`. Empty for other sources. `skipped_csv()`
+            formats it.
 
     Example:
         >>> import numpy as np
@@ -178,19 +179,21 @@ class ImageData:
         """A smaller `ImageData`: some classes (relabelled in the order given), few images per class.
 
         Args:
-            classes: class names (or label indices) to keep, in their new label order;
-                `None` keeps every class.
+            classes: class names (or label indices) to keep, in their new label order; a single
+                name or index is one class (`"10"` is class 10, not 1 and 0); `None` keeps every class.
             per_class: at most this many training images per class, drawn with `seed`
                 (`None`: all). Validation and test splits are not cut by it.
             val_per_class: at most this many validation images per class (`None`: all).
             seed: seed of the draw.
 
         Returns:
-            An `ImageData` whose source says what was taken (a fingerprint of the new content).
+            An `ImageData` whose source says what was taken (a fingerprint of the new content),
+            with this one's `skipped` list (the files its source left out).
 
         Raises:
             ValueError: an unknown class, a label index that is also another class's name (folders
-                named 0, 1, ..., 10 sort as 0, 1, 10, 2...), or a count below 1.
+                named 0, 1, ..., 10 sort as 0, 1, 10, 2...), a count below 1 or not an integer
+                (`True` included), or a bad seed.
 
         Example:
             >>> digits = cnnkit.data.load("mnist-sample").subset(classes=["5", "6", "7", "8", "9"],
@@ -198,15 +201,20 @@ class ImageData:
             >>> digits.class_counts["train"]  # doctest: +SKIP
             [50, 50, 50, 50, 50]
         """
+        if isinstance(classes, (str, numbers.Integral)):
+            classes = [classes]
         keep = list(range(self.num_classes)) if classes is None else [self._class_index(c) for c in classes]
         if not keep:
             raise ValueError(f"classes must name at least one class (None keeps them all). Received: classes={classes!r}")
         if len(set(keep)) != len(keep):
             raise ValueError(f"classes must not repeat a class. Received: classes={classes!r}")
         for name, value in (("per_class", per_class), ("val_per_class", val_per_class)):
-            if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None. Received: {name}={value!r}")
-        rng = np.random.default_rng(check_seed(seed))
+        per_class, val_per_class = (None if value is None else int(value) for value in (per_class, val_per_class))
+        seed = check_seed(seed)
+        rng = np.random.default_rng(seed)
         relabel = np.full(self.num_classes, -1, np.int32)
         relabel[keep] = np.arange(len(keep), dtype=np.int32)
         splits = {}
@@ -229,10 +237,10 @@ class ImageData:
             described += f", {per_class} training images per class (seed {seed})" if min(taken) == per_class else \
                 f", at most {per_class} training images per class: {taken} (seed {seed})"
         digest = hashlib.sha256(json.dumps([self.fingerprint, keep, per_class, val_per_class, seed]).encode())
-        return from_splits(splits, class_names, source=described, fingerprint=digest.hexdigest())
+        return from_splits(splits, class_names, source=described, fingerprint=digest.hexdigest(), skipped=self.skipped)
 
     def _class_index(self, name) -> int:
-        if isinstance(name, numbers.Integral) and 0 <= name < self.num_classes:
+        if isinstance(name, numbers.Integral) and not isinstance(name, bool) and 0 <= name < self.num_classes:
             if str(name) in self.class_names and self.class_names[name] != str(name):
                 raise ValueError(f"class {name!r} is ambiguous: label index {name} is class "
                                  f"{self.class_names[name]!r}, and another class is named {str(name)!r}; give "
@@ -346,8 +354,9 @@ def from_arrays(
                        fingerprint=_fingerprint_arrays(x, y, x_test, y_test, class_names, val_split, seed))
 
 
-def from_splits(splits: dict, class_names, *, source: str, fingerprint: str) -> ImageData:
-    """An `ImageData` from `{split: (uint8 images NHWC, int32 labels)}` already checked and split.
+def from_splits(splits: dict, class_names, *, source: str, fingerprint: str, skipped=()) -> ImageData:
+    """An `ImageData` from `{split: (uint8 images NHWC, int32 labels)}` already checked and split,
+    with the source's `skipped` list (a copy).
 
     Example:
         >>> data = from_splits({"train": (np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 1, 0, 1], np.int32))},
@@ -368,6 +377,7 @@ def from_splits(splits: dict, class_names, *, source: str, fingerprint: str) -> 
         class_counts={split: count_classes(labels, len(class_names)) for split, (_, labels) in splits.items()},
         source=source,
         fingerprint=fingerprint,
+        skipped=list(skipped),
     )
     for split, (split_images, labels) in splits.items():
         data._arrays[split] = (datasets[split], split_images, labels)

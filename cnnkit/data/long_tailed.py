@@ -29,7 +29,8 @@ def long_tailed(data: ImageData, *, largest: int = 5000, smallest: int = 50, see
 
     Args:
         data: a ``cnnkit.data.ImageData`` with at least ``largest`` training examples of class
-            0, and as many as each class's target of the others.
+            0, and as many as each class's target of the others (its validation split does not count:
+            the error says when it holds the ones missing).
         largest: examples kept of class 0.
         smallest: examples kept of the last class (at most ``largest``).
         seed: seeds the choice of examples.
@@ -62,8 +63,11 @@ def long_tailed(data: ImageData, *, largest: int = 5000, smallest: int = 50, see
     short = [c for c in range(data.num_classes) if available[c] < targets[c]]
     if short:
         c = short[0]
+        val = data.class_counts["val"][c] if data.val is not None else 0
+        held = (f" (the validation split holds another {val} of them: split off less, e.g. val_split=0, or give a "
+                "smaller largest)" if available[c] + val >= targets[c] else "")
         raise ValueError(f"Class {data.class_names[c]!r} has {available[c]} training examples; the long tail needs "
-                         f"{targets[c]}. Received: largest={largest}, smallest={smallest}")
+                         f"{targets[c]}{held}. Received: largest={largest}, smallest={smallest}")
     x, y = data.arrays("train")
     keep = _per_class_sample(y, targets, seed)
     splits = {"train": (x[keep], y[keep])}

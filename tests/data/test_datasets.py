@@ -97,6 +97,11 @@ def test_mnist_long_tailed_cuts_the_training_split_only(tmp_path, monkeypatch):
     assert set(data.arrays("train")[0][:, 0, 0, 0].tolist()) <= full_ids
     with pytest.raises(ValueError, match="the long tail needs 5000"):
         load("mnist-long-tailed")
+    with pytest.raises(ValueError, match=r"Class '0' has 36 training examples; the long tail needs 40 \(the validation "
+                                         r"split holds another 4 of them: split off less, e.g. val_split=0, or give a "
+                                         r"smaller largest\). Received: largest=40, smallest=4"):
+        load("mnist-long-tailed", largest=40, smallest=4, val_split=0.1)
+    assert load("mnist-long-tailed", largest=40, smallest=4, val_split=0).class_counts["train"][0] == 40
 
 
 def test_cnnkit_data_dir_without_the_file(tmp_path, monkeypatch):

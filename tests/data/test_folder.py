@@ -184,6 +184,39 @@ def test_symlinked_subfolders_are_followed_once_and_unreadable_ones_recorded(tre
     ]
 
 
+def test_a_symlink_into_another_class_s_folder_is_listed_once_under_that_class(tree):
+    (tree / "cat" / "more").symlink_to(tree / "dog", target_is_directory=True)  # sorts before dog: would label dogs cat
+    (tree / "dog" / "also").symlink_to(tree / "cat" / "more", target_is_directory=True)  # into dog itself, via cat
+    with pytest.warns(UserWarning, match="skipped 2 file"):
+        data = from_folder(tree, image_size=(6, 8), val_split=0, shuffle=False)
+    assert data.class_counts == {"train": [4, 5]}
+    images, labels = data.arrays("train")
+    assert list(zip(labels.tolist(), ids(images))) == [(0, 10), (0, 11), (0, 12), (0, 13), (1, 0), (1, 1), (1, 2),
+                                                       (1, 3), (1, 4)]
+    dog = tree.resolve() / "dog"
+    assert data.skipped == [
+        (str(tree / "cat" / "more"), f"a second way into the folder {dog}, listed once (a symlink)"),
+        (str(tree / "dog" / "also"), f"a second way into the folder {dog}, listed once (a symlink)"),
+    ]
+
+
+@pytest.mark.parametrize("target", ["cat", "cat/sub"])
+def test_a_class_folder_that_is_another_name_for_a_class_folder_is_refused_naming_both(tree, target):
+    save(tree / "cat" / "sub" / "x.png", solid(6, 8, (0, 0, 0)))
+    (tree / "a_kitty").symlink_to(tree / target, target_is_directory=True)  # sorts first: still not the class
+    with pytest.raises(ValueError, match=f"Class folder {tree / 'a_kitty'} cannot be listed: another name for the "
+                                         rf"class folder {tree / 'cat'} \(a symlink to {tree.resolve() / target}\), "
+                                         f"not a class of its own. Received: path='{tree}'"):
+        from_folder(tree, image_size=(6, 8), val_split=0)
+
+
+def test_a_class_folder_that_is_a_broken_symlink_is_refused_naming_it(tree, tmp_path):
+    (tree / "bee").symlink_to(tmp_path / "unmounted" / "bee", target_is_directory=True)
+    with pytest.raises(ValueError, match=rf"Class folder {tree / 'bee'} cannot be listed: a broken symlink \(to "
+                                         rf"{tmp_path / 'unmounted' / 'bee'}\), not a folder that can be listed"):
+        from_folder(tree, image_size=(6, 8), val_split=0)
+
+
 def test_a_folder_of_splits_given_as_the_class_folder_is_warned_about(tmp_path):
     make_tree(tmp_path / "pets" / "train", {"cat": 2, "dog": 2})
     make_tree(tmp_path / "pets" / "val", {"cat": 1, "dog": 1})
@@ -247,6 +280,14 @@ def test_test_path_with_other_classes_names_both(tmp_path):
         from_folder(train, image_size=(2, 2), test_path=test)
     assert str(train.resolve()) in str(info.value) and str(test.resolve()) in str(info.value)
     assert "['x', 'z']" in str(info.value)
+
+
+@pytest.mark.parametrize("test", ["train", "train/cat", "."])
+def test_test_path_that_is_the_train_folder_or_nested_with_it_is_refused(tree, tmp_path, test):
+    where = "the train folder" if test == "train" else "nested with the train folder"
+    with pytest.raises(ValueError, match=f"The test folder {(tmp_path / test).resolve()} is {where} {tree}: every "
+                                         "test image would also be a training image"):
+        from_folder(tree, image_size=(6, 8), test_path=tmp_path / test)
 
 
 # --- fingerprint -------------------------------------------------------------------------------------

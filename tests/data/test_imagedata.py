@@ -371,3 +371,33 @@ def test_subset_refuses_a_label_index_that_is_another_class_s_name():
         data.subset(classes=[0, 1, 2])
     assert data.subset(classes=["0", "1", "2"]).class_names == ["0", "1", "2"]
     assert data.subset(classes=[0, 1]).class_names == ["0", "1"]  # index and name agree
+
+
+def test_subset_takes_a_single_name_or_index_as_one_class():
+    data = from_arrays(np.zeros((22, 2, 2), np.uint8), np.arange(22) % 11, val_split=0)  # classes "0".."10"
+    assert data.subset(classes="10").class_names == ["10"]
+    assert data.subset(classes=np.int64(3)).class_names == ["3"]
+    with pytest.raises(ValueError, match=r"unknown class '56'"):
+        data.subset(classes="56")
+
+
+def test_subset_accepts_numpy_integers_and_refuses_bools():
+    data = from_arrays(np.zeros((12, 2, 2), np.uint8), np.arange(12) % 2, val_split=0.5)
+    small = data.subset(per_class=np.int64(2), val_per_class=np.int32(1), seed=np.int64(1))
+    assert small.class_counts == {"train": [2, 2], "val": [1, 1]}
+    assert small.source.endswith(", 2 training images per class (seed 1)")
+    assert small.fingerprint == data.subset(per_class=2, val_per_class=1, seed=1).fingerprint
+    with pytest.raises(ValueError, match=r"per_class must be a positive integer or None. Received: per_class=True"):
+        data.subset(per_class=True)
+    with pytest.raises(ValueError, match=r"val_per_class must be a positive integer or None. Received: val_per_class=True"):
+        data.subset(val_per_class=True)
+    with pytest.raises(ValueError, match=r"seed must be a non-negative integer. Received: seed=True"):
+        data.subset(seed=True)
+
+
+def test_subset_keeps_the_skipped_list_of_its_source():
+    data = from_arrays(np.zeros((4, 2, 2), np.uint8), np.arange(4) % 2, val_split=0)
+    data.skipped = [("/data/a/bad.png", "empty file (0 bytes)")]
+    small = data.subset(classes=["1"])
+    assert small.skipped == data.skipped and small.skipped is not data.skipped
+    assert small.skipped_csv() == "path,reason\n/data/a/bad.png,empty file (0 bytes)\n"
