@@ -19,6 +19,7 @@ from cnnkit.data.folder import (
     check_dir,
     check_extensions,
     check_max_pixels,
+    check_test_dir,
     scan_folder,
 )
 
@@ -216,8 +217,8 @@ def audit(
         An `AuditReport`; `report.clean` is True when nothing was found.
 
     Raises:
-        ValueError: If a folder is missing, is not a folder or has no class subfolders, or on
-            a bad argument.
+        ValueError: If a folder is missing, is not a folder or has no class subfolders, if the test
+            folder is the train folder or one is inside the other, or on a bad argument.
 
     Example:
         >>> from cnnkit.data import audit
@@ -228,7 +229,7 @@ def audit(
     """
     roots = {"train": check_dir(path, "path")}
     if test_path is not None:
-        roots["test"] = check_dir(test_path, "test_path")
+        roots["test"] = check_test_dir(test_path, roots["train"], path)
     extensions = check_extensions(extensions)
     max_pixels = check_max_pixels(max_pixels)
 

@@ -167,13 +167,7 @@ def from_folder(
         [('/data/flowers/train/rose/0042.jpg', 'cannot decode: OSError: image file is truncated ...')]
     """
     root = check_dir(path, "path")
-    test_root = check_dir(test_path, "test_path") if test_path is not None else None
-    if test_root is not None and (test_root.is_relative_to(root) or root.is_relative_to(test_root)):
-        where = "the train folder" if test_root == root else "nested with the train folder"
-        raise ValueError(
-            f"The test folder {test_root} is {where} {root}: every test image would also be a training "
-            f"image. Give a separate folder. Received: path={str(path)!r}, test_path={str(test_path)!r}"
-        )
+    test_root = check_test_dir(test_path, root, path) if test_path is not None else None
     height, width = _check_image_size(image_size)
     if color_mode not in _COLOR_MODES:
         raise ValueError(
@@ -482,6 +476,25 @@ def _check_image_size(image_size) -> tuple[int, int]:
             f"Received: image_size={image_size!r}"
         )
     return int(height), int(width)
+
+
+def check_test_dir(test_path, root: Path, path) -> Path:
+    """The resolved test folder, refused when it is the train folder ``root`` or one is inside the other.
+
+    Example:
+        >>> check_test_dir("pets/train", Path("pets/train").resolve(), "pets/train")  # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        ValueError: The test folder /home/me/pets/train is the train folder /home/me/pets/train: ...
+    """
+    test_root = check_dir(test_path, "test_path")
+    if test_root.is_relative_to(root) or root.is_relative_to(test_root):
+        where = "the train folder" if test_root == root else "nested with the train folder"
+        raise ValueError(
+            f"The test folder {test_root} is {where} {root}: every test image would also be a training "
+            f"image. Give a separate folder. Received: path={str(path)!r}, test_path={str(test_path)!r}"
+        )
+    return test_root
 
 
 def check_extensions(extensions) -> tuple[str, ...]:

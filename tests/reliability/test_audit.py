@@ -182,3 +182,12 @@ def test_cli_missing_folder_exits_2_with_one_line(tmp_path, capsys):
     assert main(["data", "audit", str(tmp_path)]) == 2  # a folder without class subfolders
     assert capsys.readouterr().err.startswith("cnnkit: error: No class subfolders in")
     assert main(["data"]) == 2  # no action: argparse usage error
+
+
+@pytest.mark.parametrize("test", ["train", "train/cat"])
+def test_a_test_folder_that_is_the_train_folder_or_inside_it_is_refused(clean, test):
+    train = clean[0]
+    test_path = train.parent / test
+    where = "the train folder" if test == "train" else "nested with the train folder"
+    with pytest.raises(ValueError, match=f"The test folder {test_path.resolve()} is {where} {train.resolve()}"):
+        audit(train, test_path=test_path)
