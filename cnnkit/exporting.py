@@ -11,8 +11,11 @@ load it without cnnkit, the verification) and ``verification.json`` (the report 
                                                             EXIF rotation: send upright images)
                                                             and resized to H x W in the graph
                  both return probabilities float32 [N, K], class_id int64 [N], class_name string [N]
-    tflite       model.tflite   input float32 [N, H, W, C] raw pixels 0-255 -> probabilities [N, K]
+    tflite       model.tflite   input [N, H, W, C] raw pixels 0-255, in the dtype of the model's
+                                keras.Input (float32 unless it is uint8) -> probabilities [N, K]
     onnx         model.onnx     the same
+
+A model is exported if it takes one image ``(H, W, C)`` and returns one matrix ``(N, K)``.
 
 Every format takes raw pixels: the model's preprocessing is inside it and its training-only
 layers (augmentation, dropout) run in inference mode. A model computing in mixed precision is
@@ -40,6 +43,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
+import numbers
 import os
 import shutil
 import subprocess
@@ -59,6 +64,7 @@ QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
 LABELS_FILE = "labels.txt"
 CARD_FILE = "README.md"
 REPORT_FILE = "verification.json"
+REPRESENTATIVE_SAMPLES = 256
 MODEL_FILES = {"savedmodel": "saved_model.pb", "tflite": "model.tflite", "onnx": "model.onnx"}
 BYTES_SIGNATURE = "serving_bytes"
 TOLERANCE = 1e-5
@@ -154,7 +160,7 @@ def export(
     quantize: str | None = None,
     data=None,
     representative_data=None,
-    representative_samples: int = 256,
+    representative_samples: int | None = None,
     class_names=None,
     tolerance: float = TOLERANCE,
     verify: bool = True,
@@ -179,9 +185,10 @@ def export(
             the data recorded in the run's config.yaml. Its training split gives the int8
             representative sample; its test split (else validation) the parity sample and the
             accuracy of quantised exports.
-        representative_data: uint8 images ``(N, H, W, C)`` to calibrate int8 with, instead
-            of a sample of ``data``'s training split.
-        representative_samples: How many training images calibrate int8.
+        representative_data: int8 only: uint8 images ``(N, H, W, C)`` to calibrate with,
+            instead of a sample of ``data``'s training split.
+        representative_samples: int8 only: how many training images calibrate it (default
+            ``REPRESENTATIVE_SAMPLES``, 256); not with ``representative_data``.
         class_names: One name per output; defaults to the run's (``"0".."K-1"`` for a bare
             model).
         tolerance: Largest max absolute difference of probabilities allowed for the float
@@ -199,8 +206,9 @@ def export(
     Raises:
         ValueError: On a bad argument, an existing ``path`` without ``overwrite=True`` (or with
             it, when ``path`` is not an earlier export or an empty directory), a ``path`` that is
-            or holds the run being exported, a model whose input is not one image ``(H, W, C)``,
-            int8 without sample data, or ONNX without its packages.
+            or holds the run being exported, a model whose input is not one image ``(H, W, C)`` or
+            whose output is not one matrix ``(N, K)``, int8 without sample data, representative
+            arguments without int8, or ONNX without its packages.
         ExportVerificationError: If the export cannot be loaded in a fresh process or a float
             format differs from the Keras model by more than ``tolerance``.
 
@@ -210,25 +218,28 @@ def export(
         >>> json.loads((out / "verification.json").read_text())["accuracy_change_points"]  # doctest: +SKIP
         -0.1
     """
-    quantize = _check_arguments(format, quantize, representative_samples, tolerance, verbose)
+    quantize = _check_arguments(format, quantize, representative_data, representative_samples, tolerance, verbose)
     run = _resolve_run(run_or_model, class_names, trust)
     path = _check_target(path, overwrite, run_or_model, run)
     model, reference_note = _float32_copy(run.model)
     image_shape = _image_shape(model)
+    _check_output(model)
     names = _check_class_names(run.class_names)
     quantised = format == "tflite" and quantize != "float32"
     source_data, data_note = _resolve_data(data, run, names, required=quantize == "int8" and representative_data is None)
     calibration = None
     if quantize == "int8":
-        calibration = _representative_images(representative_data, source_data, image_shape, representative_samples)
+        calibration = _representative_images(representative_data, source_data, image_shape,
+                                             representative_samples or REPRESENTATIVE_SAMPLES)
     images, labels, sample_note = _check_images(source_data, image_shape, whole_split=quantised)
     info = {
         "format": format,
         "quantize": quantize if format == "tflite" else None,
         "image_shape": list(image_shape),
+        "input_dtype": str(model.inputs[0].dtype),
         "class_names": names,
         "source": str(run.run_dir) if run.run_dir is not None else f"<keras.Model {run.model.name}>",
-        "source_metrics": {k: v for k, v in run.metrics.items() if k in ("test_accuracy", "test_error")},
+        "source_metrics": _source_metrics(run.metrics),
         "reference": reference_note,
         "data": data_note,
         "sample": sample_note,
@@ -239,7 +250,7 @@ def export(
         atomic_write_text(staging / LABELS_FILE, "".join(f"{name}\n" for name in names))
         report = {**info, "file": MODEL_FILES[format], "size_bytes": _size(artifact)}
         if verify:
-            report.update(_verify(model, artifact, format, images, labels, quantised, tolerance, names))
+            report.update(_verify(model, artifact, path, format, images, labels, quantised, tolerance, names))
         else:
             report["verified"] = "skipped (verify=False)"
         atomic_write_text(staging / REPORT_FILE, json.dumps(report, indent=2) + "\n")
@@ -252,17 +263,24 @@ def export(
 # --------------------------------------------------------------------------- arguments
 
 
-def _check_arguments(format, quantize, representative_samples, tolerance, verbose) -> str:
+def _check_arguments(format, quantize, representative_data, representative_samples, tolerance, verbose) -> str:
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {list(FORMATS)}. Received: format={format!r}")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"`quantize` must be None or one of {list(QUANTIZATIONS)}. Received: quantize={quantize!r}")
     if quantize not in (None, "float32") and format != "tflite":
         raise ValueError(f"`quantize` applies to format='tflite' only. Received: format={format!r}, quantize={quantize!r}")
-    if not isinstance(representative_samples, int) or isinstance(representative_samples, bool) \
-            or representative_samples < 1:
+    if representative_samples is not None and (not isinstance(representative_samples, int)
+                                               or isinstance(representative_samples, bool) or representative_samples < 1):
         raise ValueError(f"`representative_samples` must be a positive integer. "
                          f"Received: representative_samples={representative_samples!r}")
+    for name, value in (("representative_data", representative_data), ("representative_samples", representative_samples)):
+        if value is not None and quantize != "int8":
+            raise ValueError(f"`{name}` calibrates quantize='int8' only. Received: format={format!r}, "
+                             f"quantize={quantize!r}")
+    if representative_samples is not None and representative_data is not None:
+        raise ValueError("`representative_samples` counts the training images sampled when no `representative_data` "
+                         f"is given. Received: representative_samples={representative_samples!r} and representative_data")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise ValueError(f"`tolerance` must be a number >= 0. Received: tolerance={tolerance!r}")
     if verbose not in (0, 1, True, False):
@@ -354,6 +372,20 @@ def _image_shape(model) -> tuple[int, int, int]:
         raise ValueError(f"The model input must be one image of known shape (H, W, C). Received: input shape "
                          f"{tuple(model.inputs[0].shape)}")
     return tuple(int(dim) for dim in shape)
+
+
+def _check_output(model) -> None:
+    """Refuse a model whose output is not one ``(N, K)`` matrix (class maps, several heads)."""
+    shapes = [tuple(output.shape) for output in model.outputs]
+    if len(shapes) != 1 or len(shapes[0]) != 2 or shapes[0][1] is None:
+        raise ValueError(f"Only models with one output of class probabilities (N, K) can be exported. Received: "
+                         f"output shape(s) {', '.join(map(str, shapes))}")
+
+
+def _source_metrics(metrics: dict) -> dict:
+    """The run's test accuracy and error as floats, leaving out values that are not finite numbers."""
+    return {key: float(value) for key, value in metrics.items() if key in ("test_accuracy", "test_error")
+            and isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)}
 
 
 def _float32_copy(model):
@@ -637,7 +669,8 @@ def _keras_probabilities(model, images) -> np.ndarray:
                                for start in range(0, len(images), _CHUNK)])
 
 
-def _fresh_process(format, artifact: Path, images: np.ndarray) -> dict:
+def _fresh_process(format, artifact: Path, path: Path, images: np.ndarray) -> dict:
+    """Run ``artifact`` (in its staging directory) in a new process; errors name ``path``, where it was to go."""
     with tempfile.TemporaryDirectory(prefix="cnnkit-verify-") as scratch:
         inputs, outputs = Path(scratch) / "inputs.npz", Path(scratch) / "outputs.npz"
         np.savez(inputs, images=images)
@@ -646,15 +679,15 @@ def _fresh_process(format, artifact: Path, images: np.ndarray) -> dict:
                               cwd=scratch, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not outputs.is_file():
             tail = " | ".join(line for line in done.stderr.strip().splitlines()[-6:])
-            raise ExportVerificationError(f"The {format} export at {artifact} did not run in a fresh process "
+            raise ExportVerificationError(f"The {format} export for {path} did not run in a fresh process "
                                           f"(exit {done.returncode}): {tail}")
         with np.load(outputs) as results:
             return {key: results[key] for key in results.files}
 
 
-def _verify(model, artifact, format, images, labels, quantised, tolerance, names) -> dict:
+def _verify(model, artifact, path, format, images, labels, quantised, tolerance, names) -> dict:
     expected = _keras_probabilities(model, images)
-    results = _fresh_process(format, artifact, images)
+    results = _fresh_process(format, artifact, path, images)
     got = results["probabilities"]
     if got.shape != expected.shape:
         raise ExportVerificationError(f"The {format} export returned probabilities of shape {got.shape}; the Keras "
@@ -773,7 +806,8 @@ def _card(name: str, report: dict) -> str:
                   'out["class_name"]',
                   "```"]
     else:
-        lines += [f"Input float32 `[N, {height}, {width}, {channels}]` raw pixels 0-255 (the model scales them); "
+        dtype = report["input_dtype"]
+        lines += [f"Input {dtype} `[N, {height}, {width}, {channels}]` raw pixels 0-255 (the model scales them); "
                   "output probabilities float32 `[N, K]`; class id = argmax, its name = that line of `labels.txt`.",
                   "", "```python"]
         if report["format"] == "tflite":
@@ -782,13 +816,14 @@ def _card(name: str, report: dict) -> str:
                       'source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]',
                       'interpreter.resize_tensor_input(source["index"], images.shape)',
                       "interpreter.allocate_tensors()",
-                      'interpreter.set_tensor(source["index"], images.astype("float32"))',
+                      f'interpreter.set_tensor(source["index"], images.astype("{dtype}"))',
                       "interpreter.invoke()",
                       'probabilities = interpreter.get_tensor(target["index"])']
         else:
             lines += ["import onnxruntime", "",
                       f'session = onnxruntime.InferenceSession("{name}/{report["file"]}")',
-                      'probabilities = session.run(None, {session.get_inputs()[0].name: images.astype("float32")})[0]']
+                      'probabilities = session.run(None, {session.get_inputs()[0].name: '
+                      f'images.astype("{dtype}")}})[0]']
         lines.append("```")
     lines += ["", "Preprocessing is inside the model and training-only layers (augmentation, dropout) are inactive.",
               "", "## Verification", "", "```text", report_text(report, name), "```", "",

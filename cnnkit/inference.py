@@ -26,6 +26,7 @@ import csv
 import io
 import numbers
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = ["DEFAULT_TOP_K", "Predictor", "image_files", "keras_predictor", "load
 DEFAULT_TOP_K = 5
 SAVED_MODEL_FILE = "saved_model.pb"
 LABELS_FILE = "labels.txt"
+OTHER_EXPORT_FILES = ("model.tflite", "model.onnx", "verification.json")  # in cnnkit's TFLite and ONNX exports
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 _PIL_MODES = {1: "L", 3: "RGB"}
 
@@ -56,7 +58,7 @@ class Predictor:
         forward: A callable taking a uint8 tensor ``(N, H, W, C)`` and returning float
             probabilities ``(N, K)`` (a ``tf.function`` or a SavedModel signature wrapper).
         image_shape: ``(H, W, C)`` of one image.
-        class_names: ``K`` names, in output order.
+        class_names: ``K`` names, in output order; ``predict`` refuses probabilities of another width.
         source: What the predictor was loaded from (shown in messages).
 
     Example:
@@ -107,7 +109,7 @@ class Predictor:
 
         Raises:
             ValueError: If ``images`` is not uint8 or its shape fits neither one image nor a
-                batch of the model's input.
+                batch of the model's input, or the model's probabilities are not one per class name.
 
         Example:
             >>> predictor.predict(np.zeros((2, 28, 28), np.uint8)).shape  # doctest: +SKIP
@@ -117,8 +119,12 @@ class Predictor:
         batch = self._as_batch(images)
         if len(batch) == 0:
             return np.zeros((0, len(self.class_names)), np.float32)
-        return np.concatenate([np.asarray(self._forward(batch[start:start + batch_size]), dtype=np.float32)
-                               for start in range(0, len(batch), batch_size)])
+        probabilities = np.concatenate([np.asarray(self._forward(batch[start:start + batch_size]), dtype=np.float32)
+                                        for start in range(0, len(batch), batch_size)])
+        if probabilities.shape[1:] != (len(self.class_names),):
+            raise ValueError(f"{self.source} returned probabilities of shape {_fmt_shape((None, *probabilities.shape[1:]))} "
+                             f"for {len(self.class_names)} class names")
+        return probabilities
 
     def top_k(self, images, *, k: int = DEFAULT_TOP_K, batch_size: int = 256) -> list[list[tuple[str, float]]]:
         """The ``k`` most probable ``(class name, probability)`` pairs of each image, best first.
@@ -197,7 +203,8 @@ def load_predictor(path, *, trust: bool = False) -> Predictor:
 
     Raises:
         FileNotFoundError: If ``path`` does not exist or holds no model.
-        ValueError: If the model holds code and ``trust`` is False (one line naming the path
+        ValueError: If ``path`` is a TFLite or ONNX model or export, or a SavedModel's ``saved_model.pb``
+            (pass its directory); if the model holds code and ``trust`` is False (one line naming the path
             and ``trust=True`` / ``--trust-model``), the model does not take one image, or a
             SavedModel lacks the uint8 ``serving_default`` signature returning ``probabilities``.
 
@@ -216,14 +223,31 @@ def load_predictor(path, *, trust: bool = False) -> Predictor:
                 "came from, pass trust=True (command line: --trust-model)."
             )
         return _saved_model_predictor(path)
+    _refuse_other_exports(path)
     import cnnkit
 
     run = cnnkit.load(path, trust=trust)
     return keras_predictor(run.model, class_names=run.class_names, source=str(path))
 
 
+def _refuse_other_exports(path: Path) -> None:
+    """Refuse a SavedModel's graph file, or a TFLite or ONNX model or export, saying what can be loaded."""
+    if path.name == SAVED_MODEL_FILE and path.is_file():
+        raise ValueError(f"{str(path)!r} is the graph file of a SavedModel: pass its directory {str(path.parent)!r}. "
+                         f"Received: path={str(path)!r}")
+    if path.is_file() and path.suffix in (".tflite", ".onnx") \
+            or path.is_dir() and any((path / name).is_file() for name in OTHER_EXPORT_FILES):
+        raise ValueError(f"{str(path)!r} is a TFLite or ONNX model or export, which cannot be used for prediction: only "
+                         "SavedModel exports (format='savedmodel'), run directories and .keras files can. "
+                         f"Received: path={str(path)!r}")
+
+
 def keras_predictor(model, *, class_names=None, source: str | None = None) -> Predictor:
     """A :class:`Predictor` over a Keras model taking raw pixels, through one compiled call.
+
+    Raises:
+        ValueError: If the model does not take one image ``(H, W, C)`` and return one matrix
+            ``(N, K)``, or ``class_names`` does not name ``K`` classes.
 
     Example:
         >>> keras_predictor(cnnkit.build("FC16", (28, 28, 1), 10)).image_shape  # doctest: +SKIP
@@ -235,10 +259,18 @@ def keras_predictor(model, *, class_names=None, source: str | None = None) -> Pr
     if len(shape) != 3 or None in shape:
         raise ValueError(f"A predictor needs a model with one image input of known shape (H, W, C). "
                          f"Received: model inputs {[tuple(t.shape) for t in model.inputs]}")
+    outputs = [tuple(t.shape) for t in model.outputs]
+    if len(outputs) != 1 or len(outputs[0]) != 2 or outputs[0][1] is None:
+        raise ValueError(f"A predictor needs a model with one output of class probabilities (N, K). "
+                         f"Received: model outputs {outputs}")
+    classes = outputs[0][1]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(classes)]
+    if len(names) != classes:
+        raise ValueError(f"`class_names` must name the model's {classes} outputs. Received: {len(names)} class names "
+                         f"{names}")
     dtype = model.inputs[0].dtype
     forward = tf.function(lambda images: tf.cast(model(tf.cast(images, dtype), training=False), tf.float32),
                           input_signature=[tf.TensorSpec((None, *shape), tf.uint8)], autograph=False)
-    names = class_names if class_names is not None else [str(i) for i in range(model.outputs[0].shape[-1])]
     return Predictor(forward, image_shape=shape, class_names=names, source=source or f"<keras.Model {model.name}>")
 
 
@@ -273,10 +305,11 @@ def image_files(inputs, *, extensions=IMAGE_EXTENSIONS) -> tuple[list[Path], lis
     A file is taken as given (whatever its name); a folder contributes, recursively and
     sorted, the files whose names end in one of ``extensions`` (case-insensitive; hidden
     entries skipped; symlinked subfolders followed, as ``cnnkit.data.from_folder`` does). Other
-    files, and subfolders that cannot be read, are returned separately, never dropped silently.
+    files are returned separately, and subfolders left out (unreadable, or a second way into a
+    folder: a symlink loop) are named with their reason in a warning: none is dropped silently.
 
     Returns:
-        ``(images, skipped)``: lists of paths.
+        ``(images, skipped)``: lists of paths; ``skipped`` holds the files not named as images.
 
     Raises:
         FileNotFoundError: If an input does not exist.
@@ -291,18 +324,21 @@ def image_files(inputs, *, extensions=IMAGE_EXTENSIONS) -> tuple[list[Path], lis
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     suffixes = tuple(extension.lower() for extension in extensions)
-    images, skipped = [], []
+    images, skipped, left_out = [], [], []
     for item in inputs:
         item = Path(item)
         if item.is_file():
             images.append(item)
         elif item.is_dir():
-            files, left_out = walk_files(item)  # symlinked subfolders followed; unreadable ones returned
+            files, folders = walk_files(item)  # symlinked subfolders followed; unreadable ones and loops returned
             for file in files:
                 (images if file.name.lower().endswith(suffixes) else skipped).append(file)
-            skipped += [Path(folder) for folder, _ in left_out]
+            left_out += folders
         else:
             raise FileNotFoundError(f"No image file or folder at {str(item)!r}. Received: {str(item)!r}")
+    if left_out:
+        warnings.warn(f"Skipped {len(left_out)} folder(s): " + "; ".join(f"{folder} ({reason})" for folder, reason in left_out),
+                      stacklevel=2)
     if not images:
         raise ValueError(f"No image files ({', '.join(suffixes)}) found. Received: inputs={[str(i) for i in inputs]}")
     return images, skipped

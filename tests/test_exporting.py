@@ -262,8 +262,8 @@ def test_mixed_precision_model_is_exported_as_a_float32_copy(tmp_path):
 @pytest.mark.parametrize("quantize", ["float16", "dynamic", "int8"])
 def test_quantised_tflite_reports_its_accuracy_change_on_the_recorded_test_split(seed_run, tmp_path, quantize):
     run = Run(seed_run.model, config={"arguments": {"data": "mnist-sample"}}, class_names=seed_run.class_names)
-    out = cnnkit.export(run, tmp_path / quantize, format="tflite", quantize=quantize, representative_samples=50,
-                        verbose=0)
+    calibration = {"representative_samples": 50} if quantize == "int8" else {}  # int8 only
+    out = cnnkit.export(run, tmp_path / quantize, format="tflite", quantize=quantize, verbose=0, **calibration)
     report = _report(out)
     assert report["quantize"] == quantize and report["tolerance"] is None and report["passed"]
     assert report["examples"] == 1000 and "mnist-sample" in report["data"]  # the whole test split
@@ -446,6 +446,68 @@ def test_bad_sources_and_targets(seed_run, tmp_path):
     flat = keras.Sequential([keras.Input((16,)), keras.layers.Dense(2, activation="softmax")])
     with pytest.raises(ValueError, match=r"\(H, W, C\)"):
         cnnkit.export(flat, tmp_path / "export", verbose=0)
+
+
+def test_the_card_and_report_give_the_models_input_dtype(tmp_path, monkeypatch):
+    inputs = keras.Input((8, 8, 1), dtype="uint8")
+    flat = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(flat))
+    out = cnnkit.export(model, tmp_path / "u8", format="tflite", verify=False, verbose=0)
+    assert _report(out)["input_dtype"] == "uint8"
+    card = (out / exporting.CARD_FILE).read_text()
+    assert "Input uint8 `[N, 8, 8, 1]`" in card and 'images.astype("uint8")' in card and "Input float32" not in card
+    monkeypatch.chdir(tmp_path)  # the card's code names the export by its directory name
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    scope = {"images": images}
+    exec(card.split("```python\n")[1].split("```")[0], scope)
+    np.testing.assert_allclose(scope["probabilities"], model(images, training=False).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(("outputs", "shapes"), [
+    (lambda x: [keras.layers.Dense(3)(keras.layers.Flatten()(x)), keras.layers.Dense(2)(keras.layers.Flatten()(x))],
+     r"\(None, 3\), \(None, 2\)"),
+    (lambda x: keras.layers.Conv2D(3, 3, activation="softmax")(x), r"\(None, 6, 6, 3\)"),  # class maps
+])
+def test_a_model_without_one_class_matrix_output_is_refused_before_writing(tmp_path, outputs, shapes):
+    inputs = keras.Input((8, 8, 1))
+    with pytest.raises(ValueError, match=r"one output of class probabilities \(N, K\) can be exported. Received: "
+                                         rf"output shape\(s\) {shapes}$"):
+        cnnkit.export(keras.Model(inputs, outputs(inputs)), tmp_path / "export", format="tflite", verbose=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_check_that_does_not_run_names_the_requested_path_not_the_staging_one(tmp_path, monkeypatch):
+    monkeypatch.setitem(exporting._CHECKS, "tflite", "import sys; sys.exit('no runtime here')")
+    target = tmp_path / "export"
+    with pytest.raises(exporting.ExportVerificationError, match="no runtime here") as caught:
+        cnnkit.export(cnnkit.build("4C3-MP2-FC8", (12, 12, 1), 3), target, format="tflite", verbose=0)
+    assert f"The tflite export for {target} did not run in a fresh process (exit 1)" in str(caught.value)
+    assert ".partial" not in str(caught.value) and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"format": "tflite", "quantize": "dynamic", "representative_data": np.zeros((2, 12, 12, 1), np.uint8)},
+     "`representative_data` calibrates quantize='int8' only. Received: format='tflite', quantize='dynamic'"),
+    ({"representative_data": "not even images"}, "Received: format='savedmodel', quantize=None"),
+    ({"format": "tflite", "quantize": "float16", "representative_samples": 10},
+     "`representative_samples` calibrates quantize='int8' only. Received: format='tflite', quantize='float16'"),
+    ({"format": "tflite", "quantize": "int8", "representative_samples": 5,
+      "representative_data": np.zeros((2, 12, 12, 1), np.uint8)}, "representative_samples=5 and representative_data"),
+])
+def test_calibration_arguments_without_int8_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cnnkit.export(cnnkit.build("4C3-MP2-FC8", (12, 12, 1), 3), tmp_path / "export", verbose=0, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_source_metrics_are_floats_and_values_that_are_not_finite_numbers_are_left_out(tmp_path):
+    assert exporting._source_metrics({"test_accuracy": np.float32(0.5), "test_error": float("nan"), "loss": 1.0}) \
+        == {"test_accuracy": 0.5}
+    run = Run(cnnkit.build("4C3-MP2-FC8", (12, 12, 1), 3), metrics={"test_accuracy": np.float32(0.75), "test_error": None})
+    out = cnnkit.export(run, tmp_path / "export", format="tflite", verify=False, verbose=0)
+    assert _report(out)["source_metrics"] == {"test_accuracy": 0.75}
+    card = (out / exporting.CARD_FILE).read_text()
+    assert "| Source test accuracy | 0.7500 |" in card and "test error" not in card
 
 
 def test_cnnkit_export_is_the_function():

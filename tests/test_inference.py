@@ -160,3 +160,42 @@ def test_symlinked_subfolders_are_followed_and_a_dangling_link_is_not_dropped(di
     (folder / "gone.png").symlink_to(tmp_path / "missing.png")  # dangling: its reader names it
     files, skipped = inference.image_files([folder])
     assert files == [folder / "a.png", folder / "gone.png", folder / "linked" / "b.png"] and skipped == []
+
+
+def test_a_left_out_subfolder_is_named_with_its_reason_not_as_a_file(digits, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(digits[0, ..., 0]).save(folder / "a.png")
+    (folder / "again").symlink_to(folder, target_is_directory=True)  # a loop
+    with pytest.warns(UserWarning, match=rf"Skipped 1 folder\(s\): {folder / 'again'} \(a second way into the folder"):
+        files, skipped = inference.image_files([folder])
+    assert files == [folder / "a.png"] and skipped == []
+
+
+def test_class_names_must_name_every_output():
+    model = cnnkit.build("4C3-MP2-FC8", (12, 12, 1), 3)
+    with pytest.raises(ValueError, match=r"`class_names` must name the model's 3 outputs. Received: 1 class names \['a'\]"):
+        inference.keras_predictor(model, class_names=["a"])
+    inputs = keras.Input((8, 8, 1))
+    maps = keras.Model(inputs, keras.layers.Conv2D(3, 3, activation="softmax")(inputs))
+    with pytest.raises(ValueError, match=r"one output of class probabilities \(N, K\). .*\(None, 6, 6, 3\)"):
+        inference.keras_predictor(maps)
+    stub = inference.Predictor(lambda images: np.zeros((len(images), 3), np.float32), image_shape=(2, 2, 1),
+                               class_names=["a", "b"], source="stub")
+    with pytest.raises(ValueError, match=r"stub returned probabilities of shape \(N, 3\) for 2 class names"):
+        stub.top_k(np.zeros((2, 2, 1), np.uint8))
+
+
+def test_tflite_and_onnx_exports_are_refused_saying_what_can_be_loaded(tmp_path):
+    onnx_export, tflite_file, saved_model = tmp_path / "exp_onnx", tmp_path / "m.tflite", tmp_path / "sm"
+    onnx_export.mkdir()
+    saved_model.mkdir()
+    for file in (onnx_export / "model.onnx", onnx_export / "verification.json", tflite_file, saved_model / "saved_model.pb"):
+        file.write_bytes(b"")
+    for path in (onnx_export, onnx_export / "model.onnx", tflite_file):
+        with pytest.raises(ValueError, match=rf"'{path}' is a TFLite or ONNX model or export, which cannot be used for "
+                                             r"prediction: only SavedModel exports \(format='savedmodel'\), run "
+                                             r"directories and .keras files can"):
+            inference.load_predictor(path, trust=True)
+    with pytest.raises(ValueError, match=rf"graph file of a SavedModel: pass its directory '{saved_model}'"):
+        inference.load_predictor(saved_model / "saved_model.pb", trust=True)
