@@ -122,7 +122,7 @@ class ImageViews(keras.layers.Layer):
 
     Args:
         mode: one of ``TTA_MODES``.
-        shift: the padding, in pixels, for the crop modes.
+        shift: the padding, in pixels, for the crop modes; less than the image's height and width.
 
     Example:
         >>> ImageViews("ten_crop", shift=1)(np.zeros((2, 8, 8, 1))).shape
@@ -137,6 +137,12 @@ class ImageViews(keras.layers.Layer):
             raise ValueError(f"shift must be an integer >= 1 (pixels). Received: shift={shift!r}")
         self.mode = mode
         self.shift = shift
+
+    def build(self, input_shape):  # not in call: a symbolic input (with_tta) reaches build but not call
+        height, width = input_shape[1:3]
+        if self.mode != "flip" and self.shift >= min(height, width):
+            raise ValueError(f"shift must be less than the image's height and width (a corner crop would be all "
+                             f"padding). Received: shift={self.shift} for {height}x{width} images")
 
     @property
     def num_views(self) -> int:
@@ -205,7 +211,8 @@ def with_tta(model, mode, *, shift=None) -> keras.Model:
         model: a ``keras.Model`` (or ``cnnkit.Run``) from raw images to probabilities.
         mode: "flip", "crops" or "ten_crop".
         shift: padding for the crop modes in pixels; default about 6% of the smaller image
-            side, ``max(1, min(height, width) // 16)`` (1 for 28 px, 14 for 224 px).
+            side, ``max(1, min(height, width) // 16)`` (1 for 28 px, 14 for 224 px); less than
+            both sides (a corner crop would be all padding).
 
     Returns:
         A functional ``keras.Model`` with the same input and output shapes; the views go
@@ -313,7 +320,8 @@ def ensemble(
             ending in ".keras"), a ``cnnkit.Run`` or a ``keras.Model`` (used as they are).
         data: a ``cnnkit.data.ImageData``, a dataset name or ``load``/``from_folder`` arguments (as for
             ``train``); trained members learn from it and everything is evaluated on its test split.
-        arch: the architecture for an int ``members`` or ``"snapshot"``.
+        arch: the architecture for an int ``members`` or ``"snapshot"``: notation or a registered
+            name (each member is a new network; trained models go in a ``members`` list).
         combine: "mean" (mean probability), "geometric" (normalised geometric mean) or
             "vote" (majority vote, ties to the higher mean probability); see ``CombineProbabilities``.
         snapshot_cycles: cycles (members) of a snapshot ensemble; must divide the epochs.
@@ -437,8 +445,10 @@ def _member_plan(members, arch, snapshot_cycles, options, seed) -> list:
     """What each member is: ("train", arch, seed), ("snapshot", arch, seed, cycles) or ("existing", item)."""
     counted = isinstance(members, int) and not isinstance(members, bool)
     if counted or members == "snapshot":
-        if arch is None:
-            raise ValueError(f"members={members!r} trains networks: pass arch= (notation or a registered name)")
+        if not isinstance(arch, str):  # a model object would be trained again, in place, for every member
+            raise ValueError(f"members={members!r} trains networks: pass arch= (notation or a registered name); "
+                             "to combine trained models, pass them or their run directories as the members list. "
+                             f"Received: arch={arch!r}")
         if counted and members < 1:
             raise ValueError(f"members must be at least 1. Received: members={members!r}")
     elif arch is not None:

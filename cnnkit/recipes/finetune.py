@@ -100,7 +100,8 @@ def finetune(
             earlier fine-tuning's backbone) included.
         data: an ``ImageData``, a dataset name, or a mapping of ``load`` or ``from_folder`` arguments (as for ``train``).
         weights: for an applications backbone: "imagenet" (Keras downloads and caches them), a
-            path to a weights file of the headless model, or ``None`` (untrained).
+            path to a weights file of the headless model, or ``None`` (untrained). A saved backbone
+            brings its own weights: anything but the default is refused.
         trust: for a ``.keras`` file or run directory as backbone: load it even when it holds
             Python code (a Lambda layer). Only for files you trust; refused otherwise.
         stages: "auto" (chosen by dataset size and ``similarity``, Wei's four cases; printed),
@@ -167,6 +168,7 @@ def finetune(
     arguments = recorded_arguments(finetune, locals())
     _check_choice("similarity", similarity, SIMILARITIES)
     _check_choice("batch_norm", batch_norm, BATCH_NORM_POLICIES)
+    _check_weights(backbone, weights)
     if not 0 <= head_dropout < 1:
         raise ValueError(f"head_dropout must be in [0, 1). Received: head_dropout={head_dropout!r}")
     scale = learning_rate_scale(batch_size, scale_learning_rate)
@@ -274,7 +276,7 @@ def build_finetune_model(backbone, data, *, weights="imagenet", trust: bool = Fa
         ['conv1', 'conv2', 'fc1']
     """
     input_size = _check_input_size(input_size)
-    saved = isinstance(backbone, (str, Path)) and is_saved_model(backbone)
+    saved = _check_weights(backbone, weights)
     with _dtype_policy("float32" if saved else precision):  # a saved model keeps the dtypes it was saved with
         features, groups, adapt_input, source = _load_backbone(backbone, weights, data, input_size, trust)
     return FinetuneModel(_attach_head(features, data, adapt_input, head_dropout), features, groups, source)
@@ -352,6 +354,15 @@ def with_lr_multipliers(optimizer, multipliers):
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}. Received: {name}={value!r}")
+
+
+def _check_weights(backbone, weights) -> bool:
+    """Whether ``backbone`` is a saved model, which brings its own weights (``weights`` must stay at its default)."""
+    saved = isinstance(backbone, (str, Path)) and is_saved_model(backbone)
+    if saved and weights != "imagenet":
+        raise ValueError(f"weights applies to keras.applications backbones; a saved backbone ({backbone}) brings its "
+                         f"own weights. Received: weights={weights!r}")
+    return saved
 
 
 @contextlib.contextmanager
@@ -465,6 +476,9 @@ def _saved_backbone(path, data, input_size, trust):
                          f"{following} follow it. Give a model whose classifier is its last dense layer")
     features = keras.Model(model.inputs, dense[-1].input, name=f"{model.name}_features")
     groups = _layer_groups_by_block(features)
+    if not groups:
+        raise ValueError(f"{path}: no weighted layer comes before its classifier, {dense[-1].name!r}, so there are no "
+                         "features to fine-tune. Give a model with weighted layers before its last dense layer")
     shape = tuple(features.input_shape[1:])
     if None in shape[:2]:  # a model of any input size: the data's size, or input_size
         shape = (*(input_size or data.image_shape[:2]), shape[2])

@@ -96,14 +96,18 @@ def transfer(
         A ``TransferResult``.
 
     Raises:
-        ValueError: before anything runs, for a key of ``pretrain``, ``finetune`` or ``scratch``
-            that its recipe does not take, a value of the wrong type or one ``check_options`` refuses
-            (``cnnkit.recipes.options``), or a key transfer sets itself.
+        ValueError: before anything runs, for an ``arch`` that is not a string (a model object), a key
+            of ``pretrain``, ``finetune`` or ``scratch`` that its recipe does not take, a value of the
+            wrong type or one ``check_options`` refuses (``cnnkit.recipes.options``), a key transfer
+            sets itself, or ``weights`` in ``finetune`` (the pretrained run brings its own).
 
     Example:
         >>> result = transfer("lenet", "mnist", source_classes=range(5), target_classes=range(5, 10),
         ...                   finetune={"stages": "auto", "epochs": 10})  # doctest: +SKIP
     """
+    if not isinstance(arch, str):  # one model object would be both the pretrained network and the scratch baseline
+        raise ValueError("arch must be notation or a registered name: transfer builds the network twice, to pretrain "
+                         f"and from scratch. Received: arch={arch!r} of type {type(arch).__name__}")
     for name, settings, recipe, passed in (("pretrain", pretrain, train_recipe, "arch"),
                                            ("finetune", finetune, finetune_recipe, "backbone"),
                                            ("scratch", scratch, train_recipe, "arch")):
@@ -115,6 +119,9 @@ def transfer(
             check_call(recipe, settings or {})
         except ValueError as error:
             raise ValueError(f"transfer's {name}: {error}") from None
+    if "weights" in (finetune or {}):
+        raise ValueError("transfer's finetune: the backbone is the pretrain run, which brings its own weights, so "
+                         f"finetune may not set 'weights'. Received: weights={finetune['weights']!r}")
     source_classes, target_classes = list(source_classes), list(target_classes)  # a generator is read once
     for name, classes in (("source_classes", source_classes), ("target_classes", target_classes)):
         if len(classes) < 2:
@@ -131,8 +138,7 @@ def transfer(
     if shared:  # pretraining on all of their labels would leak into the few-label comparison
         raise ValueError(f"source_classes and target_classes share {shared}: pretraining must see other classes. "
                          f"Received: source_classes={source_classes!r}, target_classes={target_classes!r}")
-    label = arch if isinstance(arch, str) else "model"
-    run_dir = prepare_run_dir(run_dir, f"transfer-{label}")
+    run_dir = prepare_run_dir(run_dir, f"transfer-{arch}")
     common = {"seed": seed, "verbose": verbose}
     try:
         pretrained = train_recipe(arch, source, run_dir=run_dir / "pretrain", **common, **(pretrain or {}))

@@ -310,3 +310,25 @@ def test_tta_model_keeps_the_shapes_and_round_trips(mode, tmp_path):
     tta.save(tmp_path / "tta.keras")
     np.testing.assert_array_equal(np.asarray(keras.saving.load_model(tmp_path / "tta.keras")(images)), probabilities)
     assert tta.get_layer("views").shift == 1  # max(1, 8 // 16)
+
+
+@pytest.mark.parametrize("members, cycles", [(2, None), ("snapshot", 2)])
+def test_a_model_object_as_arch_is_refused_before_anything_is_written(data, tmp_path, members, cycles):
+    model = cnnkit.build(ARCH, (8, 8, 1), 3)  # every member would train this one object again
+    with pytest.raises(ValueError, match=rf"members={members!r} trains networks: pass arch= \(notation or a registered "
+                                         r"name\); to combine trained models, pass them or their run directories as "
+                                         r"the members list. Received: arch=<Functional name=cnnkit_net"):
+        ensemble(members, data, arch=model, snapshot_cycles=cycles, train_options={"epochs": 2},
+                 run_dir=tmp_path / "run", verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_shift_as_large_as_the_image_is_refused():
+    images = np.ones((2, 6, 5, 1), "float32")
+    assert ImageViews("crops", shift=4)(images).shape == (10, 6, 5, 1)
+    for layer in (ImageViews("crops", shift=5), ImageViews("ten_crop", shift=40)):
+        with pytest.raises(ValueError, match=r"shift must be less than the image's height and width \(a corner crop "
+                                             rf"would be all padding\). Received: shift={layer.shift} for 6x5 images"):
+            layer(images)
+    with pytest.raises(ValueError, match=r"Received: shift=8 for 8x8 images"):
+        with_tta(cnnkit.build(ARCH, (8, 8, 1), 3), "crops", shift=8)

@@ -565,3 +565,42 @@ def test_a_saved_backbone_of_any_input_size_and_a_dense_layer_inside_the_network
     with pytest.raises(ValueError, match=r"its last dense layer, 'se_up', is not its classifier: weighted layers "
                                          r"\['logits'\] follow it"):
         build_finetune_model(tmp_path / "se.keras", data)
+
+
+@pytest.mark.parametrize("weights", [None, "/nonexistent/other.weights.h5"])
+def test_weights_for_a_saved_backbone_are_refused_before_data_loads(tmp_path, weights):
+    from cnnkit.recipes.finetune import build_finetune_model
+
+    missing = {"path": str(tmp_path / "no_images")}  # loading it would fail otherwise
+    message = (r"weights applies to keras.applications backbones; a saved backbone \(.*model.keras\) brings its own "
+               rf"weights. Received: weights={weights!r}")
+    with pytest.raises(ValueError, match=message):
+        cnnkit.recipes.finetune(tmp_path / "model.keras", missing, weights=weights, run_dir=tmp_path / "x", verbose=0)
+    with pytest.raises(ValueError, match=message):
+        build_finetune_model(str(tmp_path / "model.keras"), missing, weights=weights)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_saved_backbone_without_weighted_layers_before_its_classifier_is_refused(tmp_path):
+    from cnnkit.recipes.finetune import build_finetune_model
+
+    keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                      keras.layers.Dense(3, activation="softmax", name="linear")]).save(tmp_path / "linear.keras")
+    data = cnnkit.data.from_arrays(np.zeros((6, 6, 6, 1), np.uint8), np.arange(6) % 2, val_split=0)
+    with pytest.raises(ValueError, match=r"linear.keras: no weighted layer comes before its classifier, 'linear', so "
+                                         r"there are no features to fine-tune"):
+        build_finetune_model(tmp_path / "linear.keras", data)
+
+
+def test_transfer_refuses_a_model_object_and_finetune_weights_before_data_loads(tmp_path):
+    missing = {"path": str(tmp_path / "no_images")}  # loading it would fail otherwise
+    model = cnnkit.build("4C3-MP2-FC16", (28, 28, 1), 2)
+    with pytest.raises(ValueError, match=r"arch must be notation or a registered name: transfer builds the network "
+                                         r"twice, to pretrain and from scratch. Received: arch=<Functional "
+                                         r"name=cnnkit_net, built=True> of type Functional"):
+        cnnkit.recipes.transfer(model, missing, source_classes=[0, 1], target_classes=[2, 3], run_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match=r"transfer's finetune: the backbone is the pretrain run, which brings its own "
+                                         r"weights, so finetune may not set 'weights'. Received: weights=None"):
+        cnnkit.recipes.transfer("4C3-MP2-FC16", missing, source_classes=[0, 1], target_classes=[2, 3],
+                                finetune={"weights": None}, run_dir=tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
