@@ -168,7 +168,7 @@ def finetune(
     arguments = recorded_arguments(finetune, locals())
     _check_choice("similarity", similarity, SIMILARITIES)
     _check_choice("batch_norm", batch_norm, BATCH_NORM_POLICIES)
-    _check_weights(backbone, weights)
+    check_backbone_weights(backbone, weights)
     if not 0 <= head_dropout < 1:
         raise ValueError(f"head_dropout must be in [0, 1). Received: head_dropout={head_dropout!r}")
     scale = learning_rate_scale(batch_size, scale_learning_rate)
@@ -276,7 +276,7 @@ def build_finetune_model(backbone, data, *, weights="imagenet", trust: bool = Fa
         ['conv1', 'conv2', 'fc1']
     """
     input_size = _check_input_size(input_size)
-    saved = _check_weights(backbone, weights)
+    saved = check_backbone_weights(backbone, weights)
     with _dtype_policy("float32" if saved else precision):  # a saved model keeps the dtypes it was saved with
         features, groups, adapt_input, source = _load_backbone(backbone, weights, data, input_size, trust)
     return FinetuneModel(_attach_head(features, data, adapt_input, head_dropout), features, groups, source)
@@ -356,8 +356,17 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {choices}. Received: {name}={value!r}")
 
 
-def _check_weights(backbone, weights) -> bool:
-    """Whether ``backbone`` is a saved model, which brings its own weights (``weights`` must stay at its default)."""
+def check_backbone_weights(backbone, weights) -> bool:
+    """Whether ``backbone`` is a saved model, which brings its own weights (``weights`` must stay at its default).
+
+    Example:
+        >>> check_backbone_weights("mobilenet_v2", None)
+        False
+        >>> check_backbone_weights("runs/digits-0-4", None)  # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        ValueError: weights applies to keras.applications backbones; a saved backbone (runs/digits-0-4) brings its own weights. Received: weights=None
+    """
     saved = isinstance(backbone, (str, Path)) and is_saved_model(backbone)
     if saved and weights != "imagenet":
         raise ValueError(f"weights applies to keras.applications backbones; a saved backbone ({backbone}) brings its "

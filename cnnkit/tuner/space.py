@@ -73,6 +73,7 @@ import keras_tuner as kt
 import numpy as np
 
 from cnnkit.planner import plan
+from cnnkit.recipes.finetune import check_backbone_weights
 from cnnkit.recipes.optimization import is_finite_number
 from cnnkit.spec import SpecError
 
@@ -236,6 +237,7 @@ class SearchSpace:
                              f"Received: backbone={self.backbone!r}")
         if self.weights is not None and not isinstance(self.weights, str):
             raise ValueError(f"weights must be 'imagenet', a weights file or null. Received: weights={self.weights!r}")
+        check_backbone_weights(self.backbone, self.weights)  # a saved backbone brings its own
         size = self.input_size
         if size is not None and not (isinstance(size, (list, tuple)) and len(size) == 2 and all(
                 isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)):

@@ -155,6 +155,17 @@ def test_fine_tuning_knobs_are_declared_in_backbone_spaces():
     assert {KNOBS[name][0] for name in ("unfreeze_depth", "lr_multiplier")} == {"finetune"}
 
 
+def test_weights_for_a_saved_backbone_are_refused_when_the_space_is_made(tmp_path):
+    import cnnkit
+
+    saved = tmp_path / "own.keras"
+    cnnkit.build("4C3-MP2-FC8", (8, 8, 1), 2).save(saved)
+    assert SearchSpace(backbone=str(saved), hyperparameters={"learning_rate": 1e-3}).weights == "imagenet"
+    with pytest.raises(ValueError, match=rf"weights applies to keras.applications backbones; a saved backbone "
+                                         rf"\({re.escape(str(saved))}\) brings its own weights. Received: weights=None"):
+        SearchSpace(backbone=str(saved), weights=None, hyperparameters={"learning_rate": 1e-3})
+
+
 def test_coerce_checks_keys():
     space = SearchSpace.coerce({"arch": "{f}C3", "hyperparameters": {"f": [4, 8]}, "name": "tiny"})
     assert space.to_dict() == {"arch": "{f}C3", "hyperparameters": {"f": [4, 8]}, "name": "tiny"}
