@@ -39,6 +39,7 @@ import shlex
 import sys
 import textwrap
 import unicodedata
+import warnings
 from pathlib import Path
 
 PROG = "cnnkit"
@@ -493,6 +494,11 @@ def _cmd_visualize(args) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Print a warning as one line, ``cnnkit: warning: <message>``, not Python's ``file:line: UserWarning:`` form."""
+    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+
 def _error_message(error: BaseException) -> str:
     """One line for the user: the message without the exception class, newlines folded."""
     if isinstance(error, OSError) and error.strerror and error.filename:
@@ -526,7 +532,8 @@ def main(argv=None) -> int:
         that does not parse), which is printed as one line
         ``cnnkit: error: <message>`` on stderr; 3 when training diverged (NaN loss: the message
         names the epoch, the step and the checkpoint kept); 1, silently, when the reader of stdout closed it
-        (``cnnkit plan ... | head -1``). ``--help`` and ``--version`` return 0.
+        (``cnnkit plan ... | head -1``). ``--help`` and ``--version`` return 0. Warnings are printed as
+        one line each, ``cnnkit: warning: <message>``.
         With ``CNNKIT_DEBUG=1`` in the environment such errors are raised instead.
 
     Example:
@@ -546,7 +553,9 @@ def main(argv=None) -> int:
     from cnnkit.spec import SpecError
 
     try:
-        status = args.handler(args)
+        with warnings.catch_warnings():  # the filters stay as they are; only the display is ours
+            warnings.showwarning = _show_warning
+            status = args.handler(args)
         sys.stdout.flush()  # a reader that closed the pipe (| head) fails here, inside the try
         return status
     except BrokenPipeError:  # stop quietly, as Python's documentation (signal module, SIGPIPE) advises

@@ -355,6 +355,16 @@ def test_predict_skips_unreadable_images_naming_them_and_predicts_the_rest(saved
     assert capsys.readouterr().err.strip().endswith("resized 1 images to the model's 28x28 (from 56x56)")
 
 
+def test_a_warning_is_one_cnnkit_line(saved_run, tmp_path, capsys):
+    run_dir, images = saved_run
+    (images / "again").symlink_to(images, target_is_directory=True)  # a loop: the folder is left out, with a warning
+    assert main(["predict", str(run_dir), str(images), "--top-k", "1"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"cnnkit: warning: Skipped 1 folder(s): {images / 'again'} (a second way into the folder " \
+                       f"{images.resolve()}, listed once (a symlink))"
+    assert not any("UserWarning" in line or "warnings.warn" in line for line in lines)
+
+
 def test_export_and_predict_user_errors_are_one_line(saved_run, tmp_path, capsys):
     run_dir, images = saved_run
     (tmp_path / "taken").mkdir()
