@@ -438,7 +438,10 @@ def _finish(model, data, *, history, fit_seconds, config, run_dir, extra_metrics
     run = Run(model, history=history, run_dir=run_dir, class_names=data.class_names, config=config)
     metrics = run.evaluate(data, split="test") if data.test is not None else {}
     rates = [images / seconds for images, seconds in zip(_epoch_images(config, data), history["epoch_seconds"])]
-    steady = rates[1:] or rates  # the first epoch compiles
+    compiled = history.get("epoch_compiled", [])  # the first epoch of each fit (each stage, each resumed process)
+    if len(compiled) != len(rates):  # epochs from before the flag was recorded: only the first is known to compile
+        compiled = [1.0] + [0.0] * (len(rates) - 1)
+    steady = [rate for rate, first in zip(rates, compiled) if not first] or rates
     metrics.update(
         epochs_run=len(history.get("loss", [])),
         fit_seconds=round(fit_seconds, 3),

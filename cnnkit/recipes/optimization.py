@@ -141,12 +141,12 @@ def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
         if not is_finite_number(warmup_epochs) or not 0 <= warmup_epochs < epochs:
             raise ValueError(f"cosine warmup_epochs must be a number >= 0 and below epochs ({epochs}). Received: "
                              f"warmup_epochs={warmup_epochs!r}")
-        warmup = int(warmup_epochs * steps_per_epoch)
+        warmup = math.ceil(warmup_epochs * steps_per_epoch)  # a fraction of an epoch is at least one step
         cycles = options.get("cycles", 1)
         if not isinstance(cycles, int) or isinstance(cycles, bool) or cycles < 1 or epochs % cycles:
             raise ValueError(f"cosine cycles must be an integer >= 1 that divides epochs ({epochs}), so that each "
                              f"cycle ends at an epoch boundary. Received: cycles={cycles!r}")
-        if cycles > 1 and warmup:
+        if cycles > 1 and warmup_epochs:
             raise ValueError(f"cosine cycles restart at the peak rate and take no warmup_epochs. Received: "
                              f"cycles={cycles}, warmup_epochs={options['warmup_epochs']!r}")
         if cycles > 1:  # t_mul=1, m_mul=1: equal periods, each restarting at the peak rate

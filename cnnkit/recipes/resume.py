@@ -180,7 +180,8 @@ class EpochCheckpoint(EpochSeeds):
 
     Attributes:
         history: per-epoch logs of this stage's epochs so far (restored ones included), with
-            ``epoch_seconds``.
+            ``epoch_seconds`` and ``epoch_compiled`` (1.0 for the first epoch of each ``fit``, which
+            traces and compiles the training step, so throughput leaves it out; else 0.0).
         keep_epoch: an epoch (1-based) whose checkpoint is kept besides the two newest (the best
             epoch of :class:`ResumableEarlyStopping`), or ``None``.
 
@@ -194,6 +195,7 @@ class EpochCheckpoint(EpochSeeds):
         self.directory = Path(directory)
         self.history: dict = {}
         self.keep_epoch: int | None = None
+        self._compiling = True  # the first epoch of each fit traces the training step
 
     # -- resume
     def _records(self) -> list:
@@ -269,6 +271,7 @@ class EpochCheckpoint(EpochSeeds):
         logs = dict(logs or {})
         self._check_loss(logs.get("loss"), "end of epoch")
         logs["epoch_seconds"] = time.perf_counter() - self._started
+        logs["epoch_compiled"], self._compiling = float(self._compiling), False
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
         name = _checkpoint_name(epoch + 1)
@@ -332,7 +335,8 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         epochs = len(history.get("loss", []))
         restore, self.restore_best_weights = self.restore_best_weights, False  # the replay reads no weights
         for offset in range(epochs):
-            super().on_epoch_end(first_epoch + offset, {key: values[offset] for key, values in history.items()})
+            super().on_epoch_end(first_epoch + offset, {key: values[offset] for key, values in history.items()
+                                                        if offset < len(values)})  # a key added by a later version
         self.restore_best_weights = restore
         last = first_epoch + epochs  # the epoch (1-based) whose checkpoint the model holds
         if restore and self.best is not None:

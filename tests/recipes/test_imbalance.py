@@ -360,5 +360,6 @@ def test_throughput_counts_the_images_each_epoch_trained_on(skewed, tmp_path):
     sizes = [stage["images_per_epoch"] for stage in run.config["stages"]]
     assert sizes[0] == sum(COUNTS) and sizes[1] == sum(run.config["train_class_counts"]["second_stage"])
     images = [sizes[0]] * 2 + [sizes[1]] * 2
-    rates = [count / seconds for count, seconds in zip(images, run.history["epoch_seconds"])][1:]
-    assert run.metrics["train_images_per_second"] == pytest.approx(np.median(rates), rel=1e-3)
+    assert run.history["epoch_compiled"] == [1.0, 0.0, 1.0, 0.0]  # each stage's fit compiles in its first epoch
+    rates = [count / seconds for count, seconds in zip(images, run.history["epoch_seconds"])]
+    assert run.metrics["train_images_per_second"] == pytest.approx(np.median([rates[1], rates[3]]), rel=1e-3)

@@ -192,3 +192,11 @@ def test_cosine_cycles_must_divide_epochs(cycles):
 def test_cosine_cycles_take_no_warmup():
     with pytest.raises(ValueError, match="take no warmup_epochs"):
         make_schedule({"name": "cosine", "cycles": 2, "warmup_epochs": 1}, 0.1, steps_per_epoch=10, epochs=4)
+    with pytest.raises(ValueError, match="take no warmup_epochs"):  # a warmup shorter than a step too
+        make_schedule({"name": "cosine", "cycles": 2, "warmup_epochs": 0.05}, 0.1, steps_per_epoch=10, epochs=4)
+
+
+def test_a_warmup_shorter_than_a_step_still_warms_up():
+    schedule = make_schedule({"name": "cosine", "warmup_epochs": 0.2}, 1.0, steps_per_epoch=3, epochs=4)
+    assert _rate(schedule, 0) == pytest.approx(0.01)  # starts at lr / 100, as a whole-epoch warmup does
+    assert _rate(schedule, 1) == pytest.approx(1.0)

@@ -221,6 +221,7 @@ def test_a_two_stage_run_resumes_in_its_second_stage_without_redoing_the_first(d
     assert len(run.history["loss"]) == 4 and [stage["epochs_run"] for stage in run.config["stages"]] == [2, 2]
     assert not (tmp_path / "run" / "backup").exists()
     assert run.metrics["fit_seconds"] >= sum(run.history["epoch_seconds"])  # the earlier process's epochs count
+    assert run.history["epoch_compiled"] == [1.0, 0.0, 1.0, 1.0]  # the resumed fit compiled again: not steady
 
 
 def test_an_ensemble_killed_in_its_second_member_reuses_the_first_and_resumes_the_second(digits, tmp_path):
