@@ -749,8 +749,9 @@ def run_recipe(recipe: Recipe):
     The arguments are checked again (:func:`validate_kwargs`), with the paths they name
     (:func:`check_paths`) and, for a recipe, the option values that need no data
     (``cnnkit.recipes.options.check_call``: optimizer, schedule, precision, augment, ...), before
-    the call: a bad recipe fails, naming its file, before any data is loaded or run directory written. The function itself writes the resolved arguments, versions and
-    seed into its run directory.
+    the call: a bad recipe fails, naming its file, before any data is loaded or run directory
+    written. The function itself writes the resolved arguments, versions and seed into its run
+    directory.
 
     Args:
         recipe: a :class:`Recipe` from :func:`load_recipe`.

@@ -31,12 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnkit.exporting import LABELS_FILE, MODEL_FILES, REPORT_FILE
+
 __all__ = ["DEFAULT_TOP_K", "Predictor", "image_files", "keras_predictor", "load_predictor", "write_csv"]
 
 DEFAULT_TOP_K = 5
-SAVED_MODEL_FILE = "saved_model.pb"
-LABELS_FILE = "labels.txt"
-OTHER_EXPORT_FILES = ("model.tflite", "model.onnx", "verification.json")  # in cnnkit's TFLite and ONNX exports
+SAVED_MODEL_FILE = MODEL_FILES["savedmodel"]
+OTHER_EXPORT_FILES = (MODEL_FILES["tflite"], MODEL_FILES["onnx"], REPORT_FILE)  # in cnnkit's TFLite and ONNX exports
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 _PIL_MODES = {1: "L", 3: "RGB"}
 

@@ -533,18 +533,13 @@ def _class_folders(root: Path) -> tuple[list[Path], dict[Path, str]]:
             continue
         class_dirs.append(entry)
         real = os.path.realpath(entry)
-        owner = next((owners[r] for r in owners if _inside(real, r)), None)
+        owner = next((owners[r] for r in owners if Path(real).is_relative_to(r)), None)
         if owner is not None:
             unusable[entry] = f"another name for the class folder {owner} (a symlink to {real}), not a class of its own"
         else:
             owners[real] = entry
     class_dirs.sort(key=lambda p: p.name)
     return class_dirs, dict(sorted(unusable.items()))
-
-
-def _inside(real: str, folder: str) -> bool:
-    """Whether the real path ``real`` is the real folder ``folder`` or inside it."""
-    return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def walk_files(folder, listed=None, elsewhere=()) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -571,7 +566,7 @@ def walk_files(folder, listed=None, elsewhere=()) -> tuple[list[Path], list[tupl
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in listed or any(_inside(real, other) for other in elsewhere):
+        if real in listed or any(Path(real).is_relative_to(other) for other in elsewhere):
             dirnames[:] = []
             left_out.append((dirpath, f"a second way into the folder {real}, listed once (a symlink)"))
             continue

@@ -1,9 +1,10 @@
 """Checks of a recipe's options that need no data, run before any image is read.
 
 ``train``, ``finetune``, ``ensemble`` (its ``train_options``) and ``transfer`` call
-:func:`check_call` first, and ``cnnkit run`` calls it on a recipe file's arguments, so a typo (``optimizer: adamm``) is refused, naming the file, before a
-dataset or image folder is loaded. What depends on the data (an augmentation's size against the
-images, whitening against their count) is checked when the data is there.
+:func:`check_call` first, and ``cnnkit run`` calls it on a recipe file's arguments, so a typo
+(``optimizer: adamm``) is refused, naming the file, before a dataset or image folder is loaded.
+What depends on the data (an augmentation's size against the images, whitening against their
+count) is checked when the data is there.
 
 Example:
     >>> check_options(optimizer="adamm")
