@@ -44,12 +44,26 @@ def loss_scaled(optimizer, precision):
 
     cnnkit sets float16 layer by layer, so the model's own policy stays float32 and Keras's
     ``compile`` does not add the loss scaling; without it small float16 gradients underflow to zero.
+    A step the loss scaling skips (its gradients overflowed) still counts in ``iterations``, as in
+    TensorFlow's own ``LossScaleOptimizer``: Keras 3's does not count it, so every learning-rate schedule
+    would fall a step behind the epochs at each skip. The class stays Keras's, so a saved model loads
+    without cnnkit.
 
     Example:
         >>> type(loss_scaled(keras.optimizers.Adam(), "mixed_float16")).__name__
         'LossScaleOptimizer'
     """
-    return keras.optimizers.LossScaleOptimizer(optimizer) if precision == "mixed_float16" else optimizer
+    if precision != "mixed_float16":
+        return optimizer
+    scaled = keras.optimizers.LossScaleOptimizer(optimizer)
+    halve_scale = scaled._stateful_handle_non_finite_grads  # Keras's step for overflowed gradients
+
+    def skip_step():
+        halve_scale()
+        optimizer.iterations.assign_add(1)
+
+    scaled._stateful_handle_non_finite_grads = skip_step
+    return scaled
 
 
 def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, weight_decay=0.0, ema=None,

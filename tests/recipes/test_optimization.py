@@ -1,4 +1,6 @@
+import json
 import re
+import zipfile
 
 import keras
 import numpy as np
@@ -200,3 +202,21 @@ def test_a_warmup_shorter_than_a_step_still_warms_up():
     schedule = make_schedule({"name": "cosine", "warmup_epochs": 0.2}, 1.0, steps_per_epoch=3, epochs=4)
     assert _rate(schedule, 0) == pytest.approx(0.01)  # starts at lr / 100, as a whole-epoch warmup does
     assert _rate(schedule, 1) == pytest.approx(1.0)
+
+
+def test_a_step_the_loss_scaling_skips_still_counts_for_the_schedule(tmp_path):
+    # Uniform outputs, and gradients (about 670) that overflow float16 at every loss scale from 2**15 down
+    # to 128: Keras skips each of the 8 steps and halves the scale
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, kernel_initializer="zeros", dtype="mixed_float16"),
+                              keras.layers.Activation("softmax", dtype="float32")])
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([3], [0.1, 0.01])
+    optimizer = optimization.loss_scaled(keras.optimizers.SGD(schedule), "mixed_float16")
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    x = np.full((64, 4), 1000.0, np.float32)
+    model.fit(x, np.zeros(64, int), batch_size=8, epochs=1, verbose=0)
+    assert float(optimizer.dynamic_scale.numpy()) == 128.0 and not model.layers[0].kernel.numpy().any()
+    assert int(optimizer.iterations.numpy()) == 8 and float(optimizer.learning_rate.numpy()) == pytest.approx(0.01)
+    model.save(tmp_path / "model.keras")  # the class stays Keras's: it loads without cnnkit's names
+    with zipfile.ZipFile(tmp_path / "model.keras") as archive:
+        config = json.loads(archive.read("config.json"))
+    assert config["compile_config"]["optimizer"]["class_name"] == "LossScaleOptimizer"
