@@ -28,7 +28,9 @@ runs a sample; its outputs are compared with the Keras model's. Float formats mu
 signature's classes for the same images sent as PNG; quantised TFLite exports report their
 accuracy change on the data's test split instead. The export is written in a temporary
 sibling directory and renamed into place only once verified: a failure at any step leaves
-nothing at ``path``.
+nothing at ``path``. A process killed outright (SIGKILL) cannot clean up: the next export to
+``path`` from the same host deletes what it left, and puts the earlier export back if it was
+killed while replacing it.
 
 Example:
     >>> import cnnkit
@@ -41,12 +43,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import math
 import numbers
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -299,6 +304,7 @@ def _check_target(path, overwrite, run_or_model, run) -> Path:
         raise ValueError(f"`path` must be a directory path. Received: path={path!r}")
     path = Path(path).absolute()
     _check_not_source(path, run_or_model, run)
+    _recover_killed_export(path)
     _check_replaceable(path, overwrite)
     return path
 
@@ -502,6 +508,50 @@ def _check_images(data, image_shape, *, whole_split):
 # --------------------------------------------------------------------------- writing
 
 
+def _staging_prefix(path: Path) -> str:
+    """The start of the hidden names beside ``path`` that an export by this process stages in.
+
+    They name the host and the process, so that a later export can tell what a killed one left.
+    """
+    return f".{path.name}.{_host_tag()}-{os.getpid()}."
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _recover_killed_export(path: Path) -> None:
+    """Clear what an export to ``path`` killed on this host left beside it (SIGKILL runs no cleanup).
+
+    Its staging directory (``.partial``) is deleted. If it was killed between moving the earlier export
+    aside (``.old``) and renaming the new one into place, the earlier export is put back at ``path``.
+    A process still alive is left alone: it may be exporting there now.
+
+    Example:
+        >>> _recover_killed_export(Path("exports/lenet").absolute())  # doctest: +SKIP
+    """
+    leftover = re.compile(rf"\.{re.escape(path.name)}\.{_host_tag()}-(\d+)\.\w+\.(partial|old)")
+    for entry in path.parent.iterdir() if path.parent.is_dir() else ():
+        match = leftover.fullmatch(entry.name)
+        if match is None or _process_alive(int(match[1])):
+            continue
+        if match[2] == "old" and (entry / path.name).exists() and not (path.exists() or path.is_symlink()):
+            os.replace(entry / path.name, path)
+            warnings.warn(f"an export to {path} was killed while it replaced the earlier one; the earlier export "
+                          f"is back in place", stacklevel=4)
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _staging_dir(path: Path, overwrite: bool):
     """A temporary sibling of ``path`` that becomes ``path`` when the block succeeds.
@@ -512,7 +562,7 @@ def _staging_dir(path: Path, overwrite: bool):
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=_staging_prefix(path), suffix=".partial"))
     except OSError as err:  # name the export the caller asked for, not a random staging name beside it
         raise OSError(err.errno, err.strerror, str(path)) from err
     try:
@@ -523,7 +573,7 @@ def _staging_dir(path: Path, overwrite: bool):
             raise ValueError(f"`path` was created while exporting; pass overwrite=True to replace it. "
                              f"Received: path={str(path)!r}")
         _check_replaceable(path, overwrite)
-        previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+        previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=_staging_prefix(path), suffix=".old"))
         try:
             if path.exists():
                 os.replace(path, previous / path.name)

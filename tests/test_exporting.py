@@ -3,6 +3,8 @@
 import io
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -353,6 +355,24 @@ def test_an_overwrite_whose_last_rename_fails_puts_the_old_export_back(seed_run,
         cnnkit.export(seed_run, out, format="tflite", overwrite=True, verify=False, verbose=0)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]  # no staging, no hidden .old
     assert (out / "model.tflite").read_bytes() == before
+
+
+def test_an_export_killed_between_its_renames_is_recovered_by_the_next(seed_run, tmp_path):
+    out = cnnkit.export(seed_run, tmp_path / "export", format="tflite", verify=False, verbose=0)
+    before = (out / "model.tflite").read_bytes()
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = f".export.{exporting._host_tag()}-{int(exited.stdout)}."  # what a SIGKILLed export left
+    (tmp_path / f"{killed}abcd1234.old").mkdir()
+    out.rename(tmp_path / f"{killed}abcd1234.old" / "export")  # the earlier export, moved aside
+    (tmp_path / f"{killed}efgh5678.partial").mkdir()
+    (tmp_path / f"{killed}efgh5678.partial" / "model.tflite").write_bytes(b"half")
+    running = tmp_path / f"{exporting._staging_prefix(out)}ijkl9012.partial"  # this live process's: kept
+    running.mkdir()
+    with pytest.warns(UserWarning, match="was killed while it replaced the earlier one"), \
+            pytest.raises(ValueError, match="already exists; pass overwrite=True"):
+        cnnkit.export(seed_run, out, format="tflite", verify=False, verbose=0)
+    assert (out / "model.tflite").read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["export", running.name])
 
 
 def test_a_model_safe_mode_blocks_exports_from_its_path_only_with_trust(tmp_path):
