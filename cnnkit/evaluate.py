@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 __all__ = ["LOSS_EPSILON", "classification_metrics"]
@@ -21,6 +23,9 @@ __all__ = ["LOSS_EPSILON", "classification_metrics"]
 #: Probabilities are clipped to ``[LOSS_EPSILON, 1]`` before taking the log for the loss
 #: (the same epsilon Keras uses), so one confident mistake gives a large but finite loss.
 LOSS_EPSILON = 1e-7
+
+# How far a probability may lie outside [0, 1], and a row's sum from 1 (float16 outputs round that much).
+_PROBABILITY_TOLERANCE = 1e-2
 
 
 def _validate(y_true, probabilities, class_names, split):
@@ -45,10 +50,8 @@ def _validate(y_true, probabilities, class_names, split):
         )
     if probs.shape[0] == 0:
         raise ValueError(f"Cannot compute metrics on zero examples. Received: probabilities.shape={probs.shape}")
-    if isinstance(class_names, str):
-        raise ValueError(
-            f"`class_names` must be a sequence of names, not a string. Received: class_names={class_names!r}"
-        )
+    if isinstance(class_names, str) or not isinstance(class_names, Iterable):
+        raise ValueError(f"`class_names` must be a sequence of names. Received: class_names={class_names!r}")
     names = [str(name) for name in class_names]
     if len(names) != probs.shape[1]:
         raise ValueError(
@@ -59,6 +62,14 @@ def _validate(y_true, probabilities, class_names, split):
         raise ValueError(f"`class_names` must be unique. Received: class_names={names}")
     if not np.all(np.isfinite(probs)):
         raise ValueError("`probabilities` contains NaN or infinite values. Received: non-finite probabilities")
+    sums = probs.sum(axis=1)
+    if (probs.min() < -_PROBABILITY_TOLERANCE or probs.max() > 1 + _PROBABILITY_TOLERANCE
+            or np.abs(sums - 1).max() > _PROBABILITY_TOLERANCE):
+        raise ValueError(
+            "`probabilities` must be class probabilities, each in [0, 1] and each row summing to 1; these look like "
+            "logits or scores (apply a softmax first). Received: values in "
+            f"[{probs.min():.4g}, {probs.max():.4g}], row sums in [{sums.min():.4g}, {sums.max():.4g}]"
+        )
     return labels, probs, names
 
 
@@ -115,7 +126,8 @@ def classification_metrics(y_true, probabilities, class_names, *, split="test") 
 
     Args:
         y_true: Integer class indices, shape ``(N,)`` (or ``(N, 1)``).
-        probabilities: Predicted class probabilities, shape ``(N, K)``.
+        probabilities: Predicted class probabilities, shape ``(N, K)``: each in ``[0, 1]``, each row
+            summing to 1 (within 0.01).
         class_names: ``K`` unique names, in column order.
         split: Prefix of the accuracy/error/loss keys (``"test"``, ``"val"``, ...).
 
@@ -127,7 +139,7 @@ def classification_metrics(y_true, probabilities, class_names, *, split="test") 
 
     Raises:
         ValueError: If shapes disagree, labels are out of range, names are not one per column,
-            or there are no examples.
+            there are no examples, or ``probabilities`` are not probabilities (logits, scores).
 
     Example:
         >>> import numpy as np

@@ -38,6 +38,7 @@ import os
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 try:
@@ -72,6 +73,7 @@ README_FILE = "README.md"
 CURVES_FILE = "training_curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 MANIFEST_FILE = "manifest.json"
+BACKUP_DIR = "backup"  # the resume backup of a run still training (recipes.fitting); the manifest leaves it out
 SKIPPED_FILE = "skipped_files.csv"  # the image files a folder dataset left out, with reasons
 
 # Modules whose import registers cnnkit's custom layers with Keras serialization. They are
@@ -135,8 +137,8 @@ def _temp_beside(path: Path, suffix: str = ".tmp"):
     ``os.replace``, the temp file is removed and ``path`` is left as it was; an ``OSError`` about
     the temp file (it cannot be created or written) is raised naming ``path``. A ``manifest.json``
     beside it records the new content before the rename, keeping the old as ``previous_sha256``
-    until ``path`` is in place (:func:`_record_in_manifest`), so a kill in between leaves a run
-    that still loads.
+    (``null`` for a new file) until ``path`` is in place (:func:`_record_in_manifest`), so a kill
+    in between leaves a run that still loads.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -427,7 +429,7 @@ class Run:
             class_names = self.config.get("class_names")
         if class_names is None:
             class_names = [str(i) for i in range(self._num_outputs() or 0)]
-        if isinstance(class_names, str):
+        if isinstance(class_names, str) or not isinstance(class_names, Iterable):
             raise ValueError(f"`class_names` must be a list of names. Received: class_names={class_names!r}")
         self.class_names = [str(name) for name in class_names]
         num_outputs = self._num_outputs()
@@ -556,6 +558,10 @@ class Run:
         Returns:
             The dict from ``cnnkit.evaluate.classification_metrics``.
 
+        Raises:
+            ValueError: If ``data`` has ``class_names`` other than this run's, in its order (its
+                labels would be scored against other outputs).
+
         Example:
             >>> run.evaluate(data)["test_accuracy"]  # doctest: +SKIP
             0.9912
@@ -563,6 +569,11 @@ class Run:
         from cnnkit.evaluate import classification_metrics
 
         if hasattr(data, "arrays"):
+            names = getattr(data, "class_names", None)
+            if names is not None and [str(name) for name in names] != self.class_names:
+                raise ValueError("The data's classes are not this run's (in order): its labels would be scored "
+                                 f"against other outputs. Received: data.class_names={list(names)}, "
+                                 f"run class_names={self.class_names}")
             x, y = data.arrays(split)
         elif isinstance(data, (tuple, list)) and len(data) == 2:
             x, y = data
@@ -578,21 +589,29 @@ class Run:
 
         Saved into the directory it was loaded from, the run keeps its ``skipped_files.csv`` (the
         data is unchanged), but ``report.html`` is removed, as it may no longer match: write it
-        again with ``cnnkit report``.
+        again with ``cnnkit report``. The directory is held (:func:`holding_run_dir`) while it is
+        written: one that another process holds, training or finishing a run there, is refused.
+
+        Raises:
+            DirectoryInUse: Another process holds ``run_dir``.
 
         Example:
             >>> run.save("runs/my-run")  # doctest: +SKIP
             PosixPath('runs/my-run')
         """
-        self.run_dir = write_run(
-            run_dir,
-            model=self.model,
-            history=self.history,
-            metrics=self.metrics,
-            config=self.config,
-            class_names=self.class_names,
-            keep_skipped=self.run_dir is not None and Path(self.run_dir).resolve() == Path(run_dir).resolve(),
-        )
+        run_dir = Path(run_dir)
+        if not run_dir.exists():
+            run_dir.mkdir(parents=True)  # to lock it
+        with holding_run_dir(run_dir):
+            self.run_dir = write_run(
+                run_dir,
+                model=self.model,
+                history=self.history,
+                metrics=self.metrics,
+                config=self.config,
+                class_names=self.class_names,
+                keep_skipped=self.run_dir is not None and Path(self.run_dir).resolve() == run_dir.resolve(),
+            )
         return self.run_dir
 
     def __repr__(self) -> str:
@@ -783,7 +802,7 @@ def _artifacts(run_dir: Path) -> list[Path]:
     """The run's files, without the TensorBoard logs (``logs/`` at any depth), the resume backup, hidden files and
     folders, the manifest, and subfolders with a manifest of their own (:func:`_nested_runs`)."""
     def kept(parts):
-        return (parts[-1] != MANIFEST_FILE and parts[0] != "backup" and "logs" not in parts[:-1]
+        return (parts[-1] != MANIFEST_FILE and parts[0] != BACKUP_DIR and "logs" not in parts[:-1]
                 and not any(part.startswith(".") for part in parts))
 
     nested = _nested_runs(run_dir)
@@ -808,7 +827,7 @@ def _read_file(path: Path, parse, kind: str):
     """
     try:
         return parse(path.read_text(encoding="utf-8"))
-    except (ValueError, yaml.YAMLError) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, yaml.YAMLError, csv.Error) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{str(path)!r} is not valid {kind}: {_parse_error(err)}") from err
 
 
@@ -859,10 +878,11 @@ def _record_in_manifest(path: Path, *, written: Path) -> dict | None:
     writes ``report.html`` again, possibly on other data. Rather than make :func:`load` check only the
     files it reads, every atomic write into a directory that has a manifest updates that one file's
     entry (adding it if it is a new artifact), itself atomically. The entry keeps the content it
-    replaces as ``previous_sha256`` until the caller has renamed ``written`` into place, and
-    :func:`verify_manifest` accepts either. So the manifest stays a true record of every artifact as
-    cnnkit last wrote it, and a file changed any other way (corrupt, truncated, edited) is still
-    refused by name. Files in subfolders, hidden files and the manifest itself are not recorded, and a
+    replaces as ``previous_sha256`` (``None``, JSON ``null``, for a new artifact: absent before)
+    until the caller has renamed ``written`` into place, and :func:`verify_manifest` accepts either
+    (or, for ``None``, no file). So the manifest stays a true record of every artifact as cnnkit last
+    wrote it, and a file changed any other way (corrupt, truncated, edited) is still refused by name
+    (an HTML report excepted: a derived file). Files in subfolders, hidden files and the manifest itself are not recorded, and a
     manifest that cannot be read is left for :func:`load` to name (``None`` is returned for all these).
     """
     manifest = path.parent / MANIFEST_FILE
@@ -872,8 +892,7 @@ def _record_in_manifest(path: Path, *, written: Path) -> dict | None:
         files = _manifest_files(path.parent)
     except ValueError:
         return None
-    previous = files.get(path.name, {}).get("sha256")
-    files[path.name] = {**_manifest_record(written), **({"previous_sha256": previous} if previous else {})}
+    files[path.name] = {**_manifest_record(written), "previous_sha256": files.get(path.name, {}).get("sha256")}
     _write_manifest_files(path.parent, files)
     return files
 
@@ -897,10 +916,12 @@ def verify_manifest(run_dir) -> list[str]:
     """The problems found checking a run directory against its ``manifest.json`` (empty: intact).
 
     Each problem names the file: changed (SHA-256 differs) or missing. A file being replaced when its
-    writer was killed may match its ``previous_sha256``. A run directory without a manifest (written
-    before cnnkit had one) has nothing to check. A file in a subfolder with a manifest of its own (an
-    ensemble member, which ``cnnkit report`` may write again) is left to that manifest, though an
-    older ensemble's manifest may list it too.
+    writer was killed may match its ``previous_sha256``, and one being written anew (``previous_sha256``
+    ``null``) may be missing. A run directory without a manifest (written before cnnkit had one) has
+    nothing to check. A file in a subfolder with a manifest of its own (an ensemble member, which
+    ``cnnkit report`` may write again) is left to that manifest, though an older ensemble's manifest
+    may list it too. HTML reports (``report.html``, ``model.html``) are derived files, which ``cnnkit
+    report`` writes again from the rest: listed, but a missing or changed one is not a problem.
 
     Raises:
         ValueError: If ``manifest.json`` is not valid JSON or not a manifest (naming it and the problem).
@@ -916,10 +937,11 @@ def verify_manifest(run_dir) -> list[str]:
     nested = _nested_runs(run_dir)
     for name, record in _manifest_files(run_dir).items():
         file = run_dir / name
-        if not nested.isdisjoint(file.parents):
+        if not nested.isdisjoint(file.parents) or file.suffix == ".html":
             continue
         if not file.is_file():
-            problems.append(f"{name}: missing (listed in {MANIFEST_FILE})")
+            if record.get("previous_sha256", "") is not None:  # None: a new file, killed before its rename
+                problems.append(f"{name}: missing (listed in {MANIFEST_FILE})")
         elif file_sha256(file) not in (record.get("sha256"), record.get("previous_sha256")):
             problems.append(f"{name}: SHA-256 differs from {MANIFEST_FILE} (changed or corrupt)")
     return problems
@@ -993,9 +1015,11 @@ def load(path, *, trust: bool = False) -> Run:
 
     A run directory must contain ``model.keras``; ``history.csv``, ``metrics.json`` and
     ``config.yaml`` are read when present (empty otherwise), and class names come from
-    ``config.yaml``. A ``.keras`` file gives a Run with empty history, metrics and config, and
-    class names from the ``config.yaml`` beside it when it is a run's own model (listed in the
-    folder's ``manifest.json``), else ``"0".."K-1"`` from the model's output size.
+    ``config.yaml``. A folder with a resume backup (``backup/``) but no ``manifest.json``, which a
+    run writes last, holds an interrupted run and is refused (a run written before cnnkit had a
+    manifest, with no backup, loads unchecked). A ``.keras`` file gives a Run with empty history,
+    metrics and config, and class names from the ``config.yaml`` beside it when it is a run's own
+    model (listed in the folder's ``manifest.json``), else ``"0".."K-1"`` from the model's output size.
 
     Loading is safe by default: Keras safe mode refuses to deserialise Python code such as a
     ``Lambda`` layer, so a model file from someone else cannot run code on this machine (even
@@ -1014,11 +1038,12 @@ def load(path, *, trust: bool = False) -> Run:
 
     Raises:
         FileNotFoundError: If ``path`` does not exist, or is a directory without ``model.keras``.
-        ValueError: If ``path`` is a file that is not ``.keras``, a run directory whose files do
-            not match the SHA-256s in its ``manifest.json`` (naming each file), whose
-            ``manifest.json``, ``metrics.json``, ``config.yaml`` or ``history.csv`` does not parse
-            (naming the file and the problem), or the model holds code and ``trust`` is False
-            (one line naming the file and ``trust=True``).
+        ValueError: If ``path`` is a file that is not ``.keras``, an interrupted run (naming the
+            folder), a run directory whose files do not match the SHA-256s in its ``manifest.json``
+            (naming each file), whose ``manifest.json``, ``metrics.json``, ``config.yaml`` or
+            ``history.csv`` does not parse, or whose ``config.yaml`` has ``class_names`` that are not
+            one name per model output (naming the file and the problem), or the model holds code and
+            ``trust`` is False (one line naming the file and ``trust=True``).
 
     Example:
         >>> run = cnnkit.load("runs/lenet5-mnist")             # doctest: +SKIP
@@ -1030,6 +1055,10 @@ def load(path, *, trust: bool = False) -> Run:
     if not path.exists():
         raise FileNotFoundError(f"No run directory or .keras file at {str(path)!r}. Received: path={str(path)!r}")
     if path.is_dir():
+        if (path / BACKUP_DIR).is_dir() and not (path / MANIFEST_FILE).exists():
+            raise ValueError(f"{str(path)!r} holds an interrupted run (a resume backup, {BACKUP_DIR}/, and no "
+                             f"{MANIFEST_FILE}, which a finished run writes last): run the same call again to resume "
+                             "it (an ensemble or transfer: with the same run_dir)")
         model_path = path / MODEL_FILE
         if not model_path.is_file():
             hint = ("; it is a SavedModel: use cnnkit.inference.load_predictor(path, trust=True)"
@@ -1039,14 +1068,17 @@ def load(path, *, trust: bool = False) -> Run:
                 f"Received: path={str(path)!r}"
             )
         config, metrics, history = read_run_files(path)
-        model = _load_model(model_path, trust)
-        return Run(
-            model, history=history, metrics=metrics, config=config, run_dir=path, class_names=config.get("class_names")
-        )
-    if path.suffix != ".keras":
-        raise ValueError(f"Expected a run directory or a '.keras' model file. Received: path={str(path)!r}")
-    model = _load_model(path, trust)
-    return Run(model, class_names=_run_class_names(path))
+        model, config_path = _load_model(model_path, trust), path / CONFIG_FILE
+        parts = dict(history=history, metrics=metrics, config=config, run_dir=path, class_names=config.get("class_names"))
+    else:
+        if path.suffix != ".keras":
+            raise ValueError(f"Expected a run directory or a '.keras' model file. Received: path={str(path)!r}")
+        model, config_path = _load_model(path, trust), path.parent / CONFIG_FILE
+        parts = dict(class_names=_run_class_names(path))
+    try:
+        return Run(model, **parts)
+    except ValueError as err:  # the class names of config.yaml: not a list, or not one per model output
+        raise ValueError(f"{str(config_path)!r}: {err}") from err
 
 
 def _run_class_names(model_path: Path) -> list | None:

@@ -110,6 +110,7 @@ def test_shape_mismatch_names_both_shapes():
         ([0.5, 1.0], np.full((2, 2), 0.5), ["a", "b"], "integer class indices"),
         ([0, 1], np.array([[np.nan, 0.5], [0.5, 0.5]]), ["a", "b"], "NaN"),
         ([0, 1], np.full((2, 2), 0.5), ["a", "a"], "unique"),
+        ([0, 1], np.full((2, 2), 0.5), None, r"`class_names` must be a sequence of names\. Received: class_names=None"),
     ],
 )
 def test_invalid_inputs_raise_value_error(y, probs, names, pattern):
@@ -134,3 +135,22 @@ def test_class_indices_name_the_argument_and_the_values():
 def test_ties_go_to_the_lower_class_index():
     m = classification_metrics([1], np.array([[0.5, 0.5]]), ["a", "b"])
     assert m["confusion_matrix"] == [[0, 0], [1, 0]]
+
+
+@pytest.mark.parametrize("probs, received", [
+    ([[2.0, -1.0], [-3.0, 0.5]], r"values in \[-3, 2\], row sums in \[-2\.5, 1\]"),  # logits
+    ([[5.0, 3.0], [0.0, 7.0]], r"values in \[0, 7\], row sums in \[7, 8\]"),  # scores above 1
+    ([[0.5, 0.4], [0.2, 0.7]], r"values in \[0\.2, 0\.7\], row sums in \[0\.9, 0\.9\]"),  # rows short of 1
+])
+def test_values_that_are_not_probabilities_are_refused(probs, received):
+    with pytest.raises(ValueError, match=r"`probabilities` must be class probabilities, each in \[0, 1\] and each row "
+                                         r"summing to 1; these look like logits or scores \(apply a softmax first\)\. "
+                                         r"Received: " + received):
+        classification_metrics([0, 1], np.array(probs), ["a", "b"])
+
+
+def test_probabilities_off_by_rounding_are_accepted():
+    thirds = np.full((1, 3), 1 / 3, np.float16)  # sum 0.9998: float16 rounding
+    above_one = np.array([[1 + 1e-6, 0.0, 0.0]])
+    m = classification_metrics([0, 0], np.concatenate([thirds, above_one]), NAMES)
+    assert m["test_accuracy"] == 1.0 and m["test_loss"] == pytest.approx(-math.log(float(thirds[0, 0])) / 2)

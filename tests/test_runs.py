@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -491,10 +492,23 @@ def test_a_report_written_again_into_a_finished_run_keeps_it_loadable(tmp_path):
     assert runs.verify_manifest(run_dir) == []
     assert load(run_dir).class_names == NAMES
 
-    with open(run_dir / "report.html", "ab") as report:  # a change made outside cnnkit is still refused
-        report.write(b"<!-- edited -->")
-    with pytest.raises(ValueError, match="report.html: SHA-256 differs"):
+    with open(run_dir / "README.md", "ab") as card:  # a change made outside cnnkit is still refused
+        card.write(b"edited")
+    with pytest.raises(ValueError, match="README.md: SHA-256 differs"):
         load(run_dir)
+
+
+def test_html_reports_are_derived_files_a_run_loads_without(tmp_path, trained):
+    """report.html and model.html (a report of RUN/model.keras) are listed, but changed or gone the run loads."""
+    run_dir = write_run(tmp_path / "run", model=trained[0], history={}, metrics={}, config={}, class_names=NAMES)
+    atomic_write_text(run_dir / "report.html", "<html>report</html>")  # as write_report writes them
+    atomic_write_text(run_dir / "model.html", "<html>model</html>")
+    assert {"report.html", "model.html"} <= set(json.loads((run_dir / runs.MANIFEST_FILE).read_text())["files"])
+    (run_dir / "report.html").write_text("<html>edited</html>")
+    (run_dir / "model.html").unlink()
+    assert runs.verify_manifest(run_dir) == [] and load(run_dir).class_names == NAMES
+    (run_dir / "README.md").unlink()  # a missing file that is not a report is still a problem
+    assert runs.verify_manifest(run_dir) == ["README.md: missing (listed in manifest.json)"]
 
 
 @pytest.mark.parametrize("name, text, problem", [
@@ -504,7 +518,8 @@ def test_a_report_written_again_into_a_finished_run_keeps_it_loadable(tmp_path):
     ("config.yaml", "x: [\n", "is not valid YAML: expected the node content"),
     ("config.yaml", "- a\n", "must hold a mapping"),
     ("history.csv", "epoch,loss\n1,x\n", "is not valid CSV: could not convert"),
-], ids=["truncated-manifest", "not-a-manifest", "metrics", "config", "config-list", "history"])
+    ("history.csv", 'epoch,loss\n1,"' + "9" * 200_000 + '"\n', "is not valid CSV: field larger than field limit"),
+], ids=["truncated-manifest", "not-a-manifest", "metrics", "config", "config-list", "history", "history-huge-field"])
 def test_run_files_that_do_not_parse_are_a_value_error_naming_the_file(tmp_path, trained, name, text, problem):
     run_dir = write_run(tmp_path / "run", model=trained[0], history={}, metrics={}, config={}, class_names=NAMES)
     if name != runs.MANIFEST_FILE:
@@ -580,3 +595,93 @@ def test_save_into_its_own_folder_keeps_skipped_files(tmp_path, trained):
     assert load(run_dir).class_names == NAMES
     run.save(tmp_path / "elsewhere")
     assert runs.SKIPPED_FILE not in _listing(tmp_path / "elsewhere")
+
+
+def test_a_kill_between_a_new_files_manifest_entry_and_its_rename_leaves_the_run_loadable(tmp_path, trained,
+                                                                                          monkeypatch):
+    """Run.save over its own folder writes the figures anew: a kill before one is in place leaves a run that loads."""
+    model, history = trained
+    run_dir = write_run(tmp_path / "r", model=model, history=history, metrics={}, config={}, class_names=NAMES)
+    replace = os.replace
+
+    def killed_before_the_curves(source, target):
+        if Path(target).name == "training_curves.png":
+            raise _Killed()
+        replace(source, target)
+
+    monkeypatch.setattr(runs.os, "replace", killed_before_the_curves)
+    with pytest.raises(_Killed):
+        load(run_dir).save(run_dir)
+    monkeypatch.undo()
+    assert runs.verify_manifest(run_dir) == [] and load(run_dir).class_names == NAMES
+    entry = json.loads((run_dir / runs.MANIFEST_FILE).read_text())["files"]["training_curves.png"]
+    assert "training_curves.png" not in _listing(run_dir) and entry["previous_sha256"] is None  # absent before
+    load(run_dir).save(run_dir)  # in place: the entry forgets that it was new, and a missing file is refused again
+    assert "previous_sha256" not in json.loads((run_dir / runs.MANIFEST_FILE).read_text())["files"]["training_curves.png"]
+    (run_dir / "training_curves.png").unlink()
+    assert runs.verify_manifest(run_dir) == ["training_curves.png: missing (listed in manifest.json)"]
+
+
+def test_evaluate_refuses_data_whose_class_names_are_not_the_runs(trained, data):
+    import cnnkit
+
+    x, y = data
+    run = Run(trained[0], class_names=NAMES)
+
+    def images(names):
+        return cnnkit.data.from_arrays(x, y, x_test=x, y_test=y, val_split=0, class_names=names)
+
+    assert run.evaluate(images(NAMES)) == run.evaluate((x, y))
+    with pytest.raises(ValueError, match=re.escape("The data's classes are not this run's (in order): its labels would "
+                                                   "be scored against other outputs. Received: data.class_names="
+                                                   "['one', 'zero', 'two'], run class_names=['zero', 'one', 'two']")):
+        run.evaluate(images(["one", "zero", "two"]))
+
+
+def test_an_interrupted_run_is_refused_and_an_old_run_without_manifest_loads(tmp_path, trained):
+    run_dir = write_run(tmp_path / "r", model=trained[0], history={}, metrics={}, config={}, class_names=NAMES)
+    for name in ("history.csv", "metrics.json", "config.yaml", "README.md", runs.MANIFEST_FILE):  # killed in write_run
+        (run_dir / name).unlink()
+    (run_dir / "backup" / "stage1").mkdir(parents=True)
+    with pytest.raises(ValueError, match=re.escape(f"{str(run_dir)!r} holds an interrupted run (a resume backup, "
+                                                   "backup/, and no manifest.json, which a finished run writes last): "
+                                                   "run the same call again to resume it")):
+        load(run_dir)
+    shutil.rmtree(run_dir / "backup")  # a run written before cnnkit had a manifest
+    assert load(run_dir).class_names == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("class_names, problem", [
+    ("cat", "`class_names` must be a list of names. Received: class_names='cat'"),
+    (3, "`class_names` must be a list of names. Received: class_names=3"),
+    (["cat", "dog"], "`class_names` must have one name per model output (3). Received: class_names=['cat', 'dog']"),
+])
+def test_class_names_in_config_yaml_that_do_not_fit_the_model_name_the_file(tmp_path, trained, class_names, problem):
+    run_dir = write_run(tmp_path / "r", model=trained[0], history={}, metrics={}, config={}, class_names=NAMES)
+    (run_dir / runs.MANIFEST_FILE).unlink()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"class_names": class_names}))
+    with pytest.raises(ValueError, match=re.escape(f"{str(run_dir / 'config.yaml')!r}: {problem}")):
+        load(run_dir)
+
+
+def test_save_refuses_a_run_directory_another_process_holds(tmp_path, trained):
+    import fcntl
+
+    run = Run(trained[0], class_names=NAMES)
+    (tmp_path / "r").mkdir()
+    other = os.open(tmp_path / "r", os.O_RDONLY)  # another open file: flock conflicts as across processes
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(runs.DirectoryInUse, match=re.escape(f"run directory {tmp_path / 'r'} is in use by another "
+                                                            "process")):
+        run.save(tmp_path / "r")
+    assert _listing(tmp_path / "r") == []  # nothing written beside the other process
+    os.close(other)
+    assert runs.lock_run_dir(tmp_path / "r")  # this process's own hold (training there): saved within it, kept
+    run.save(tmp_path / "r")
+    assert not runs.lock_run_dir(tmp_path / "r")
+    runs.release_run_dir(tmp_path / "r")
+    run.save(tmp_path / "new" / "r")  # a folder that does not exist yet: made, written, released
+    probe = os.open(tmp_path / "new" / "r", os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(probe)
+    assert load(tmp_path / "new" / "r").class_names == NAMES

@@ -203,8 +203,9 @@ class EpochCheckpoint(EpochSeeds):
         if not path.exists():
             return []
         records = read_mapping(path, json.loads, "JSON").get("checkpoints")
-        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
-            raise ValueError(f"{str(path)!r} is not a cnnkit checkpoint list (no 'checkpoints' list); restore it, "
+        if not isinstance(records, list) or not all(map(_is_record, records)):
+            raise ValueError(f"{str(path)!r} is not a cnnkit checkpoint list (expected 'checkpoints': a list of "
+                             "records with an int 'epoch', a str 'file' and 'sha256', a dict 'history'); restore it, "
                              f"or delete {self.directory} to fit this stage again from its first epoch")
         return records
 
@@ -296,6 +297,13 @@ class EpochCheckpoint(EpochSeeds):
             (self.directory / record["file"]).unlink(missing_ok=True)
 
 
+def _is_record(record) -> bool:
+    """Whether ``record`` is an entry of ``checkpoints.json``: ``{"epoch": int, "file": str, "sha256": str,
+    "history": dict}``."""
+    types = {"epoch": int, "file": str, "sha256": str, "history": dict}  # as json.loads makes them: no bool epoch
+    return isinstance(record, dict) and all(type(record.get(key)) is kind for key, kind in types.items())
+
+
 def _checkpoint_name(epoch: int) -> str:
     return f"epoch{epoch:03d}.weights.h5"
 
@@ -306,9 +314,11 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     Its state (best value and epoch, epochs waited, a stop already made) is replayed from
     ``checkpoint.history`` through Keras's own ``on_epoch_end``; with ``restore_best_weights`` the
     best epoch's weights are read from its checkpoint, which ``checkpoint`` keeps while it is the
-    best. Make one per ``fit``: ``on_train_begin`` keeps the replayed state. When the replay finds
-    the stop made (``stopped_epoch``), or no epoch is left, call ``on_train_end`` instead of
-    ``fit``: it restores the best epoch's weights, as the killed run's ``fit`` would have.
+    best; if that checkpoint is lost or corrupt, the run warns and ends with the last epoch's
+    weights (``restore_best_weights`` is turned off). Make one per ``fit``: ``on_train_begin`` keeps
+    the replayed state. When the replay finds the stop made (``stopped_epoch``), or no epoch is
+    left, call ``on_train_end`` instead of ``fit``: it restores the best epoch's weights, as the
+    killed run's ``fit`` would have.
 
     Args:
         checkpoint: the stage's checkpoint, already restored into ``model``.
@@ -342,9 +352,12 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         if restore and self.best is not None:
             if self.best_epoch + 1 == last:
                 self.best_weights = model.get_weights()
-            elif checkpoint.load(model, self.best_epoch + 1, otherwise="early stopping goes on without its weights"):
+            elif checkpoint.load(model, self.best_epoch + 1, otherwise="early stopping cannot restore the best "
+                                 f"epoch ({self.best_epoch + 1}): the run ends with the last epoch's weights"):
                 self.best_weights = model.get_weights()
                 checkpoint.load(model, last, otherwise="the model holds the best epoch's weights")
+            else:  # Keras would take the next epoch's weights for the best: keep the last epoch's instead
+                self.restore_best_weights = False
         self._keep_best()
 
     def on_train_begin(self, logs=None):

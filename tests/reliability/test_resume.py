@@ -1,9 +1,10 @@
 """Guarantees 1, 2 and 9: a run killed at any moment resumes to the weights of an uninterrupted run;
-a failed checkpoint write keeps the previous one; two runs with one seed are identical.
+a failed checkpoint write keeps the previous one; two runs with one seed are identical. And the
+stated limit of early stopping whose best checkpoint is lost.
 
 Each run is a separate process (``train_job.py``): SIGKILL, a file-size limit and TensorFlow's
 process-wide determinism switch must not touch the test process. The tests share one xdist
-worker so the reference run is made once.
+worker so the reference run is made once. The early-stopping test drives the callbacks in process.
 """
 
 import json
@@ -132,3 +133,46 @@ except ValueError as error:
     line = next(line for line in done.stdout.splitlines() if line.startswith("ERROR"))
     assert "DeterminismError" in line and "SparseTensorDenseMatmulOp has no deterministic kernel" in line
     assert not (tmp_path / "run").exists()  # a failed start leaves no run directory
+
+
+def test_early_stopping_whose_best_checkpoint_is_lost_ends_with_the_last_epochs_weights(tmp_path):
+    """Killed after epoch 4 (best: epoch 2), its checkpoint then corrupt: the resumed run warns, ends with epoch 6's."""
+    import keras
+    import numpy as np
+
+    from cnnkit.recipes.resume import EpochCheckpoint, ResumableEarlyStopping
+
+    val_loss = {1: 1.0, 2: 0.5, 3: 0.8, 4: 0.9, 5: 0.95, 6: 0.97, 7: 0.99}
+
+    def process():
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile("sgd", "mse")
+        checkpoint = EpochCheckpoint(tmp_path / "stage1", seed=0)
+        checkpoint.set_model(model)
+        first = checkpoint.restore(model) or 0
+        stopping = ResumableEarlyStopping(checkpoint, model, first_epoch=0, monitor="val_loss", patience=4,
+                                          restore_best_weights=True)
+        return model, checkpoint, stopping, first
+
+    def fit(model, checkpoint, stopping, epochs):  # as Keras's fit calls them; the weights are the epoch's number
+        for epoch in epochs:
+            checkpoint.on_epoch_begin(epoch - 1)
+            model.set_weights([np.full(w.shape, float(epoch), w.dtype) for w in model.get_weights()])
+            logs = {"loss": val_loss[epoch], "val_loss": val_loss[epoch]}
+            stopping.on_epoch_end(epoch - 1, logs)
+            checkpoint.on_epoch_end(epoch - 1, logs)
+            if model.stop_training:
+                break
+        stopping.on_train_end()
+
+    model, checkpoint, stopping, _ = process()
+    fit(model, checkpoint, stopping, [1, 2, 3, 4])  # then killed
+    with open(tmp_path / "stage1" / "epoch002.weights.h5", "ab") as best:
+        best.write(b"corrupt")
+    with pytest.warns(UserWarning, match=r"epoch002.weights.h5 does not match its SHA-256 .*early stopping cannot "
+                                         r"restore the best epoch \(2\): the run ends with the last epoch's weights"):
+        model, checkpoint, stopping, first = process()
+    assert first == 4
+    fit(model, checkpoint, stopping, range(5, 8))
+    assert stopping.stopped_epoch + 1 == 6 and stopping.best_epoch + 1 == 2 and stopping.best == 0.5
+    assert model.get_weights()[0][0, 0] == 6.0  # the last epoch's weights, not epoch 5's taken for the best

@@ -333,6 +333,23 @@ def test_damaged_backup_records_are_refused_naming_the_file(tmp_path):
         fitting.finished_run(tmp_path, "x", key="k")
 
 
+@pytest.mark.parametrize("record", [
+    {"epoch": 1, "sha256": "0" * 64, "history": {}},
+    {"epoch": 1, "file": "epoch001.weights.h5", "sha256": "0" * 64},
+    {"epoch": 1, "file": None, "sha256": "0" * 64, "history": {}},
+    {"epoch": "1", "file": "epoch001.weights.h5", "sha256": "0" * 64, "history": {}},
+    {"epoch": True, "file": "epoch001.weights.h5", "sha256": "0" * 64, "history": {}},
+], ids=["no-file", "no-history", "file-null", "epoch-text", "epoch-bool"])
+def test_a_damaged_checkpoint_record_is_refused_naming_the_file(tmp_path, record):
+    path = tmp_path / "stage1" / "checkpoints.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"checkpoints": [record]}))
+    with pytest.raises(ValueError, match=re.escape(f"{str(path)!r} is not a cnnkit checkpoint list (expected "
+                                                   "'checkpoints': a list of records with an int 'epoch', a str 'file' "
+                                                   "and 'sha256', a dict 'history'); restore it, or delete")):
+        EpochCheckpoint(path.parent, seed=0).restore(None)
+
+
 def test_a_nested_hold_of_a_directory_leaves_the_release_to_the_outer_one(tmp_path):
     from cnnkit.runs import lock_run_dir, release_run_dir
 
