@@ -195,19 +195,22 @@ def diagnose(history) -> list[Finding]:
 # --------------------------------------------------------------------------- ensembles
 
 
-def member_agreement(probabilities, labels) -> dict:
+def member_agreement(probabilities, labels, *, combined=None) -> dict:
     """How often ensemble members agree, and whether their disagreements are where the errors are.
 
     Args:
         probabilities: one ``(N, K)`` array of class probabilities per member, all of one shape.
         labels: the ``N`` true classes: integers (or whole-number floats) in ``[0, K)``.
+        combined: the ensemble's own ``(N, K)`` output (a vote or a geometric mean predicts otherwise
+            than the mean probability); default the members' mean probability.
 
     Returns:
         A dict of plain numbers: ``member_accuracy`` (one per member), ``pairwise`` (``M x M``
         fraction of images two members predict the same class for), ``all_agree`` (fraction
         where every member predicts the same class), ``accuracy_when_all_agree`` and
-        ``accuracy_when_split`` (of the mean probability; ``None`` when there is no such image),
-        ``mean_accuracy`` (of the mean probability) and ``oracle_accuracy`` (some member is right).
+        ``accuracy_when_split`` (of ``combined``; ``None`` when there is no such image),
+        ``ensemble_accuracy`` (of ``combined``), ``mean_accuracy`` (of the mean probability) and
+        ``oracle_accuracy`` (some member is right).
 
     Example:
         >>> a = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
@@ -227,18 +230,23 @@ def member_agreement(probabilities, labels) -> dict:
     if stacked.shape[1] != len(labels) or len(labels) == 0:
         raise ValueError("`probabilities` must be one (N, K) array per member with N = len(labels) > 0. Received: "
                          f"shape {stacked.shape} for {len(labels)} labels")
+    combined = stacked.mean(axis=0) if combined is None else np.asarray(combined, dtype=np.float64)
+    if combined.shape != stacked.shape[1:]:
+        raise ValueError(f"`combined` must be the ensemble's (N, K) output, of the members' shape {stacked.shape[1:]}. "
+                         f"Received: shape {combined.shape}")
     predicted = stacked.argmax(axis=-1)  # (M, N)
     members = len(stacked)
     pairwise = [[float(np.mean(predicted[i] == predicted[j])) for j in range(members)] for i in range(members)]
     agree = np.all(predicted == predicted[:1], axis=0)
-    mean_correct = stacked.mean(axis=0).argmax(axis=-1) == labels
+    correct = combined.argmax(axis=-1) == labels
     return {
         "member_accuracy": [float(np.mean(row == labels)) for row in predicted],
         "pairwise": pairwise,
         "all_agree": float(np.mean(agree)),
-        "accuracy_when_all_agree": float(np.mean(mean_correct[agree])) if agree.any() else None,
-        "accuracy_when_split": float(np.mean(mean_correct[~agree])) if (~agree).any() else None,
-        "mean_accuracy": float(np.mean(mean_correct)),
+        "accuracy_when_all_agree": float(np.mean(correct[agree])) if agree.any() else None,
+        "accuracy_when_split": float(np.mean(correct[~agree])) if (~agree).any() else None,
+        "ensemble_accuracy": float(np.mean(correct)),
+        "mean_accuracy": float(np.mean(stacked.mean(axis=0).argmax(axis=-1) == labels)),
         "oracle_accuracy": float(np.mean(np.any(predicted == labels, axis=0))),
     }
 
@@ -383,7 +391,12 @@ def _read_run(path, model):
     return str(config.get("name") or path.name), model, config, metrics, history, path
 
 
-def _resolve_run_data(data, config, notes):
+def _no_config(run_dir) -> str:
+    """Why nothing about a run's arguments is known: its ``config.yaml`` is missing (a ``.keras`` file has none)."""
+    return f"{run_dir} has no config.yaml (or an empty one)" if run_dir else "a .keras file has no config.yaml"
+
+
+def _resolve_run_data(data, config, notes, run_dir):
     """The ``ImageData`` to show test images from: ``data``, else the run's own; ``None`` with a note.
 
     ``data`` given is used or refused (``ValueError``), never passed over for the run's own."""
@@ -421,8 +434,12 @@ def _resolve_run_data(data, config, notes):
             continue
         _note_other_data(resolved, fingerprint, notes)
         return resolved
-    why = "; ".join(errors) if errors else (f"the run's data ({recorded or source or 'unknown'}) cannot be loaded "
-                                            "again (in-memory arrays)")
+    if errors:
+        why = "; ".join(errors)
+    elif config:
+        why = f"the run's data ({recorded or source or 'unknown'}) cannot be loaded again (in-memory arrays)"
+    else:
+        why = f"{_no_config(run_dir)} to say what data the run used"
     notes.append(f"No test images: {why}. Mistakes, feature maps and Grad-CAM need them: "
                  "pass data= (cnnkit report RUN --data NAME).")
     return None
@@ -538,10 +555,12 @@ def _training_html(history, run_dir):
     return _image(png, "training curves", caption) + items
 
 
-def _plan_html(config, model, num_classes):
+def _plan_html(config, model, num_classes, run_dir):
     import cnnkit
     from cnnkit.planner import DEFAULT_OPTIONS
 
+    if not config:
+        return _note(f"No layer table: {_no_config(run_dir)} to name the architecture for the planner.")
     arguments = config.get("arguments") or {}
     arch = config.get("arch") if isinstance(config.get("arch"), str) else arguments.get("arch")
     if not isinstance(arch, str) or arch.startswith("<"):
@@ -620,13 +639,16 @@ def _members_html(model, images, labels):
         return _note("The ensemble model holds no member sub-models to compare.")
     if images is None:
         return _note("Member agreement needs test images.")
-    probe = keras.Model(model.inputs[0], [_output(model, member) for member in members])  # all members, one pass
-    outputs = probe.predict(images.astype(np.float32), batch_size=256, verbose=0)
-    agreement = member_agreement(outputs if isinstance(outputs, list) else [outputs], labels)
+    # the ensemble's own output and all members', one pass
+    probe = keras.Model(model.inputs[0], [model.outputs[0], *(_output(model, member) for member in members)])
+    combined, *outputs = probe.predict(images.astype(np.float32), batch_size=256, verbose=0)
+    agreement = member_agreement(outputs, labels, combined=combined)
+    combine = getattr(model.layers[-1], "mode", None)  # CombineProbabilities: "mean", "geometric" or "vote"
     rows = [["images all members classify alike", f"{agreement['all_agree']:.2%}"],
             ["ensemble accuracy where they all agree", _percent(agreement["accuracy_when_all_agree"])],
             ["ensemble accuracy where they split", _percent(agreement["accuracy_when_split"])],
-            ["ensemble accuracy (mean probability)", _percent(agreement["mean_accuracy"])],
+            [f"ensemble accuracy{f' (combine={combine})' if combine else ''}",
+             _percent(agreement["ensemble_accuracy"])],
             ["some member right (oracle)", _percent(agreement["oracle_accuracy"])]]
     return (_table(None, rows, left=(0,)) + _image(_agreement_png(agreement), "member agreement",
             "Pairwise agreement of the members' predicted classes; row labels give each member's accuracy. "
@@ -669,7 +691,7 @@ def render_report(path, *, model=None, data=None, examples: int = 8, max_test_im
             raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     name, model, config, metrics, history, run_dir = _read_run(path, model)
     notes = []
-    resolved = _resolve_run_data(data, config, notes)
+    resolved = _resolve_run_data(data, config, notes, run_dir)
     images = labels = probabilities = None
     if resolved is not None:
         images, labels, split = _test_images(resolved, model, max_test_images, notes)
@@ -700,7 +722,7 @@ def render_report(path, *, model=None, data=None, examples: int = 8, max_test_im
                       anchor="feature-maps")
             parts.add("Grad-CAM", lambda: _cams_html(model, images, labels, probabilities, class_names, examples),
                       anchor="grad-cam")
-    parts.add("Layers", lambda: _plan_html(config, model, len(class_names)), anchor="layers")
+    parts.add("Layers", lambda: _plan_html(config, model, len(class_names), run_dir), anchor="layers")
     if config:
         dumped = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
         parts.html.append(f"<h2 id=\"configuration\">Configuration</h2><details><summary>config.yaml</summary>"

@@ -169,7 +169,8 @@ def plot_confusion_matrix(matrix, class_names, path, *, normalize: bool = True) 
     With ``normalize=True`` each row is divided by its total, so the diagonal is the recall of
     each class (rows with no examples stay 0). Cells are annotated with their value when there
     are at most 20 classes; tick labels are dropped above 60 classes. Class names are drawn as
-    written: a ``$`` in a name is a dollar sign, not matplotlib mathtext.
+    written: a ``$`` in a name is a dollar sign, not matplotlib mathtext; a character that is not text (a
+    surrogate escape, which an undecodable byte of a folder name gives: ``"caf\\udce9"``) is drawn as its escape.
 
     Args:
         matrix: Square ``(K, K)`` array-like of non-negative counts.
@@ -204,6 +205,8 @@ def plot_confusion_matrix(matrix, class_names, path, *, normalize: bool = True) 
             "`class_names` must have one name per row of `matrix`. "
             f"Received: len(class_names)={len(names)}, matrix.shape={counts.shape}"
         )
+    # matplotlib refuses text with surrogates: drawn as their escapes, in the labels only
+    names = [name.encode("utf-8", "backslashreplace").decode("utf-8") for name in names]
     k = counts.shape[0]
     if normalize:
         totals = counts.sum(axis=1, keepdims=True)

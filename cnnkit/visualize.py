@@ -16,7 +16,10 @@ output. A backbone nested as one layer (``keras.applications`` fine-tuned) count
 convolution, its output feature map. A nested backbone that ends in flat features (a saved
 classifier cut before its dense layers, as ``finetune`` makes of a cnnkit run) is opened: its
 convolutions are read as the model's own. A model whose convolutions are in several nested models (an
-ensemble's members) is refused: visualise one member, ``model.get_layer("member_0")``.
+ensemble's members) is refused: visualise one member, ``model.get_layer("member_0")``. A test-time
+augmentation model (``cnnkit.recipes.ensemble.with_tta``: views of each image through one model, their
+probabilities averaged) is visualised through the model inside it, one map per image (Grad-CAM explains
+that model's prediction for the image as given, not the average over the views).
 
 Each function can also write a PNG (``save=path``), atomically (``cnnkit.runs.atomic_write_bytes``).
 
@@ -137,6 +140,7 @@ def _searchable(model):
     ending in flat features), a copy that calls the nested models' layers in their place: the same
     layers and weights, computing the same, with every tensor in one graph to read and differentiate.
     Several nested models that hold convolutions (an ensemble's members) are refused (:func:`_one_nested`).
+    A test-time augmentation model (``with_tta``) gives the model inside it, opened the same way.
 
     Example:
         >>> [layer.name for layer in _searchable(finetuned).layers]  # doctest: +SKIP
@@ -146,6 +150,9 @@ def _searchable(model):
 
     if model in _opened:
         return _opened[model]
+    inner = _inside_views(model)
+    if inner is not None:
+        return _searchable(inner)
     _one_nested(model)
     if not _is_functional(model) or _conv_layers_of(model) or not any(
             _is_functional(layer) and _holds_conv(layer) for layer in model.layers):
@@ -167,6 +174,16 @@ def _searchable(model):
 
 
 _opened = weakref.WeakKeyDictionary()  # model -> its opened copy, made once (each copy adds a call to every layer)
+
+
+def _inside_views(model):
+    """The model a ``with_tta`` model runs on its views (image -> ``ImageViews`` -> model -> ``AverageViews``), else
+    ``None``: read in the wrapper, each map and gradient would be one per view, not per image."""
+    import keras
+
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    views = any(type(layer).__name__ == "ImageViews" for layer in model.layers)
+    return nested[0] if views and len(nested) == 1 else None
 
 
 def _is_functional(model) -> bool:
@@ -442,7 +459,8 @@ def kernels(model, layer=None, *, save=None) -> np.ndarray:
 
     Args:
         model: a ``keras.Model``, ``cnnkit.Run``, run directory or ``.keras`` file.
-        layer: a ``Conv2D`` (name or layer); default the first convolution with a 4-D kernel
+        layer: a ``Conv2D`` (name or layer), found where :func:`conv_layers` finds them (inside a nested
+            backbone ending in flat features too); default the first convolution with a 4-D kernel
             (inside a nested backbone, its first; a locally connected layer is passed over).
         save: write the grid as a PNG here.
 
@@ -457,7 +475,7 @@ def kernels(model, layer=None, *, save=None) -> np.ndarray:
         >>> grid.shape  # 20 tiles of 5x5 in 5 columns  # doctest: +SKIP
         (23, 29)
     """
-    model = _model(model)
+    model = _searchable(_model(model))
     layer = _first_conv(model) if layer is None else _layer(model, layer)
     tiles, columns = _kernel_tiles(layer)
     if save is not None:
@@ -576,7 +594,8 @@ def filter_patterns(model, layer=None, filters=8, *, steps: int = 64, step_size:
     The objective is the mean of the filter's channel in the layer's own output: for cnnkit's
     convolutions that is before the ReLU (``conv1_act``), because the rectified output has no
     gradient where a filter is silent, as it often is on a random start. A dense layer works too
-    (its units are the "filters").
+    (its units are the "filters"). A model that takes images of any size (``to_fully_convolutional``)
+    is refused: the patterns need a fixed size; draw them from the model it was made from.
 
     Args:
         model: a ``keras.Model``, ``cnnkit.Run``, run directory or ``.keras`` file.
@@ -607,6 +626,11 @@ def filter_patterns(model, layer=None, filters=8, *, steps: int = 64, step_size:
     for name, value, low in (("steps", steps, 0), ("blur_every", blur_every, 0), ("jitter", jitter, 0)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
             raise ValueError(f"`{name}` must be an integer >= {low}. Received: {name}={value!r}")
+    height, width, depth = _input_shape(model)
+    if height is None or width is None:
+        raise ValueError(f"The model {model.name!r} takes images of any size: filter patterns need a fixed height and "
+                         "width. Draw them from the model it was made from (to_fully_convolutional keeps its "
+                         f"convolutions and their weights). Received: a model with input shape {(height, width, depth)}")
     if not step_size > 0 or not 0 <= decay < 1 or not blur_sigma > 0:
         raise ValueError("`step_size` and `blur_sigma` must be positive and 0 <= `decay` < 1. Received: "
                          f"step_size={step_size!r}, decay={decay!r}, blur_sigma={blur_sigma!r}")
@@ -621,7 +645,6 @@ def filter_patterns(model, layer=None, filters=8, *, steps: int = 64, step_size:
         raise ValueError(f"`filters` must be a count or indices in [0, {channels - 1}] of layer {name!r}. "
                          f"Received: filters={filters!r}")
     probe = keras.Model(model.inputs[0], tensor)
-    height, width, depth = _input_shape(model)
     rng = np.random.default_rng(seed)
     images = tf.Variable(128.0 + 32.0 * rng.uniform(-1, 1, (len(filters), height, width, depth)).astype(np.float32))
     selector = tf.one_hot(filters, channels, dtype=tf.float32)  # (n, channels)

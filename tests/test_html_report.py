@@ -97,6 +97,21 @@ def test_member_agreement():
         member_agreement([a, np.full((4, 3), 1 / 3)], labels)
 
 
+def test_member_agreement_of_an_ensemble_that_does_not_average():
+    labels = [0, 1]
+    a = b = np.array([[0.55, 0.45], [0.2, 0.8]])  # image 0: a and b say 0 (right), c says 1 with all its weight
+    c = np.array([[0.0, 1.0], [0.2, 0.8]])
+    vote = np.array([[0.6, 0.4], [0.2, 0.8]])  # what a vote makes of it: 0, where the mean probability says 1
+    mean = member_agreement([a, b, c], labels)
+    assert mean["accuracy_when_split"] == 0.0 and mean["ensemble_accuracy"] == mean["mean_accuracy"] == 0.5
+    voted = member_agreement([a, b, c], labels, combined=vote)
+    assert voted["accuracy_when_split"] == 1.0 and voted["accuracy_when_all_agree"] == 1.0
+    assert voted["ensemble_accuracy"] == 1.0 and voted["mean_accuracy"] == 0.5
+    with pytest.raises(ValueError, match=r"`combined` must be the ensemble's \(N, K\) output, of the members' shape "
+                                         r"\(2, 2\)\. Received: shape \(2,\)"):
+        member_agreement([a, b, c], labels, combined=[0, 1])
+
+
 def test_the_weakest_class_is_one_with_test_images():
     from cnnkit.evaluate import classification_metrics
 
@@ -241,6 +256,31 @@ def test_an_ensemble_run_reports_how_its_members_agree(tiny, tiny_run, tmp_path)
     assert "images all members classify alike" in page and "some member right (oracle)" in page
     assert "kernels" not in _sections(page) and "Could not draw" not in page
     assert page.count("<img ") == 3  # confusion matrix, mistakes, agreement (an ensemble has no curves)
+
+
+def test_the_member_agreement_of_a_vote_ensemble_shows_its_own_accuracy(tiny):
+    import keras
+
+    from cnnkit.recipes.ensemble import combine_models
+
+    images, labels = tiny.arrays("test")
+    keras.utils.set_random_seed(3)
+    model = combine_models([cnnkit.build("4C3-FC8", (8, 8, 1), 3) for _ in range(3)], combine="vote")
+    own = float(np.mean(model.predict(images.astype(np.float32), verbose=0).argmax(axis=1) == labels))
+    members = [member.predict(images.astype(np.float32), verbose=0) for member in model.layers[1:-1]]
+    assert member_agreement(members, labels)["mean_accuracy"] != own  # the mean probability would say otherwise
+    page = html_report._members_html(model, images, labels.astype(np.int64))
+    assert f"ensemble accuracy (combine=vote)</td><td>{own:.2%}</td>" in page and "mean probability" not in page
+
+
+def test_a_run_without_config_yaml_says_so(tiny_run, tmp_path):
+    run_dir = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    (run_dir / "manifest.json").unlink()  # a run written before manifests, its config.yaml lost
+    (run_dir / "config.yaml").unlink()
+    page = render_report(run_dir)
+    assert f"No test images: {run_dir} has no config.yaml (or an empty one) to say what data the run used." in page
+    assert f"No layer table: {run_dir} has no config.yaml (or an empty one) to name the architecture" in page
+    assert "in-memory arrays" not in page and "given as an object" not in page
 
 
 def test_a_search_directory_gets_a_trials_and_sensitivity_page(tmp_path, capsys):

@@ -132,6 +132,17 @@ def test_confusion_matrix_draws_dollar_signs_as_written(tmp_path, monkeypatch):
         assert not any(label.get_parse_math() for label in labels)
 
 
+def test_confusion_matrix_draws_a_name_with_a_surrogate_escape_as_its_escape(tmp_path, monkeypatch):
+    # A folder name with a byte that is not UTF-8 ("caf\xe9" in Latin-1) is read as "caf\udce9"; matplotlib refused it.
+    figures = []
+    save = report._save_figure
+    monkeypatch.setattr(report, "_save_figure", lambda figure, path: figures.append(figure) or save(figure, path))
+    _assert_real_png(report.plot_confusion_matrix(np.eye(2) * 3, ["caf\udce9", "tea"], tmp_path / "cm.png"))
+    ax = figures[0].axes[0]
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        assert [label.get_text() for label in labels] == ["caf\\udce9", "tea"]
+
+
 def test_plot_failure_keeps_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "curves.png"
     target.write_bytes(b"old")

@@ -258,6 +258,42 @@ def test_filter_patterns_open_a_nested_backbone_ending_in_flat_features():
         np.testing.assert_allclose(patterns, visualize.filter_patterns(inner, layer, 2, steps=2), atol=1e-3)
 
 
+def test_kernels_name_a_layer_inside_a_nested_backbone_ending_in_flat_features():
+    inner = cnnkit.build("4C3-6C3-FC8", (10, 10, 1), 2)  # as finetune nests a saved run: cut before its classifier
+    features = keras.Model(inner.inputs, inner.get_layer("fc1").output, name="backbone")
+    inputs = keras.Input((10, 10, 1))
+    outer = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(features(inputs)))
+    for layer in ("conv1", "conv2", inner.get_layer("conv2")):  # looked up where conv_layers finds them
+        grid = visualize.kernels(outer, layer)
+        np.testing.assert_array_equal(grid, visualize.kernels(inner, layer))
+    assert grid.shape == (23, 15)  # conv2: 6 filters x 4 input channels of 3x3, a row per filter
+
+
+def test_a_test_time_augmentation_model_is_seen_through_the_model_inside_it():
+    from cnnkit.recipes.ensemble import with_tta
+
+    model = cnnkit.build("4C3-FC8", (8, 8, 1), 3)
+    tta = with_tta(model, "crops")  # five views of each image through model: one batch of 5 N
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1))
+    assert visualize.conv_layers(tta) == ["conv1"]
+    maps = visualize.feature_maps(tta, images)
+    assert maps["conv1"].shape == (2, 6, 6, 4)  # one map per image, not per view
+    np.testing.assert_allclose(maps["conv1"], visualize.feature_maps(model, images)["conv1"], atol=1e-6)
+    np.testing.assert_allclose(visualize.grad_cam(tta, images), visualize.grad_cam(model, images), atol=1e-6)
+    np.testing.assert_array_equal(visualize.kernels(tta, "conv1"), visualize.kernels(model))
+    assert visualize.filter_patterns(tta, filters=1, steps=1).shape == (1, 8, 8, 1)
+
+
+def test_filter_patterns_of_a_model_of_any_image_size_are_refused_naming_what_to_do():
+    from cnnkit.models.convert import to_fully_convolutional
+
+    model = to_fully_convolutional(cnnkit.build("4C3-FC8", (8, 8, 1), 3))
+    with pytest.raises(ValueError, match=r"The model '.*' takes images of any size: filter patterns need a fixed "
+                                         r"height and width\. Draw them from the model it was made from .* Received: "
+                                         r"a model with input shape \(None, None, 1\)"):
+        visualize.filter_patterns(model, filters=1, steps=1)
+
+
 def test_an_ensemble_is_refused_naming_how_to_see_one_member():
     from cnnkit.recipes.ensemble import combine_models
 
