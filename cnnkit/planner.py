@@ -46,7 +46,9 @@ SHORTCUTS = ("projection", "zero_pad")
 
 _SPATIAL = {"conv", "local", "maxpool", "avgpool", "gap", "gmp", "lrn", "residual"}
 _WEIGHTED = {"conv", "local", "dense"}
-_OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "rmsprop": 1, "adam": 2, "adamw": 2}
+_OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2, "adamw": 2, "rmsprop": 2}
+"""Float32 values the optimizer keeps per trainable weight, for each of ``cnnkit.recipes.optimization.OPTIMIZERS``
+as ``make_optimizer`` builds it: RMSprop with its default momentum 0.9 keeps velocities and momentums."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """cnnkit.plan: shapes, parameters, MACs, receptive fields, notes, classifier, memory, BN option."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -421,7 +422,8 @@ def test_memory_estimate_arithmetic():
     assert sgd.total == 120 + 120 + 0 + 2 * 3 * stored * 4
     assert sgd.batch_size == 3 and sgd.precision == "float32"
     assert p.memory(batch_size=3, optimizer="momentum").optimizer_state == 120
-    assert p.memory(batch_size=3, optimizer="rmsprop").optimizer_state == 120
+    assert p.memory(batch_size=3, optimizer="nesterov").optimizer_state == 120
+    assert p.memory(batch_size=3, optimizer="rmsprop").optimizer_state == 240  # velocities and momentums
     adam = p.memory(batch_size=3, optimizer="adam")
     assert adam.optimizer_state == 240
     assert p.memory(batch_size=3, optimizer="adamw").optimizer_state == 240
@@ -434,6 +436,21 @@ def test_memory_estimate_arithmetic():
     text = str(adam)
     assert text.startswith("training memory estimate (batch 3, float32):")
     assert "weights 0.0 MiB" in text
+
+
+def test_memory_optimizer_state_is_what_each_recipe_optimizer_keeps():
+    from cnnkit.recipes.optimization import OPTIMIZERS, make_optimizer
+
+    p = plan("FC4", (2, 2, 1), 2)
+    model = cnnkit.build("FC4", (2, 2, 1), 2)
+    for name in OPTIMIZERS:
+        optimizer = make_optimizer(name, learning_rate=0.01, steps_per_epoch=1, epochs=1)
+        optimizer.build(model.trainable_variables)
+        state = sum(math.prod(v.shape) for v in optimizer.variables if len(v.shape))  # not the scalars
+        assert p.memory(optimizer=name).optimizer_state == 4 * state, name
+    with pytest.raises(ValueError, match=re.escape(f"optimizer must be one of {sorted(OPTIMIZERS)}. Received: "
+                                                   "optimizer='lamb'")):
+        p.memory(optimizer="lamb")
 
 
 def test_memory_counts_only_trainable_for_gradients_and_optimizer():

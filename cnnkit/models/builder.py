@@ -40,11 +40,12 @@ def build(arch, input_shape, num_classes, **options) -> keras.Model:
         **options: build options, defaults in ``cnnkit.planner.DEFAULT_OPTIONS``:
             ``activation`` ("relu"; any of ``cnnkit.spec.ACTIVATIONS``), ``padding`` ("valid"
             or "same", for tokens without ``p``), ``batch_norm`` (BN after every convolution),
-            ``initializer`` ("auto": He normal for ReLU-like activations, Glorot uniform
-            otherwise; "theano" is the Theano tutorial's uniform
+            ``initializer`` ("auto": He normal for ReLU-like activations, LeCun normal for SELU,
+            Glorot uniform otherwise; "theano" is the Theano tutorial's uniform
             ``sqrt(6 / (fan_in + fan_out / pool_area))``, times 4 for sigmoid units, on every
-            layer: the tutorial's logistic-regression output starts at zero instead; or a
-            Keras initialiser name),
+            layer: the tutorial's logistic-regression output starts at zero instead; or one of
+            Keras's "he_normal", "he_uniform", "glorot_uniform", "glorot_normal", "lecun_uniform",
+            "lecun_normal": ``INITIALIZERS``),
             ``l2`` (kernel L2 penalty), ``max_norm`` (kernel max-norm constraint),
             ``preprocessing`` ("rescale" for 1/255, ``None`` for none, or a list of Keras
             layers applied first), ``dtype`` (a dtype policy such as "mixed_bfloat16"; the

@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import numbers
+
 import keras
 import numpy as np
 
@@ -106,9 +108,12 @@ def _position_wise(layer) -> bool:
 
 
 def _check_unpadded(model):
-    """A padded layer sees zeros at a crop's border where the larger image has pixels."""
+    """A padded layer sees zeros at a crop's border where the larger image has pixels. A "same" layer
+    with a 1x1 window pads nothing (the builder makes ``16C1`` one: P = (F - 1)/2 = 0)."""
     for layer in model.layers:
-        if isinstance(layer, keras.layers.ZeroPadding2D) or getattr(layer, "padding", None) == "same":
+        window = getattr(layer, "kernel_size", None) or getattr(layer, "pool_size", None) or (2,)  # unknown: pads
+        same = getattr(layer, "padding", None) == "same" and max(window) > 1
+        if isinstance(layer, keras.layers.ZeroPadding2D) or same:
             raise ValueError(
                 f"layer {layer.name!r} pads its input, so map positions near a crop's border would see image "
                 "pixels where the crop saw zeros and would not equal the network on that crop; predict_map "
@@ -204,9 +209,11 @@ def predict_map(model: keras.Model, image, *, stride: int | None = None, convert
     converted = converted or to_fully_convolutional(model)
     native = native_stride(model, converted)
     stride = native if stride is None else stride
-    if not isinstance(stride, int) or stride < 1 or native % stride and stride % native:
-        raise ValueError(f"stride must be a positive divisor or multiple of the native stride {native}. "
-                         f"Received: stride={stride}")
+    integer = isinstance(stride, numbers.Integral) and not isinstance(stride, bool)
+    if not integer or stride < 1 or native % stride and stride % native:
+        raise ValueError(f"stride must be an integer, a positive divisor or multiple of the native stride {native}. "
+                         f"Received: stride={stride!r}")
+    stride = int(stride)
     fine = min(stride, native)  # the map is made at this stride, then every (stride // fine)-th position kept
     rows, cols = (image.shape[0] - height) // fine + 1, (image.shape[1] - width) // fine + 1
     step = native // fine

@@ -20,7 +20,7 @@ import difflib
 import importlib
 import re
 
-from cnnkit.spec import SpecError, parse
+from cnnkit.spec import SpecError, format_spec, parse
 
 _REGISTRY = {}
 _BUILTIN_MODULES = ("cnnkit.models.classic", "cnnkit.models.resnet")
@@ -39,7 +39,8 @@ def register_model(fn):
     """Register ``fn`` (no arguments, returns an :class:`Architecture`) under its own name.
 
     Names are case-insensitive: ``def TinyNet()`` is listed and looked up as ``"tinynet"``, and a
-    second model whose name differs only in case is refused.
+    second model whose name differs only in case is refused, as is a name that is notation
+    (``def fc64()`` would hide the layer ``FC64``).
 
     Example:
         >>> @register_model
@@ -49,6 +50,13 @@ def register_model(fn):
         '8C3-MP2'
     """
     name = fn.__name__.lower()
+    try:
+        notation = format_spec(parse(name))
+    except SpecError:
+        pass
+    else:
+        raise ValueError(f"cannot register a model named {name!r}: it is also the notation {notation!r}, which the "
+                         "model would hide from cnnkit.plan and cnnkit.build; choose another name")
     registered = _REGISTRY.get(name)
     if registered is not None and registered is not fn:
         raise ValueError(f"a model named {name!r} is already registered (as {registered.__name__!r}; names ignore case)")
@@ -73,11 +81,21 @@ def list_models() -> list[str]:
 
 
 def get_architecture(name: str) -> Architecture:
-    """The :class:`Architecture` registered as ``name`` (any case); an unknown name lists close matches."""
+    """The :class:`Architecture` registered as ``name`` (any case); an unknown name lists close matches.
+
+    Raises:
+        ValueError: an unknown name.
+        TypeError: the registered function returned something other than an :class:`Architecture`.
+    """
     registry = _registry()
     if name.lower() not in registry:
         raise ValueError(_unknown_model_message(name))
-    return registry[name.lower()]()
+    fn = registry[name.lower()]
+    arch = fn()
+    if not isinstance(arch, Architecture):
+        raise TypeError(f"model {name.lower()!r} ({fn.__module__}.{fn.__qualname__}) must return an Architecture. "
+                        f"Received: {arch!r}")
+    return arch
 
 
 def _unknown_model_message(name: str) -> str:

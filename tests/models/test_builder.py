@@ -288,6 +288,19 @@ def test_named_initializer():
         assert type(model.get_layer(name).kernel_initializer) is keras.initializers.HeUniform
 
 
+def test_the_docstring_names_exactly_the_initializers_build_takes():
+    from cnnkit.models.builder import INITIALIZERS, build
+
+    paragraph = build.__doc__.split("``initializer``")[1].split("``l2``")[0]
+    assert set(re.findall(r'"(\w+)"', paragraph)) == set(INITIALIZERS)
+    for name in set(INITIALIZERS) - {"auto", "theano"}:
+        model = cnnkit.build("4C3-FC4", (6, 6, 1), 3, initializer=name)
+        assert type(model.get_layer("conv1").kernel_initializer) is type(keras.initializers.get(name)), name
+    with pytest.raises(ValueError, match=re.escape(f"initializer must be one of {INITIALIZERS}. "
+                                                   "Received: initializer='orthogonal'")):
+        cnnkit.build("4C3", (6, 6, 1), 3, initializer="orthogonal")
+
+
 def test_mixed_bfloat16():
     before = keras.config.dtype_policy().name
     model = cnnkit.build("8C3-4LC3-LRN3-R8-BN-FC8", (10, 10, 3), 3, dtype="mixed_bfloat16")

@@ -129,8 +129,26 @@ def test_padded_network_is_refused_by_predict_map():
         predict_map(model, np.zeros((40, 40), np.uint8))
 
 
+def test_a_1x1_convolution_made_same_by_the_builder_slides():
+    model = cnnkit.build("4C3-8C1-MP2-FC8", (12, 12, 1), 3)  # 8C1 has P = (F - 1)/2 = 0: a Keras "same" Conv2D
+    assert model.get_layer("conv2").padding == "same"
+    canvas = RNG.integers(0, 256, (19, 17, 1)).astype(np.uint8)
+    np.testing.assert_allclose(predict_map(model, canvas, stride=1), _crop_scores(model, canvas, 1, (12, 12)),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("stride, rows", [(np.int64(2), 5), (np.int32(4), 3), (1, 9)])
+def test_predict_map_takes_any_integer_stride(stride, rows):
+    model = cnnkit.build("4C3-MP2-FC8", (12, 12, 1), 3)
+    scores = predict_map(model, np.zeros((20, 20), np.uint8), stride=stride)
+    assert scores.shape == (rows, rows, 3)
+
+
 @pytest.mark.parametrize("kwargs, message", [
-    ({"stride": 3}, "positive divisor or multiple of the native stride 4"),
+    ({"stride": 3}, "positive divisor or multiple of the native stride 4. Received: stride=3"),
+    ({"stride": True}, "must be an integer, .*Received: stride=True"),
+    ({"stride": 2.0}, "must be an integer, .*Received: stride=2.0"),
+    ({"stride": np.int64(3)}, r"native stride 4. Received: stride=np.int64\(3\)"),
     ({"image": np.zeros((20, 40), np.uint8)}, "H >= 28"),
     ({"image": np.zeros((40, 40, 3), np.uint8)}, "image.shape=\\(40, 40, 3\\)"),
 ])

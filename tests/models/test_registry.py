@@ -1,5 +1,7 @@
 """Registered networks: lookup by string, plan == model for every one, .keras round trip."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -252,6 +254,30 @@ def test_a_name_with_capitals_is_registered_and_found_in_any_case(private_regist
     with pytest.raises(ValueError, match="a model named 'tinynet' is already registered"):
         register_model(tinynet)
     assert get_architecture("tinynet").spec == "8C3-MP2"
+
+
+@pytest.mark.parametrize("name, notation", [("fc64", "FC64"), ("GAP", "GAP"), ("mp2s1", "MP2s1"), ("d0", "D0")])
+def test_a_name_that_is_notation_is_refused(private_registry, name, notation):
+    def model():
+        return Architecture("8C3-MP2")
+
+    model.__name__ = name
+    with pytest.raises(ValueError, match=re.escape(f"cannot register a model named {name.lower()!r}: it is also the "
+                                                   f"notation {notation!r}")):
+        register_model(model)
+    assert name.lower() not in list_models()
+    assert plan(name.upper(), (8, 8, 1), 3).spec == name.upper()  # still the layer
+
+
+def test_a_model_function_that_returns_no_architecture_is_named(private_registry):
+    def broken_net():
+        return "8C3"
+
+    register_model(broken_net)
+    where = f"{broken_net.__module__}.test_a_model_function_that_returns_no_architecture_is_named.<locals>.broken_net"
+    with pytest.raises(TypeError, match=re.escape(f"model 'broken_net' ({where}) must return an Architecture. "
+                                                  "Received: '8C3'")):
+        plan("Broken_Net", (8, 8, 1), 3)
 
 
 def test_registering_in_tests_left_the_real_registry_alone():
