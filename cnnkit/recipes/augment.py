@@ -51,12 +51,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from cnnkit.data.imagedata import check_seed
 from cnnkit.recipes.optimization import is_finite_number
 
 __all__ = [
@@ -348,7 +350,7 @@ class PCAColor(_RandomImageLayer):
             raise ValueError("PCA colour augmentation needs RGB images, an array (N, height, width, 3) with N >= 1. "
                              f"Received: images.shape={images.shape}")
         pixels = images.reshape(-1, 3)
-        pixels = pixels[:: max(1, len(pixels) // max_pixels)].astype("float64") / 255.0
+        pixels = pixels[:: math.ceil(len(pixels) / max_pixels)].astype("float64") / 255.0
         covariance = np.cov(pixels, rowvar=False) if len(pixels) > 1 else np.zeros((3, 3))
         values, vectors = np.linalg.eigh(covariance)
         values = np.clip(values[::-1], 0.0, None)  # largest first; round-off can leave tiny negatives
@@ -692,7 +694,7 @@ def make_augmentation(augment, *, image_shape, num_classes, seed=0, train_images
         ValueError: an unknown preset, op or parameter (the message lists the valid ones), a
             parameter out of its range (a number that is not finite, a shift or crop padding as
             large as the image's shorter side) or that Keras refuses, or an op that does not fit
-            the images (PCA colour on grey).
+            the images (PCA colour on grey), or a seed that is not a non-negative integer.
 
     Example:
         >>> make_augmentation(["shift", {"name": "rotation", "degrees": 15}], image_shape=(28, 28, 1),
@@ -703,8 +705,7 @@ def make_augmentation(augment, *, image_shape, num_classes, seed=0, train_images
     if len(image_shape) != 3 or not all(isinstance(size, int) and size > 0 for size in image_shape):
         raise ValueError(f"image_shape must be (height, width, channels). Received: image_shape={image_shape!r}")
     _check_positive_int("num_classes", num_classes)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer. Received: seed={seed!r}")
+    seed = check_seed(seed)
     items = parse_augment(augment)
     if not items:
         return None

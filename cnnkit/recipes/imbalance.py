@@ -58,7 +58,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cnnkit.data.imagedata import count_classes
+from cnnkit.data.imagedata import check_seed, count_classes
 from cnnkit.recipes.optimization import is_finite_number
 from cnnkit.recipes.pipeline import cross_entropy
 
@@ -148,13 +148,14 @@ def resample(imbalance, data, *, seed: int = 0) -> Resampled:
 
     Raises:
         ValueError: an unknown strategy or option (naming it and the valid ones), a bad option
-            value, or a training split without examples.
+            value, a seed that is not a non-negative integer, or a training split without examples.
 
     Example:
         >>> resampled = resample({"strategy": "oversample", "augmented_copies": True}, data, seed=1)  # doctest: +SKIP
         >>> resampled.counts_before, resampled.counts_after  # doctest: +SKIP
         ([5000, 2997, ...], [5000, 5000, ...])
     """
+    seed = check_seed(seed)
     strategy, options = parse_imbalance(imbalance)
     counts = list(data.class_counts["train"])
     if sum(counts) == 0:

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -107,9 +108,10 @@ SAMPLE_BYTES = 256 * 2**20
 def training_sample(data) -> np.ndarray:
     """The training images (uint8 NHWC) that preprocessing and PCA colour are fitted on.
 
-    The whole training split when it fits in 256 MiB (all of MNIST or CIFAR-10), else a random
-    sample of that size drawn with a fixed seed from the split's first ``2 x`` that many images:
-    a split stored in random order (``from_folder`` stores it so) gives a uniform sample.
+    The whole training split when it fits in 256 MiB (all of MNIST or CIFAR-10), else a uniform
+    random sample of that size drawn with a fixed seed from the whole split (whatever its order:
+    ``from_arrays`` keeps the caller's, which may be class by class), in the split's order; the
+    split is read once and only the sample is held in memory.
 
     Example:
         >>> training_sample(cnnkit.data.load("mnist-sample")).shape  # doctest: +SKIP
@@ -117,8 +119,13 @@ def training_sample(data) -> np.ndarray:
     """
     size = data.sizes["train"]
     count = min(size, max(1, SAMPLE_BYTES // max(1, math.prod(data.image_shape))))
-    dataset = data.train if count == size else data.train.shuffle(count, seed=0).take(count)
-    return next(iter(dataset.batch(count).map(lambda images, labels: images)))[:count].numpy()
+    images = data.train.map(lambda image, label: image)
+    if count < size:
+        chosen = np.zeros(size, bool)
+        chosen[np.random.default_rng(0).choice(size, count, replace=False)] = True
+        chosen = tf.constant(chosen)
+        images = images.enumerate().filter(lambda index, image: chosen[index]).map(lambda _, image: image)
+    return next(iter(images.batch(count))).numpy()
 
 
 def training_subsample(data, count: int, seed) -> np.ndarray:
@@ -141,9 +148,14 @@ class TrainingInputs:
         preprocessing: ``None`` (the model's default 1/255 rescaling) or the fitted
             preprocessing layers to build into the model.
         augmentation: the ``Augmentation`` applied to training batches, or ``None``.
-        resampled: the ``Resampled`` training split, or ``None``.
+        resampled: the ``Resampled`` training split, or ``None``; without class weights when
+            ``label_weights`` holds them.
         train_size: images per training epoch (after resampling).
-        class_weight: per-class loss weights, or ``None``.
+        class_weight: per-class loss weights for ``fit``, or ``None``.
+        label_weights: with soft labels, the class weights as a vector: the training pipeline
+            gives each example the weight ``label @ label_weights`` (a mixed label weighs each
+            class by its share; ``fit``'s ``class_weight`` would give it its largest class's
+            weight), and ``class_weight`` is ``None``. Else ``None``.
         soft_labels: labels are one-hot floats (augmentation mixes them, or ``label_smoothing``).
         loss: categorical cross-entropy on soft labels (smoothed by ``label_smoothing``), else
             sparse categorical cross-entropy; logit-adjusted with ``imbalance="logit_adjusted"``.
@@ -176,8 +188,13 @@ class TrainingInputs:
 
             self.resampled = resample(imbalance, data, seed=seed)
         self.train_size = self.resampled.size if self.resampled else data.sizes["train"]
-        self.class_weight = self.resampled.class_weight if self.resampled else None
         self.soft_labels = bool(self.augmentation and self.augmentation.soft_labels) or label_smoothing > 0
+        self.label_weights = None
+        if self.soft_labels and self.resampled and self.resampled.class_weight:
+            weights = self.resampled.class_weight  # Keras's default for a class without a weight: 1
+            self.label_weights = np.array([weights.get(c, 1.0) for c in range(data.num_classes)], np.float32)
+            self.resampled = dataclasses.replace(self.resampled, class_weight=None)
+        self.class_weight = self.resampled.class_weight if self.resampled else None
         self.loss = (self.resampled.loss(sparse=not self.soft_labels, label_smoothing=label_smoothing)
                      if self.resampled else cross_entropy(sparse=not self.soft_labels, label_smoothing=label_smoothing))
         self._config = {"augment": self.augmentation.config if self.augmentation else None,
@@ -185,13 +202,19 @@ class TrainingInputs:
                         "imbalance": self.resampled.config if self.resampled else None}
 
     def train_pipeline(self, batch_size, seed, resampled=None):
-        """The batched, shuffled, augmented training pipeline (of ``resampled`` when given)."""
+        """The batched, shuffled, augmented training pipeline (of ``resampled`` when given): batches of
+        ``(images, labels)``, or ``(images, labels, example weights)`` with ``label_weights``."""
         resampled = resampled or self.resampled
-        return input_pipeline(
+        dataset = input_pipeline(
             self.data, "train", batch_size=batch_size, shuffle=True, seed=seed,
             dataset=resampled.dataset if resampled else None, size=resampled.size if resampled else None,
             augmentation=self.augmentation, one_hot=self.soft_labels,
         )
+        if self.label_weights is None:
+            return dataset
+        weights = tf.constant(self.label_weights)
+        return dataset.map(lambda images, labels: (images, labels, tf.linalg.matvec(labels, weights)),
+                           num_parallel_calls=tf.data.AUTOTUNE)
 
     def validation_pipeline(self, batch_size=1024):
         """The batched validation pipeline, labels one-hot when training labels are."""

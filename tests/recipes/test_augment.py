@@ -150,6 +150,15 @@ def test_pca_color_needs_rgb_and_training_pixels():
         PCAColor.from_images(_images((8, 8, 1)))
 
 
+def test_pca_color_fits_on_at_most_max_pixels(monkeypatch):
+    images = np.random.default_rng(0).integers(0, 256, (1, 39, 50, 3), dtype=np.uint8)  # 1,950 pixels
+    fitted, cov = [], np.cov
+    monkeypatch.setattr(np, "cov", lambda pixels, **kwargs: fitted.append(len(pixels)) or cov(pixels, **kwargs))
+    PCAColor.from_images(images, max_pixels=1000)
+    PCAColor.from_images(images, max_pixels=1950)
+    assert fitted == [975, 1950]  # every second pixel, then all
+
+
 def test_pca_color_fit_is_recorded_and_can_be_replayed():
     augmentation = _augment("pca_color", (8, 8, 3))
     (entry,) = augmentation.config["ops"]
@@ -256,6 +265,12 @@ def test_every_preset_builds_and_is_documented(preset):
 def test_bad_augment_is_a_clear_error(augment, message):
     with pytest.raises(ValueError, match=message):
         make_augmentation(augment, image_shape=(8, 8, 1), num_classes=3)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_bad_seed_is_named(seed):
+    with pytest.raises(ValueError, match=f"seed must be a non-negative integer. Received: seed={seed}"):
+        make_augmentation("shift", image_shape=(8, 8, 1), num_classes=3, seed=seed)
 
 
 NAN, INF = float("nan"), float("inf")

@@ -277,6 +277,12 @@ def test_bad_imbalance_names_the_key(skewed, imbalance, match):
         resample(imbalance, skewed)
 
 
+@pytest.mark.parametrize("strategy", ["class_weight", "oversample", "balanced_batches"])
+def test_negative_seed_is_named(skewed, strategy):
+    with pytest.raises(ValueError, match="seed must be a non-negative integer. Received: seed=-1"):
+        resample(strategy, skewed, seed=-1)
+
+
 def test_strategies_have_documented_defaults():
     assert set(STRATEGIES) == {"none", "class_weight", "oversample", "undersample", "balanced_batches", "two_stage",
                                "logit_adjusted"}

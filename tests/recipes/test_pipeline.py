@@ -1,14 +1,11 @@
+import keras
 import numpy as np
 import pytest
 
 import cnnkit
 from cnnkit.recipes import pipeline
-from cnnkit.recipes.pipeline import input_pipeline, resolve_data
+from cnnkit.recipes.pipeline import input_pipeline, prepare_inputs, resolve_data
 from cnnkit.recipes.resume import training_epoch
-
-
-def _labels_of_epoch(dataset):
-    return np.concatenate([labels.numpy() for _, labels in dataset])
 
 
 def _data(n=64):
@@ -51,8 +48,37 @@ def test_missing_split_gives_none():
 def test_shuffle_buffer_is_capped_by_memory(monkeypatch):
     monkeypatch.setattr(pipeline, "SHUFFLE_BUFFER_BYTES", 16 * 10)  # room for 10 images of 4x4x1
     dataset = input_pipeline(_data(), "train", batch_size=64, shuffle=True, seed=0)
-    order = _labels_of_epoch(dataset)
-    assert len(order) == 64  # nothing dropped, only a windowed shuffle
+    order = _images_of_epoch(dataset, 0)  # image i is the split's i-th
+    assert sorted(order) == list(range(64))  # nothing dropped, only a windowed shuffle
+    assert not np.array_equal(order, np.arange(64))
+    # a buffer of 10 holds the next 10 images in: the k-th out is one of the first k + 10
+    assert (order - np.arange(64)).max() <= 9
+
+
+def test_training_sample_is_drawn_from_the_whole_split(monkeypatch):
+    data = _data(200)  # image i is the split's i-th
+    np.testing.assert_array_equal(pipeline.training_sample(data)[:, 0, 0, 0], np.arange(200))  # it fits: all of it
+    monkeypatch.setattr(pipeline, "SAMPLE_BYTES", 16 * 50)  # room for 50 images of 4x4x1
+    sample = pipeline.training_sample(data)[:, 0, 0, 0]
+    assert len(np.unique(sample)) == 50
+    assert np.bincount(sample // 50, minlength=4).min() >= 5  # from every quarter of the split, not the first half
+    np.testing.assert_array_equal(pipeline.training_sample(data)[:, 0, 0, 0], sample)  # a fixed seed
+
+
+def test_mixed_labels_weigh_each_class_by_its_share():
+    x = np.random.default_rng(0).integers(0, 256, (100, 8, 8), dtype=np.uint8)
+    data = cnnkit.data.from_arrays(x, np.array([0] * 90 + [1] * 10), val_split=0)
+    inputs = prepare_inputs(data, augment="cutmix", imbalance="class_weight", seed=0)
+    assert inputs.class_weight is None and inputs.resampled.class_weight is None  # fit would weigh by argmax
+    np.testing.assert_allclose(inputs.label_weights, [100 / 180, 100 / 20])
+    dataset = inputs.train_pipeline(batch_size=100, seed=0)
+    _, labels, weights = next(iter(dataset))
+    mixed = labels.numpy().max(axis=1) < 1
+    assert mixed.sum() > 10
+    np.testing.assert_allclose(weights, labels.numpy() @ [100 / 180, 100 / 20], rtol=1e-6)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(2, "softmax")])
+    model.compile("sgd", inputs.loss)
+    assert np.isfinite(model.fit(dataset, class_weight=inputs.class_weight, shuffle=False, verbose=0).history["loss"][0])
 
 
 def test_resolve_data_forms(image_folder):
