@@ -82,7 +82,8 @@ def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, we
             periods, the schedule of Huang et al.'s snapshot ensembles): ``k`` cosine decays
             of ``epochs / k`` epochs each, every one starting again from the peak rate; ``k``
             must divide ``epochs`` so that each cycle ends at an epoch boundary.
-        momentum: for "momentum", "nesterov" and "rmsprop".
+        momentum: for "momentum", "nesterov" and "rmsprop": a number in [0, 1] (an integer such as 0 is
+            taken as a float, which Keras's ``SGD`` requires); checked whatever the optimiser.
         weight_decay: decoupled weight decay (Loshchilov and Hutter), >= 0; biases and batch-norm
             scales and offsets are excluded.
         ema: momentum of an exponential moving average of the weights (Polyak averaging, Keras's
@@ -101,6 +102,9 @@ def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, we
         raise ValueError(f"learning_rate must be a finite number > 0. Received: learning_rate={learning_rate!r}")
     if not is_finite_number(weight_decay) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a finite number >= 0. Received: weight_decay={weight_decay!r}")
+    if not is_finite_number(momentum) or not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be a number in [0, 1]. Received: momentum={momentum!r}")
+    momentum = float(momentum)
     check_ema(ema)
     rate = make_schedule(schedule, learning_rate, steps_per_epoch=steps_per_epoch, epochs=epochs)
     common = {"weight_decay": weight_decay or None, "use_ema": ema is not None, "ema_momentum": ema or 0.99}

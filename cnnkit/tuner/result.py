@@ -10,10 +10,12 @@
   test split only (it has no validation split left to report).
 
 ``best_recipe.yaml`` is the first of these as a ``cnnkit run`` recipe: the same network and
-settings, trained on the training split with validation, so its ``best_val_accuracy`` should
-come back within noise of the search's score. For a fine-tuning space it is a ``finetune``
-recipe whose ``stages:`` are the best trial's (the head on the frozen backbone, then the top
-``unfreeze_depth`` groups with ``lr_multipliers``), and ``retrain()`` runs ``finetune``.
+settings, trained on the training split with validation, so its record of the objective should
+come back within noise of the search's score; the file's header says where the run records it
+(``best_val_accuracy`` in ``metrics.json``, the lowest ``val_loss`` in ``history.csv``). For a
+fine-tuning space it is a ``finetune`` recipe whose ``stages:`` are the best trial's (the head on
+the frozen backbone, then the top ``unfreeze_depth`` groups with ``lr_multipliers``), and
+``retrain()`` runs ``finetune``.
 
 Example:
     >>> result = cnnkit.tuner.search(space, "mnist-sample", algorithm="hyperband", epochs=9)  # doctest: +SKIP
@@ -32,6 +34,7 @@ import json
 import math
 import os
 import shlex
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -343,19 +346,37 @@ class SearchResult:
         recipe = self.best_recipe()
         best = self.best_trial
         path = path or self.directory / RECIPE_FILE
+        trade_offs = (f"trains on the training split and validates as the search did, so {self._score_note(recipe)}; "
+                      "SearchResult.retrain() trains the same configuration on training + validation and reports the "
+                      "test split only.")
         lines = [
             f"# Best configuration of search {self.space.name!r} ({self.settings['algorithm']}, trial {best.trial_id}): "
             f"{self.objective} {best.score:.4f} at epoch {best.best_epoch} of {best.epochs}.",
             f"# Run:        cnnkit run {shlex.quote(str(path))}",
-            "# Trade-offs: trains on the training split and validates as the search did, so best_val_accuracy",
-            "#             should match the search's score within noise; SearchResult.retrain() trains the",
-            "#             same configuration on training + validation and reports the test split only.",
+            *(line.replace("\xa0", " ") for line in textwrap.wrap(
+                trade_offs, 100, initial_indent="# Trade-offs: ", subsequent_indent="#" + " " * 13)),
         ]
         if recipe["data"] is None:
             lines.append(f"# Data:       the search ran on in-memory data ({self._data.source}); "
                          "give it when running: data=NAME or data.path=FOLDER")
         body = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False)
         return "\n".join(lines) + "\n" + body
+
+    def _score_note(self, recipe) -> str:
+        """Where the recipe's run records the search's objective, and how it compares with the score."""
+        if self.objective == "val_accuracy":
+            return ("its best_val_accuracy in metrics.json (the highest val_accuracy in history.csv) should match the "
+                    "search's val_accuracy within noise")
+        if self.objective == "val_balanced_accuracy":
+            return ("its validation balanced accuracy should match the search's val_balanced_accuracy within noise; "
+                    "a run does not log it per epoch: cnnkit.load(RUN_DIR).evaluate(data,\xa0split=\"val\")"
+                    "[\"balanced_accuracy\"] gives its last epoch's")  # a no-break space: the code on one line
+        note = "the lowest val_loss in its history.csv should match the search's val_loss (plain cross-entropy) within noise"
+        added = [name for name, value in (("label_smoothing", recipe.get("label_smoothing")),
+                                          ("the l2 penalty", recipe.get("model_options", {}).get("l2"))) if value]
+        if added:
+            note += f", but that val_loss includes {' and '.join(added)} (the search's score does not), so the two differ"
+        return note
 
     def retrain(self, *, run_dir=None, verbose: int = 1):
         """Train the best configuration from scratch on training + validation; evaluate on the test split.

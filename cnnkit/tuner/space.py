@@ -32,7 +32,9 @@ needs a ``step`` in every range but a linear integer one (:meth:`SearchSpace.che
 
 A combination whose network does not fit the input (a kernel larger than the feature map) is
 found by the planner before anything is built: :meth:`SearchSpace.invalid_reason` returns the
-planner's message, and the search records such a trial as invalid without training it.
+planner's message, and the search records such a trial as invalid without training it. A listed
+(or fixed) value that makes the template bad notation, a typo such as ``4C3-MPP2``, is refused when
+the space is made, naming the hyperparameter and the value: notation does not depend on the input.
 
 A fine-tuning space names a ``backbone`` (a ``keras.applications`` name with its ``weights``, a
 ``.keras`` file or a cnnkit run directory) instead of an ``arch``; build knobs do not apply, and
@@ -71,11 +73,12 @@ import string
 
 import keras_tuner as kt
 import numpy as np
+from keras_tuner.engine.hyperparameters import Choice, Fixed
 
 from cnnkit.planner import plan
 from cnnkit.recipes.finetune import check_backbone_weights
 from cnnkit.recipes.optimization import is_finite_number
-from cnnkit.spec import SpecError
+from cnnkit.spec import SpecError, parse
 
 # knob -> (group, what it sets). "model": a cnnkit.build option (model_options of the train
 # recipe); "train": an argument of the train recipe; "finetune": a finetune-recipe argument.
@@ -88,7 +91,7 @@ KNOBS = {
     "max_norm": ("model", "max-norm constraint on kernels"),
     "learning_rate": ("train", "peak learning rate (constant during a trial)"),
     "optimizer": ("train", "sgd, momentum, nesterov, adam, adamw or rmsprop"),
-    "momentum": ("train", "momentum of momentum, nesterov and rmsprop"),
+    "momentum": ("train", "momentum of momentum, nesterov and rmsprop, in [0, 1]"),
     "weight_decay": ("train", "decoupled weight decay"),
     "label_smoothing": ("train", "smooth the training labels towards uniform by this much (0.1 is usual), in [0, 1)"),
     "batch_size": ("train", "images per step"),
@@ -110,8 +113,9 @@ _SAMPLINGS = ("linear", "log", "reverse_log")
 _BOOLEAN_KNOBS = ("batch_norm",)
 _INTEGER_KNOBS = {"batch_size": 1, "unfreeze_depth": 0, "head_epochs": 0}  # knob -> smallest value
 _POSITIVE_KNOBS = ("learning_rate", "lr_multiplier", "max_norm")
-_NON_NEGATIVE_KNOBS = ("momentum", "weight_decay", "l2")
+_NON_NEGATIVE_KNOBS = ("weight_decay", "l2")
 _FRACTION_KNOBS = ("label_smoothing",)  # in [0, 1)
+_UNIT_KNOBS = ("momentum",)  # in [0, 1]
 _PLAN_OPTIONS = ("activation", "padding", "batch_norm")
 
 
@@ -137,7 +141,8 @@ class SearchSpace:
     Raises:
         ValueError: a template placeholder that is not declared, a declared name that is neither
             a placeholder nor a knob, a knob of the other kind of space, a malformed
-            declaration, or a knob value out of range; the message names the hyperparameter.
+            declaration, a listed or fixed value that makes the template bad notation, or a knob
+            value out of range; the message names the hyperparameter.
 
     Example:
         >>> space = SearchSpace("{f}C3-MP2-FC{units}", {"f": [16, 32], "units": {"min": 32, "max": 128, "step": 32}})
@@ -192,6 +197,7 @@ class SearchSpace:
         for name in self.hyperparameters:
             if name in KNOBS:
                 _check_knob(name, self.hyperparameters[name])
+        self._check_notation()
 
     @classmethod
     def coerce(cls, space) -> SearchSpace:
@@ -243,6 +249,26 @@ class SearchSpace:
                 isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)):
             raise ValueError(f"input_size must be [height, width] or null. Received: input_size={size!r}")
 
+    def _check_notation(self):
+        # Notation does not depend on the input: a value that breaks it is refused here, not tried as a misfit.
+        if self.kind != "train":
+            return
+        hp = kt.HyperParameters()
+        self.declare(hp)
+        listed = {parameter.name: parameter.values if isinstance(parameter, Choice) else [parameter.value]
+                  for parameter in hp.space if parameter.name in self.placeholders
+                  and isinstance(parameter, (Choice, Fixed))}  # a range's numbers (and a boolean) are no typos
+        for name, values in listed.items():  # each value with the other placeholders at their first values
+            problems = [_notation_problem(self.arch_for(self.values({**hp.values, name: value}))) for value in values]
+            if None in problems and any(problems):  # some values make notation, these do not: typos
+                value, problem = next((value, problem) for value, problem in zip(values, problems) if problem)
+                raise ValueError(f"hyperparameter {name!r}: the value {value!r} makes the template read {problem}. "
+                                 f"Received: {name}={self.hyperparameters[name]!r}")
+        problem = _notation_problem(self.arch_for(self.values(hp.values)))
+        if problem and len(listed) == len(self.placeholders):  # no range's value involved: the values are wrong
+            shown = ", ".join(f"{name}={hp.values[name]!r}" for name in self.placeholders)
+            raise ValueError(f"arch template {self.arch!r}{f' with {shown}' if shown else ''} reads {problem}")
+
     @property
     def kind(self) -> str:
         """``"train"`` (an arch template) or ``"finetune"`` (a backbone)."""
@@ -290,7 +316,7 @@ class SearchSpace:
         and an integer range's values are ints (Keras Tuner's grid gives ``32.0`` for a log range).
 
         Example:
-            >>> SearchSpace("{d}", {"d": [0.5]}).values({"d": 0.30000000000000004, "tuner/epochs": 2})
+            >>> SearchSpace("D{d}", {"d": [0.5]}).values({"d": 0.30000000000000004, "tuner/epochs": 2})
             {'d': 0.3}
             >>> SearchSpace("FC{u}", {"u": {"min": 16, "max": 64, "step": 2, "sampling": "log"}}).values({"u": 32.0})
             {'u': 32}
@@ -558,6 +584,15 @@ def _candidates(declaration) -> list:
     return [declaration]
 
 
+def _notation_problem(arch) -> str | None:
+    """Why ``arch`` is not valid notation, or ``None``."""
+    try:
+        parse(arch)
+    except SpecError as error:
+        return f"{arch!r}, which is not valid notation: {error}"
+    return None
+
+
 def _check_knob(name, declaration):
     for value in _candidates(declaration):
         if name in _BOOLEAN_KNOBS:
@@ -571,6 +606,8 @@ def _check_knob(name, declaration):
             ok, need = is_finite_number(value) and value >= 0, "a number >= 0"
         elif name in _FRACTION_KNOBS:
             ok, need = is_finite_number(value) and 0 <= value < 1, "a number in [0, 1)"
+        elif name in _UNIT_KNOBS:
+            ok, need = is_finite_number(value) and 0 <= value <= 1, "a number in [0, 1]"
         else:
             ok, need = value is None or isinstance(value, str), "a name"
         if not ok:

@@ -23,7 +23,8 @@ state after every trial. cnnkit adds what a search of convolutional networks nee
 * The same call resumes: with ``overwrite=False`` a search directory is reloaded, finished trials
   are kept and a trial interrupted mid-way (even by SIGKILL) runs again. Keras Tuner's state
   files are written atomically here, so a kill never leaves a half-written one. A call whose
-  settings differ from the directory's (``search.yaml``) is refused rather than mixed in.
+  settings differ from the directory's (``search.yaml``) is refused rather than mixed in, and so is
+  a directory that holds something else (a run, other files).
 * The same call runs on several processes or hosts: ``role="chief"`` serves the search,
   ``role="worker"`` trains its trials (Keras Tuner's chief/worker mode over gRPC, sharing the
   search directory); a worker that dies has its trial handed to another. See
@@ -70,11 +71,11 @@ from tensorflow.python.framework import ops as tf_ops
 
 import cnnkit
 from cnnkit.recipes.finetune import build_finetune_model, finetune_stage
-from cnnkit.recipes.optimization import OPTIMIZERS, loss_scaled, make_optimizer, resolve_precision
+from cnnkit.recipes.optimization import OPTIMIZERS, is_finite_number, loss_scaled, make_optimizer, resolve_precision
 from cnnkit.recipes.pipeline import prepare_inputs, resolve_data
 from cnnkit.recipes.resume import EpochSeeds
 from cnnkit.report import package_versions
-from cnnkit.runs import atomic_write_text, holding_run_dir
+from cnnkit.runs import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, atomic_write_text, holding_run_dir
 from cnnkit.tuner.distributed import POLL_SECONDS, Heartbeat, LivenessMixin, environment, resolve_role, serve
 from cnnkit.tuner.metrics import BalancedAccuracy
 from cnnkit.tuner.result import (
@@ -107,6 +108,7 @@ WORKER_WAIT_SECONDS = 3600.0
 MAX_INVALID_IN_A_ROW = 100
 """The search stops when this many proposed networks in a row do not fit the input."""
 
+_RUN_FILES = (MANIFEST_FILE, MODEL_FILE, CONFIG_FILE)
 _OUTPUTS = ("trials.csv", "best_recipe.yaml", "sensitivity.png", "sensitivity.csv", "report.html", SETTINGS_FILE)
 _SAMPLE_IMAGES = 256
 
@@ -205,7 +207,7 @@ def search(
             private network.
         worker_id: a worker's name, unique in the search; default ``<host>-<pid>``. A worker
             restarted with the same name resumes its unfinished trial.
-        worker_timeout: seconds without a sign of life (workers send one every
+        worker_timeout: seconds (finite) without a sign of life (workers send one every
             ``worker_timeout / 5`` s while training) after which the chief gives a worker's
             trial to another worker. Give chief and workers the same value.
         verbose: 0 silent, 1 a line per trial and the final table, 2 also Keras progress per epoch.
@@ -218,7 +220,8 @@ def search(
         ValueError: a bad argument, a grid over a range without a step, a space none of whose
             networks fits, a bad knob value (an ``unfreeze_depth`` beyond the backbone's layer
             groups, a ``head_epochs`` that leaves no epoch to unfreeze in), data without a
-            validation split, or a directory holding a search with other settings.
+            validation split, or a directory holding a search with other settings or something
+            other than a search (a run).
         ImportError: a package the algorithm or a knob needs is missing.
         SearchError: a setup error inside a trial, or too many failures in a row.
 
@@ -231,8 +234,9 @@ def search(
                      max_consecutive_failed_trials=max_consecutive_failed_trials,
                      steps_per_execution=steps_per_execution, seed=seed, verbose=verbose)
     role, variables = resolve_role(role, oracle_address, worker_id)
-    if isinstance(worker_timeout, bool) or not isinstance(worker_timeout, (int, float)) or not worker_timeout > 0:
-        raise ValueError(f"worker_timeout must be a number of seconds > 0. Received: worker_timeout={worker_timeout!r}")
+    if not is_finite_number(worker_timeout) or not worker_timeout > 0:
+        raise ValueError(f"worker_timeout must be a finite number of seconds > 0. Received: "
+                         f"worker_timeout={worker_timeout!r}")
     space = SearchSpace.coerce(space)
     if algorithm == "grid":
         space.check_grid()
@@ -389,8 +393,17 @@ def _sample(data):
 
 def _prepare_directory(directory, settings, *, overwrite, max_trials, source, write=True, verbose=1):
     """Check ``settings`` against the search in ``directory`` (a worker first waits for the chief to record
-    its own), then record them; ``overwrite`` deletes the earlier search instead."""
+    its own), then record them; ``overwrite`` deletes the earlier search instead. A directory that holds
+    anything but a search (a run, other files) is refused, with or without ``overwrite``."""
     path = directory / SETTINGS_FILE
+    if write and not path.is_file():
+        found = sorted(entry.name for entry in directory.iterdir()
+                       if not entry.match(".*.tmp"))  # not a write a kill cut short, removed below
+        if found:
+            what = "a run" if set(found) & set(_RUN_FILES) else "files"
+            raise ValueError(f"{directory} holds {what} ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}) "
+                             f"and no {SETTINGS_FILE}, so it is not a search directory: give the search an empty or "
+                             "new directory")
     if not write and not path.is_file():  # a worker started before its chief
         if verbose:
             print(f"worker: waiting for the chief to write {path}", flush=True)
@@ -753,13 +766,15 @@ class _Tuner(kt.Tuner):
         if self.role == "worker" and _all_trained(self.report.trials().values(), self.report.total):
             return  # the chief's search is over (the chief, called again, returns at once): nothing to ask for
         if self.role != "chief":
-            return super().search(*fit_args, **fit_kwargs)
+            try:
+                return super().search(*fit_args, **fit_kwargs)
+            finally:  # a trial cut short (an interrupt, a setup error) never reaches on_trial_end
+                self._stop_heartbeat()
         self.oracle.verbose = 0  # Keras Tuner's own display; the reporter prints a line per trial
         self.save()
         if _all_trained(self.oracle.trials.values(), self.oracle.budget):
             return  # the same search called again once finished: nothing to hand out, no worker to wait for
-        host, port = os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"]
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"  # IPv4 or a name
         serve(self.oracle, address, worker_timeout=self.worker_timeout, verbose=self.hypermodel.verbose)
 
     def pre_create_trial(self):
@@ -814,10 +829,13 @@ class _Tuner(kt.Tuner):
             raise kt.errors.FatalError(f"trial {trial.trial_id} hit a setup error, so the search stopped: "
                                        f"{type(error).__name__}: {_first_line(error)}") from error
 
-    def on_trial_end(self, trial):
+    def _stop_heartbeat(self):
         if self._heartbeat is not None:
             self._heartbeat.__exit__(None, None, None)
             self._heartbeat = None
+
+    def on_trial_end(self, trial):
+        self._stop_heartbeat()
         record = {"seconds": time.perf_counter() - self._started, **self.hypermodel.timing}
         if trial.message:  # for a chief, which gets the trial over gRPC without it
             record["message"] = trial.message

@@ -9,6 +9,7 @@ import pytest
 from cnnkit.cli import main
 from cnnkit.recipes import optimization
 from cnnkit.recipes.optimization import make_optimizer, make_schedule, resolve_precision
+from cnnkit.recipes.options import check_options
 
 
 def _rate(schedule, step):
@@ -135,6 +136,21 @@ def test_optimizers(name, kind, momentum):
     if momentum is not None:
         assert optimizer.momentum == momentum
     assert getattr(optimizer, "nesterov", False) == (name == "nesterov")
+
+
+@pytest.mark.parametrize("name", ["momentum", "nesterov", "rmsprop"])
+def test_an_integer_momentum_is_taken_as_a_float(name):  # YAML's 0 and 1 are ints; Keras's SGD wants a float
+    assert make_optimizer(name, learning_rate=0.01, momentum=0, steps_per_epoch=1, epochs=1).momentum == 0.0
+    assert make_optimizer(name, learning_rate=0.01, momentum=1, steps_per_epoch=1, epochs=1).momentum == 1.0
+
+
+@pytest.mark.parametrize("momentum", [1.5, -0.1, float("nan"), True, "0.9"])
+def test_momentum_must_be_in_zero_to_one_and_a_recipe_is_refused_before_its_data_loads(momentum):
+    message = re.escape(f"momentum must be a number in [0, 1]. Received: momentum={momentum!r}")
+    with pytest.raises(ValueError, match=message):
+        make_optimizer("momentum", learning_rate=0.01, momentum=momentum, steps_per_epoch=1, epochs=1)
+    with pytest.raises(ValueError, match=message):
+        check_options(optimizer="momentum", momentum=momentum)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])

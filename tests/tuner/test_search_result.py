@@ -13,6 +13,13 @@ from cnnkit.tuner import search
 FAST = {"epochs": 1, "precision": "float32", "verbose": 0}
 
 
+def _trade_offs(recipe_text):
+    """The Trade-offs paragraph of a best_recipe.yaml header, its lines joined."""
+    lines = recipe_text.splitlines()
+    assert lines[2].startswith("# Trade-offs: trains on the training split and validates as the search did, so ")
+    return " ".join(line[14:] for line in lines[2:] if line.startswith(("# Trade-offs: ", "#" + " " * 13)))
+
+
 def test_the_same_call_resumes_and_other_settings_are_refused(tiny_data, tiny_space, tmp_path, counter):
     first = search(tiny_space, tiny_data, max_trials=2, directory=tmp_path / "search", callbacks=[counter()], **FAST)
     again = search(tiny_space, tiny_data, max_trials=2, directory=tmp_path / "search", callbacks=[counter()], **FAST)
@@ -38,12 +45,25 @@ def test_hyperband_continues_networks_and_compares_one_budget(tiny_data, tiny_sp
     assert all(trial.metrics["val_balanced_accuracy"] == trial.score for trial in completed)
     assert result.sensitivity.note.startswith("trials trained for ")
     assert result.settings["direction"] == "max" and result.settings["factor"] == 2
+    header = _trade_offs(result.recipe_text())
+    assert "so its validation balanced accuracy should match the search's val_balanced_accuracy within noise; a " \
+           "run does not log it per epoch: cnnkit.load(RUN_DIR).evaluate(data, split=\"val\")" in header
 
 
 def test_val_loss_objective_picks_the_lowest(tiny_data, tiny_space, tmp_path):
     result = search(tiny_space, tiny_data, objective="val_loss", max_trials=2, directory=tmp_path / "loss", **FAST)
     assert result.direction == "min"
     assert result.best_score == min(trial.score for trial in result.trials) == result.best_trial.metrics["val_loss"]
+
+
+def test_the_best_recipe_header_says_where_a_run_records_a_val_loss_objective(tiny_data, tiny_space, tmp_path):
+    hyperparameters = {**tiny_space["hyperparameters"], "f": [4], "units": [8], "label_smoothing": 0.2, "l2": 1e-3}
+    result = search({**tiny_space, "hyperparameters": hyperparameters}, tiny_data, objective="val_loss", max_trials=1,
+                    directory=tmp_path / "search", **FAST)
+    header = _trade_offs((tmp_path / "search" / "best_recipe.yaml").read_text())
+    assert "the lowest val_loss in its history.csv should match the search's val_loss (plain cross-entropy) within " \
+           "noise, but that val_loss includes label_smoothing and the l2 penalty (the search's score does not)" in header
+    assert "best_val_accuracy" not in header and result.objective == "val_loss"
 
 
 def test_the_best_recipe_header_quotes_its_run_command_for_the_shell(tiny_data, tiny_space, tmp_path):

@@ -128,6 +128,7 @@ def test_model_options_are_the_build_knobs():
     ("{f}C3", {"f": [4], "learning_rate": [0.1, -1.0]}, "knob 'learning_rate' takes a number > 0"),
     ("{f}C3", {"f": [4], "batch_norm": ["yes"]}, "knob 'batch_norm' takes true or false"),
     ("{f}C3", {"f": [4], "label_smoothing": [0.1, 1.0]}, r"knob 'label_smoothing' takes a number in \[0, 1\)"),
+    ("{f}C3", {"f": [4], "momentum": [0.9, 1.5]}, r"knob 'momentum' takes a number in \[0, 1\]. Received: momentum="),
     ("{f}C3", {"f": [4], "batch_size": {"min": 0, "max": 64}}, "knob 'batch_size' takes an integer >= 1"),
     ("{f}C3", {"f": [4], "unfreeze_depth": [1, 2]}, "knob 'unfreeze_depth' applies to spaces with a backbone:"),
     ("{f:3}C3", {"f": [4]}, "placeholders are plain names"),
@@ -136,6 +137,20 @@ def test_model_options_are_the_build_knobs():
 def test_bad_declarations_name_the_hyperparameter(arch, hyperparameters, message):
     with pytest.raises(ValueError, match=message):
         SearchSpace(arch, hyperparameters)
+
+
+def test_a_value_that_makes_bad_notation_is_refused_when_the_space_is_made():
+    with pytest.raises(ValueError, match=re.escape(
+            "hyperparameter 'block': the value '4C3-MPP2' makes the template read '4C3-MPP2-FC4', which is not valid "
+            "notation: token 2 'MPP2': not a layer; expected e.g. 64C3")):
+        SearchSpace("{block}-FC{u}", {"block": ["4C3-MP2", "4C3-MPP2"], "u": [4, 8]})
+    with pytest.raises(ValueError, match=re.escape("hyperparameter 'u': the value 0 makes the template read '4C3-FC0'")):
+        SearchSpace("{block}-FC{u}", {"block": ["4C3"], "u": [0, 8]})  # u's first value spoils block's check
+    with pytest.raises(ValueError, match=re.escape("arch template '{block}-FC4' with block='4C3-MPP2' reads "
+                                                   "'4C3-MPP2-FC4', which is not valid notation: token 2 'MPP2'")):
+        SearchSpace("{block}-FC4", {"block": "4C3-MPP2"})
+    space = SearchSpace("{block}-FC{u}", {"block": ["4C3-MP2", "4C9-MP2"], "u": [4, 8]})  # a misfit is a trial's
+    assert space.invalid_reason({"block": "4C9-MP2", "u": 4}, (8, 8, 1), 2).startswith("4C9-MP2-FC4: token 1 '4C9'")
 
 
 def test_a_space_names_an_arch_or_a_backbone():

@@ -2,6 +2,7 @@
 
 import csv
 import io
+import re
 
 import keras
 import numpy as np
@@ -51,6 +52,8 @@ def test_random_search_records_trials_and_writes_its_files(tiny_data, tiny_space
     recipe_path = tmp_path / "search" / "best_recipe.yaml"
     text = recipe_path.read_text()
     assert text.startswith("# Best configuration of search 'tiny'") and f"cnnkit run {recipe_path}" in text
+    assert "so its best_val_accuracy in metrics.json (the highest val_accuracy in history.csv) should match the " \
+           "search's val_accuracy within noise;" in " ".join(line[14:] for line in text.splitlines()[2:6])
     recipe = yaml.safe_load(text)
     assert recipe.pop("recipe") == "train"
     config.validate_kwargs(train, recipe)
@@ -131,6 +134,8 @@ def test_a_setup_error_in_a_trial_stops_at_once_and_the_trial_reruns(tiny_data, 
     ({"knob": {"augment": ["none", "shiftt"]}}, ValueError, "unknown augmentation 'shiftt'"),
     ({"knob": {"activation": ["relu", "rellu"]}}, ValueError, "rellu"),
     ({"arch": "{f}C9-FC{units}"}, ValueError, "no network of search space 'tiny' fits input"),
+    ({"arch": "{f}C3-MPP2-FC{units}"}, ValueError, "arch template '{f}C3-MPP2-FC{units}' with f=2, units=4 reads "
+                                                   "'2C3-MPP2-FC4', which is not valid notation: token 2 'MPP2'"),
     ({"algorithm": "evolution"}, ValueError, "algorithm must be one of random, grid, bayesian, hyperband"),
     ({"objective": "accuracy"}, ValueError, "objective must be one of val_accuracy, val_loss"),
     ({"max_trials": 0}, ValueError, "max_trials must be an integer >= 1"),
@@ -153,6 +158,48 @@ def test_setup_errors_stop_before_any_trial(tiny_data, tiny_space, tmp_path, cha
     with pytest.raises(error, match=message):
         search(change.get("space", space), data, directory=tmp_path / "search", **{**FAST, **options})
     assert not (tmp_path / "search").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_directory_that_holds_a_run_or_other_files_is_refused_untouched(tiny_data, tiny_space, tmp_path, overwrite):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("manifest.json", "model.keras", "report.html"):
+        (run / name).write_text(name)
+    with pytest.raises(ValueError, match=re.escape(f"{run} holds a run (manifest.json, model.keras, report.html) and "
+                                                   "no search.yaml, so it is not a search directory")):
+        search(tiny_space, tiny_data, max_trials=1, directory=run, overwrite=overwrite, **FAST)
+    assert {path.name: path.read_text() for path in run.iterdir()} == {
+        name: name for name in ("manifest.json", "model.keras", "report.html")}
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'notes'} holds files (todo.txt) and no search.yaml")):
+        search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "notes", overwrite=overwrite, **FAST)
+
+
+def test_an_endless_worker_timeout_is_refused(tiny_data, tiny_space, tmp_path):  # a heartbeat's wait would overflow
+    with pytest.raises(ValueError, match=re.escape("worker_timeout must be a finite number of seconds > 0. Received: "
+                                                   "worker_timeout=inf")):
+        search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", worker_timeout=float("inf"), **FAST)
+    assert not (tmp_path / "search").exists()
+
+
+def test_a_workers_heartbeat_stops_when_its_trial_is_cut_short(tiny_data, tiny_space, tmp_path, monkeypatch):
+    import threading
+
+    import keras_tuner as kt
+
+    def interrupted(tuner, *args, **kwargs):  # Ctrl-C in a trial: Keras Tuner never calls on_trial_end
+        tuner.on_trial_begin(kt.engine.trial.Trial(kt.HyperParameters(), trial_id="7"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cnnkit.tuner.tuning, "serve", lambda *args, **kwargs: None)  # a chief nobody asks
+    search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", role="chief", **FAST)
+    monkeypatch.setattr(kt.engine.base_tuner.BaseTuner, "search", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        search(tiny_space, tiny_data, max_trials=1, directory=tmp_path / "search", role="worker", worker_id="w1",
+               **FAST)
+    assert not [thread.name for thread in threading.enumerate() if thread.name == "heartbeat-7"]
 
 
 def test_a_whitening_knob_is_checked_on_the_training_images_a_trial_fits_it_on():
