@@ -750,8 +750,9 @@ def run_recipe(recipe: Recipe):
     (:func:`check_paths`) and, for a recipe, the option values that need no data
     (``cnnkit.recipes.options.check_call``: optimizer, schedule, precision, augment, ...), before
     the call: a bad recipe fails, naming its file, before any data is loaded or run directory
-    written. The function itself writes the resolved arguments, versions and seed into its run
-    directory.
+    written. ``strategy: multi_worker`` is created (``cnnkit.distribute.get_strategy``) before the
+    option check, which starts TensorFlow: TensorFlow takes it only before it runs anything. The
+    function itself writes the resolved arguments, versions and seed into its run directory.
 
     Args:
         recipe: a :class:`Recipe` from :func:`load_recipe`.
@@ -761,6 +762,7 @@ def run_recipe(recipe: Recipe):
 
     Raises:
         ConfigError: as :func:`validate_kwargs` and :func:`check_paths`, or an option value refused.
+        ValueError: ``strategy: multi_worker`` without a valid ``TF_CONFIG``.
 
     Example:
         >>> run = run_recipe(load_recipe("quickstart", ["epochs=1"]))  # doctest: +SKIP
@@ -773,6 +775,10 @@ def run_recipe(recipe: Recipe):
     if recipe.module == "cnnkit.recipes":
         from cnnkit.recipes.options import check_call
 
+        if recipe.kwargs.get("strategy") == "multi_worker":  # before TensorFlow runs anything (check_call does)
+            from cnnkit.distribute import get_strategy
+
+            get_strategy("multi_worker")
         try:
             check_call(function, recipe.kwargs)
         except ValueError as error:

@@ -7,8 +7,9 @@
 * ``"mirrored"``: ``MirroredStrategy`` over every visible GPU (the CPU when there is none).
 * ``"multi_worker"``: ``MultiWorkerMirroredStrategy`` over the hosts ``TF_CONFIG`` names. Every
   worker runs the same call; ``TensorFlow`` needs it created before it runs anything, so a
-  script calls ``get_strategy("multi_worker")`` first thing (the CLI needs nothing: the
-  recipe creates it before loading data).
+  script calls ``get_strategy("multi_worker")`` first thing (the CLI needs nothing: ``cnnkit
+  run`` creates it before it checks the recipe). ``TF_CONFIG`` must name the ``"cluster"`` and
+  this process's ``"task"``.
 * ``"tpu"``: ``TPUStrategy`` on the TPU ``TPUClusterResolver`` finds (``TPU_NAME``, or the
   local TPU VM). Written to TensorFlow's documented recipe, not tested here (no TPU).
 * a ``tf.distribute.Strategy`` instance.
@@ -81,7 +82,8 @@ def get_strategy(strategy="auto") -> tf.distribute.Strategy:
         The strategy; for "auto" on one device, TensorFlow's default strategy.
 
     Raises:
-        ValueError: an unknown name, "multi_worker" without ``TF_CONFIG``, or "tpu" with no TPU.
+        ValueError: an unknown name, "multi_worker" without a ``TF_CONFIG`` that names a ``"cluster"``
+            (its chief/worker addresses) and this process's ``"task"`` (type, index), or "tpu" with no TPU.
         RuntimeError: "multi_worker" asked for after TensorFlow has started running (it must
             come first in the process).
 
@@ -123,15 +125,7 @@ def _create(name: str) -> tf.distribute.Strategy:
             raise ValueError(f"strategy='tpu' found no TPU to connect to ({error}); set TPU_NAME or run on a TPU "
                              "VM") from None
         return tf.distribute.TPUStrategy(resolver)
-    config = os.environ.get("TF_CONFIG")
-    if not config:
-        raise ValueError("strategy='multi_worker' reads the cluster from the TF_CONFIG environment variable, which "
-                         'is not set; e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                         '"task": {"type": "worker", "index": 0}}\' (see docs/SCALING.md)')
-    try:
-        json.loads(config)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({error}). Received: TF_CONFIG={config!r}") from None
+    _check_tf_config(os.environ.get("TF_CONFIG"))
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     except RuntimeError as error:
@@ -141,6 +135,38 @@ def _create(name: str) -> tf.distribute.Strategy:
                            "process (TensorFlow configures collective ops at start-up): call "
                            "cnnkit.distribute.get_strategy('multi_worker') first thing, before loading data") from None
     return strategy
+
+
+_TF_CONFIG_EXAMPLE = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                      '"task": {"type": "worker", "index": 0}}\' (see docs/SCALING.md)')
+
+
+def _check_tf_config(text):
+    """Refuse a ``TF_CONFIG`` that is not a cluster of chief/worker tasks with this process's task.
+
+    TensorFlow takes one without ``"cluster"`` (a typo, ``{}``, ``[]``) for a cluster of one: each
+    host would then train alone and write the run directory as its chief.
+    """
+    if not text:
+        raise ValueError("strategy='multi_worker' reads the cluster from the TF_CONFIG environment variable, which "
+                         f"is not set; e.g. {_TF_CONFIG_EXAMPLE}")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({error}). Received: TF_CONFIG={text!r}") from None
+    cluster, task = (config.get("cluster"), config.get("task")) if isinstance(config, dict) else (None, None)
+    if not isinstance(config, dict):
+        problem = 'is not a JSON object with "cluster" and "task"'
+    elif not isinstance(cluster, dict) or not (cluster.get("chief") or cluster.get("worker")):
+        problem = 'has no "cluster" key with the addresses of its "chief" or "worker" tasks'
+    elif not isinstance(task, dict):
+        problem = 'has no "task" key: this process\'s "type" and "index" in the cluster'
+    elif "type" not in task or "index" not in task:
+        problem = f'has no "{"type" if "type" not in task else "index"}" key in its "task"'
+    else:
+        return
+    raise ValueError(f"strategy='multi_worker': TF_CONFIG {problem}; e.g. {_TF_CONFIG_EXAMPLE}. "
+                     f"Received: TF_CONFIG={text!r}")
 
 
 def is_chief(strategy=None) -> bool:

@@ -57,8 +57,9 @@ def resolve_role(role=None, oracle_address=None, worker_id=None) -> tuple[str | 
     Args:
         role: "chief", "worker", or ``None``: the role the ``KERASTUNER_*`` variables already
             give (chief when ``KERASTUNER_TUNER_ID`` contains "chief"), else a one-process search.
-        oracle_address: ``HOST:PORT`` the chief listens on and workers call; default
-            ``KERASTUNER_ORACLE_IP:PORT`` when set, else ``127.0.0.1:8000`` (this host only).
+        oracle_address: ``HOST:PORT`` the chief listens on and workers call, HOST a host name
+            or an IPv4 address (Keras Tuner's workers cannot dial an IPv6 one); default
+            ``KERASTUNER_ORACLE_IP:PORT`` when both are set, else ``127.0.0.1:8000`` (this host only).
         worker_id: a worker's name, unique in the search (without "chief"); default
             ``KERASTUNER_TUNER_ID`` when set, else ``<host>-<pid>``. A worker restarted under
             the same name takes its unfinished trial back at once.
@@ -67,13 +68,19 @@ def resolve_role(role=None, oracle_address=None, worker_id=None) -> tuple[str | 
         ``(role, variables)``; ``(None, {})`` for a one-process search.
 
     Raises:
-        ValueError: a bad role, address or worker name.
+        ValueError: a bad role, address (an IPv6 one included) or worker name, or only one of
+            ``KERASTUNER_ORACLE_IP`` and ``KERASTUNER_ORACLE_PORT`` set.
 
     Example:
         >>> resolve_role("worker", "10.0.0.5:8000", "gpu1")
         ('worker', {'KERASTUNER_TUNER_ID': 'gpu1', 'KERASTUNER_ORACLE_IP': '10.0.0.5', 'KERASTUNER_ORACLE_PORT': '8000'})
     """
     environment = {name: os.environ[name] for name in _VARIABLES if os.environ.get(name)}
+    ip_and_port = [name for name in _VARIABLES[1:] if name in environment]
+    if len(ip_and_port) == 1:
+        (given,), (missing,) = ip_and_port, set(_VARIABLES[1:]) - set(ip_and_port)
+        raise ValueError(f"{given} is set but {missing} is not: set both (the chief's address) or neither. "
+                         f"Received: {given}={environment[given]!r}")
     if role is None:
         if "KERASTUNER_ORACLE_IP" not in environment:
             if oracle_address is not None or worker_id is not None:
@@ -83,25 +90,34 @@ def resolve_role(role=None, oracle_address=None, worker_id=None) -> tuple[str | 
         role = "chief" if "chief" in environment.get("KERASTUNER_TUNER_ID", "") else "worker"
     if role not in ROLES:
         raise ValueError(f"role must be 'chief', 'worker' or None. Received: role={role!r}")
-    if oracle_address is None:
-        known = "KERASTUNER_ORACLE_IP" in environment and "KERASTUNER_ORACLE_PORT" in environment
-        oracle_address = (f"{environment['KERASTUNER_ORACLE_IP']}:{environment['KERASTUNER_ORACLE_PORT']}" if known
-                          else DEFAULT_ADDRESS)
-    host, _, port = str(oracle_address).rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"oracle_address must be HOST:PORT, e.g. 127.0.0.1:8000. Received: "
-                         f"oracle_address={oracle_address!r}")
+    given = f"oracle_address={oracle_address!r}"
+    if oracle_address is None and ip_and_port:
+        oracle_address = f"{environment['KERASTUNER_ORACLE_IP']}:{environment['KERASTUNER_ORACLE_PORT']}"
+        given = f"KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT={oracle_address!r} (from the environment)"
+    host, _, port = str(oracle_address or DEFAULT_ADDRESS).rpartition(":")
+    if not host.strip() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"oracle_address must be HOST:PORT, e.g. 127.0.0.1:8000. Received: {given}")
+    if ":" in host or host.startswith("["):
+        raise ValueError("oracle_address cannot be an IPv6 address: Keras Tuner's workers dial "
+                         "KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT without brackets ('::1:8000') and never reach "
+                         f"the chief; give its host name or IPv4 address. Received: {given}")
     if role == "chief":
         if worker_id is not None:
             raise ValueError(f"worker_id names a worker; the chief is 'chief'. Received: worker_id={worker_id!r}")
         name = "chief"
     else:
-        name = worker_id or environment.get("KERASTUNER_TUNER_ID") or f"{socket.gethostname()}-{os.getpid()}"
+        if worker_id is not None:
+            name, given = worker_id, f"worker_id={worker_id!r}"
+        elif "KERASTUNER_TUNER_ID" in environment:
+            name = environment["KERASTUNER_TUNER_ID"]
+            given = f"KERASTUNER_TUNER_ID={name!r} (from the environment)"
+        else:
+            name = f"{socket.gethostname()}-{os.getpid()}"
+            given = f"worker_id={name!r} (the default, <host>-<pid>)"
         if not isinstance(name, str) or "chief" in name or not name.strip():
             raise ValueError("worker_id must be a non-empty name without 'chief' (Keras Tuner takes any id containing "
-                             f"'chief' for the chief). Received: worker_id={name!r}")
-    return role, {"KERASTUNER_TUNER_ID": name, "KERASTUNER_ORACLE_IP": host.strip("[]"),
-                  "KERASTUNER_ORACLE_PORT": port}
+                             f"'chief' for the chief). Received: {given}")
+    return role, {"KERASTUNER_TUNER_ID": name, "KERASTUNER_ORACLE_IP": host, "KERASTUNER_ORACLE_PORT": port}
 
 
 @contextlib.contextmanager

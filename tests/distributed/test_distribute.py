@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -46,6 +47,22 @@ def test_bad_names_and_a_missing_cluster_are_refused(monkeypatch):
         distribute.get_strategy("multi_worker")
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
+        distribute.get_strategy("multi_worker")
+
+
+@pytest.mark.parametrize("config, problem", [
+    ("null", 'is not a JSON object with "cluster" and "task"'),
+    ("[]", 'is not a JSON object with "cluster" and "task"'),
+    ("{}", 'has no "cluster" key'),
+    ('{"clusters": {"worker": ["h:1"]}, "task": {"type": "worker", "index": 0}}', 'has no "cluster" key'),
+    ('{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}', 'has no "cluster" key'),
+    ('{"cluster": {"worker": ["h:1", "h:2"]}}', 'has no "task" key'),
+    ('{"cluster": {"worker": ["h:1", "h:2"]}, "task": {"type": "worker"}}', 'has no "index" key in its "task"'),
+])
+def test_a_tf_config_without_a_cluster_or_task_is_refused(monkeypatch, config, problem):
+    # TensorFlow would make a cluster of one of each: every host training alone, as its chief.
+    monkeypatch.setenv("TF_CONFIG", config)
+    with pytest.raises(ValueError, match=f"TF_CONFIG {problem}.*Received: TF_CONFIG='{re.escape(config)}'"):
         distribute.get_strategy("multi_worker")
 
 

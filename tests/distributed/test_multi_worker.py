@@ -1,8 +1,13 @@
 """Two workers on localhost train with MultiWorkerMirroredStrategy like one process with the same global batch."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import yaml
 
 
 def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, processes, free_ports, train_worker):
@@ -35,3 +40,19 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, proce
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "model.keras").is_file()
     assert not (tmp_path / "run" / "backup").exists()
     assert list(scratch.glob("cnnkit-worker-*")) == []  # (TensorFlow's autograph may leave __pycache__)
+
+
+def test_the_cli_runs_a_recipe_under_multi_worker(tmp_path, free_ports):
+    # `cnnkit run ... strategy=multi_worker` as docs/SCALING.md shows it, on a cluster of one worker (no one to wait
+    # for): the strategy has to exist before the recipe's checks start TensorFlow (they build the optimizer).
+    config = json.dumps({"cluster": {"worker": [f"127.0.0.1:{free_ports(1)[0]}"]}, "task": {"type": "worker", "index": 0}})
+    env = {**os.environ, "TF_CONFIG": config, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "cnnkit", "run", "mnist_fc64", "data=mnist-sample", "epochs=1",
+                           "batch_size=512", "strategy=multi_worker", f"run_dir={tmp_path / 'run'}", "report=false",
+                           "verbose=0"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert recorded["distribution"] == {"strategy": "MultiWorkerMirroredStrategy", "replicas": 1, "workers": 1,
+                                        "task": "worker:0"}
+    assert (tmp_path / "run" / "model.keras").is_file()

@@ -42,8 +42,30 @@ def test_roles_from_arguments_and_from_keras_tuner_variables(monkeypatch):
     ({"role": "worker", "worker_id": "chief-2"}, "without 'chief'"),
     ({"role": "chief", "worker_id": "w1"}, "the chief is 'chief'"),
     ({"oracle_address": "h:1"}, "give role="),
+    ({"role": "worker", "oracle_address": " :8000"}, "HOST:PORT"),
+    ({"role": "chief", "oracle_address": "[::1]:8000"},
+     r"cannot be an IPv6 address.*never reach the chief.*Received: oracle_address='\[::1\]:8000'$"),
+    ({"role": "worker", "worker_id": ""}, "non-empty name without 'chief'.*Received: worker_id=''$"),
+    ({"role": "worker", "worker_id": 0}, "non-empty name without 'chief'.*Received: worker_id=0$"),
 ])
 def test_bad_roles_are_refused(arguments, match):
+    with pytest.raises(ValueError, match=match):
+        distributed.resolve_role(**arguments)
+
+
+@pytest.mark.parametrize("variables, arguments, match", [
+    ({"KERASTUNER_ORACLE_IP": "10.0.0.5", "KERASTUNER_TUNER_ID": "gpu1"}, {},
+     "KERASTUNER_ORACLE_IP is set but KERASTUNER_ORACLE_PORT is not.*Received: KERASTUNER_ORACLE_IP='10.0.0.5'$"),
+    ({"KERASTUNER_ORACLE_PORT": "9000"}, {"role": "chief"},
+     "KERASTUNER_ORACLE_PORT is set but KERASTUNER_ORACLE_IP is not.*Received: KERASTUNER_ORACLE_PORT='9000'$"),
+    ({"KERASTUNER_TUNER_ID": "chief"}, {"role": "worker"},
+     r"without 'chief'.*Received: KERASTUNER_TUNER_ID='chief' \(from the environment\)$"),
+    ({"KERASTUNER_TUNER_ID": "w1", "KERASTUNER_ORACLE_IP": "::1", "KERASTUNER_ORACLE_PORT": "8000"}, {},
+     r"cannot be an IPv6 address.*Received: KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT='::1:8000' \(from the "),
+])
+def test_bad_keras_tuner_variables_are_refused_naming_them(monkeypatch, variables, arguments, match):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=match):
         distributed.resolve_role(**arguments)
 
