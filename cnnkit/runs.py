@@ -600,18 +600,23 @@ class Run:
             PosixPath('runs/my-run')
         """
         run_dir = Path(run_dir)
-        if not run_dir.exists():
-            run_dir.mkdir(parents=True)  # to lock it
-        with holding_run_dir(run_dir):
-            self.run_dir = write_run(
-                run_dir,
-                model=self.model,
-                history=self.history,
-                metrics=self.metrics,
-                config=self.config,
-                class_names=self.class_names,
-                keep_skipped=self.run_dir is not None and Path(self.run_dir).resolve() == run_dir.resolve(),
-            )
+        made = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)  # to lock it
+        try:
+            with holding_run_dir(run_dir):
+                self.run_dir = write_run(
+                    run_dir,
+                    model=self.model,
+                    history=self.history,
+                    metrics=self.metrics,
+                    config=self.config,
+                    class_names=self.class_names,
+                    keep_skipped=self.run_dir is not None and Path(self.run_dir).resolve() == run_dir.resolve(),
+                )
+        except BaseException:
+            if made and not any(run_dir.iterdir()):  # refused before writing (config not plain data): no trace
+                run_dir.rmdir()
+            raise
         return self.run_dir
 
     def __repr__(self) -> str:

@@ -685,3 +685,6 @@ def test_save_refuses_a_run_directory_another_process_holds(tmp_path, trained):
     fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(probe)
     assert load(tmp_path / "new" / "r").class_names == NAMES
+    with pytest.raises(TypeError):  # refused before anything is written: the folder made to lock it goes too
+        Run(trained[0], class_names=NAMES, config={"bad": object()}).save(tmp_path / "new" / "refused")
+    assert _listing(tmp_path / "new") == ["r"]

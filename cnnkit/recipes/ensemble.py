@@ -42,7 +42,9 @@ from cnnkit.recipes.options import check_call
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train
 from cnnkit.runs import (
+    BACKUP_DIR,
     CONFIG_FILE,
+    METRICS_FILE,
     MODEL_FILE,
     Run,
     atomic_save_model,
@@ -399,7 +401,7 @@ def _combine_and_write(plan, data, options, arguments, members, combine, tta, se
             metrics.update({f"tta_{key}": tta_metrics[key] for key in ("test_accuracy", "test_error", "balanced_accuracy")})
     metrics["num_members"] = len(models)
     run.metrics = metrics
-    atomic_write_text(run_dir / "backup" / "key", run_key(arguments, data))  # interrupted until all is written
+    atomic_write_text(run_dir / BACKUP_DIR / "key", run_key(arguments, data))  # interrupted until all is written
     write_run(run_dir, model=model, history={}, metrics=metrics, config=config, class_names=data.class_names)
     write_report(run_dir, model=model, data=data)  # report.html with member agreement; a failure only warns
     write_manifest(run_dir)
@@ -542,7 +544,7 @@ def _gather(plan, data, options, run_dir, verbose):
 
 def _train_member(arch, data, seed, options, member_dir, verbose) -> Run:
     """Train one member, or reuse the finished run already in ``member_dir`` when it matches."""
-    if not (member_dir / "metrics.json").exists() or (member_dir / "backup").exists():
+    if not (member_dir / METRICS_FILE).exists() or (member_dir / BACKUP_DIR).exists():
         return train(arch, data, seed=seed, run_dir=member_dir, verbose=verbose, **options)
     run = cnnkit.load(member_dir)
     recorded = run.config.get("arguments", {})

@@ -46,7 +46,9 @@ from cnnkit.recipes.optimization import loss_scaled
 from cnnkit.recipes.resume import EpochCheckpoint, ResumableEarlyStopping, explain_determinism_error
 from cnnkit.report import package_versions
 from cnnkit.runs import (
+    BACKUP_DIR,
     MANIFEST_FILE,
+    METRICS_FILE,
     SKIPPED_FILE,
     Run,
     atomic_file,
@@ -136,7 +138,7 @@ def fit_stages(model, stages, *, validation, run_dir, seed, loss="sparse_categor
         [{'name': 'head', 'epochs_run': 2}, {'name': 'top', 'epochs_run': 3}]
     """
     history, records, fit_seconds, epoch = {}, [], 0.0, 0
-    backup = Path(run_dir) / "backup"
+    backup = Path(run_dir) / BACKUP_DIR
     for index, stage in enumerate(stages, 1):
         if stage.prepare is not None:
             stage.prepare(model)
@@ -230,9 +232,9 @@ _created_here: set[Path] = set()
 def _is_run(folder: Path) -> bool:
     """Whether ``folder`` is a cnnkit run: interrupted (``backup/key``) or finished (``metrics.json`` with
     ``manifest.json`` or ``model.keras``)."""
-    finished = (folder / "metrics.json").is_file() and any((folder / name).is_file()
+    finished = (folder / METRICS_FILE).is_file() and any((folder / name).is_file()
                                                            for name in (MANIFEST_FILE, "model.keras"))
-    return (folder / "backup" / "key").is_file() or finished
+    return (folder / BACKUP_DIR / "key").is_file() or finished
 
 
 def _holds_runs(folder: Path) -> bool:
@@ -276,7 +278,7 @@ def prepare_run_dir(run_dir, label, *, key: str | None = None, overwrite: bool =
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_run_dir(run_dir)
     try:
-        recorded = run_dir / "backup" / "key"
+        recorded = run_dir / BACKUP_DIR / "key"
         finished = _finished(run_dir)
         other = key is not None and recorded.exists() and recorded.read_text() != key
         if finished or other:
@@ -307,7 +309,7 @@ def _empty(folder: Path) -> None:
 
 def _finished(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run that has finished: results written, no checkpoints left."""
-    return (run_dir / "metrics.json").is_file() and not (run_dir / "backup").exists()
+    return (run_dir / METRICS_FILE).is_file() and not (run_dir / BACKUP_DIR).exists()
 
 
 def _named_run_dir(run_dir, label, key) -> Path:
@@ -468,7 +470,7 @@ def discard_backup(run_dir) -> None:
     Example:
         >>> discard_backup(Path("runs/x"))  # doctest: +SKIP
     """
-    backup, discarded = Path(run_dir) / "backup", Path(run_dir) / DISCARDED_BACKUP
+    backup, discarded = Path(run_dir) / BACKUP_DIR, Path(run_dir) / DISCARDED_BACKUP
     shutil.rmtree(discarded, ignore_errors=True)  # left by a kill during an earlier removal
     if backup.exists():
         os.replace(backup, discarded)
