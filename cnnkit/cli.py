@@ -9,7 +9,7 @@ Commands::
                 [--precision float32|mixed_bfloat16|mixed_float16] [--optimizer adam]
     cnnkit quickstart [key=value ...]         pretrain on digits 0-4, fine-tune on 50 labels of 5-9, vs scratch
     cnnkit export RUN --format savedmodel|tflite|onnx [--quantize float16|dynamic|int8] --out DIR [--trust-model]
-    cnnkit predict MODEL IMAGE_OR_FOLDER... [--top-k 5] [--csv FILE] [--trust-model]
+    cnnkit predict MODEL IMAGE_OR_FOLDER... [--top-k 5] [--csv FILE [--overwrite]] [--trust-model]
     cnnkit tune FILE_OR_NAME [key=value ...]  run a Keras Tuner search from a search-space file (tuner/)
                 [--role chief|worker] [--oracle-address HOST:PORT] [--worker-id NAME] [--worker-timeout S]
     cnnkit data audit PATH [--test-path P] [--json]   counts, unusable files, duplicates, leakage;
@@ -178,6 +178,7 @@ def _add_export_and_predict(commands) -> None:
     predict.add_argument("inputs", metavar="IMAGE_OR_FOLDER", nargs="+", help="image files or folders")
     predict.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes shown per image")
     predict.add_argument("--csv", default=None, metavar="FILE", help="also write path,rank,class_name,probability")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     predict.add_argument("--batch-size", type=_positive_int, default=256, help="images per model call")
     predict.add_argument("--trust-model", action="store_true",
                          help="load a model that holds code: any SavedModel (a graph can run any operation), or a "
@@ -294,6 +295,9 @@ def _shown_path(path) -> str:
 def _cmd_predict(args) -> int:
     from cnnkit.inference import image_files, load_predictor, write_csv
 
+    if args.csv and Path(args.csv).exists() and not (args.overwrite and Path(args.csv).is_file()):
+        raise ValueError(f"--csv {args.csv} already exists; pass --overwrite to replace it"
+                         if Path(args.csv).is_file() else f"--csv {args.csv} exists and is not a file")
     files, skipped = image_files(args.inputs)
     if skipped:
         shown = ", ".join(_shown_path(path) for path in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
@@ -429,7 +433,8 @@ def _add_report_and_visualize(commands) -> None:
     report.add_argument("--data", default=None, metavar="NAME", help="test data (default: the run's recorded data)")
     report.add_argument("--out", default=None, metavar="FILE",
                         help="the HTML file (default RUN/report.html; for a .keras file, <stem>.html beside it)")
-    report.add_argument("--examples", type=_positive_int, default=8, metavar="N", help="mistakes and Grad-CAM images")
+    report.add_argument("--examples", type=_positive_int, default=None, metavar="N",
+                        help="mistakes and Grad-CAM images (default 8)")
     report.set_defaults(handler=_cmd_report)
 
     visualize = commands.add_parser(
@@ -455,9 +460,13 @@ def _cmd_report(args) -> int:
     from cnnkit.html_report import write_report, write_search_report
 
     if (Path(args.path) / "search.yaml").is_file():
+        given = [option for option, value in (("--data", args.data), ("--examples", args.examples)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} apply to a run's report; {args.path} is a search directory")
         path = write_search_report(args.path, out=args.out, strict=True)
     else:
-        path = write_report(args.path, data=args.data, out=args.out, strict=True, examples=args.examples)
+        path = write_report(args.path, data=args.data, out=args.out, strict=True,
+                            **({"examples": args.examples} if args.examples else {}))
     print(f"report written to {path}")
     return 0
 

@@ -1,5 +1,7 @@
 """Fixtures shared by more than one test folder."""
 
+import doctest
+
 import pytest
 
 from cnnkit.models.backbones import build_backbone, get_backbone
@@ -35,10 +37,17 @@ TRAINING_FIXTURES = {
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """Tests that share something slow to make go to one xdist worker (``--dist loadgroup``), so it is made
     once in the whole suite: the tests of one backbone (a ``name`` parameter) that use ``untrained_backbone``,
-    and those of a module that use its ``TRAINING_FIXTURES`` entry."""
+    and those of a module that use its ``TRAINING_FIXTURES`` entry. A docstring whose examples are all
+    marked ``+SKIP`` (they need data or a trained run) is deselected: there is nothing in it to run."""
+    illustrations = [item for item in items if hasattr(item, "dtest")
+                     and all(example.options.get(doctest.SKIP) for example in item.dtest.examples)]
+    if illustrations:
+        config.hook.pytest_deselected(items=illustrations)
+        deselected = set(illustrations)
+        items[:] = [item for item in items if item not in deselected]
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         fixture = TRAINING_FIXTURES.get(item.path.name)

@@ -311,6 +311,15 @@ def test_export_then_predict_with_the_export(saved_run, tmp_path, capsys):
     assert len(lines) == 2 and all(len(line.split(": ")[1].split(", ")) == 3 for line in lines)
     assert "skipped 1 files that are not images" in captured.err and "notes.txt" in captured.err
     assert len(csv_path.read_text().splitlines()) == 1 + 2 * 3
+    csv_path.write_text("kept\n")  # a mistyped --csv must not replace a file unasked
+    assert main(["predict", str(tmp_path / "sm"), str(images), "--csv", str(csv_path), "--trust-model"]) == 2
+    assert _error_lines(capsys.readouterr()) == [f"cnnkit: error: --csv {csv_path} already exists; pass --overwrite "
+                                                 "to replace it"]
+    assert csv_path.read_text() == "kept\n"
+    assert main(["predict", str(tmp_path / "sm"), str(images), "--csv", str(csv_path), "--overwrite",
+                 "--trust-model"]) == 0
+    assert len(csv_path.read_text().splitlines()) == 1 + 2 * 5
+    capsys.readouterr()
 
     assert main(["predict", str(run_dir), str(images / "0.png"), "--top-k", "1"]) == 0
     from_run = capsys.readouterr().out.strip()
@@ -425,6 +434,12 @@ def test_tune_prints_trials_and_the_best_recipe_reproduces_its_score(tmp_path, c
     assert main(["run", str(recipe_path), f"run_dir={tmp_path / 'best'}", "verbose=0"]) == 0
     metrics = json.loads((tmp_path / "best" / "metrics.json").read_text())
     assert metrics["best_val_accuracy"] == pytest.approx(best, abs=1e-4)
+
+    capsys.readouterr()
+    for option in (["--data", "no-such-data"], ["--examples", "3"]):  # a run's options, not a search's
+        assert main(["report", str(tmp_path / "my search"), *option]) == 2
+        assert _error_lines(capsys.readouterr()) == [f"cnnkit: error: {option[0]} apply to a run's report; "
+                                                     f"{tmp_path / 'my search'} is a search directory"]
 
 
 def test_tune_user_errors_are_one_line(tmp_path, capsys):

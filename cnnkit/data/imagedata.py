@@ -122,7 +122,7 @@ class ImageData:
         return "\n".join(lines)
 
     def skipped_csv(self) -> str:
-        """`skipped` as CSV text: a `path,reason` header, then one row per skipped file.
+        r"""`skipped` as CSV text: a `path,reason` header, then one row per skipped file.
 
         Returns:
             The CSV text (just the header when nothing was skipped), e.g. for a run directory's

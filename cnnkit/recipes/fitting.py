@@ -129,13 +129,13 @@ def fit_stages(model, stages, *, validation, run_dir, seed, loss="sparse_categor
 
     ``history`` holds one list per Keras metric over all stages plus ``epoch_seconds``;
     ``fit_seconds`` is this process's fitting time plus the epoch times of the epochs an earlier,
-    interrupted process fitted; ``stage_records`` has each stage's name and epochs run (early
-    stopping may end one early).
+    interrupted process fitted; ``stage_records`` has each stage's name, epochs run (early
+    stopping may end one early) and images per epoch.
 
     Example:
         >>> history, seconds, records = fit_stages(model, stages, validation=val, run_dir=run_dir, seed=0)  # doctest: +SKIP
-        >>> records
-        [{'name': 'head', 'epochs_run': 2}, {'name': 'top', 'epochs_run': 3}]
+        >>> records  # doctest: +SKIP
+        [{'name': 'head', 'epochs_run': 2, 'images_per_epoch': 250}, {'name': 'top', 'epochs_run': 3, ...}]
     """
     history, records, fit_seconds, epoch = {}, [], 0.0, 0
     backup = Path(run_dir) / BACKUP_DIR

@@ -28,7 +28,8 @@ from cnnkit.recipes.preprocess import parse_preprocess
 
 OPTIMIZER_KEYS = ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay")
 CHECKED_KEYS = (*OPTIMIZER_KEYS, "ema", "epochs", "batch_size", "steps_per_execution", "precise_bn",
-                "early_stopping", "precision", "label_smoothing", "augment", "preprocess", "imbalance", "callbacks")
+                "early_stopping", "precision", "label_smoothing", "augment", "preprocess", "imbalance", "callbacks",
+                "seed")
 
 
 def check_options(**options) -> None:
@@ -55,6 +56,9 @@ def check_options(**options) -> None:
     for name, low in (("epochs", 1), ("batch_size", 1), ("steps_per_execution", 1), ("precise_bn", 0)):
         if name in options:
             _check_integer(name, options[name], low)
+    seed = options.get("seed", 0)
+    if not _is_integer(seed) or not 0 <= seed < 2**32:  # the range keras.utils.set_random_seed (NumPy) takes
+        raise ValueError(f"seed must be an integer in [0, 2**32). Received: seed={seed!r}")
     early_stopping = options.get("early_stopping")
     if early_stopping is not None and (not _is_integer(early_stopping) or early_stopping < 1):
         raise ValueError(f"early_stopping must be a patience in epochs (>= 1) or None. Received: "

@@ -28,6 +28,9 @@ BAD_OPTIONS = [
     ({"ema": 1.5}, "ema"),
     ({"ema": 0.999, "early_stopping": 3}, "early_stopping and ema"),
     ({"callbacks": "EarlyStopping"}, "callbacks must be a list"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*32\). Received: seed=-1"),
+    ({"seed": 2**32}, r"seed must be an integer in \[0, 2\*\*32\)"),
+    ({"seed": 1.5}, "seed"),
     ({"callbacks": [keras.callbacks.History(), 1]}, r"callbacks\[1\] is not a keras.callbacks.Callback. Received: 1 \(int\)"),
 ]
 
@@ -44,7 +47,7 @@ def test_good_values_of_every_key_pass():
             "steps_per_execution": 8, "precise_bn": 1000, "early_stopping": 2, "precision": "float32",
             "label_smoothing": 0.1, "augment": ["shift", {"name": "rotation", "degrees": 10}],
             "preprocess": ["scale", "zca"], "imbalance": {"strategy": "oversample", "augmented_copies": "affine"},
-            "callbacks": [keras.callbacks.History()]}
+            "callbacks": [keras.callbacks.History()], "seed": 2**32 - 1}
     assert set(good) == set(CHECKED_KEYS)
     check_options(**good)
 
