@@ -293,7 +293,7 @@ def test_int8_needs_sample_images(seed_run, tmp_path):
     bare = Run(seed_run.model)
     with pytest.raises(ValueError, match="representative_data"):
         cnnkit.export(bare, tmp_path / "int8", format="tflite", quantize="int8", verbose=0)
-    assert not (tmp_path / "int8").exists()
+    assert list(tmp_path.iterdir()) == []  # no target, no staging folder left
     images = cnnkit.data.load("mnist-sample").arrays("train")[0][:20]
     report = _report(cnnkit.export(bare, tmp_path / "int8", format="tflite", quantize="int8",
                                    representative_data=images, verbose=0))
@@ -301,6 +301,7 @@ def test_int8_needs_sample_images(seed_run, tmp_path):
     with pytest.raises(ValueError, match="representative_data"):
         cnnkit.export(bare, tmp_path / "bad", format="tflite", quantize="int8",
                       representative_data=images.astype("float32"), verbose=0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["int8"]
 
 
 # -- atomicity, overwrite, arguments ----------------------------------------------------------
@@ -382,7 +383,7 @@ def test_a_model_safe_mode_blocks_exports_from_its_path_only_with_trust(tmp_path
     model.save(tmp_path / "lambda.keras")
     with pytest.raises(ValueError, match="trust=True"):
         cnnkit.export(tmp_path / "lambda.keras", tmp_path / "refused", format="tflite", verify=False, verbose=0)
-    assert not (tmp_path / "refused").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["lambda.keras"]
     out = cnnkit.export(tmp_path / "lambda.keras", tmp_path / "trusted", format="tflite", trust=True, verbose=0)
     assert _report(out)["passed"] is True
 
@@ -452,7 +453,7 @@ def test_data_with_other_classes_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match=r"classes are not the model's: .*3 classes \[a, c, b\], the model 3 classes "
                                          r"\[a, b, c\]"):
         cnnkit.export(run_dir, tmp_path / "export", data=other, verbose=0)
-    assert not (tmp_path / "export").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
 
 
 def test_bad_sources_and_targets(seed_run, tmp_path):

@@ -5,7 +5,8 @@ The page is loaded once, with a probe script added: it collects script errors, f
 and console errors, then checks that every <img> decoded and drew more than a blank background;
 its findings are read back with --dump-dom, and a full-page screenshot is kept under
 $CNNKIT_TEST_ARTIFACTS (or the test's tmp_path). Chromium comes from Debian's ``chromium``
-package; without it the browser test is skipped locally and fails under CI (CI=true).
+package (the README's test command and .ci/run install it); without it the test fails, naming the
+package, rather than passing unchecked.
 """
 
 import html

@@ -685,6 +685,7 @@ def test_save_refuses_a_run_directory_another_process_holds(tmp_path, trained):
     fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(probe)
     assert load(tmp_path / "new" / "r").class_names == NAMES
-    with pytest.raises(TypeError):  # refused before anything is written: the folder made to lock it goes too
+    # refused before anything is written: the folder made to lock it goes too
+    with pytest.raises(TypeError, match="Run data must be plain data .* of type object"):
         Run(trained[0], class_names=NAMES, config={"bad": object()}).save(tmp_path / "new" / "refused")
     assert _listing(tmp_path / "new") == ["r"]

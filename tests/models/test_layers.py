@@ -320,16 +320,16 @@ def test_lc2d_rejects_kernel_larger_than_input(kernel_size):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "message"),
     [
-        {"filters": 0, "kernel_size": 3},
-        {"filters": 2, "kernel_size": (3, 0)},
-        {"filters": 2, "kernel_size": 3, "strides": (1, 2, 3)},
-        {"filters": 2.5, "kernel_size": 3},
+        ({"filters": 0, "kernel_size": 3}, r"`filters` must be a positive int. Received: filters=0"),
+        ({"filters": 2, "kernel_size": (3, 0)}, r"`kernel_size` must be .* Received: kernel_size=\(3, 0\)"),
+        ({"filters": 2, "kernel_size": 3, "strides": (1, 2, 3)}, r"`strides` must be .* Received: strides=\(1, 2, 3\)"),
+        ({"filters": 2.5, "kernel_size": 3}, r"`filters` must be a positive int. Received: filters=2.5"),
     ],
 )
-def test_lc2d_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+def test_lc2d_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         LocallyConnected2D(**kwargs)
 
 

@@ -323,7 +323,7 @@ def test_bad_arguments_are_named(digits, tmp_path):
         cnnkit.recipes.finetune("mobilenet_v2", digits[1], batch_norm="train", run_dir=tmp_path / "x")
     with pytest.raises(ValueError, match="similarity must be one of"):
         cnnkit.recipes.finetune("mobilenet_v2", digits[1], similarity="close", run_dir=tmp_path / "x")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"No run directory or .keras file at '.*missing\.keras'"):
         cnnkit.recipes.finetune(tmp_path / "missing.keras", digits[1], run_dir=tmp_path / "x")
 
 
