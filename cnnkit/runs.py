@@ -70,6 +70,7 @@ HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 README_FILE = "README.md"
+RUN_FILES = (MODEL_FILE, HISTORY_FILE, METRICS_FILE, CONFIG_FILE)  # what write_run always writes
 CURVES_FILE = "training_curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 MANIFEST_FILE = "manifest.json"
@@ -641,7 +642,9 @@ def write_run(run_dir, *, model, history, metrics, config, class_names, keep_ski
     ``metrics.json`` (indent 2), ``config.yaml`` (``config`` plus ``class_names``,
     ``yaml.safe_dump`` with ``sort_keys=False``), ``training_curves.png`` (when the history has
     something to plot), ``confusion_matrix.png`` (when ``metrics`` has ``"confusion_matrix"``)
-    and ``README.md`` (the model card). Existing files are replaced; an earlier run's figures,
+    and ``README.md`` (the model card). A folder without ``manifest.json`` gets an empty one first,
+    and each file is recorded in it as it lands, so a writer killed part way leaves a folder
+    :func:`load` refuses rather than a run with made-up class names. Existing files are replaced; an earlier run's figures,
     ``report.html`` and ``skipped_files.csv`` are removed (the caller writes the last two anew
     where they apply), and dropped from ``manifest.json`` first. A figure that fails to draw
     only warns, naming it and the error, and is left out (and unlinked from the README): the
@@ -688,6 +691,8 @@ def write_run(run_dir, *, model, history, metrics, config, class_names, keep_ski
     metrics = _plain(dict(metrics or {}))
     history = _normalise_history(history)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / MANIFEST_FILE).exists():  # each file is recorded as it lands: a kill leaves a run load refuses
+        _write_manifest_files(run_dir, {})
 
     atomic_save_model(model, run_dir / MODEL_FILE)
     atomic_write_text(run_dir / HISTORY_FILE, _history_to_csv(history))
@@ -1018,11 +1023,12 @@ def read_run_files(run_dir) -> tuple[dict, dict, dict]:
 def load(path, *, trust: bool = False) -> Run:
     """Load a run directory or a ``.keras`` file as a :class:`Run`.
 
-    A run directory must contain ``model.keras``; ``history.csv``, ``metrics.json`` and
-    ``config.yaml`` are read when present (empty otherwise), and class names come from
-    ``config.yaml``. A folder with a resume backup (``backup/``) but no ``manifest.json``, which a
-    run writes last, holds an interrupted run and is refused (a run written before cnnkit had a
-    manifest, with no backup, loads unchecked). A ``.keras`` file gives a Run with empty history,
+    A run directory holds ``model.keras``, ``history.csv``, ``metrics.json`` and ``config.yaml``
+    (class names come from ``config.yaml``), and ``manifest.json``, which :func:`write_run` starts
+    first and completes last. One with a manifest but without all four files was stopped while
+    being written, and is refused; so is a folder with a resume backup (``backup/``) and no
+    finished results: an interrupted run. A run written before cnnkit had a manifest (no backup)
+    loads unchecked, its missing files read as empty. A ``.keras`` file gives a Run with empty history,
     metrics and config, and class names from the ``config.yaml`` beside it when it is a run's own
     model (listed in the folder's ``manifest.json``), else ``"0".."K-1"`` from the model's output size.
 
@@ -1043,8 +1049,8 @@ def load(path, *, trust: bool = False) -> Run:
 
     Raises:
         FileNotFoundError: If ``path`` does not exist, or is a directory without ``model.keras``.
-        ValueError: If ``path`` is a file that is not ``.keras``, an interrupted run (naming the
-            folder), a run directory whose files do not match the SHA-256s in its ``manifest.json``
+        ValueError: If ``path`` is a file that is not ``.keras``, an interrupted or incomplete run
+            (naming the folder and the missing files), a run directory whose files do not match the SHA-256s in its ``manifest.json``
             (naming each file), whose ``manifest.json``, ``metrics.json``, ``config.yaml`` or
             ``history.csv`` does not parse, or whose ``config.yaml`` has ``class_names`` that are not
             one name per model output (naming the file and the problem), or the model holds code and
@@ -1060,10 +1066,15 @@ def load(path, *, trust: bool = False) -> Run:
     if not path.exists():
         raise FileNotFoundError(f"No run directory or .keras file at {str(path)!r}. Received: path={str(path)!r}")
     if path.is_dir():
-        if (path / BACKUP_DIR).is_dir() and not (path / MANIFEST_FILE).exists():
+        missing = [name for name in RUN_FILES if not (path / name).is_file()]
+        if (path / BACKUP_DIR).is_dir() and (missing or not (path / MANIFEST_FILE).exists()):
             raise ValueError(f"{str(path)!r} holds an interrupted run (a resume backup, {BACKUP_DIR}/, and no "
-                             f"{MANIFEST_FILE}, which a finished run writes last): run the same call again to resume "
-                             "it (an ensemble or transfer: with the same run_dir)")
+                             "finished results): run the same call again to resume it (an ensemble or transfer: "
+                             "with the same run_dir)")
+        if (path / MANIFEST_FILE).exists() and missing:
+            raise ValueError(f"{str(path)!r} is not a complete run: {', '.join(missing)} missing beside its "
+                             f"{MANIFEST_FILE} (its writing was stopped before the end, or they were deleted); "
+                             "write the run again")
         model_path = path / MODEL_FILE
         if not model_path.is_file():
             hint = ("; it is a SavedModel: use cnnkit.inference.load_predictor(path, trust=True)"

@@ -644,11 +644,32 @@ def test_an_interrupted_run_is_refused_and_an_old_run_without_manifest_loads(tmp
         (run_dir / name).unlink()
     (run_dir / "backup" / "stage1").mkdir(parents=True)
     with pytest.raises(ValueError, match=re.escape(f"{str(run_dir)!r} holds an interrupted run (a resume backup, "
-                                                   "backup/, and no manifest.json, which a finished run writes last): "
-                                                   "run the same call again to resume it")):
+                                                   "backup/, and no finished results): run the same call again to "
+                                                   "resume it")):
         load(run_dir)
     shutil.rmtree(run_dir / "backup")  # a run written before cnnkit had a manifest
     assert load(run_dir).class_names == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("killed_at", ["history.csv", "config.yaml"])
+def test_a_save_killed_in_a_new_folder_leaves_a_run_load_refuses(tmp_path, trained, monkeypatch, killed_at):
+    real_write = runs.atomic_write_text
+
+    def killed(path, text):
+        if Path(path).name == killed_at:
+            raise KeyboardInterrupt("killed")
+        return real_write(path, text)
+
+    monkeypatch.setattr(runs, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Run(trained[0], class_names=NAMES, config={"arch": "FC8"}).save(tmp_path / "r")
+    missing = {"history.csv": "history.csv, metrics.json, config.yaml", "config.yaml": "config.yaml"}[killed_at]
+    with pytest.raises(ValueError, match=re.escape(f"{str(tmp_path / 'r')!r} is not a complete run: {missing} missing "
+                                                   "beside its manifest.json")):
+        load(tmp_path / "r")
+    monkeypatch.undo()
+    Run(trained[0], class_names=NAMES, config={"arch": "FC8"}).save(tmp_path / "r")  # written again: whole
+    assert load(tmp_path / "r").class_names == NAMES
 
 
 @pytest.mark.parametrize("class_names, problem", [
