@@ -20,7 +20,10 @@ Example:
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import os
+import warnings
 from pathlib import Path
 
 import keras
@@ -30,6 +33,7 @@ from keras import ops
 import cnnkit
 from cnnkit.distribute import describe, distributed
 from cnnkit.html_report import write_report
+from cnnkit.models.registry import resolve_arch
 from cnnkit.recipes.fitting import (
     discard_backup,
     prepare_run_dir,
@@ -53,6 +57,7 @@ from cnnkit.runs import (
     write_manifest,
     write_run,
 )
+from cnnkit.spec import SpecError, parse
 
 COMBINE_MODES = ("mean", "geometric", "vote")
 TTA_MODES = ("flip", "crops", "ten_crop")
@@ -76,7 +81,7 @@ class CombineProbabilities(keras.layers.Layer):
 
     Args:
         mode: one of ``COMBINE_MODES``.
-        epsilon: added to probabilities before the log of the geometric mean.
+        epsilon: added to probabilities before the log of the geometric mean; a finite number > 0.
 
     Example:
         >>> layer = CombineProbabilities("mean")
@@ -89,8 +94,10 @@ class CombineProbabilities(keras.layers.Layer):
         super().__init__(**kwargs)
         if mode not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}. Received: combine={mode!r}")
+        if not (isinstance(epsilon, numbers.Real) and 0 < epsilon < math.inf):  # log(0) of a zero probability: NaN
+            raise ValueError(f"epsilon must be a finite number > 0. Received: epsilon={epsilon!r}")
         self.mode = mode
-        self.epsilon = epsilon
+        self.epsilon = float(epsilon)
 
     def call(self, inputs):
         probabilities = ops.stack([ops.cast(member, "float32") for member in inputs], axis=0)  # (M, B, K)
@@ -134,11 +141,11 @@ class ImageViews(keras.layers.Layer):
     def __init__(self, mode="flip", shift=1, **kwargs):
         super().__init__(**kwargs)
         if mode not in TTA_MODES:
-            raise ValueError(f"tta must be one of {TTA_MODES} or None. Received: tta={mode!r}")
-        if not isinstance(shift, int) or isinstance(shift, bool) or shift < 1:
+            raise ValueError(f"mode must be one of {TTA_MODES}. Received: mode={mode!r}")
+        if not _is_integer(shift) or shift < 1:
             raise ValueError(f"shift must be an integer >= 1 (pixels). Received: shift={shift!r}")
         self.mode = mode
-        self.shift = shift
+        self.shift = int(shift)
 
     def build(self, input_shape):  # not in call: a symbolic input (with_tta) reaches build but not call
         height, width = input_shape[1:3]
@@ -175,7 +182,8 @@ class AverageViews(keras.layers.Layer):
     """Averages the probabilities of ``num_views`` views: ``(views * B, K) -> (B, K)`` (see ``ImageViews``).
 
     Args:
-        num_views: views per image, stacked view-major along the batch axis.
+        num_views: views per image (an integer >= 1), stacked view-major along the batch axis; the
+            batch holds ``num_views`` times as many rows as images.
 
     Example:
         >>> AverageViews(2)(np.array([[1.0, 0.0], [0.0, 1.0]])).numpy()
@@ -185,10 +193,16 @@ class AverageViews(keras.layers.Layer):
     def __init__(self, num_views=2, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        self.num_views = num_views
+        if not _is_integer(num_views) or num_views < 1:
+            raise ValueError(f"num_views must be an integer >= 1. Received: num_views={num_views!r}")
+        self.num_views = int(num_views)
 
     def call(self, probabilities):
         probabilities = ops.cast(probabilities, "float32")
+        rows = probabilities.shape[0]
+        if rows is not None and rows % self.num_views:
+            raise ValueError(f"{self.num_views} views per image need a row count that is a multiple of "
+                             f"{self.num_views}. Received: {rows} rows")
         return ops.mean(ops.reshape(probabilities, (self.num_views, -1, probabilities.shape[-1])), axis=0)
 
     def compute_output_shape(self, input_shape):
@@ -330,14 +344,14 @@ def ensemble(
         tta: test-time augmentation for an extra evaluation: None, "flip", "crops" or
             "ten_crop" (see ``with_tta``; mirrors are wrong for digits). The metrics gain
             ``tta_test_accuracy``, ``tta_test_error`` and ``tta_balanced_accuracy``; the saved
-            model stays the plain ensemble.
+            model stays the plain ensemble. Data without a test split gets a warning and no TTA metrics.
         train_options: keyword arguments of ``cnnkit.recipes.train`` for trained members
             (epochs, optimizer, augment, ...), except arch, data, seed, strategy, run_dir and
             verbose, which the ensemble sets. A snapshot ensemble sets the schedule itself and refuses
             early stopping (it would cut cycles short), ``ema`` (it would average across the
             restarts), ``precise_bn`` and ``imbalance="two_stage"`` (they act after the last cycle,
             on no member).
-        seed: the first member's seed.
+        seed: the first member's seed; every trained member's ``seed + i`` must lie in [0, 2**32).
         strategy: "auto", "mirrored", "multi_worker", "tpu" or a ``tf.distribute.Strategy``, as for
             ``train``: every trained member trains under it (``train_options`` may add
             ``scale_learning_rate``); only the chief writes ``run_dir``.
@@ -347,7 +361,7 @@ def ensemble(
             reused (when its arch, seed, data and train options match) rather than retrained,
             so an interrupted ensemble resumes.
         overwrite: delete a finished ensemble (or an interrupted one, members included) in
-            ``run_dir`` and build it again.
+            ``run_dir`` and build it again; a member path inside ``run_dir`` is refused (it would be deleted).
         verbose: 0 silent, 1 progress bars, 2 one line per epoch.
 
     Returns:
@@ -357,6 +371,8 @@ def ensemble(
 
     Raises:
         ValueError: bad arguments, or members that disagree on input shape or class count.
+        cnnkit.SpecError: an architecture that is neither a registered name nor valid notation
+            (checked before any member trains).
 
     Example:
         >>> run = ensemble(5, "mnist-sample", arch="lenet", train_options={"epochs": 5})  # doctest: +SKIP
@@ -364,6 +380,8 @@ def ensemble(
         ...                 train_options={"epochs": 20, "optimizer": "momentum", "learning_rate": 0.1})  # doctest: +SKIP
         >>> mixed = ensemble(["runs/a", "runs/b", "lenet5"], "mnist-sample", combine="vote", tta="crops")  # doctest: +SKIP
     """
+    members = int(members) if _is_integer(members) else members  # a NumPy integer counts too
+    snapshot_cycles = int(snapshot_cycles) if _is_integer(snapshot_cycles) else snapshot_cycles
     arguments = recorded_arguments(ensemble, locals())
     options = _check_train_options(train_options, snapshot=members == "snapshot")
     plan = _member_plan(members, arch, snapshot_cycles, options, seed)
@@ -371,7 +389,13 @@ def ensemble(
         raise ValueError(f"combine must be one of {COMBINE_MODES}. Received: combine={combine!r}")
     if tta is not None and tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES} or None. Received: tta={tta!r}")
+    _check_seeds(plan, seed)
+    if overwrite and run_dir is not None:
+        _check_outside(plan, run_dir)
     data = resolve_data(data)
+    if tta is not None and data.test is None:
+        warnings.warn(f"tta={tta!r} evaluates the test split and the data has none: the ensemble is built and "
+                      "saved without a test-time augmentation evaluation", stacklevel=2)
     run_dir = prepare_run_dir(run_dir, "ensemble", overwrite=overwrite)
     with released_on_failure(run_dir):  # a member that trained an epoch keeps the folder, to resume
         run = _combine_and_write(plan, data, options, arguments, members, combine, tta, seed, run_dir, verbose)
@@ -444,13 +468,17 @@ def _check_train_options(train_options, *, snapshot) -> dict:
 
 
 def _member_plan(members, arch, snapshot_cycles, options, seed) -> list:
-    """What each member is: ("train", arch, seed), ("snapshot", arch, seed, cycles) or ("existing", item)."""
+    """What each member is: ("train", arch, seed), ("snapshot", arch, seed, cycles) or ("existing", item).
+
+    Every architecture is resolved and parsed here, so a typo fails before any member trains.
+    """
     counted = isinstance(members, int) and not isinstance(members, bool)
     if counted or members == "snapshot":
         if not isinstance(arch, str):  # a model object would be trained again, in place, for every member
             raise ValueError(f"members={members!r} trains networks: pass arch= (notation or a registered name); "
                              "to combine trained models, pass them or their run directories as the members list. "
                              f"Received: arch={arch!r}")
+        _check_arch(arch)
         if counted and members < 1:
             raise ValueError(f"members must be at least 1. Received: members={members!r}")
     elif arch is not None:
@@ -463,8 +491,8 @@ def _member_plan(members, arch, snapshot_cycles, options, seed) -> list:
         return [("train", arch, seed + index) for index in range(members)]
     if members == "snapshot":
         epochs = options.get("epochs", _TRAIN_PARAMETERS["epochs"].default)
-        valid = isinstance(snapshot_cycles, int) and not isinstance(snapshot_cycles, bool) and snapshot_cycles >= 1
-        if not valid or not isinstance(epochs, int) or epochs % snapshot_cycles:
+        valid = _is_integer(snapshot_cycles) and snapshot_cycles >= 1 and _is_integer(epochs)
+        if not valid or epochs % snapshot_cycles:
             raise ValueError(f"snapshot_cycles must be an integer >= 1 that divides the epochs ({epochs}), so that "
                              f"each cycle ends at an epoch. Received: snapshot_cycles={snapshot_cycles!r}")
         return [("snapshot", arch, seed, snapshot_cycles)]
@@ -481,6 +509,11 @@ def _member_plan(members, arch, snapshot_cycles, options, seed) -> list:
                 raise FileNotFoundError(f"member {index}: no run directory or .keras file at {str(item)!r}")
             plan.append(("existing", item))
         elif isinstance(item, str):
+            try:
+                _check_arch(item)
+            except SpecError as error:
+                raise SpecError(f"member {index}: {error}; and no run directory or .keras file named "
+                                f"{item!r}") from None
             plan.append(("train", item, seed + index))
         else:
             raise ValueError(f"member {index} must be an architecture, a run directory, a .keras file, a Run or a "
@@ -488,11 +521,44 @@ def _member_plan(members, arch, snapshot_cycles, options, seed) -> list:
     objects = [id(_as_model(step[1])) for step in plan if step[0] == "existing" and not _is_path(step[1])]
     if len(objects) != len(set(objects)):
         raise ValueError("the same model object is given as two members; pass each member once")
-    paths = [_source(step[1]).resolve() for step in plan if step[0] == "existing" and _is_path(step[1])]
+    paths = [path for path in (_run_path(step[1]) for step in plan if step[0] == "existing") if path is not None]
     repeated = sorted({str(path) for path in paths if paths.count(path) > 1})
     if repeated:
         raise ValueError(f"the same run is given as two members ({', '.join(repeated)}); pass each member once")
     return plan
+
+
+def _check_arch(arch) -> None:
+    """Resolve and parse ``arch`` as ``train`` will: an unknown name or bad notation raises ``SpecError``."""
+    parse(resolve_arch(arch, {})[0])
+
+
+def _check_seeds(plan, seed) -> None:
+    """Refuse a ``seed`` that puts a trained member's ``seed + i`` outside NumPy's range, [0, 2**32)."""
+    last = max((index for index, step in enumerate(plan) if step[0] != "existing"), default=None)
+    if last is not None and not (_is_integer(seed) and 0 <= seed < 2**32 - last):
+        members = f" ({len(plan)} members: member {last} trains with seed + {last})" if last else ""
+        raise ValueError(f"seed must be an integer in [0, {2**32 - last}){members}. Received: seed={seed!r}")
+
+
+def _check_outside(plan, run_dir) -> None:
+    """Refuse member paths inside ``run_dir``: ``overwrite=True`` deletes the run there before they load."""
+    run_dir = Path(run_dir).resolve()
+    for index, step in enumerate(plan):
+        if step[0] == "existing" and _is_path(step[1]) and Path(step[1]).resolve().is_relative_to(run_dir):
+            raise ValueError(f"member {index} ({step[1]}) lies inside run_dir {run_dir}, which overwrite=True deletes "
+                             "before the members load; copy the member elsewhere first or pass another run_dir")
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _run_path(item) -> Path | None:
+    """The run (directory, else ``.keras`` file) a member comes from, resolved; None for a model without one."""
+    if _is_path(item):
+        return _source(item).resolve()
+    return Path(item.run_dir).resolve() if isinstance(item, Run) and item.run_dir else None
 
 
 def _source(path) -> Path:

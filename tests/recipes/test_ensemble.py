@@ -183,6 +183,16 @@ def test_mismatched_members_are_rejected(data, tmp_path):
     ({"members": "lenet"}, "members must be a count, 'snapshot', or a list"),
     ({"members": [ARCH, 3]}, "member 1 must be an architecture"),
     ({"members": ["runs/missing"]}, "member 0: no run directory or .keras file at 'runs/missing'"),
+    ({"members": [ARCH, "lenet5x"]}, r"^member 1: unknown model 'lenet5x'; did you mean lenet5, .*; as notation, .*; "
+                                     r"and no run directory or .keras file named 'lenet5x'$"),
+    ({"members": [ARCH, "runs_old"]}, r"^member 1: unknown model 'runs_old'; .*; and no run directory or .keras file "
+                                      r"named 'runs_old'$"),
+    ({"members": 2, "arch": "lenet5x"}, r"^unknown model 'lenet5x'; did you mean lenet5, .*; as notation, token 1"),
+    ({"members": 2, "arch": ARCH, "seed": 2**32 - 1},
+     r"^seed must be an integer in \[0, 4294967295\) \(2 members: member 1 trains with seed \+ 1\)\. "
+     r"Received: seed=4294967295$"),
+    ({"members": "snapshot", "arch": ARCH, "snapshot_cycles": 1, "seed": -1},
+     r"^seed must be an integer in \[0, 4294967296\)\. Received: seed=-1$"),
 ])
 def test_bad_arguments_fail_before_anything_is_written(data, tmp_path, kwargs, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -208,6 +218,52 @@ def test_the_same_run_twice_by_path_is_refused(seeded, data, tmp_path):
     member = seeded.run_dir / "members" / "0"
     with pytest.raises(ValueError, match=f"the same run is given as two members \\({member}\\)"):
         ensemble([member, member / "model.keras"], data, run_dir=tmp_path / "twice", verbose=0)
+
+
+def test_the_same_run_as_an_object_and_by_path_is_refused(seeded, data, tmp_path):
+    member = seeded.run_dir / "members" / "0"
+    another_name = member.parent / ".." / "members" / "0"
+    for members in ([cnnkit.load(member), member], [cnnkit.load(member), cnnkit.load(another_name)]):
+        with pytest.raises(ValueError, match=f"the same run is given as two members \\({member}\\)"):
+            ensemble(members, data, run_dir=tmp_path / "twice", verbose=0)
+    assert not (tmp_path / "twice").exists()
+
+
+def test_overwrite_refuses_members_inside_the_run_dir_it_would_delete(seeded, data, tmp_path):
+    run_dir = tmp_path / "ens"
+    shutil.copytree(seeded.run_dir, run_dir)
+    members = [run_dir / "members" / "0", run_dir / "members" / "1"]
+    with pytest.raises(ValueError, match=f"^member 0 \\({members[0]}\\) lies inside run_dir {run_dir}, which "
+                                         "overwrite=True deletes before the members load"):
+        ensemble(members, data, combine="vote", run_dir=run_dir, overwrite=True, verbose=0)
+    assert all((member / "model.keras").is_file() for member in members)
+    assert (run_dir / "model.keras").is_file()  # the finished ensemble is kept too
+
+
+def test_tta_without_a_test_split_warns_and_records_no_tta_metrics(seeded, data, tmp_path):
+    x, y = data.arrays("train")
+    members = [seeded.run_dir / "members" / "0", seeded.run_dir / "members" / "1"]
+    with pytest.warns(UserWarning, match="^tta='crops' evaluates the test split and the data has none"):
+        run = ensemble(members, cnnkit.data.from_arrays(x, y), tta="crops", run_dir=tmp_path / "notest", verbose=0)
+    assert run.metrics == {"num_members": 2}
+
+
+def test_numpy_integers_are_accepted_as_counts_and_shifts(seeded, data, tmp_path, monkeypatch):
+    module = importlib.import_module("cnnkit.recipes.ensemble")
+    seeds = []
+
+    def train(*args, **kwargs):  # the member of that seed from the seeded ensemble, not trained again
+        seeds.append(kwargs["seed"])
+        return cnnkit.load(seeded.run_dir / "members" / str(kwargs["seed"]))
+
+    monkeypatch.setattr(module, "train", train)
+    run = ensemble(np.int64(2), data, arch=ARCH, train_options=FAST, run_dir=tmp_path / "count", verbose=0)
+    assert seeds == [0, 1] and run.metrics["num_members"] == 2 and type(run.config["arguments"]["members"]) is int
+    with pytest.raises(ValueError, match="combine must be one of"):  # past the snapshot_cycles check, to the next
+        ensemble("snapshot", data, arch=ARCH, snapshot_cycles=np.int64(2), train_options={"epochs": np.int64(4)},
+                 combine="median", run_dir=tmp_path / "snap", verbose=0)
+    views = with_tta(cnnkit.build(ARCH, (8, 8, 1), 3), "crops", shift=np.int64(2)).get_layer("views")
+    assert views.shift == 2 and type(views.get_config()["shift"]) is int
 
 
 def test_a_vote_ensemble_exports_to_tflite_and_onnx(seeded, data, tmp_path):
@@ -321,6 +377,29 @@ def test_a_model_object_as_arch_is_refused_before_anything_is_written(data, tmp_
         ensemble(members, data, arch=model, snapshot_cycles=cycles, train_options={"epochs": 2},
                  run_dir=tmp_path / "run", verbose=0)
     assert not (tmp_path / "run").exists()
+
+
+def test_with_tta_names_its_mode_parameter():
+    with pytest.raises(ValueError, match=r"^mode must be one of \('flip', 'crops', 'ten_crop'\)\. "
+                                         r"Received: mode=None$"):
+        with_tta(cnnkit.build(ARCH, (8, 8, 1), 3), None)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, -1.0, float("inf")])
+def test_a_geometric_mean_needs_a_positive_epsilon(epsilon):
+    with pytest.raises(ValueError, match=rf"^epsilon must be a finite number > 0\. Received: epsilon={epsilon}$"):
+        CombineProbabilities("geometric", epsilon=epsilon)
+    certain = [np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])]  # log(0): NaN without epsilon
+    np.testing.assert_allclose(CombineProbabilities("geometric")(certain).numpy(), [[0.5, 0.5]])
+
+
+def test_average_views_checks_its_view_count():
+    with pytest.raises(ValueError, match=r"^num_views must be an integer >= 1\. Received: num_views=0$"):
+        AverageViews(0)
+    with pytest.raises(ValueError, match=r"3 views per image need a row count that is a multiple of 3\. "
+                                         r"Received: 4 rows"):
+        AverageViews(3)(np.ones((4, 3), "float32"))
+    assert AverageViews(np.int64(2))(np.ones((4, 3), "float32")).shape == (2, 3)
 
 
 def test_a_shift_as_large_as_the_image_is_refused():
