@@ -298,6 +298,14 @@ def _cmd_predict(args) -> int:
     if args.csv and Path(args.csv).exists() and not (args.overwrite and Path(args.csv).is_file()):
         raise ValueError(f"--csv {args.csv} already exists; pass --overwrite to replace it"
                          if Path(args.csv).is_file() else f"--csv {args.csv} exists and is not a file")
+    if args.csv:  # checked before the predictions, not after them
+        folder = Path(args.csv).absolute().parent
+        while not folder.exists():  # write_csv makes the missing folders
+            folder = folder.parent
+        if not folder.is_dir():
+            raise ValueError(f"--csv {args.csv} cannot be written: {folder} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"--csv: Permission denied: {args.csv} (the folder {folder} is not writable)")
     files, skipped = image_files(args.inputs)
     if skipped:
         shown = ", ".join(_shown_path(path) for path in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
@@ -525,7 +533,7 @@ def _unreadable_image(error: BaseException) -> str | None:
     tf = sys.modules.get("tensorflow")
     if tf is None or not isinstance(error, tf.errors.OpError):
         return None
-    found = re.search(r"cnnkit\.data\.from_folder cannot decode [^\n]*", error.message)
+    found = re.search(r"cannot decode image file [^\n]*", error.message)
     return found.group(0) if found else None
 
 

@@ -167,15 +167,25 @@ class Predictor:
     def predict_files(self, paths, *, k: int = DEFAULT_TOP_K, batch_size: int = 256):
         """Top-k predictions of image files, decoded and classified ``batch_size`` at a time.
 
+        ``paths`` are expanded as :func:`image_files` expands them: a folder gives its image files
+        (the others named in a warning), and a file named twice is predicted once.
+
         Returns:
-            ``[(path, [(class name, probability), ...]), ...]`` in the order of ``paths``.
+            ``[(path, [(class name, probability), ...]), ...]`` in the order of the expanded ``paths``.
+
+        Raises:
+            FileNotFoundError: If a path does not exist.
+            ValueError: If no image file is found, or a file cannot be decoded (the message names it).
 
         Example:
-            >>> predictor.predict_files(["a.png"], k=1)  # doctest: +SKIP
-            [(PosixPath('a.png'), [('7', 0.99)])]
+            >>> predictor.predict_files(["a.png", "digits/"], k=1)  # doctest: +SKIP
+            [(PosixPath('a.png'), [('7', 0.99)]), (PosixPath('digits/0.png'), [('0', 0.97)])]
         """
         batch_size = _check_positive("batch_size", batch_size)
-        paths = [Path(path) for path in paths]
+        paths, skipped = image_files(paths)
+        if skipped:
+            warnings.warn(f"Skipped {len(skipped)} file(s) not named as images: " + ", ".join(map(str, skipped[:5]))
+                          + (", ..." if len(skipped) > 5 else ""), stacklevel=2)
         results = []
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
@@ -282,13 +292,16 @@ def _saved_model_predictor(path: Path) -> Predictor:
     signature = loaded.signatures.get("serving_default")
     specs = list(signature.structured_input_signature[1].values()) if signature is not None else []
     outputs = signature.structured_outputs if signature is not None else {}
-    if len(specs) != 1 or specs[0].dtype != tf.uint8 or specs[0].shape.rank != 4 or "probabilities" not in outputs:
+    probabilities = outputs.get("probabilities")
+    if len(specs) != 1 or specs[0].dtype != tf.uint8 or specs[0].shape.rank != 4 \
+            or not specs[0].shape[1:].is_fully_defined() or probabilities is None \
+            or probabilities.shape.rank != 2 or probabilities.shape[-1] is None:
         raise ValueError(f"{str(path)!r} is not a SavedModel exported by cnnkit: expected a serving_default signature "
-                         f"taking uint8 images (N, H, W, C) and returning 'probabilities'. Received: inputs {specs}, "
-                         f"outputs {sorted(outputs)}")
+                         f"taking uint8 images (N, H, W, C) of known H, W, C and returning 'probabilities' (N, K) of "
+                         f"known K. Received: inputs {specs}, outputs {outputs}")
     (name,) = signature.structured_input_signature[1]
     image_shape = tuple(specs[0].shape[1:])
-    labels, classes = path / LABELS_FILE, outputs["probabilities"].shape[-1]
+    labels, classes = path / LABELS_FILE, probabilities.shape[-1]
     if labels.is_file():
         class_names = labels.read_text(encoding="utf-8").removesuffix("\n").split("\n")  # as export writes it
         if len(class_names) != classes:
@@ -308,23 +321,27 @@ def image_files(inputs, *, extensions=IMAGE_EXTENSIONS) -> tuple[list[Path], lis
     entries skipped; symlinked subfolders followed, as ``cnnkit.data.from_folder`` does). Other
     files are returned separately, and subfolders left out (unreadable, or a second way into a
     folder: a symlink loop) are named with their reason in a warning: none is dropped silently.
+    A file reached twice (a folder and a file in it) is listed once, where it is first reached.
+
+    Args:
+        inputs: A file or folder, or an iterable of them.
+        extensions: A file ending such as ``".png"``, or a sequence of them.
 
     Returns:
         ``(images, skipped)``: lists of paths; ``skipped`` holds the files not named as images.
 
     Raises:
         FileNotFoundError: If an input does not exist.
-        ValueError: If no image file is found.
+        ValueError: If ``extensions`` is not one or more file endings, or no image file is found.
 
     Example:
         >>> image_files(["digits/", "extra.png"])  # doctest: +SKIP
         ([PosixPath('digits/0.png'), PosixPath('extra.png')], [PosixPath('digits/notes.txt')])
     """
-    from cnnkit.data.folder import walk_files
+    from cnnkit.data.folder import check_extensions, walk_files
 
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    suffixes = tuple(extension.lower() for extension in extensions)
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    suffixes = check_extensions(extensions)
     images, skipped, left_out = [], [], []
     for item in inputs:
         item = Path(item)
@@ -342,7 +359,21 @@ def image_files(inputs, *, extensions=IMAGE_EXTENSIONS) -> tuple[list[Path], lis
                       stacklevel=2)
     if not images:
         raise ValueError(f"No image files ({', '.join(suffixes)}) found. Received: inputs={[str(i) for i in inputs]}")
-    return images, skipped
+    seen = set()
+    return _first_of_each(images, seen), _first_of_each(skipped, seen)
+
+
+def _first_of_each(paths, seen: set) -> list[Path]:
+    """``paths`` less those whose real path is in ``seen`` (which grows as they are kept): each file once.
+
+    ``os.path.realpath``, unlike ``Path.resolve``, does not raise on a symlink loop (its reader names it)."""
+    unique = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
 
 
 def write_csv(predictions, path) -> Path:

@@ -225,7 +225,7 @@ def test_run_on_a_folder_read_without_verify_names_an_image_that_fails_to_decode
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith(f"cnnkit: error: cnnkit.data.from_folder cannot decode {broken}: ")
+    assert err.startswith(f"cnnkit: error: cannot decode image file {broken}: ")
     assert err.endswith("; it was not checked when the folder was read (verify: false), or it changed since\n")
     assert not (tmp_path / "run").exists()
 
@@ -503,3 +503,32 @@ def test_predict_prints_a_file_name_with_a_newline_or_escape_sequence_on_one_lin
     assert [line.split(": ")[0] for line in lines[:2]] == [f"{folder}/a\\nb.png", f"{folder}/c\\x1b[31md.png"]
     assert "\x1b" not in "".join(lines)
     assert f"{folder}/a\nb.png".encode() in csv_path.read_bytes()  # quoted by the csv module, name kept
+
+
+def test_predict_checks_the_csv_folder_before_predicting_and_predicts_a_file_named_twice_once(saved_run, tmp_path,
+                                                                                               capsys, monkeypatch):
+    run_dir, images = saved_run
+    (tmp_path / "afile").write_text("x")
+    under_a_file = tmp_path / "afile" / "sub" / "o.csv"
+    assert main(["predict", str(run_dir), str(images), "--csv", str(under_a_file)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before any prediction
+    assert _error_lines(captured) == [f"cnnkit: error: --csv {under_a_file} cannot be written: {tmp_path / 'afile'} "
+                                      "is not a folder"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))  # root writes anyway
+    assert main(["predict", str(run_dir), str(images), "--csv", str(locked / "new" / "o.csv")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and _error_lines(captured) == [
+        f"cnnkit: error: --csv: Permission denied: {locked / 'new' / 'o.csv'} (the folder {locked} is not writable)"]
+    monkeypatch.undo()
+
+    csv_path = tmp_path / "new" / "predictions.csv"  # a missing folder is made
+    assert main(["predict", str(run_dir), str(images), str(images / "0.png"), "--top-k", "1", "--csv",
+                 str(csv_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(images / "0.png"), str(images / "1.png"),
+                                                       f"predictions written to {csv_path}"]
+    assert len(csv_path.read_text().splitlines()) == 1 + 2

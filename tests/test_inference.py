@@ -1,6 +1,7 @@
 """cnnkit.inference: one strict predictor over runs, .keras files and exported SavedModels."""
 
 import csv
+import re
 
 import keras
 import numpy as np
@@ -199,3 +200,60 @@ def test_tflite_and_onnx_exports_are_refused_saying_what_can_be_loaded(tmp_path)
             inference.load_predictor(path, trust=True)
     with pytest.raises(ValueError, match=rf"graph file of a SavedModel: pass its directory '{saved_model}'"):
         inference.load_predictor(saved_model / "saved_model.pb", trust=True)
+
+
+def test_one_extension_given_as_a_string_is_one_ending_not_its_letters(tmp_path):
+    for name in ["a.png", "b.jpg", "notes.svg", "c.PNG"]:
+        (tmp_path / name).write_bytes(b"x")
+    files, skipped = inference.image_files(tmp_path, extensions=".png")
+    assert files == [tmp_path / "a.png", tmp_path / "c.PNG"]
+    assert skipped == [tmp_path / "b.jpg", tmp_path / "notes.svg"]
+    with pytest.raises(ValueError, match=r"extensions must be a non-empty sequence of file endings such as '.png'. "
+                                         r"Received: extensions=\(\)"):
+        inference.image_files(tmp_path, extensions=())
+
+
+def test_a_file_reached_twice_is_listed_once_and_an_iterator_of_inputs_is_named(digits, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ["a.png", "b.png"]:
+        Image.fromarray(digits[0, ..., 0]).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    (tmp_path / "linked").symlink_to(folder, target_is_directory=True)
+    files, skipped = inference.image_files([folder / "b.png", folder, tmp_path / "linked", folder / "notes.txt"])
+    assert files == [folder / "b.png", folder / "a.png", folder / "notes.txt"]  # a file named is taken as given
+    assert skipped == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=rf"No image files .* found. Received: inputs=\['{tmp_path / 'empty'}'\]"):
+        inference.image_files(path for path in [tmp_path / "empty"])
+
+
+def test_predict_files_expands_a_folder_as_image_files_does(saved, digits, tmp_path):
+    folder = tmp_path / "digits"
+    (folder / "more").mkdir(parents=True)
+    Image.fromarray(digits[0, ..., 0]).save(folder / "0.png")
+    Image.fromarray(digits[1, ..., 0]).save(folder / "more" / "1.png")
+    (folder / "notes.txt").write_text("not an image")
+    predictor = inference.load_predictor(saved["run"])
+    with pytest.warns(UserWarning, match=rf"Skipped 1 file\(s\) not named as images: {folder / 'notes.txt'}$"):
+        results = predictor.predict_files([folder, folder / "0.png"], k=1)
+    assert [path for path, _ in results] == [folder / "0.png", folder / "more" / "1.png"]
+    assert [ranked for _, ranked in results] == predictor.top_k(digits[:2], k=1)
+
+
+@pytest.mark.parametrize("shape, probabilities, output_shape", [
+    ((None, None, None, 3), lambda x: tf.nn.softmax(tf.reduce_mean(tf.cast(x, tf.float32), [1, 2])), "(None, 3)"),
+    ((None, 4, 4, 1), lambda x: tf.reshape(tf.cast(x, tf.float32), [tf.shape(x)[0], -1])[:, :tf.shape(x)[0] + 1],
+     "(None, None)"),
+], ids=["any_image_size", "unknown_class_count"])
+def test_a_savedmodel_of_unknown_image_size_or_class_count_is_refused(tmp_path, shape, probabilities, output_shape):
+    module = tf.Module()
+    module.serve = tf.function(lambda x: {"probabilities": probabilities(x)},
+                               input_signature=[tf.TensorSpec(shape, tf.uint8, name="image")])
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": module.serve})
+    with pytest.raises(ValueError, match=r"not a SavedModel exported by cnnkit: expected a serving_default signature "
+                                         r"taking uint8 images \(N, H, W, C\) of known H, W, C and returning "
+                                         r"'probabilities' \(N, K\) of known K. Received: inputs \[TensorSpec\(shape="
+                                         rf"{re.escape(str(tf.TensorShape(shape)))}.*'probabilities': "
+                                         rf"TensorSpec\(shape={re.escape(output_shape)}"):
+        inference.load_predictor(tmp_path / "sm", trust=True)

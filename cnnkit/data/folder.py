@@ -621,7 +621,7 @@ def _load_image(path: str, size: tuple[int, int], pil_mode: str) -> np.ndarray:
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except Exception as exc:
-        raise ValueError(f"cnnkit.data.from_folder cannot decode {path}: {exc}") from exc
+        raise ValueError(f"cannot decode image file {path}: {exc}") from exc
     if array.ndim == 2:
         array = array[:, :, np.newaxis]
     return array

@@ -44,7 +44,8 @@ def to_fully_convolutional(model: keras.Model) -> keras.Model:
 
     Raises:
         ValueError: naming a layer that cannot slide (a locally connected layer has
-            weights for fixed positions; any layer type not known to be position-wise).
+            weights for fixed positions, a PReLU on a feature map without ``shared_axes=[1, 2]``
+            slopes for them; any layer type not known to be position-wise).
     """
     grid = _flatten_grid(model)
     first_dense = next((layer for layer in model.layers if isinstance(layer, keras.layers.Dense)), None)
@@ -92,8 +93,12 @@ def _converted_layer(layer, grid):
         return keras.layers.PReLU(shared_axes=[1, 2], name=layer.name, dtype=policy)
     if _position_wise(layer):
         return layer.__class__.from_config(config)
-    reason = ("a locally connected layer has weights for fixed positions" if type(layer).__name__ ==
-              "LocallyConnected2D" else "it is not known to act the same at every position")
+    if type(layer).__name__ == "LocallyConnected2D":
+        reason = "a locally connected layer has weights for fixed positions"
+    elif isinstance(layer, keras.layers.PReLU):
+        reason = f"its slopes are per position (shared_axes={layer.shared_axes}); one with shared_axes=[1, 2] slides"
+    else:
+        reason = "it is not known to act the same at every position"
     raise ValueError(f"cannot convert layer {layer.name!r} ({type(layer).__name__}) to slide over larger images: "
                      f"{reason}")
 
@@ -101,10 +106,12 @@ def _converted_layer(layer, grid):
 def _position_wise(layer) -> bool:
     """A layer that acts the same at every position: it slides unchanged. cnnkit's per-channel
     ``Standardization`` (``preprocess="standardize"`` or ``"center_channel"``) is; the per-pixel one
-    and ``Whitening`` hold statistics for fixed positions."""
+    and ``Whitening`` hold statistics for fixed positions. A PReLU is when its slopes are shared over
+    height and width (``shared_axes`` holds 1 and 2; Keras's default, None, gives a slope per position)."""
     name = type(layer).__name__
-    return (isinstance(layer, _SLIDING_SAFE + (keras.layers.PReLU,)) or name == "LocalResponseNormalization"
-            or name == "Standardization" and not layer.per_pixel)
+    return (isinstance(layer, _SLIDING_SAFE) or name == "LocalResponseNormalization"
+            or name == "Standardization" and not layer.per_pixel
+            or isinstance(layer, keras.layers.PReLU) and {1, 2} <= set(layer.shared_axes or ()))
 
 
 def _check_unpadded(model):
@@ -184,13 +191,17 @@ def predict_map(model: keras.Model, image, *, stride: int | None = None, convert
     (a multiple of it) keeps every ``stride / native``-th position of the native map.
 
     Args:
-        model: the original classifier (fixed input size).
+        model: the original classifier (fixed input size), not its ``to_fully_convolutional`` copy.
         image: (H, W) or (H, W, C) raw pixels, at least the model's input size.
         stride: a divisor or a multiple of ``native_stride(model)``; default the native stride.
         converted: ``to_fully_convolutional(model)`` when already made (saves rebuilding it).
 
     Returns:
         NumPy array (rows, cols, classes), ``rows = (H - h) // stride + 1``.
+
+    Raises:
+        ValueError: If ``model``'s input size is not fixed, ``image`` is smaller or has other channels,
+            a layer pads, or ``stride`` is neither a divisor nor a multiple of the native stride.
 
     Example:
         >>> import cnnkit
@@ -202,6 +213,10 @@ def predict_map(model: keras.Model, image, *, stride: int | None = None, convert
     if image.ndim == 2:
         image = image[..., None]
     height, width, channels = model.input_shape[1:]
+    if height is None or width is None:
+        raise ValueError("predict_map needs the original classifier with a fixed input size (the crop size); "
+                         "pass it rather than an any-size model such as to_fully_convolutional's result. "
+                         f"Received: model {model.name!r} with input shape {model.input_shape}")
     if image.ndim != 3 or image.shape[2] != channels or image.shape[0] < height or image.shape[1] < width:
         raise ValueError(f"image must be (H, W[, {channels}]) with H >= {height} and W >= {width}. "
                          f"Received: image.shape={image.shape}")

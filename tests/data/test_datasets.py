@@ -1,6 +1,7 @@
 """Tests of load / list_datasets, the bundled MNIST sample and the script that makes it."""
 
 import hashlib
+import http.client
 import importlib.util
 import os
 import urllib.error
@@ -186,6 +187,31 @@ def test_mnist_download_without_network_is_one_line_naming_the_offline_way(tmp_p
     monkeypatch.setattr(file_utils, "urlretrieve", no_network)  # Keras's real download path up to the fetch
     with pytest.raises(OSError, match=r"could not download MNIST \(URL fetch failure on https://.*mnist.npz.*\); "
                                       r"without network: set CNNKIT_DATA_DIR to a folder holding mnist.npz"):
+        load("mnist")
+
+
+@pytest.mark.parametrize("error, reason", [
+    (TimeoutError("timed out"), "TimeoutError: timed out"),
+    (ConnectionResetError(104, "Connection reset by peer"), r"ConnectionResetError: \[Errno 104\] Connection reset"),
+    (http.client.IncompleteRead(b"abc", 100), r"IncompleteRead: IncompleteRead\(3 bytes read, 100 more expected\)"),
+    (None, "Incomplete or corrupted file detected. The auto file hash does not match"),  # a file cut short
+], ids=["timeout", "reset", "incomplete_read", "truncated_file"])
+def test_every_failed_mnist_download_is_one_line_naming_the_offline_way(tmp_path, monkeypatch, error, reason):
+    from keras.src.backend import config as keras_config
+    from keras.src.utils import file_utils
+
+    monkeypatch.delenv("CNNKIT_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path))  # Keras's own cache: empty
+
+    def fetch(url, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"partial")
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(file_utils, "urlretrieve", fetch)  # Keras's real download path up to the fetch
+    with pytest.raises(OSError, match=rf"^could not download MNIST \({reason}.*\); without network: set "
+                                      r"CNNKIT_DATA_DIR to a folder holding mnist.npz, or use 'mnist-sample'$"):
         load("mnist")
 
 

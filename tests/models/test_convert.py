@@ -1,3 +1,5 @@
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -123,6 +125,25 @@ def test_locally_connected_layer_is_named_in_the_error():
         to_fully_convolutional(model)
 
 
+@pytest.mark.parametrize("shared_axes", [None, [1], [3]])
+def test_a_prelu_with_slopes_per_position_is_named_in_the_error(shared_axes):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.PReLU(shared_axes=shared_axes, name="prelu_pos")(keras.layers.Conv2D(2, 3)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(x)))
+    with pytest.raises(ValueError, match=r"cannot convert layer 'prelu_pos' \(PReLU\) to slide over larger images: its "
+                                         rf"slopes are per position \(shared_axes={re.escape(str(shared_axes))}\); "
+                                         r"one with shared_axes=\[1, 2\] slides"):
+        to_fully_convolutional(model)
+
+
+def test_a_prelu_with_one_slope_per_channel_slides():
+    model = _with_random_statistics(cnnkit.build("4C3:prelu-MP2-FC8", (12, 12, 1), 3))
+    assert model.get_layer("conv1_act").shared_axes == [1, 2]
+    canvas = RNG.integers(0, 256, (19, 17, 1)).astype(np.uint8)
+    np.testing.assert_allclose(predict_map(model, canvas, stride=1), _crop_scores(model, canvas, 1, (12, 12)),
+                               atol=1e-5)
+
+
 def test_padded_network_is_refused_by_predict_map():
     model = cnnkit.build("vgg_small", (28, 28, 1), 10)
     with pytest.raises(ValueError, match="layer 'conv1' pads its input"):
@@ -157,6 +178,15 @@ def test_bad_predict_map_arguments(kwargs, message):
     arguments = {"image": np.zeros((40, 40), np.uint8), **kwargs}
     with pytest.raises(ValueError, match=message):
         predict_map(model, arguments.pop("image"), **arguments)
+
+
+def test_predict_map_refuses_an_any_size_model_naming_the_classifier_to_pass():
+    converted = to_fully_convolutional(cnnkit.build("8C3-MP2-FC8", (12, 12, 1), 3))
+    with pytest.raises(ValueError, match=r"predict_map needs the original classifier with a fixed input size \(the crop "
+                                         r"size\); pass it rather than an any-size model such as "
+                                         r"to_fully_convolutional's result. Received: model '.*' with input shape "
+                                         r"\(None, None, None, 1\)"):
+        predict_map(converted, np.zeros((20, 20), np.uint8))
 
 
 def test_public_names():
