@@ -16,8 +16,10 @@ annotations and notation against the grammar, before anything runs::
     epochs: 20
 
 ``key=value`` overrides (from the command line) are parsed as YAML, so ``epochs=3`` is an int,
-``data=mnist-sample`` a string and ``model_options.activation=tanh`` sets a nested key. Numbers
-in exponent form without a dot (``1e-3``) are floats here, unlike in plain YAML 1.1.
+``data=mnist-sample`` a string and ``model_options.activation=tanh`` sets a nested key. Files and
+overrides are read as YAML 1.2, unlike PyYAML's YAML 1.1: numbers in exponent form without a dot
+(``1e-3``) are floats, and only ``true`` and ``false`` are booleans: ``yes``, ``no``, ``on`` and
+``off`` are text (class names ``[yes, no]``, ``augment=off``).
 
 Reading and listing recipe files never imports TensorFlow; validating one imports the module
 that holds its function.
@@ -89,10 +91,12 @@ class Recipe:
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` with YAML 1.2's numbers and unique keys: ``1e-3`` (no dot) is a float, ``010`` is 10.
+    """``yaml.SafeLoader`` with YAML 1.2's booleans, numbers and unique keys: ``1e-3`` is a float, ``010`` is 10.
 
-    YAML 1.1 (PyYAML's default) reads ``010`` as octal 8 and ``1:00`` as base 60 (60); here
-    integers are decimal, ``0x1F`` or ``0o17``, and ``1:00`` stays a string.
+    YAML 1.1 (PyYAML's default) reads ``010`` as octal 8, ``1:00`` as base 60 (60), ``1_0.5`` as 10.5
+    and ``yes``/``no``/``on``/``off`` as booleans; here integers are decimal, ``0x1F`` or ``0o17``,
+    floats may be signed (``-.5``), booleans are ``true`` and ``false`` (also ``True``, ``TRUE``...),
+    and the rest stay strings.
     """
 
     def flatten_mapping(self, node):
@@ -132,21 +136,24 @@ class _Loader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
 
 
-_REDEFINED = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")  # no dates
-_Loader.yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-for _first in "-+0123456789.":
-    _Loader.yaml_implicit_resolvers[_first] = [
-        (tag, regexp) for tag, regexp in _Loader.yaml_implicit_resolvers.get(_first, []) if tag not in _REDEFINED
-    ]
+_REDEFINED = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+              "tag:yaml.org,2002:timestamp")  # no dates
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REDEFINED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789")
 )
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        r"""^(?:[-+]?[0-9]+\.[0-9]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9]+[eE][-+]?[0-9]+
+        |[-+]?\.[0-9]+(?:[eE][-+]?[0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
         re.X,
@@ -156,8 +163,14 @@ _Loader.add_implicit_resolver(
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
-def _yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+def _yaml_document(text: str) -> tuple:
+    """The value of a YAML document and its node tree, mappings merged as in the value (``None, None`` when empty)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return (None if node is None else loader.construct_document(node)), node
+    finally:
+        loader.dispose()
 
 
 def packaged_dir(kind: str = "recipes") -> Path:
@@ -315,7 +328,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
         ``(keys, value)``, e.g. ``(["model_options", "activation"], "tanh")``.
 
     The value of a path key (``PATH_KEYS``: ``run_dir``, ``data.path``, ``backbone``...) is the text
-    as typed unless quoted or null, so ``run_dir=2024-06-01`` is a folder, not a date.
+    as typed unless quoted or null, so ``run_dir=2024-06-01`` is a folder, not a date; in a mapping
+    (``data={path: 010, image_size: 28}``) a path key's plain number or boolean is its text, as in a file.
 
     Raises:
         ConfigError: no ``=``, an empty key or key part, a value that is not valid YAML, or one
@@ -345,10 +359,11 @@ def parse_override(text: str) -> tuple[list[str], object]:
         raise ConfigError(f"override {text!r}: '#' after a space starts a YAML comment, which would drop the rest of "
                           f"the value; quote the value (e.g. {key.strip()}='\"{typed}\"')")
     try:
-        value = _yaml_load(raw) if typed else None
+        value, node = _yaml_document(raw)
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None
+    _keep_path_text(value, node, tuple(keys))
     return keys, value
 
 
@@ -416,7 +431,7 @@ def _read_mapping(path: Path) -> dict:
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not a UTF-8 text file ({error.reason})") from None
     try:
-        data = _yaml_load(text)
+        data, node = _yaml_document(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -433,7 +448,29 @@ def _read_mapping(path: Path) -> dict:
     bad = [key for key in data if not isinstance(key, str)]
     if bad:
         raise ConfigError(f"{path}: keys must be argument names (strings). Received: {bad[0]!r}")
+    _keep_path_text(data, node)
     return data
+
+
+def _keep_path_text(data, node, within: tuple = ()) -> None:
+    """Give a path key (``PATH_KEYS``) its text where the YAML has a plain number or boolean, in place, as
+    :func:`parse_override` does: ``run_dir: 010`` is the folder ``"010"``, not the int 10.
+
+    ``data`` is the value of ``node``, found at the keys ``within`` (an override's ``data={path: 010}``).
+    """
+    for keys in PATH_KEYS:
+        if len(keys) <= len(within) or keys[:len(within)] != within:
+            continue
+        parent, value, value_node = None, data, node
+        for key in keys[len(within):]:
+            if not isinstance(value, dict) or not isinstance(value_node, yaml.MappingNode):
+                break
+            parent, value = value, value.get(key)
+            value_node = next((item for name, item in value_node.value
+                               if isinstance(name, yaml.ScalarNode) and name.value == key), None)
+        else:
+            if isinstance(value, (int, float)) and isinstance(value_node, yaml.ScalarNode) and not value_node.style:
+                parent[keys[-1]] = value_node.value
 
 
 def resolve_function(module: str, name: str, *, source=None):
@@ -579,8 +616,9 @@ def _check_type(key: str, value, annotation, prefix: str = "") -> None:
 
 
 def _check_arch(arch, kwargs: dict, source) -> None:
-    """A registered name or notation (naming the bad token), and known ``model_options``; from Python
-    also a ``keras.Model``."""
+    """A registered name or notation (naming the bad token), and known ``model_options`` with values the
+    planner and builder take (``activation``, ``padding``, ``initializer``, ``l2``...); from Python also a
+    ``keras.Model``."""
     prefix = f"{source}: " if source is not None else ""
     if not isinstance(arch, str):
         import keras
@@ -589,13 +627,22 @@ def _check_arch(arch, kwargs: dict, source) -> None:
             return
         raise ConfigError(f"{prefix}arch must be notation (e.g. 20C5-MP2-50C5-MP2-FC256) or a registered model "
                           f"name (see 'cnnkit models'). Received: arch={arch!r}")
+    from cnnkit.models.builder import INITIALIZERS
     from cnnkit.models.registry import resolve_arch
+    from cnnkit.planner import _check_options
 
     options = kwargs.get("model_options")
     try:
-        resolve_arch(arch, options if isinstance(options, dict) else {})
+        _, resolved = resolve_arch(arch, options if isinstance(options, dict) else {})
     except ValueError as error:  # SpecError is a ValueError
         raise ConfigError(f"{prefix}arch: {error}") from None
+    try:
+        _check_options(resolved)
+    except ValueError as error:
+        raise ConfigError(f"{prefix}model_options.{error}") from None
+    if resolved["initializer"] not in INITIALIZERS:
+        raise ConfigError(f"{prefix}model_options.initializer must be one of {INITIALIZERS}. "
+                          f"Received: initializer={resolved['initializer']!r}")
 
 
 def _check_data(data, kwargs: dict, source) -> None:
@@ -646,14 +693,16 @@ _VALUE_CHECKS = {"arch": _check_arch, "data": _check_data, "backbone": _check_ba
 
 
 def check_paths(kwargs: dict, *, source=None) -> None:
-    """Check that the paths a recipe call reads exist: ``data.path``, ``data.test_path``, ``backbone``.
+    """Check that the paths a recipe call reads exist: ``data.path``, ``data.test_path``, ``backbone``,
+    ``weights`` (unless ``imagenet``) and a search space's ``space.backbone`` and ``space.weights``.
 
     Run by :func:`run_recipe` just before the call, so a missing folder fails before any data
     is loaded or run directory written; :func:`check_recipe_file` leaves it out, as packaged
     templates name folders of the user's.
 
     Raises:
-        ConfigError: naming the key and the path.
+        ConfigError: naming the key and the path; for a backbone, also the header of ``source`` (the
+            packaged files say there how to make theirs).
 
     Example:
         >>> check_paths({"data": {"path": "/nope", "image_size": 28}})
@@ -669,16 +718,25 @@ def check_paths(kwargs: dict, *, source=None) -> None:
                 what = "is a file, not a folder of class subfolders:" if Path(data[key]).expanduser().exists() \
                     else "no such folder"
                 raise ConfigError(f"{prefix}data.{key}: {what} {str(data[key])!r}")
-    backbone = kwargs.get("backbone")
-    if isinstance(backbone, str) and _looks_like_path(backbone) and not Path(backbone).exists():
-        raise ConfigError(f"{prefix}backbone: no .keras file or run directory at {backbone!r}")
+    space = kwargs.get("space") if isinstance(kwargs.get("space"), dict) else {}
+    for key, backbone in (("backbone", kwargs.get("backbone")), ("space.backbone", space.get("backbone"))):
+        if isinstance(backbone, str) and _looks_like_path(backbone) and not Path(backbone).expanduser().exists():
+            header = source is not None and Path(source).is_file() and _header_line(Path(source))
+            hint = f" (see the header of {Path(source).name})" if header else ""
+            raise ConfigError(f"{prefix}{key}: no .keras file or run directory at {backbone!r}{hint}")
+    for key, weights in (("weights", kwargs.get("weights")), ("space.weights", space.get("weights"))):
+        if isinstance(weights, (str, os.PathLike)) and weights != "imagenet" \
+                and not Path(weights).expanduser().is_file():
+            raise ConfigError(f"{prefix}{key}: no weights file at {str(weights)!r}; expected imagenet, "
+                              "null (untrained) or a weights file")
 
 
 def load_recipe(path_or_name, overrides=(), *, kind: str | None = None) -> Recipe:
     """Read a recipe file, apply overrides and check every key against the function's signature.
 
     A leading ``~`` in a path (``run_dir``, ``backbone``, ``data.path``, ... see ``PATH_KEYS``) is
-    expanded to the home folder, from the file and from overrides.
+    expanded to the home folder, from the file and from overrides. As in overrides, a path key's plain
+    number or boolean in the file is its text: ``run_dir: 010`` is the folder ``"010"``, not the int 10.
 
     Args:
         path_or_name: a YAML file path, or the name of a packaged recipe (``"mnist_lenet"``).

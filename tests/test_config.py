@@ -70,6 +70,8 @@ def fake_recipes(monkeypatch, tmp_path):
         ("data.test_path=null", (["data", "test_path"], None)),
         ("space.backbone=010", (["space", "backbone"], "010")),  # a search space's backbone folder
         ("space.weights=007", (["space", "weights"], "007")),
+        ("data={path: 010, image_size: 28}", (["data"], {"path": "010", "image_size": 28})),  # in a mapping too
+        ("space={backbone: 2024, weights: true}", (["space"], {"backbone": "2024", "weights": "true"})),
     ],
 )
 def test_parse_override(text, expected):
@@ -91,6 +93,28 @@ def test_override_integers_are_yaml_1_2(text, expected):
     assert value == expected and type(value) is type(expected)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("-.5", -0.5),  # signed floats without a leading digit; YAML 1.1 (PyYAML) left these strings
+    ("+.5", 0.5),
+    (".5e1", 5.0),
+    ("1.", 1.0),
+    ("1_0.5", "1_0.5"),  # YAML 1.1: 10.5, though 1_000 was a string
+    ("1_000", "1_000"),
+    ("yes", "yes"),  # YAML 1.1: booleans
+    ("No", "No"),
+    ("on", "on"),
+    ("OFF", "OFF"),
+    ("y", "y"),
+    ("true", True),
+    ("False", False),
+    ("TRUE", True),
+    ("[yes, no, right]", ["yes", "no", "right"]),  # class names
+])
+def test_files_and_overrides_read_floats_and_booleans_as_yaml_1_2(text, expected):
+    for value in (config.parse_override(f"x={text}")[1], config._yaml_document(f"x: {text}\n")[0]["x"]):
+        assert value == expected and type(value) is type(expected)
+
+
 def test_recipe_file_integers_are_yaml_1_2(fake_recipes, tmp_path):
     path = _write(tmp_path, "ints.yaml", """
         arch: FC16
@@ -102,6 +126,29 @@ def test_recipe_file_integers_are_yaml_1_2(fake_recipes, tmp_path):
     path.write_text("arch: FC16\ndata: mnist-sample\nepochs: !!int 1:00\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="'1:00' is not an integer"):
         config.load_recipe(path)
+
+
+def test_a_path_key_given_as_a_number_in_a_file_is_its_text_as_in_an_override(fake_recipes, tmp_path):
+    path = _write(tmp_path, "digits.yaml", """
+        arch: FC16
+        data: {path: 2024, test_path: 1.50}
+        run_dir: 010
+        epochs: 010
+    """)
+    assert config.load_recipe(path).kwargs == {"arch": "FC16", "data": {"path": "2024", "test_path": "1.50"},
+                                               "run_dir": "010", "epochs": 10}
+    assert config.load_recipe(path, ["run_dir=010"]).kwargs["run_dir"] == "010"
+    space = _write(tmp_path, "space.yaml", """
+        base: &base {backbone: 007, weights: 0x1F}
+        space: {<<: *base, hyperparameters: {k: [3, 010]}}
+        directory: 2025
+        backbone: true
+        weights: '12'
+    """)
+    assert config._read_mapping(space) == {
+        "base": {"backbone": 7, "weights": 31},  # not a path key: numbers
+        "space": {"backbone": "007", "weights": "0x1F", "hyperparameters": {"k": [3, 10]}},  # merged in, as text
+        "directory": "2025", "backbone": "true", "weights": "12"}
 
 
 @pytest.mark.parametrize("text", ["epochs", "=3", "model_options..activation=x", "x=[1,"])
@@ -120,6 +167,24 @@ def test_a_data_path_that_is_a_file_is_named_as_one(tmp_path):
     (tmp_path / "images.zip").write_bytes(b"PK")
     with pytest.raises(ConfigError, match="data.path: is a file, not a folder of class subfolders: '.*images.zip'"):
         config.check_paths({"data": {"path": str(tmp_path / "images.zip")}})
+
+
+def test_missing_weights_and_search_space_paths_are_named_with_their_key(tmp_path):
+    weights = tmp_path / "notop.weights.h5"
+    for kwargs, key in (({"backbone": "mobilenet_v2", "weights": str(weights)}, "weights"),
+                        ({"space": {"backbone": "mobilenet_v2", "weights": str(weights)}}, "space.weights")):
+        with pytest.raises(ConfigError, match=re.escape(f"{key}: no weights file at '{weights}'; expected imagenet, "
+                                                        "null (untrained) or a weights file")):
+            config.check_paths(kwargs)
+    weights.write_bytes(b"h5")
+    config.check_paths({"weights": str(weights), "space": {"weights": "imagenet", "backbone": "mobilenet_v2"}})
+    config.check_paths({"weights": None, "space": {"weights": None}})
+    source = _write(tmp_path, "space.yaml", "# Backbone: make it first: cnnkit quickstart\nspace: {}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{source}: space.backbone: no .keras file or run directory at "
+                                                    "'runs/quickstart/pretrain' (see the header of space.yaml)")):
+        config.check_paths({"space": {"backbone": "runs/quickstart/pretrain"}}, source=source)
+    with pytest.raises(ConfigError, match=r"^backbone: no .keras file or run directory at 'runs/x.keras'$"):
+        config.check_paths({"backbone": "runs/x.keras"})
 
 
 def test_a_data_name_that_is_not_text_names_the_recipe_file_and_the_key(tmp_path):
@@ -142,6 +207,19 @@ def test_an_arch_that_is_not_text_names_the_recipe_file_and_the_key(tmp_path):
     model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(2)])
     config.validate_kwargs(train, {"arch": model, "data": "mnist-sample"})  # from Python, a keras.Model
     config.validate_kwargs(ensemble, {"members": ["FC8"], "data": "mnist-sample", "arch": None})  # its default
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model_options.activation=tanhh", "model_options.activation must be one of ('relu', "),
+    ("model_options.padding=sane", "model_options.padding must be one of ('valid', 'same'). Received: padding='sane'"),
+    ("model_options.l2=-1", "model_options.l2 must be None or a number >= 0. Received: l2=-1"),
+    ("model_options.initializer=he_normall", "model_options.initializer must be one of ('auto', 'he_normal', "),
+])
+def test_a_bad_model_option_value_names_the_recipe_file_and_the_key(tmp_path, override, message):
+    path = _write(tmp_path, "r.yaml", "arch: FC8\ndata: mnist-sample\n")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: {message}")):
+        config.load_recipe(path, [override])
+    config.load_recipe(path, ["model_options={activation: tanh, padding: same, initializer: theano, l2: 0.001}"])
 
 
 def test_apply_overrides_nested_and_does_not_modify_input():
@@ -308,9 +386,9 @@ def test_a_key_given_twice_is_refused_naming_both_lines(fake_recipes, tmp_path):
 
 
 def test_merged_keys_may_be_overridden_explicitly():
-    assert config._yaml_load("base: &b {a: 1, b: 2}\nx: {<<: *b, a: 3}\n")["x"] == {"a": 3, "b": 2}
+    assert config._yaml_document("base: &b {a: 1, b: 2}\nx: {<<: *b, a: 3}\n")[0]["x"] == {"a": 3, "b": 2}
     # an anchored mapping that overrides its own merge, itself merged before it is built
-    nested = config._yaml_load("outer:\n  inner: &b\n    <<: {x: 1}\n    x: 2\ny:\n  <<: *b\n")
+    nested = config._yaml_document("outer:\n  inner: &b\n    <<: {x: 1}\n    x: 2\ny:\n  <<: *b\n")[0]
     assert nested == {"outer": {"inner": {"x": 2}}, "y": {"x": 2}}
 
 
@@ -331,9 +409,14 @@ def test_validate_kwargs_accepts_var_keyword():
 
 
 def test_packaged_dir_in_checkout():
-    assert config.packaged_dir("recipes") in (ROOT / "recipes", config.packaged_dir("recipes"))
-    assert config.packaged_dir("recipes").name in ("recipes", "recipe_files")
-    assert config.packaged_dir("tuner").name in ("tuner", "search_spaces")
+    import cnnkit
+
+    if Path(cnnkit.__file__).resolve().parents[1] == ROOT:  # cnnkit imported from this checkout
+        assert config.packaged_dir("recipes").resolve() == ROOT / "recipes"
+        assert config.packaged_dir("tuner").resolve() == ROOT / "tuner"
+    else:  # an installed cnnkit: its packages
+        assert config.packaged_dir("recipes").name == "recipe_files"
+        assert config.packaged_dir("tuner").name == "search_spaces"
     with pytest.raises(ValueError, match="kind"):
         config.packaged_dir("other")
 
@@ -359,12 +442,30 @@ def test_tuner_folder_files_use_cnnkit_tuner(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=[f"{p.parent.name}/{p.name}" for p in RECIPE_FILES])
-def test_packaged_recipe_file_is_valid(path):
+def test_packaged_recipe_file_is_valid(path, monkeypatch):
+    import importlib
+
     recipe = config.check_recipe_file(path)
-    assert config.list_recipes(path.parent.name)  # the file is listed under its folder
+    assert path.stem in dict(config.list_recipes(path.parent.name))  # the file is listed under its folder
     header = path.read_text(encoding="utf-8").lstrip().splitlines()[0]
     assert header.startswith("#"), f"{path.name} needs a header comment saying what it reproduces"
     assert recipe.name == path.stem
+    if recipe.module == "cnnkit.recipes":  # the option values run_recipe checks before the call (optimizer, ...)
+        from cnnkit.recipes.options import check_call
+
+        function = config.resolve_function(recipe.module, recipe.function)
+        check_call(function, recipe.kwargs)
+        if recipe.function == "transfer":  # it checks its pretrain, finetune and scratch settings before the data
+
+            class DataReached(Exception):
+                pass
+
+            def stop(data):
+                raise DataReached
+
+            monkeypatch.setattr(importlib.import_module("cnnkit.recipes.transfer"), "resolve_data", stop)
+            with pytest.raises(DataReached):
+                function(**recipe.kwargs)
 
 
 def test_packaged_search_space_by_name_with_nested_overrides():

@@ -67,6 +67,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import random
 import string
@@ -627,7 +628,8 @@ def _tidy(value, declaration=None):
 
 
 def _format(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A value as the template's text; a float exact and never in exponent form (``D0.00005``), as ``format_layer``."""
+    return f"{decimal.Decimal(repr(float(value))).normalize():f}" if isinstance(value, float) else str(value)
 
 
 __all__ = ["FINETUNE_DEFAULTS", "KNOBS", "SearchSpace"]

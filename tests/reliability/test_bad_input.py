@@ -8,6 +8,7 @@ the same message.
 """
 
 import textwrap
+from pathlib import Path
 
 import keras
 import pytest
@@ -62,6 +63,8 @@ CASES = {
     "bad notation token 3": (_yaml(arch="20C5-MP2-FCX"), [], ["arch: token 3 'FCX'"]),
     "unknown model name": (_yaml(arch="lenett"), [], ["unknown model 'lenett'", "did you mean lenet"]),
     "unknown build option": (_yaml(model_options={"activaton": "tanh"}), [], ["unknown build option 'activaton'"]),
+    "bad build option value": (_yaml(model_options={"activation": "tanhh"}), [],
+                               ["model_options.activation must be one of", "Received: activation='tanhh'"]),
     "unknown dataset": (_yaml(data="mnst"), [], ["data: unknown dataset 'mnst'", "did you mean 'mnist'"]),
     "missing data path": (_yaml(data={"path": "/nope/images", "image_size": 28}), [],
                           ["data.path: no such folder '/nope/images'"]),
@@ -74,6 +77,8 @@ CASES = {
                          ["backbone (a registered name, a .keras file or a run directory): ", "'mobilenet_v9'"]),
     "missing backbone file": ("recipe: finetune\nbackbone: models/pretrained.keras\ndata: mnist-sample\n", [],
                               ["backbone: no .keras file or run directory at 'models/pretrained.keras'"]),
+    "missing weights file": ("recipe: finetune\nbackbone: mobilenet_v2\nweights: notop.weights.h5\ndata: mnist\n", [],
+                             ["weights: no weights file at 'notop.weights.h5'"]),
 }
 
 
@@ -97,10 +102,12 @@ def test_a_bad_recipe_fails_before_any_work_in_one_line(workdir, case, capsys):
 
 
 def test_the_packaged_recipes_still_pass_the_stricter_checks():
-    for name, _ in config.list_recipes():
-        config.check_recipe_file(config.find_recipe(name))
-    for name, _ in config.list_recipes("tuner"):
-        config.check_recipe_file(config.find_recipe(name, "tuner"))
+    root = Path(__file__).resolve().parents[2]
+    for kind in ("recipes", "tuner"):
+        names = [name for name, _ in config.list_recipes(kind)]
+        assert sorted(names) == sorted(path.stem for path in (root / kind).glob("*.yaml"))  # every one, not none
+        for name in names:
+            config.check_recipe_file(config.find_recipe(name, kind))
 
 
 def test_train_called_directly_names_a_bad_token_before_writing_a_run(tmp_path, monkeypatch):

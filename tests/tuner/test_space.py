@@ -47,6 +47,13 @@ def test_values_round_floats_and_fill_the_template():
     assert space.placeholders == ("f", "units", "dropout")
 
 
+def test_a_float_fills_the_template_exactly_never_in_exponent_form():
+    space = SearchSpace("FC8-D{d}", {"d": [0.00005, 0.1234567891, 0.5]})  # made: each listed value reads as notation
+    assert space.arch_for({"d": 0.00005}) == "FC8-D0.00005"  # not D5e-05, which the notation splits at '-'
+    assert space.arch_for({"d": 0.1234567891}) == "FC8-D0.1234567891"  # not rounded to 6 digits
+    assert space.arch_for({"d": np.float64(0.5)}) == "FC8-D0.5"
+
+
 @pytest.mark.parametrize("declaration, only", [
     ({"min": 16, "max": 128, "step": 16, "sampling": "log"}, "only 16"),  # Keras Tuner would offer 16 alone
     ({"min": 16, "max": 128, "step": 16, "sampling": "reverse_log"}, "only 128"),
