@@ -12,7 +12,8 @@ The choices, after CS231n ("Data preprocessing"):
 * ``"center_pixel"``: subtract the mean image (one mean per pixel and channel).
 * ``"center_channel"``: subtract one mean per channel (the VGG way).
 * ``"standardize"``: subtract the per-channel mean and divide by the per-channel standard
-  deviation (``sqrt(variance + 1e-5)``).
+  deviation (``sqrt(variance + 1e-5)``); a channel whose variance is below ``1e-5`` (constant
+  images) warns, as a new image that varies in it is scaled up by as much as ``1/sqrt(1e-5) = 316``.
 * ``"pca"``: PCA whitening, ``(x - mean) U / sqrt(S + 1e-5)`` with ``U, S`` the eigenvectors
   and eigenvalues of the training covariance ``X^T X / N`` (components in decreasing order of
   variance, laid out in the image's shape, so the output is no longer spatially arranged).
@@ -22,10 +23,11 @@ The choices, after CS231n ("Data preprocessing"):
 A list applies its steps in order, each fitted on the output of the ones before it
 (``["center_pixel", "standardize"]``). Whitening stores a ``d x d`` matrix for ``d = H*W*C``
 and needs many more than ``d`` images to estimate it, so it is refused above
-``MAX_WHITENING_DIM`` (64x64 grayscale) and on ``d`` images or fewer, and warns below ``5 d``:
-a direction the training images barely vary in is scaled up by as much as
-``1/sqrt(1e-5) = 316``, and new images do vary in it (ZCA fitted on 1,000 MNIST digits gives
-training inputs of standard deviation 0.83 and test inputs of 2.6; on 4,000, 0.88 and 1.08).
+``MAX_WHITENING_DIM`` (64x64 grayscale) and on ``d`` images or fewer, and warns below ``5 d``
+and when directions of the training images have a variance below ``1e-5``: a direction the
+training images barely vary in is scaled up by as much as ``1/sqrt(1e-5) = 316``, and new images
+do vary in it (ZCA fitted on 1,000 MNIST digits gives training inputs of standard deviation 0.83
+and test inputs of 2.6; on 4,000, 0.88 and 1.08).
 
 Example:
     >>> import numpy as np, cnnkit
@@ -41,6 +43,7 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
+from collections.abc import Iterator
 
 import keras
 import numpy as np
@@ -51,17 +54,18 @@ __all__ = ["PREPROCESSORS", "Standardization", "Whitening", "fit_preprocessing",
 PREPROCESSORS = ("scale", "center_pixel", "center_channel", "standardize", "pca", "zca")
 EPSILON = 1e-5  # added to the eigenvalues (whitening) and variances (standardize), as in CS231n
 MAX_WHITENING_DIM = 4096  # 64x64x1: a 16M-entry matrix (64 MiB float32)
-FIT_SAMPLE_BYTES = 256 * 2**20  # statistics use every training image that fits here as float32
+CHUNK_VALUES = 2**22  # statistics are summed over chunks of this many pixel values (32 MiB as float64)
 _LAYER_NAMES = {"center_pixel": "center", "center_channel": "center", "standardize": "standardize",
                 "pca": "whiten", "zca": "whiten"}
 
 
-def fit_preprocessing(preprocess, train_images, *, dtype=None, seed: int = 0) -> list[keras.layers.Layer]:
+def fit_preprocessing(preprocess, train_images, *, dtype=None) -> list[keras.layers.Layer]:
     """Fit preprocessing on training images and return it as the model's first layers.
 
-    Statistics are computed in float64 on the training images scaled to [0, 1]: on all of them
-    when they fit in ``FIT_SAMPLE_BYTES`` (256 MiB) as float32 (all 54,000 MNIST digits;
-    16,384 images of 64x64x1), else on a random sample of that many, drawn with ``seed``.
+    Statistics are computed on all the training images, scaled to [0, 1] a chunk of
+    ``CHUNK_VALUES`` pixel values at a time and summed in float64, so no float copy of them all
+    is made: the images passed are the sample (``train`` and ``finetune`` pass
+    ``pipeline.training_sample``: the training split, or 256 MiB of it).
 
     Args:
         preprocess: one of ``PREPROCESSORS`` or a list of them, applied in order; ``"scale"``
@@ -75,7 +79,6 @@ def fit_preprocessing(preprocess, train_images, *, dtype=None, seed: int = 0) ->
             by up to ``1/sqrt(1e-5) = 316``, which would blow bfloat16's rounding of the
             input up into the signal. The network's first layer casts their float32 output
             to its own compute dtype.
-        seed: picks the sample when the images do not all fit in ``FIT_SAMPLE_BYTES``.
 
     Returns:
         Layers mapping raw 0-255 pixels to what the network should see: ``Rescaling``
@@ -86,6 +89,10 @@ def fit_preprocessing(preprocess, train_images, *, dtype=None, seed: int = 0) ->
         ValueError: an unknown or misplaced name, images that are not raw integer pixels,
             or whitening of images with more than ``MAX_WHITENING_DIM`` values or of no more
             images than values per image (a warning below 5 times as many; see the module).
+
+    Warns:
+        UserWarning: whitening fitted on fewer than 5 images per value, or a channel
+            (``"standardize"``) or whitening direction whose training variance is below ``EPSILON``.
 
     Example:
         >>> x_train, _ = cnnkit.data.load("mnist-sample").arrays("train")  # doctest: +SKIP
@@ -109,10 +116,9 @@ def fit_preprocessing(preprocess, train_images, *, dtype=None, seed: int = 0) ->
             f"fitted on {len(images)}, it would scale the directions they do not vary in by up to 316 on new "
             f"images. Use more images or 'standardize'. Received: preprocess={preprocess!r}, {len(images)} images"
         )
-    fitted = min(len(images), _sample_limit(dimension))
-    if whitening and fitted < 5 * dimension:
+    if whitening and len(images) < 5 * dimension:
         warnings.warn(
-            f"Whitening images of {h}x{w}x{c} = {dimension} values fitted on {fitted} images, fewer than "
+            f"Whitening images of {h}x{w}x{c} = {dimension} values fitted on {len(images)} images, fewer than "
             f"5 x {dimension}: new images will come out with a larger spread than the training images. Use more "
             f"images or 'standardize'.", stacklevel=2
         )
@@ -123,12 +129,8 @@ def fit_preprocessing(preprocess, train_images, *, dtype=None, seed: int = 0) ->
         return layers
     if len(images) < 2:
         raise ValueError(f"Fitting {fitted_steps} needs at least 2 training images. Received: {len(images)} image(s)")
-    x = _fitting_sample(images, seed)
-    for index, step in enumerate(fitted_steps):
-        layer = _fit_step(step, x, layer_dtype)
-        layers.append(layer)
-        if index + 1 < len(fitted_steps):
-            x = np.concatenate([np.asarray(layer(x[start:start + 4096])) for start in range(0, len(x), 4096)])
+    for step in fitted_steps:
+        layers.append(_fit_step(step, images, layers[1:], layer_dtype))
     return layers
 
 
@@ -286,8 +288,8 @@ def parse_preprocess(preprocess) -> list[str]:
 
 def _check_images(train_images) -> np.ndarray:
     images = np.asarray(train_images)
-    if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"train_images must be a non-empty (N, H, W, C) array with C in {{1, 3}}. "
+    if images.ndim != 4 or 0 in images.shape[:3] or images.shape[-1] not in (1, 3):
+        raise ValueError(f"train_images must be an (N, H, W, C) array with N, H and W above 0 and C in {{1, 3}}. "
                          f"Received: train_images.shape={images.shape}")
     if not np.issubdtype(images.dtype, np.integer):
         raise ValueError(f"train_images must be raw integer pixels 0-255 (as the model receives them). "
@@ -297,46 +299,54 @@ def _check_images(train_images) -> np.ndarray:
     return images
 
 
-def _sample_limit(dimension: int) -> int:
-    """How many images of ``dimension`` values fit in ``FIT_SAMPLE_BYTES`` as float32."""
-    return max(2, FIT_SAMPLE_BYTES // (4 * dimension))
+def _chunks(images: np.ndarray, fitted: list[keras.layers.Layer]) -> Iterator[np.ndarray]:
+    """``images`` scaled to [0, 1] float32, passed through the ``fitted`` layers, ``CHUNK_VALUES`` values at a time."""
+    size = max(1, CHUNK_VALUES // math.prod(images.shape[1:]))
+    for start in range(0, len(images), size):
+        x = images[start:start + size].astype(np.float32) / np.float32(255)
+        for layer in fitted:
+            x = np.asarray(layer(x))
+        yield x
 
 
-def _fitting_sample(images: np.ndarray, seed: int) -> np.ndarray:
-    """The images to fit on, scaled to [0, 1] float32: all, or a seeded sample within FIT_SAMPLE_BYTES."""
-    limit = _sample_limit(math.prod(images.shape[1:]))
-    if len(images) > limit:
-        images = images[np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))]
-    return images.astype(np.float32) / np.float32(255)
-
-
-def _fit_step(step: str, x: np.ndarray, dtype) -> keras.layers.Layer:
+def _fit_step(step: str, images: np.ndarray, fitted: list[keras.layers.Layer], dtype) -> keras.layers.Layer:
+    """The layer of ``step``, its statistics summed in float64 over the chunks of ``images`` after ``fitted``."""
     name = _LAYER_NAMES[step]
-    if step == "center_pixel":
-        mean = x.mean(axis=0, dtype=np.float64)
+    axes = (0, 1, 2) if step in ("center_channel", "standardize") else (0,)
+    count = math.prod(images.shape[axis] for axis in axes)  # values summed into each statistic
+    mean = sum(x.sum(axis=axes, dtype=np.float64) for x in _chunks(images, fitted)) / count
+    if step in ("center_pixel", "center_channel"):
         return Standardization(_f32(mean), np.ones_like(_f32(mean)), name=name, dtype=dtype)
-    if step in ("center_channel", "standardize"):
-        mean = x.mean(axis=(0, 1, 2), dtype=np.float64)
-        std = np.sqrt(x.var(axis=(0, 1, 2), dtype=np.float64) + EPSILON) if step == "standardize" else np.ones_like(mean)
-        return Standardization(_f32(mean), _f32(std), name=name, dtype=dtype)
-    mean, matrix = _whitening(x.reshape(len(x), -1), zca=step == "zca")
+    if step == "standardize":
+        variance = sum(np.square(x - mean).sum(axis=axes) for x in _chunks(images, fitted)) / count
+        if (variance < EPSILON).any():
+            warnings.warn(
+                f"Standardizing channel(s) {np.flatnonzero(variance < EPSILON).tolist()} of variance below {EPSILON} "
+                f"in the training images (constant?): a new image that varies there is scaled up by as much as 316. "
+                f"Use 'center_channel' or more varied images.", stacklevel=3
+            )
+        return Standardization(_f32(mean), _f32(np.sqrt(variance + EPSILON)), name=name, dtype=dtype)
+    mean = mean.ravel()
+    covariance = sum(centred.T @ centred for centred in (x.reshape(len(x), -1) - mean for x in _chunks(images, fitted)))
+    eigenvalues, matrix = _whitening(covariance / count, zca=step == "zca")
+    if eigenvalues[-1] < EPSILON:
+        h, w, c = images.shape[1:]
+        warnings.warn(
+            f"Whitening images of {h}x{w}x{c} = {mean.size} values: {np.count_nonzero(eigenvalues < EPSILON)} of the "
+            f"{mean.size} directions have a variance below {EPSILON} in the training images (constant?): a new image "
+            f"that varies there is scaled up by as much as 316. Use more varied images or 'standardize'.", stacklevel=3
+        )
     return Whitening(_f32(mean), _f32(matrix), name=name, dtype=dtype)
 
 
-def _whitening(flat: np.ndarray, *, zca: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and whitening matrix of ``flat`` (N, d): CS231n's recipe, covariance X^T X / N."""
-    mean = flat.mean(axis=0, dtype=np.float64)
-    covariance = np.zeros((flat.shape[1], flat.shape[1]))
-    for start in range(0, len(flat), 4096):
-        centred = flat[start:start + 4096].astype(np.float64) - mean
-        covariance += centred.T @ centred
-    covariance /= len(flat)
+def _whitening(covariance: np.ndarray, *, zca: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (decreasing) and whitening matrix of ``covariance`` (X^T X / N): CS231n's recipe."""
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)  # the SVD of a symmetric PSD matrix, ascending
     eigenvalues, eigenvectors = np.clip(eigenvalues[::-1], 0, None), eigenvectors[:, ::-1]
     matrix = eigenvectors / np.sqrt(eigenvalues + EPSILON)
     if zca:
         matrix = matrix @ eigenvectors.T
-    return mean, matrix
+    return eigenvalues, matrix
 
 
 def _f32(array) -> np.ndarray:

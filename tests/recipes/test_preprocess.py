@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 import warnings
@@ -148,17 +149,31 @@ def test_mixed_bfloat16_keeps_preprocessing_in_float32(correlated_images, tmp_pa
     np.testing.assert_allclose(cnnkit.load(tmp_path / "model.keras").predict(raw), probabilities, atol=1e-6)
 
 
-def test_statistics_use_a_seeded_sample_when_the_images_do_not_fit(monkeypatch, correlated_images):
-    def fitted_mean(seed=0):  # centring maps a black image to minus the mean image
-        layer = fit_preprocessing("center_pixel", correlated_images, seed=seed)[1]
-        return -np.asarray(layer(np.zeros((1, *correlated_images.shape[1:]), np.float32)))[0]
+@pytest.mark.parametrize("step", ["center_pixel", "standardize", "zca", ["center_channel", "pca"]], ids=str)
+def test_statistics_summed_over_chunks_equal_those_of_one(monkeypatch, correlated_images, step):
+    expected = _apply(fit_preprocessing(step, correlated_images), correlated_images)  # 600 images: one chunk
+    monkeypatch.setattr(preprocess, "CHUNK_VALUES", 7 * 16)  # 7 images a chunk: 86 chunks, the last of 5 images
+    np.testing.assert_allclose(_apply(fit_preprocessing(step, correlated_images), correlated_images), expected,
+                               atol=1e-5)
 
-    full = fitted_mean()
-    monkeypatch.setattr(preprocess, "FIT_SAMPLE_BYTES", 100 * 4 * 16)  # room for 100 of the 600 images
-    first, again, other = fitted_mean(seed=1), fitted_mean(seed=1), fitted_mean(seed=2)
-    np.testing.assert_array_equal(first, again)
-    assert not np.array_equal(first, other) and not np.array_equal(first, full)
-    np.testing.assert_allclose(first, full, atol=0.05)  # a sample's mean, near the full one
+
+def test_statistics_use_every_training_image():
+    values = np.random.default_rng(0).integers(0, 256, 17_000).astype(np.uint8)
+    images = np.broadcast_to(values.reshape(-1, 1, 1, 1), (17_000, 64, 64, 1))  # more than 256 MiB as float32
+    layer = fit_preprocessing("standardize", images)[1]
+    mean, std = values.mean() / 255, np.sqrt((values / 255).var() + EPSILON)
+    np.testing.assert_allclose(np.asarray(layer(np.zeros((1, 1, 1, 1), np.float32))).ravel(), [-mean / std],
+                               rtol=1e-5)
+
+
+def test_whitening_the_largest_images_warns_only_below_five_images_per_value(monkeypatch):
+    monkeypatch.setattr(preprocess, "_fit_step", lambda *args: keras.layers.Identity())  # the 64x64 fit is slow
+    images = np.broadcast_to(np.uint8(0), (5 * 4096, 64, 64, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_preprocessing("zca", images)
+    with pytest.warns(UserWarning, match=r"64x64x1 = 4096 values fitted on 20479 images, fewer than 5 x 4096"):
+        fit_preprocessing("zca", images[1:])
 
 
 @pytest.mark.parametrize(
@@ -182,7 +197,8 @@ def test_whitening_too_many_values_is_refused_with_the_limit():
     images = np.zeros((10, 65, 64, 1), np.uint8)
     with pytest.raises(ValueError, match=r"65x64x1 = 4160 values.*up to 4096"):
         fit_preprocessing("zca", images)
-    assert [layer.name for layer in fit_preprocessing("standardize", images)] == ["rescale", "standardize"]
+    with pytest.warns(UserWarning, match=r"channel\(s\) \[0\] of variance below"):  # black images
+        assert [layer.name for layer in fit_preprocessing("standardize", images)] == ["rescale", "standardize"]
 
 
 @pytest.mark.parametrize("step", ["pca", "zca"])
@@ -196,8 +212,11 @@ def test_whitening_on_no_more_images_than_values_is_refused(correlated_images, s
 
 
 def test_whitening_on_fewer_than_five_images_per_value_warns(correlated_images):
-    with pytest.warns(UserWarning, match=r"4x4x1 = 16 values fitted on 17 images, fewer than 5 x 16: new images will "
-                                         r"come out with a larger spread"):
+    with (
+        pytest.warns(UserWarning, match=r"4x4x1 = 16 values fitted on 17 images, fewer than 5 x 16: new images will "
+                                        r"come out with a larger spread"),
+        pytest.warns(UserWarning, match="1 of the 16 directions have a variance below 1e-05"),  # 17 barely span 16
+    ):
         fit_preprocessing("zca", correlated_images[:17])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -216,6 +235,39 @@ def test_whitening_on_fewer_than_five_images_per_value_warns(correlated_images):
 def test_bad_images_are_refused(images, match):
     with pytest.raises(ValueError, match=match):
         fit_preprocessing("center_pixel", images)
+
+
+@pytest.mark.parametrize("step", ["scale", "standardize"])
+@pytest.mark.parametrize("shape", [(10, 0, 4, 1), (10, 4, 0, 1)])
+def test_images_with_a_side_of_zero_are_refused(step, shape):
+    with pytest.raises(ValueError, match=r"N, H and W above 0 .*train_images.shape=" + re.escape(str(shape))):
+        fit_preprocessing(step, np.zeros(shape, np.uint8))
+
+
+def test_standardizing_a_constant_channel_warns_naming_it(rgb_images):
+    images = rgb_images.copy()
+    images[..., 1] = 7
+    with pytest.warns(UserWarning, match=r"Standardizing channel\(s\) \[1\] of variance below 1e-05 in the training "
+                                         r"images \(constant\?\): a new image that varies there is scaled up by as "
+                                         r"much as 316. Use 'center_channel' or more varied images."):
+        fit_preprocessing("standardize", images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_preprocessing("standardize", rgb_images)
+        fit_preprocessing("center_channel", images)  # centring divides by nothing
+
+
+@pytest.mark.parametrize("step", ["pca", "zca"])
+def test_whitening_directions_without_variance_warn_with_their_count(correlated_images, step):
+    images = correlated_images.copy()
+    images[:, 0, 0], images[:, 3, 3] = 7, 9  # two constant pixels: two directions of no variance
+    with pytest.warns(UserWarning, match=r"Whitening images of 4x4x1 = 16 values: 2 of the 16 directions have a "
+                                         r"variance below 1e-05 in the training images \(constant\?\): a new image "
+                                         r"that varies there is scaled up by as much as 316"):
+        fit_preprocessing(step, images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_preprocessing(step, correlated_images)
 
 
 def test_whitening_layer_checks_its_arrays_and_input():
