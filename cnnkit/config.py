@@ -627,9 +627,8 @@ def _check_arch(arch, kwargs: dict, source) -> None:
             return
         raise ConfigError(f"{prefix}arch must be notation (e.g. 20C5-MP2-50C5-MP2-FC256) or a registered model "
                           f"name (see 'cnnkit models'). Received: arch={arch!r}")
-    from cnnkit.models.builder import INITIALIZERS
     from cnnkit.models.registry import resolve_arch
-    from cnnkit.planner import _check_options
+    from cnnkit.planner import check_options
 
     options = kwargs.get("model_options")
     try:
@@ -637,12 +636,9 @@ def _check_arch(arch, kwargs: dict, source) -> None:
     except ValueError as error:  # SpecError is a ValueError
         raise ConfigError(f"{prefix}arch: {error}") from None
     try:
-        _check_options(resolved)
+        check_options(resolved)
     except ValueError as error:
         raise ConfigError(f"{prefix}model_options.{error}") from None
-    if resolved["initializer"] not in INITIALIZERS:
-        raise ConfigError(f"{prefix}model_options.initializer must be one of {INITIALIZERS}. "
-                          f"Received: initializer={resolved['initializer']!r}")
 
 
 def _check_data(data, kwargs: dict, source) -> None:

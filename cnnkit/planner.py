@@ -40,6 +40,10 @@ DEFAULT_OPTIONS = {
 }
 """Build options and their defaults; registered networks override some (``lenet``: tanh)."""
 
+INITIALIZERS = (
+    "auto", "he_normal", "he_uniform", "glorot_uniform", "glorot_normal", "lecun_uniform", "lecun_normal", "theano",
+)
+"""Kernel initialisers ``cnnkit.build`` takes (see its ``initializer`` option)."""
 SHORTCUTS = ("projection", "zero_pad")
 """Residual shortcuts where a block changes shape (He et al. 2016): a 1x1 convolution + BN
 (option B), or the parameter-free identity, subsampled and zero-padded to the new width (option A)."""
@@ -224,7 +228,7 @@ def plan(arch, input_shape, num_classes: int | None = None, **options) -> Plan:
     input_shape = _check_input_shape(input_shape)
     if num_classes is not None and (not _is_int(num_classes) or num_classes < 2):
         raise ValueError(f"num_classes must be an integer >= 2. Received: num_classes={num_classes!r}")
-    _check_options(options)
+    check_options(options)
     num_classes = None if num_classes is None else int(num_classes)
     layers = _resolve(parse(spec), num_classes, options, rank=len(input_shape))
     rows = _plan_rows(layers, input_shape, options["shortcut"])
@@ -239,10 +243,18 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_options(options):
-    """Refuse a build option of the wrong type or range, naming it (``initializer``,
-    ``preprocessing`` and ``dtype`` are checked where the model is built)."""
-    choices = {"activation": ACTIVATIONS, "padding": ("valid", "same"), "shortcut": SHORTCUTS}
+def check_options(options: dict) -> None:
+    """Refuse a build option (resolved: every key of ``DEFAULT_OPTIONS``) of the wrong type or range,
+    naming it; ``preprocessing`` and ``dtype`` are checked where the model is built.
+
+    Example:
+        >>> check_options({**DEFAULT_OPTIONS, "padding": "sane"})
+        Traceback (most recent call last):
+        ...
+        ValueError: padding must be one of ('valid', 'same'). Received: padding='sane'
+    """
+    choices = {"activation": ACTIVATIONS, "padding": ("valid", "same"), "shortcut": SHORTCUTS,
+               "initializer": INITIALIZERS}
     for key, allowed in choices.items():
         if options[key] not in allowed:
             raise ValueError(f"{key} must be one of {allowed}. Received: {key}={options[key]!r}")

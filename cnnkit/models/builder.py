@@ -23,9 +23,6 @@ from cnnkit.models.resnet import residual_block
 from cnnkit.planner import plan
 
 _RELU_FAMILY = {"relu", "leaky_relu", "prelu", "elu", "gelu", "swish"}
-INITIALIZERS = (
-    "auto", "he_normal", "he_uniform", "glorot_uniform", "glorot_normal", "lecun_uniform", "lecun_normal", "theano",
-)
 
 
 def build(arch, input_shape, num_classes, **options) -> keras.Model:
@@ -45,7 +42,7 @@ def build(arch, input_shape, num_classes, **options) -> keras.Model:
             ``sqrt(6 / (fan_in + fan_out / pool_area))``, times 4 for sigmoid units, on every
             layer: the tutorial's logistic-regression output starts at zero instead; or one of
             Keras's "he_normal", "he_uniform", "glorot_uniform", "glorot_normal", "lecun_uniform",
-            "lecun_normal": ``INITIALIZERS``),
+            "lecun_normal": ``cnnkit.planner.INITIALIZERS``),
             ``l2`` (kernel L2 penalty), ``max_norm`` (kernel max-norm constraint),
             ``preprocessing`` ("rescale" for 1/255, ``None`` for none, or a list of Keras
             layers applied first), ``dtype`` (a dtype policy such as "mixed_bfloat16"; the
@@ -66,8 +63,6 @@ def build(arch, input_shape, num_classes, **options) -> keras.Model:
     """
     model_plan = plan(arch, input_shape, num_classes, **options)
     options = model_plan.options
-    if options["initializer"] not in INITIALIZERS:
-        raise ValueError(f"initializer must be one of {INITIALIZERS}. Received: initializer={options['initializer']!r}")
     dtype = options["dtype"]
     inputs = keras.Input(model_plan.input_shape, name="image")
     x = inputs

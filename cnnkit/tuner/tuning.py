@@ -369,7 +369,7 @@ def _check_knobs(space, data, dtype):
             if name in ("activation", "padding", "batch_norm"):
                 cnnkit.plan("FC2", data.image_shape, data.num_classes, **{name: value})
             if name == "initializer":
-                from cnnkit.models.builder import INITIALIZERS
+                from cnnkit.planner import INITIALIZERS
 
                 if value not in INITIALIZERS:
                     raise ValueError(f"knob initializer must be one of {', '.join(INITIALIZERS)}. "

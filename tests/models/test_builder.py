@@ -289,7 +289,8 @@ def test_named_initializer():
 
 
 def test_the_docstring_names_exactly_the_initializers_build_takes():
-    from cnnkit.models.builder import INITIALIZERS, build
+    from cnnkit.models.builder import build
+    from cnnkit.planner import INITIALIZERS
 
     paragraph = build.__doc__.split("``initializer``")[1].split("``l2``")[0]
     assert set(re.findall(r'"(\w+)"', paragraph)) == set(INITIALIZERS)
