@@ -27,16 +27,18 @@ def recalibrate_batch_norm(model: keras.Model, images: np.ndarray, *, batch_size
     """Set every trainable batch-norm layer's moving statistics to their average over ``images``.
 
     The model runs forward in training mode (so each batch-norm layer sees, and averages, the
-    statistics of its inputs) with every ``Dropout`` layer's rate set to 0 for the pass; batch
-    ``k`` enters each average with weight ``1 / k`` (the momentum is ``(k - 1) / k``), so the result
-    is the plain mean over the batches, not an exponential one. Frozen batch-norm layers
-    (``trainable=False``, in inference mode) keep theirs. Momenta and rates are restored after.
-    Other stochastic layers (``GaussianNoise``, ...) stay active in the pass.
+    statistics of its inputs) with every ``Dropout`` layer's rate set to 0 for the pass; each batch
+    enters the averages weighted by its number of images (the momentum is ``seen / (seen + n)``, ``n``
+    the batch's size, ``seen`` the images before it), so the result is the mean of the batches' means
+    and variances over all images, not an exponential one, and a short last batch counts only for
+    its images. Frozen batch-norm layers (``trainable=False``, in inference mode) keep theirs.
+    Momenta and rates are restored after. Other stochastic layers (``GaussianNoise``, ...) stay
+    active in the pass.
 
     Args:
         model: a built model taking ``images`` as they are (raw pixels for a cnnkit model).
         images: clean (not augmented) training images, e.g. a few thousand.
-        batch_size: images per forward pass; the variance is averaged over batches of this size.
+        batch_size: images per forward pass; the variance is each batch's, averaged over the batches.
 
     Returns:
         The number of batch-norm layers re-estimated (0 when the model has none).
@@ -54,10 +56,11 @@ def recalibrate_batch_norm(model: keras.Model, images: np.ndarray, *, batch_size
     try:
         for layer in dropouts:
             layer.rate = 0.0
-        for count, start in enumerate(range(0, len(images), batch_size), 1):
+        for seen in range(0, len(images), batch_size):
+            batch = np.asarray(images[seen:seen + batch_size], "float32")
             for layer in norms:
-                layer.momentum = (count - 1) / count
-            model(np.asarray(images[start:start + batch_size], "float32"), training=True)
+                layer.momentum = seen / (seen + len(batch))
+            model(batch, training=True)
     finally:
         for layer, momentum in zip(norms, momenta):
             layer.momentum = momentum

@@ -74,14 +74,16 @@ def make_optimizer(name, *, learning_rate, schedule="constant", momentum=0.9, we
         name: "sgd" (plain), "momentum" (heavy ball), "nesterov", "adam", "adamw", "rmsprop".
         learning_rate: the peak rate (finite, > 0).
         schedule: "constant"; "step" (x0.1 at 50% and 75% of training, from the first step of
-            the epoch after the boundary); "cosine" (cosine decay to 0); "onecycle" (Smith: warm up
-            from lr/25 over 30% of steps, cosine down to lr/25e4); or a dict with "name" and
-            options: step ``every`` (an integer of epochs, >= 1) and ``factor`` (in (0, 1]);
+            the epoch after the boundary); "cosine" (cosine decay to 0 at the last step trained);
+            "onecycle" (Smith: warm up from lr/25 over 30% of steps, cosine down to lr/25e4 at the
+            last step trained, as PyTorch's ``OneCycleLR``); or a dict with "name" and options:
+            step ``every`` (an integer of epochs, >= 1 and below ``epochs``) and ``factor`` (in (0, 1]);
             cosine ``warmup_epochs`` (>= 0, below ``epochs``) or ``cycles``. ``{"name": "cosine", "cycles": k}`` is
             cosine annealing with warm restarts (Loshchilov and Hutter's SGDR with equal
             periods, the schedule of Huang et al.'s snapshot ensembles): ``k`` cosine decays
-            of ``epochs / k`` epochs each, every one starting again from the peak rate; ``k``
-            must divide ``epochs`` so that each cycle ends at an epoch boundary.
+            of ``epochs / k`` epochs each, every one starting again from the peak rate (so, as in
+            both papers, a cycle's last step is one step short of 0); ``k`` must divide ``epochs``
+            so that each cycle ends at an epoch boundary.
         momentum: for "momentum", "nesterov" and "rmsprop": a number in [0, 1] (an integer such as 0 is
             taken as a float, which Keras's ``SGD`` requires); checked whatever the optimiser.
         weight_decay: decoupled weight decay (Loshchilov and Hutter), >= 0; biases and batch-norm
@@ -134,7 +136,7 @@ def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
     name = options.pop("name", None)
     total = max(1, steps_per_epoch * epochs)
     allowed = {"constant": set(), "step": {"every", "factor"}, "cosine": {"warmup_epochs", "cycles"}, "onecycle": set()}
-    if name not in allowed:
+    if not isinstance(name, str) or name not in allowed:
         raise ValueError(f"schedule must be one of {SCHEDULES} or a dict with 'name'. Received: schedule={schedule!r}")
     unknown = set(options) - allowed[name]
     if unknown:
@@ -146,6 +148,9 @@ def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
         every = options.get("every")
         if "every" in options and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
             raise ValueError(f"step every must be an integer >= 1 (epochs). Received: every={every!r}")
+        if every and every >= epochs:
+            raise ValueError(f"step every must be below epochs ({epochs}), else the rate never drops. Received: "
+                             f"every={every}")
         if not is_finite_number(factor) or not 0 < factor <= 1:
             raise ValueError(f"step factor must be a number in (0, 1]. Received: factor={factor!r}")
         epochs_at = range(every, epochs, every) if every else [epochs // 2, (3 * epochs) // 4]
@@ -172,12 +177,13 @@ def make_schedule(schedule, learning_rate, *, steps_per_epoch, epochs):
                                                                   t_mul=1.0, m_mul=1.0)
         if warmup:
             return keras.optimizers.schedules.CosineDecay(
-                learning_rate / 100, decay_steps=max(1, total - warmup), warmup_target=learning_rate, warmup_steps=warmup
+                learning_rate / 100, decay_steps=max(1, total - warmup - 1), warmup_target=learning_rate,
+                warmup_steps=warmup,
             )
-        return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total)
-    warmup = max(1, int(0.3 * total))
+        return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total - 1))
+    warmup = min(max(1, int(0.3 * total)), total - 1)  # a one-step run trains at the peak
     return keras.optimizers.schedules.CosineDecay(
-        learning_rate / 25, decay_steps=max(1, total - warmup), alpha=1 / 25e4,
+        learning_rate / 25, decay_steps=max(1, total - warmup - 1), alpha=1 / 25e4,
         warmup_target=learning_rate, warmup_steps=warmup,
     )
 

@@ -60,12 +60,19 @@ def test_warmup_and_restarts_turn_at_the_epoch_boundary():
      ({"name": "step", "every": 0}, "step every must be an integer >= 1 (epochs). Received: every=0"),
      ({"name": "step", "every": -2}, "step every must be an integer >= 1 (epochs). Received: every=-2"),
      ({"name": "step", "every": True}, "step every must be an integer >= 1 (epochs). Received: every=True"),
+     ({"name": "step", "every": 10}, "step every must be below epochs (10), else the rate never drops. Received: "
+                                     "every=10"),
+     ({"name": "step", "every": 20}, "step every must be below epochs (10), else the rate never drops. Received: "
+                                     "every=20"),
      ({"name": "step", "factor": 10}, "step factor must be a number in (0, 1]. Received: factor=10"),
      ({"name": "step", "factor": 0}, "step factor must be a number in (0, 1]. Received: factor=0"),
      ({"name": "cosine", "warmup_epochs": 10}, "cosine warmup_epochs must be a number >= 0 and below epochs (10). "
                                               "Received: warmup_epochs=10"),
      ({"name": "cosine", "warmup_epochs": -2}, "Received: warmup_epochs=-2"),
-     ({"name": "cosine", "warmup_epochs": float("nan")}, "Received: warmup_epochs=nan")],
+     ({"name": "cosine", "warmup_epochs": float("nan")}, "Received: warmup_epochs=nan"),
+     (["cosine"], "schedule must be one of ('constant', 'step', 'cosine', 'onecycle') or a dict with 'name'. "
+                  "Received: schedule=['cosine']"),
+     ({"name": ["step"]}, "Received: schedule={'name': ['step']}")],
 )
 def test_bad_schedule_options_are_named(schedule, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -92,31 +99,42 @@ def test_bad_optimizer_arguments_are_named(options, message):
         make_optimizer("sgd", **{"learning_rate": 0.1, **options}, steps_per_epoch=1, epochs=1)
 
 
-def test_cli_names_a_bad_schedule_option_in_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "override, message",
+    [("schedule={name: step, every: 2.5}", "step every must be an integer >= 1 (epochs). Received: every=2.5"),
+     ("schedule=[cosine]", "schedule must be one of ('constant', 'step', 'cosine', 'onecycle') or a dict with 'name'. "
+                           "Received: schedule=['cosine']"),
+     ("schedule={name: [step]}", "schedule must be one of ('constant', 'step', 'cosine', 'onecycle') or a dict with "
+                                 "'name'. Received: schedule={'name': ['step']}")],
+)
+def test_cli_names_a_bad_schedule_option_in_one_line(tmp_path, monkeypatch, capsys, override, message):
     monkeypatch.chdir(tmp_path)
-    assert main(["run", "mnist_fc64", "schedule={name: step, every: 2.5}", "epochs=1", "data=mnist-sample"]) == 2
+    assert main(["run", "mnist_fc64", override, "epochs=1", "data=mnist-sample"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("cnnkit: error: ") and lines[-1].endswith(  # the packaged file is named
-        "mnist_fc64.yaml: step every must be an integer >= 1 (epochs). Received: every=2.5")
+    assert lines[-1].startswith("cnnkit: error: ") and lines[-1].endswith(f"mnist_fc64.yaml: {message}")  # file named
     assert not any("Traceback" in line for line in lines) and not (tmp_path / "runs").exists()
 
 
-def test_cosine_decays_to_zero_and_warms_up():
+def test_cosine_decays_to_zero_on_the_last_step_trained_and_warms_up():
     schedule = make_schedule("cosine", 0.1, steps_per_epoch=10, epochs=10)
-    assert _rate(schedule, 0) == pytest.approx(0.1)
-    assert _rate(schedule, 50) == pytest.approx(0.05, rel=1e-4)
-    assert _rate(schedule, 100) == pytest.approx(0.0, abs=1e-7)
+    rates = np.array([_rate(schedule, step) for step in range(100)])  # Keras trains steps 0..99
+    np.testing.assert_allclose(rates, 0.05 * (1 + np.cos(np.pi * np.arange(100) / 99)), rtol=1e-5, atol=1e-7)
+    assert rates[99] == pytest.approx(0.0, abs=1e-7)
     warm = make_schedule({"name": "cosine", "warmup_epochs": 2}, 0.1, steps_per_epoch=10, epochs=10)
     assert _rate(warm, 0) == pytest.approx(0.001)
     assert _rate(warm, 20) == pytest.approx(0.1)
+    assert _rate(warm, 99) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_onecycle_peaks_at_thirty_percent():
+def test_onecycle_peaks_at_thirty_percent_and_ends_on_the_last_step_trained():
     schedule = make_schedule("onecycle", 1.0, steps_per_epoch=10, epochs=10)
-    rates = np.array([_rate(schedule, step) for step in range(101)])
+    rates = np.array([_rate(schedule, step) for step in range(100)])  # Keras trains steps 0..99
     assert rates[0] == pytest.approx(1 / 25)
     assert rates.argmax() == 30 and rates.max() == pytest.approx(1.0)
-    assert rates[-1] < 1e-4
+    assert rates[99] == pytest.approx(1 / 25e4, rel=1e-3)
+    assert _rate(make_schedule("onecycle", 1.0, steps_per_epoch=1, epochs=1), 0) == 1.0  # one step: at the peak
+    assert [_rate(make_schedule("onecycle", 1.0, steps_per_epoch=1, epochs=3), step) for step in range(3)] == (
+        pytest.approx([1 / 25, 1.0, 1 / 25e4]))
 
 
 def test_schedule_options_are_checked():

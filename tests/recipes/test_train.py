@@ -329,6 +329,23 @@ def test_precise_bn_reaches_a_batch_norm_inside_a_custom_layer():
     np.testing.assert_allclose(block.norm.moving_mean.numpy(), images.mean(axis=0), atol=1e-4)  # not 1% of the way
 
 
+def test_precise_bn_weighs_a_short_last_batch_by_its_images():
+    from cnnkit.recipes.batchnorm import recalibrate_batch_norm
+
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(3)
+    norm = keras.layers.BatchNormalization()
+    model = keras.Model(inputs, norm(dense(inputs)))
+    images = np.random.default_rng(0).normal(0.0, 10.0, (9, 4)).astype("float32")
+    recalibrate_batch_norm(model, images, batch_size=4)  # batches of 4, 4 and 1 (a batch of 1 has variance 0)
+    batches = np.split(dense(images).numpy().astype("float64"), [4, 8])
+    sizes = [len(batch) for batch in batches]
+    mean = np.average([batch.mean(axis=0) for batch in batches], axis=0, weights=sizes)
+    variance = np.average([batch.var(axis=0) for batch in batches], axis=0, weights=sizes)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(norm.moving_variance.numpy(), variance, rtol=1e-5, atol=1e-4)
+
+
 def test_precise_bn_draws_a_random_sample_not_the_first_images(tmp_path):
     rng = np.random.default_rng(0)
     y = np.sort(rng.integers(0, 4, 600))  # stored sorted by class: the first images are all class 0
