@@ -13,7 +13,7 @@ Commands::
     cnnkit tune FILE_OR_NAME [key=value ...]  run a Keras Tuner search from a search-space file (tuner/)
                 [--role chief|worker] [--oracle-address HOST:PORT] [--worker-id NAME] [--worker-timeout S]
     cnnkit data audit PATH [--test-path P] [--json]   counts, unusable files, duplicates, leakage;
-                                              exits 0 when clean, 1 when problems are found
+                [--extensions .png,.jpg] [--max-pixels N]   exits 0 when clean, 1 when problems are found
     cnnkit report RUN [--data NAME] [--out FILE]   write RUN/report.html (a search directory: its trials page)
     cnnkit visualize kernels|feature-maps|filters|grad-cam MODEL [IMAGE] --out PNG [--layer L] [--class C]
 
@@ -407,23 +407,35 @@ def _add_data(commands) -> None:
         "audit",
         help="check a class-per-subfolder image folder: counts, unusable files, duplicates, leakage",
         description="Audit a folder with one subfolder per class (and its test folder): images per class, files "
-        "that cannot be used (with the reason), and exact duplicates (identical bytes, SHA-256) within a class, "
-        "across classes (conflicting labels) and across train and test (leakage). Exit status: 0 clean, "
-        "1 problems found, 2 usage error (e.g. a missing folder).",
+        "that cannot be used (with the reason), files left out by their extension, and exact duplicates (identical "
+        "bytes, SHA-256) within a class, across classes (conflicting labels) and across train and test (leakage). "
+        "Exit status: 0 clean, 1 problems found, 2 usage error (e.g. a missing folder).",
     )
     audit.add_argument("path", metavar="PATH", help="folder with one subfolder of images per class")
     audit.add_argument("--test-path", default=None, metavar="P", help="the test folder, same layout")
+    audit.add_argument("--extensions", type=_extensions, default=None, metavar=".png,.jpg",
+                       help="comma-separated file endings to include, as from_folder's extensions= (default: "
+                       "its default); the files left out by their extension are counted")
+    audit.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
+                       help="largest width * height accepted, as from_folder's max_pixels= (default: its default)")
     audit.add_argument("--json", action="store_true", help="print the report as JSON")
     audit.set_defaults(handler=_cmd_data_audit)
+
+
+def _extensions(text: str) -> tuple[str, ...]:
+    """``".png, .webp"`` -> ``(".png", ".webp")``; an argparse type (``audit`` refuses an empty ending)."""
+    return tuple(part.strip() for part in text.split(","))
 
 
 def _cmd_data_audit(args) -> int:
     import json
 
     from cnnkit.data import audit
+    from cnnkit.data.folder import DEFAULT_EXTENSIONS, MAX_IMAGE_PIXELS
 
-    report = audit(args.path, test_path=args.test_path)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    report = audit(args.path, test_path=args.test_path, extensions=args.extensions or DEFAULT_EXTENSIONS,
+                   max_pixels=args.max_pixels or MAX_IMAGE_PIXELS)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text(shown=_shown_path))
     return 0 if report.clean else 1
 
 

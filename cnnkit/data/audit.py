@@ -1,14 +1,16 @@
 """`audit`: what is wrong with an image folder before it is trained on.
 
 Per-class counts, files that cannot be used (with reasons, exactly as `from_folder` would skip
-them), and exact duplicates: files with the same bytes (SHA-256) within a class, across classes
-(conflicting labels) and across the train and test folders (leakage). PIL and hashlib only, no
-TensorFlow, so `cnnkit data audit` starts fast.
+them), files left out by their extension, and exact duplicates: files with the same bytes (SHA-256)
+within a class, across classes (conflicting labels) and across the train and test folders (leakage).
+PIL and hashlib only, no TensorFlow, so `cnnkit data audit` starts fast.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import hashlib
 from pathlib import Path
 from typing import NamedTuple
@@ -69,6 +71,9 @@ class AuditReport:
         class_counts: `{"train": {class: usable files}, "test": {...}}` (no "test" without
             a test folder); a class missing from one folder counts 0 there.
         skipped: `(path, reason)` for each file (or unreadable subfolder) `from_folder` would skip.
+        left_out: Files in the class folders that are not listed because of their extension, counted
+            per lower-case extension (`""` for none), e.g. `{".txt": 1, ".webp": 2}`. Those PIL opens
+            as images are a problem (`from_folder` would leave them out silently); others are not.
         duplicates: Every group of two or more usable files with identical bytes.
 
     Example:
@@ -82,6 +87,7 @@ class AuditReport:
     class_names: list[str]
     class_counts: dict[str, dict[str, int]]
     skipped: list[tuple[str, str]]
+    left_out: dict[str, int]
     duplicates: list[DuplicateGroup]
 
     @property
@@ -112,6 +118,11 @@ class AuditReport:
                 problems.append(f"{len(empty)} class(es) without usable images in {split}: {', '.join(empty)}")
         if self.skipped:
             problems.append(f"{len(self.skipped)} file(s) or folder(s) skipped (cannot be used)")
+        images = {ext: count for ext, count in self.left_out.items() if ext in _pil_extensions()}
+        if images:
+            problems.append(f"{sum(images.values())} image file(s) left out by their extension "
+                            f"({', '.join(f'{ext} {count}' for ext, count in images.items())}): "
+                            "add their extension to extensions= (--extensions) to use them")
         for groups, what in (
             (self.within_class, "duplicated within a class"),
             (self.conflicting_labels, "duplicated across classes (conflicting labels)"),
@@ -140,6 +151,7 @@ class AuditReport:
             "class_names": list(self.class_names),
             "class_counts": {split: dict(counts) for split, counts in self.class_counts.items()},
             "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped],
+            "left_out": dict(self.left_out),
             "duplicates": [
                 {
                     "sha256": group.sha256,
@@ -153,6 +165,16 @@ class AuditReport:
         }
 
     def __str__(self) -> str:
+        return self.text()
+
+    def text(self, shown=str) -> str:
+        """The readable report, `str(report)`, with `shown` applied to each line: the command line gives a
+        function that escapes what a terminal cannot print in file and class names (undecodable bytes,
+        control characters).
+
+        Example:
+            >>> print(report.text(shown=ascii))  # doctest: +SKIP
+        """
         roots = {"train": Path(self.path), "test": Path(self.test_path) if self.test_path else None}
 
         def show(file: AuditedFile) -> str:
@@ -172,6 +194,8 @@ class AuditReport:
         lines += [f"  {path}: {reason}" for path, reason in self.skipped[:_SHOW]]
         if len(self.skipped) > _SHOW:
             lines.append(f"  ... and {len(self.skipped) - _SHOW} more (--json lists all)")
+        lines.append(f"files left out by their extension: {sum(self.left_out.values())}")
+        lines += [f"  {ext or '(none)'}: {count}" for ext, count in self.left_out.items()]
         lines.append(f"exact duplicates (identical file bytes, SHA-256): {len(self.duplicates)} group(s)")
         for title, groups in (
             ("within a class", self.within_class),
@@ -185,7 +209,7 @@ class AuditReport:
         problems = self.problems
         lines.append("result: clean, no problems found" if not problems else f"result: {len(problems)} problem(s):")
         lines += [f"  - {problem}" for problem in problems]
-        return "\n".join(lines)
+        return "\n".join(map(shown, lines))
 
 
 def audit(
@@ -205,7 +229,8 @@ def audit(
     validation when `from_folder` splits the train folder), across classes (the same image
     with conflicting labels) and across the train and test folders (test leakage). Unlike
     `from_folder`, differing class folders between train and test, or a class without usable
-    images, are reported (class counts of 0) rather than raised.
+    images, are reported (class counts of 0) rather than raised. Files left out by their
+    extension are counted per extension; those PIL opens as images (`.webp`, `.tif`, ...) are a problem.
 
     Args:
         path: Train folder with one subfolder per class.
@@ -239,10 +264,11 @@ def audit(
         for split, root in roots.items()
     }
     class_names = sorted({name for scan in scans.values() for name in scan.class_names})
-    class_counts, skipped, by_hash = {}, [], {}
+    class_counts, skipped, left_out, by_hash = {}, [], collections.Counter(), {}
     for split, scan in scans.items():
         counts = dict.fromkeys(class_names, 0)
         skipped += scan.skipped
+        left_out.update(scan.unlisted)
         for file, label in zip(scan.files, scan.labels):
             try:
                 digest = _sha256(file)
@@ -260,8 +286,17 @@ def audit(
         class_names=class_names,
         class_counts=class_counts,
         skipped=skipped,
+        left_out=dict(sorted(left_out.items())),
         duplicates=duplicates,
     )
+
+
+@functools.cache
+def _pil_extensions() -> frozenset[str]:
+    """The file extensions PIL opens as images (`.webp`, `.tif`, ...)."""
+    from PIL import Image
+
+    return frozenset(ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN)
 
 
 def _sha256(path: str) -> str:

@@ -15,6 +15,7 @@ naming it and why, rather than dropped, which would shift the labels of the clas
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -67,6 +68,8 @@ class FolderScan(NamedTuple):
             another name for a class folder), each subfolder that cannot be read or is a second
             way into a folder listed once in the scan (a symlink, also into another class's
             folder), then each listed file that cannot be used, in listing order.
+        unlisted: The files not listed for their name (not ending in one of `extensions`),
+            counted per lower-case extension (`""` for none), e.g. `{".txt": 1, ".webp": 2}`.
     """
 
     root: Path
@@ -75,6 +78,7 @@ class FolderScan(NamedTuple):
     labels: list[int]
     sizes: list[int]
     skipped: list[tuple[str, str]]
+    unlisted: dict[str, int]
 
 
 def from_folder(
@@ -287,13 +291,18 @@ def scan_folder(
                       f"classes; give {name}={str(root / train)!r} (and test_path= the other split) for a "
                       "folder of class subfolders", stacklevel=3)
     listed, left_out, walked = [], [(str(entry), reason) for entry, reason in unusable.items()], set()
+    unlisted = collections.Counter()
     reals = {class_dir: os.path.realpath(class_dir) for class_dir in class_dirs if class_dir not in unusable}
     for label, class_dir in enumerate(class_dirs):
         if class_dir not in reals:
             continue
         elsewhere = [real for other, real in reals.items() if other != class_dir]
-        files, folders = _list_images(class_dir, extensions, walked, elsewhere)
-        listed += [(str(file), label) for file in files]
+        files, folders = walk_files(class_dir, walked, elsewhere)
+        for file in files:
+            if file.name.lower().endswith(extensions):
+                listed.append((str(file), label))
+            else:
+                unlisted[file.suffix.lower()] += 1
         left_out += folders
     check = functools.partial(check_image, max_pixels=max_pixels, verify=verify, pil_mode=pil_mode)
     with warnings.catch_warnings():
@@ -304,7 +313,7 @@ def scan_folder(
                 results = list(pool.map(check, [file for file, _ in listed]))
         else:
             results = [check(file) for file, _ in listed]
-    scan = FolderScan(root, names, [], [], [], left_out)
+    scan = FolderScan(root, names, [], [], [], left_out, dict(sorted(unlisted.items())))
     for (file, label), (size, reason) in zip(listed, results):
         if reason is not None:
             scan.skipped.append((file, reason))
@@ -448,9 +457,14 @@ def _skipped_message(skipped) -> str:
 
 
 def check_dir(path, name: str) -> Path:
-    """Return `path` as a resolved existing folder, or raise ValueError naming the argument `name`."""
+    """Return `path` as a resolved existing folder, or raise ValueError naming the argument `name`.
+
+    An empty or blank path (an unset shell variable) is refused, not read as the current folder.
+    """
     if path is None or not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"{name} must be a folder path. Received: {name}={path!r}")
+    if not str(path).strip():
+        raise ValueError(f"{name} is empty: expected a folder path. Received: {name}={path!r}")
     folder = Path(path).expanduser()
     if not folder.exists():
         raise ValueError(f"Folder not found: {folder}. Received: {name}={str(path)!r}")
@@ -574,12 +588,6 @@ def walk_files(folder, listed=None, elsewhere=()) -> tuple[list[Path], list[tupl
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found += [Path(dirpath, filename) for filename in filenames if not filename.startswith(".")]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix()), left_out
-
-
-def _list_images(folder: Path, extensions, listed, elsewhere) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The files under ``folder`` named as images (:func:`walk_files`), and the subfolders left out."""
-    files, left_out = walk_files(folder, listed, elsewhere)
-    return [file for file in files if file.name.lower().endswith(extensions)], left_out
 
 
 def _listing(root: Path, files, sizes) -> list[list]:

@@ -320,6 +320,15 @@ def test_missing_path(tmp_path):
         from_folder(tmp_path / "nope", image_size=(2, 2))
 
 
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, blank):
+    monkeypatch.chdir(make_tree(tmp_path / "train", {"a": 1, "b": 1}))  # a usable folder of classes
+    with pytest.raises(ValueError, match=f"^path is empty: expected a folder path. Received: path='{blank}'$"):
+        from_folder(blank, image_size=(2, 2))
+    with pytest.raises(ValueError, match=f"^test_path is empty: expected a folder path. Received: test_path='{blank}'"):
+        from_folder(tmp_path / "train", image_size=(2, 2), test_path=blank)
+
+
 def test_path_is_a_file(tmp_path):
     file = save(tmp_path / "x.png", solid(2, 2, (0, 0, 0)))
     with pytest.raises(ValueError, match="Not a folder"):

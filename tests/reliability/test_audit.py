@@ -3,6 +3,7 @@ exact duplicates within a class, across classes (conflicting labels) and across 
 (leakage), with exit status 0 clean, 1 problems found, 2 usage error."""
 
 import json
+import os
 import shutil
 import warnings
 
@@ -191,3 +192,56 @@ def test_a_test_folder_that_is_the_train_folder_or_inside_it_is_refused(clean, t
     where = "the train folder" if test == "train" else "nested with the train folder"
     with pytest.raises(ValueError, match=f"The test folder {test_path.resolve()} is {where} {train.resolve()}"):
         audit(train, test_path=test_path)
+
+
+def test_cli_prints_a_file_name_that_is_not_utf8_escaped_and_json_keeps_it(clean, capsys):
+    train, _ = clean
+    name = os.fsdecode(b"caf\xe9.png")  # a Latin-1 file name: 'caf\udce9.png', a lone surrogate
+    copy(train / "cat" / "a.png", train / "cat" / name)
+    assert main(["data", "audit", str(train)]) == 1
+    out = capsys.readouterr().out
+    out.encode("utf-8")  # printable on a UTF-8 stdout (a lone surrogate raises here)
+    assert "    train:cat/a.png = train:cat/caf\\xe9.png\n" in out
+    assert main(["data", "audit", str(train), "--json"]) == 1
+    files = json.loads(capsys.readouterr().out)["duplicates"][0]["files"]
+    assert [file["path"] for file in files] == [str(train.resolve() / "cat" / file) for file in ("a.png", name)]
+
+
+def test_files_left_out_by_their_extension_are_counted_and_images_among_them_are_a_problem(clean, capsys):
+    train, _ = clean
+    Image.open(train / "cat" / "a.png").save(train / "cat" / "a.webp")
+    (train / "dog" / "sub").mkdir()
+    Image.open(train / "dog" / "c.png").save(train / "dog" / "sub" / "c.TIF", format="TIFF")
+    (train / "dog" / "notes.txt").write_text("not an image")
+    (train / "dog" / "README").write_text("not an image")
+    report = audit(train)
+    assert report.class_counts == {"train": {"cat": 2, "dog": 1}}
+    assert report.left_out == {"": 1, ".tif": 1, ".txt": 1, ".webp": 1}
+    problem = "2 image file(s) left out by their extension (.tif 1, .webp 1): add their extension to extensions= " \
+              "(--extensions) to use them"
+    assert report.problems == [problem] and report.to_dict()["left_out"] == report.left_out
+    assert "files left out by their extension: 4\n  (none): 1\n  .tif: 1\n  .txt: 1\n  .webp: 1\n" in str(report)
+    assert audit(train, extensions=(".png", ".webp", ".tif")).class_counts == {"train": {"cat": 3, "dog": 2}}
+    assert main(["data", "audit", str(train), "--extensions", ".png, .webp,.tif", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["class_counts"] == {"train": {"cat": 3, "dog": 2}} and data["left_out"] == {"": 1, ".txt": 1}
+    assert main(["data", "audit", str(train), "--extensions", ".png", "--max-pixels", "35"]) == 1  # 6 x 6 > 35
+    out = capsys.readouterr().out
+    assert f"{train.resolve() / 'cat' / 'a.png'}: too many pixels, possible decompression bomb: 6x6 = 36 > " \
+           "max_pixels=35 (judged from the header; nothing decoded)\n" in out
+    assert main(["data", "audit", str(train), "--extensions", ""]) == 2
+    assert capsys.readouterr().err == ("cnnkit: error: extensions must be a non-empty sequence of file endings such "
+                                      "as '.png'. Received: extensions=('',)\n")
+    assert main(["data", "audit", str(train), "--max-pixels", "0"]) == 2
+    assert "--max-pixels: expected a positive integer. Received: '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [[""], ["  "], ["{train}", "--test-path", ""]])
+def test_cli_an_empty_path_is_refused_not_read_as_the_current_folder(clean, monkeypatch, capsys, args):
+    train, _ = clean
+    monkeypatch.chdir(train)  # a folder of classes, which an empty path used to audit
+    args = [arg.format(train=train) for arg in args]
+    name = "test_path" if "--test-path" in args else "path"
+    assert main(["data", "audit", *args]) == 2
+    message = f"{name} is empty: expected a folder path. Received: {name}={args[-1]!r}"
+    assert capsys.readouterr().err == f"cnnkit: error: {message}\n"
