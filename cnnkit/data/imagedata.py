@@ -11,6 +11,7 @@ TensorFlow is imported on first use, so `import cnnkit.data` stays cheap.
 
 from __future__ import annotations
 
+import collections.abc
 import csv
 import dataclasses
 import hashlib
@@ -18,6 +19,7 @@ import io
 import json
 import numbers
 import warnings
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -73,9 +75,10 @@ class ImageData:
     source: str
     fingerprint: str
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    # split -> (dataset object, images, labels): numpy copies an in-memory source already
-    # holds, so `arrays()` need not iterate. Keyed by the dataset object so a replaced split
-    # never returns stale arrays; not an init field, so `dataclasses.replace` drops it.
+    # split -> (dataset object, images, labels): read-only numpy arrays an in-memory source
+    # already holds (its own, never the caller's), so `arrays()` need not iterate. Keyed by the
+    # dataset object so a replaced split never returns stale arrays; not an init field, so
+    # `dataclasses.replace` drops it.
     _arrays: dict[str, tuple[Any, np.ndarray, np.ndarray]] = dataclasses.field(
         default_factory=dict, init=False, compare=False
     )
@@ -145,7 +148,8 @@ class ImageData:
             split: `"train"`, `"val"` or `"test"`.
 
         Returns:
-            `(images, labels)`: `uint8` `[N, H, W, C]` and `int32` `[N]`, in dataset order.
+            `(images, labels)`: `uint8` `[N, H, W, C]` and `int32` `[N]`, in dataset order, read-only
+            (they may be the arrays this `ImageData` keeps; `np.array(images)` gives a copy to change).
 
         Raises:
             ValueError: If `split` is not a split name or that split does not exist.
@@ -169,18 +173,19 @@ class ImageData:
             images.append(x)
             labels.append(y)
         if not images:
-            return np.zeros((0, *self.image_shape), np.uint8), np.zeros((0,), np.int32)
+            return _read_only(np.zeros((0, *self.image_shape), np.uint8)), _read_only(np.zeros((0,), np.int32))
         return (
-            np.concatenate(images).astype(np.uint8, copy=False),
-            np.concatenate(labels).astype(np.int32, copy=False),
+            _read_only(np.concatenate(images).astype(np.uint8, copy=False)),
+            _read_only(np.concatenate(labels).astype(np.int32, copy=False)),
         )
 
     def subset(self, *, classes=None, per_class=None, val_per_class=None, seed: int = 0) -> ImageData:
         """A smaller `ImageData`: some classes (relabelled in the order given), few images per class.
 
         Args:
-            classes: class names (or label indices) to keep, in their new label order; a single
-                name or index is one class (`"10"` is class 10, not 1 and 0); `None` keeps every class.
+            classes: class names (or label indices) to keep, in their new label order (a list or
+                another ordered sequence, not a set); a single name or index is one class (`"10"` is
+                class 10, not 1 and 0); `None` keeps every class.
             per_class: at most this many training images per class, drawn with `seed`
                 (`None`: all). Validation and test splits are not cut by it.
             val_per_class: at most this many validation images per class (`None`: all).
@@ -192,8 +197,8 @@ class ImageData:
 
         Raises:
             ValueError: an unknown class, a label index that is also another class's name (folders
-                named 0, 1, ..., 10 sort as 0, 1, 10, 2...), a count below 1 or not an integer
-                (`True` included), or a bad seed.
+                named 0, 1, ..., 10 sort as 0, 1, 10, 2...), classes given as a set or dict view (no
+                fixed order), a count below 1 or not an integer (`True` included), or a bad seed.
 
         Example:
             >>> digits = cnnkit.data.load("mnist-sample").subset(classes=["5", "6", "7", "8", "9"],
@@ -203,6 +208,7 @@ class ImageData:
         """
         if isinstance(classes, (str, numbers.Integral)):
             classes = [classes]
+        _check_ordered(classes, "classes")
         keep = list(range(self.num_classes)) if classes is None else [self._class_index(c) for c in classes]
         if not keep:
             raise ValueError(f"classes must name at least one class (None keeps them all). Received: classes={classes!r}")
@@ -270,9 +276,10 @@ def from_arrays(
     """Wrap in-memory images and integer labels as an `ImageData`.
 
     The validation split is taken from `(x, y)`, stratified by class: each class with at
-    least 2 examples gives `round(val_split * count)` of them (at least 1, and never all)
-    to validation, chosen with `seed`. Within each split the original order is kept;
-    shuffling is the input pipeline's job.
+    least 2 examples gives `val_split * count` of them, rounded half up (at least 1, and never
+    all), to validation, chosen with `seed`. Within each split the original order is kept;
+    shuffling is the input pipeline's job. The images are copied where they would otherwise be
+    the caller's array, so changing `x` or `x_test` afterwards does not change the `ImageData`.
 
     Args:
         x: Training images, shape `(N, H, W)` (a channel axis is added) or `(N, H, W, C)`
@@ -284,8 +291,8 @@ def from_arrays(
         y_test: Test labels; required exactly when `x_test` is given.
         val_split: Fraction of each class moved to validation, in `[0, 1)`; `0` means no
             validation split (`val` is `None`).
-        class_names: Names by label. Defaults to `["0", ..., "K-1"]` with `K` one more than
-            the largest label in `y` and `y_test`.
+        class_names: Names by label, a list (or another ordered sequence, not a set). Defaults
+            to `["0", ..., "K-1"]` with `K` one more than the largest label in `y` and `y_test`.
         seed: Non-negative integer seed of the validation split.
 
     Returns:
@@ -310,6 +317,7 @@ def from_arrays(
     """
     val_split = check_val_split(val_split)
     seed = check_seed(seed)
+    given_x, given_x_test = x, x_test
     x = _check_images(x, "x")
     y = _check_labels(y, "y", len(x), "x")
     if (x_test is None) != (y_test is None):
@@ -344,11 +352,11 @@ def from_arrays(
 
     train_idx, val_idx = stratified_split(y, num_classes, val_split, seed)
     if val_idx is None:
-        splits = {"train": (x, y)}
+        splits = {"train": (_unshared(x, given_x), y)}
     else:
         splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx])}
     if x_test is not None:
-        splits["test"] = (x_test, y_test)
+        splits["test"] = (_unshared(x_test, given_x_test), y_test)
 
     return from_splits(splits, class_names, source="arrays",
                        fingerprint=_fingerprint_arrays(x, y, x_test, y_test, class_names, val_split, seed))
@@ -356,7 +364,8 @@ def from_arrays(
 
 def from_splits(splits: dict, class_names, *, source: str, fingerprint: str, skipped=()) -> ImageData:
     """An `ImageData` from `{split: (uint8 images NHWC, int32 labels)}` already checked and split,
-    with the source's `skipped` list (a copy).
+    with the source's `skipped` list (a copy). The arrays are kept for `arrays()` and made read-only,
+    so they must be the source's own, not the caller's.
 
     Example:
         >>> data = from_splits({"train": (np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 1, 0, 1], np.int32))},
@@ -380,7 +389,7 @@ def from_splits(splits: dict, class_names, *, source: str, fingerprint: str, ski
         skipped=list(skipped),
     )
     for split, (split_images, labels) in splits.items():
-        data._arrays[split] = (datasets[split], split_images, labels)
+        data._arrays[split] = (datasets[split], _read_only(split_images), _read_only(labels))
     return data
 
 
@@ -410,6 +419,7 @@ def check_seed(seed) -> int:
 
 def check_class_names(class_names) -> list[str]:
     """Return `class_names` as a list of unique non-empty strings, or raise ValueError."""
+    _check_ordered(class_names, "class_names")
     if not isinstance(class_names, str) and hasattr(class_names, "__iter__"):
         class_names = list(class_names)  # a generator is read once
     if not isinstance(class_names, list) or not all(isinstance(n, str) and n for n in class_names):
@@ -430,9 +440,10 @@ def stratified_split(labels: np.ndarray, num_classes: int, val_split: float, see
     """Split example indices into train and validation, per class.
 
     A class with `n >= 2` examples gives `k = round_half_up(val_split * n)` examples to
-    validation, clipped to `[1, n - 1]`; a class with one example stays in train. Each class
-    draws from its own generator seeded with `(seed, class)`, so the split of one class does
-    not depend on the others.
+    validation, computed exactly on the decimal `val_split` as written (`0.29 * 50 = 14.5 -> 15`,
+    where binary floating point gives 14.499...), clipped to `[1, n - 1]`; a class with one
+    example stays in train. Each class draws from its own generator seeded with `(seed, class)`,
+    so the split of one class does not depend on the others.
 
     Returns:
         `(train_idx, val_idx)`, sorted `int64` arrays; `(all, None)` when `val_split == 0`
@@ -441,13 +452,14 @@ def stratified_split(labels: np.ndarray, num_classes: int, val_split: float, see
     labels = np.asarray(labels)
     if val_split == 0:
         return np.arange(len(labels)), None
+    fraction = Fraction(str(val_split))  # the shortest decimal that reads back as val_split
     val_parts = []
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
         n = idx.size
         if n < 2:
             continue
-        k = min(max(int(np.floor(val_split * n + 0.5)), 1), n - 1)
+        k = min(max(int(fraction * n + Fraction(1, 2)), 1), n - 1)
         rng = np.random.default_rng([seed, c])
         val_parts.append(rng.permutation(idx)[:k])
     if not val_parts:
@@ -477,6 +489,24 @@ def class_list(names, most: int = 6) -> str:
 def count_classes(labels, num_classes: int) -> list[int]:
     """Examples per class index, as a list of Python ints."""
     return [int(n) for n in np.bincount(np.asarray(labels, np.int64), minlength=num_classes)]
+
+
+def _check_ordered(values, name: str) -> None:
+    """Raise ValueError if `values` is a set or a dict view: an order it happens to have would set the
+    labels, and a set's changes from one process to the next (string hashing is randomised)."""
+    if isinstance(values, (collections.abc.Set, collections.abc.MappingView)):
+        raise ValueError(f"{name} must be a list, in label order, not a {type(values).__name__} (a set's order, and "
+                         f"so the labels, can change from one process to the next). Received: {name}={values!r}")
+
+
+def _unshared(images: np.ndarray, given) -> np.ndarray:
+    """`images`, copied if it shares memory with `given`, the caller's argument (a cast is a copy already)."""
+    return images.copy() if np.may_share_memory(images, given) else images
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
 
 
 def _check_images(x, name: str) -> np.ndarray:

@@ -1,9 +1,11 @@
 """Tests of ImageData and from_arrays."""
 
+from decimal import ROUND_HALF_UP, Decimal
+
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cnnkit.data import ImageData, from_arrays
@@ -91,6 +93,18 @@ def test_class_names_given():
     assert data.class_counts["train"][2] == 0
 
 
+@pytest.mark.parametrize("names", [{"a", "b"}, frozenset({"a", "b"}), {"a": 0, "b": 1}.keys(),
+                                   {0: "a", 1: "b"}.values()])
+def test_class_names_and_subset_classes_without_a_fixed_order_are_refused(names):
+    reason = (rf"must be a list, in label order, not a {type(names).__name__} \(a set's order, and so the labels, can "
+              r"change from one process to the next\)\. Received: ")
+    with pytest.raises(ValueError, match=rf"class_names {reason}class_names="):
+        from_arrays(tagged_images(4), [0, 1, 1, 0], class_names=names)
+    data = from_arrays(tagged_images(4), [0, 1, 1, 0], class_names=["a", "b"], val_split=0)
+    with pytest.raises(ValueError, match=rf"classes {reason}classes="):
+        data.subset(classes=names)
+
+
 # --- validation split -----------------------------------------------------------------------
 
 
@@ -140,6 +154,14 @@ def test_val_split_zero_means_no_val():
         data.arrays("val")
 
 
+@pytest.mark.parametrize("val_split, n, expected", [(0.29, 50, 15), (0.57, 50, 29), (0.58, 25, 15), (0.35, 90, 32),
+                                                    (0.29, 49, 14), (0.1, 25, 3)])
+def test_val_count_rounds_the_decimal_val_split_times_n_half_up(val_split, n, expected):
+    # 0.29 * 50 is 14.499999999999998 in binary floating point, but the documented rounding is of 14.5
+    data = from_arrays(tagged_images(n), np.zeros(n, np.int64), val_split=val_split)
+    assert data.class_counts["val"] == [expected]
+
+
 def test_no_class_with_two_examples_warns_and_gives_no_val():
     with pytest.warns(UserWarning, match="no validation split"):
         data = from_arrays(tagged_images(3), [0, 1, 2], val_split=0.5)
@@ -149,18 +171,21 @@ def test_no_class_with_two_examples_warns_and_gives_no_val():
 @settings(max_examples=25, deadline=None)
 @given(
     counts=st.lists(st.integers(0, 30), min_size=1, max_size=5).filter(lambda c: sum(c) > 0),
-    val_split=st.floats(0.01, 0.99),
+    val_split=st.one_of(st.floats(0.01, 0.99), st.integers(1, 99).map(lambda percent: percent / 100)),
     seed=st.integers(0, 2**31),
 )
+@example(counts=[50, 1], val_split=0.29, seed=0)  # 14.5 exactly, 14.4999... in floating point
 def test_stratified_split_property(counts, val_split, seed):
     y = labels_with_counts(counts)
     x = tagged_images(len(y))
     data = from_arrays(
         x, y, val_split=val_split, seed=seed, class_names=[f"c{i}" for i in range(len(counts))]
     )
-    expected_val = [
-        0 if n < 2 else min(max(int(np.floor(val_split * n + 0.5)), 1), n - 1) for n in counts
-    ]
+
+    def half_up(n):  # val_split * n on the decimal written, rounded half up exactly
+        return int((Decimal(repr(val_split)) * n).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+    expected_val = [0 if n < 2 else min(max(half_up(n), 1), n - 1) for n in counts]
     if sum(expected_val) == 0:
         assert data.val is None
         return
@@ -224,6 +249,27 @@ def test_arrays_iterates_a_replaced_dataset_instead_of_stale_cache():
     data.train = data.train.take(2)
     images, labels = data.arrays("train")
     assert images.shape == (2, 4, 5, 1) and labels.tolist() == [0, 1]
+    assert not images.flags.writeable and not labels.flags.writeable
+
+
+@pytest.mark.parametrize("val_split", [0, 0.5])
+def test_arrays_are_read_only_and_not_the_callers_buffers(val_split):
+    x, x_test = tagged_images(6), tagged_images(3)
+    data = from_arrays(x, np.arange(6) % 2, x_test=x_test, y_test=[0, 1, 0], val_split=val_split)
+    x[:], x_test[:] = 7, 7  # the caller reuses its buffers
+    for split in data.sizes:
+        images, labels = data.arrays(split)
+        dataset_images = np.stack([image for image, _ in getattr(data, split).as_numpy_iterator()])
+        np.testing.assert_array_equal(images, dataset_images)
+        assert (images != 7).any()
+        with pytest.raises(ValueError, match="assignment destination is read-only"):
+            images[0] = 99
+        with pytest.raises(ValueError, match="assignment destination is read-only"):
+            labels[0] = 1
+    kept = np.concatenate([index_of(data.arrays(split)[0]) for split in data.sizes if split != "test"])
+    assert sorted(kept.tolist()) == list(range(6))  # still the content the fingerprint was taken of
+    np.testing.assert_array_equal(data.arrays("test")[0][..., 0], tagged_images(3))
+    assert not data.subset(classes=["1"]).arrays("train")[0].flags.writeable
 
 
 def test_imagedata_can_be_built_directly_and_arrays_iterates():
