@@ -42,7 +42,7 @@ from cnnkit.recipes.fitting import (
     run_config,
     run_key,
 )
-from cnnkit.recipes.options import check_call
+from cnnkit.recipes.options import check_call, is_integer
 from cnnkit.recipes.pipeline import resolve_data
 from cnnkit.recipes.train import train
 from cnnkit.runs import (
@@ -142,7 +142,7 @@ class ImageViews(keras.layers.Layer):
         super().__init__(**kwargs)
         if mode not in TTA_MODES:
             raise ValueError(f"mode must be one of {TTA_MODES}. Received: mode={mode!r}")
-        if not _is_integer(shift) or shift < 1:
+        if not is_integer(shift) or shift < 1:
             raise ValueError(f"shift must be an integer >= 1 (pixels). Received: shift={shift!r}")
         self.mode = mode
         self.shift = int(shift)
@@ -193,7 +193,7 @@ class AverageViews(keras.layers.Layer):
     def __init__(self, num_views=2, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if not _is_integer(num_views) or num_views < 1:
+        if not is_integer(num_views) or num_views < 1:
             raise ValueError(f"num_views must be an integer >= 1. Received: num_views={num_views!r}")
         self.num_views = int(num_views)
 
@@ -380,8 +380,8 @@ def ensemble(
         ...                 train_options={"epochs": 20, "optimizer": "momentum", "learning_rate": 0.1})  # doctest: +SKIP
         >>> mixed = ensemble(["runs/a", "runs/b", "lenet5"], "mnist-sample", combine="vote", tta="crops")  # doctest: +SKIP
     """
-    members = int(members) if _is_integer(members) else members  # a NumPy integer counts too
-    snapshot_cycles = int(snapshot_cycles) if _is_integer(snapshot_cycles) else snapshot_cycles
+    members = int(members) if is_integer(members) else members  # a NumPy integer counts too
+    snapshot_cycles = int(snapshot_cycles) if is_integer(snapshot_cycles) else snapshot_cycles
     arguments = recorded_arguments(ensemble, locals())
     options = _check_train_options(train_options, snapshot=members == "snapshot")
     plan = _member_plan(members, arch, snapshot_cycles, options, seed)
@@ -491,7 +491,7 @@ def _member_plan(members, arch, snapshot_cycles, options, seed) -> list:
         return [("train", arch, seed + index) for index in range(members)]
     if members == "snapshot":
         epochs = options.get("epochs", _TRAIN_PARAMETERS["epochs"].default)
-        valid = _is_integer(snapshot_cycles) and snapshot_cycles >= 1 and _is_integer(epochs)
+        valid = is_integer(snapshot_cycles) and snapshot_cycles >= 1 and is_integer(epochs)
         if not valid or epochs % snapshot_cycles:
             raise ValueError(f"snapshot_cycles must be an integer >= 1 that divides the epochs ({epochs}), so that "
                              f"each cycle ends at an epoch. Received: snapshot_cycles={snapshot_cycles!r}")
@@ -536,7 +536,7 @@ def _check_arch(arch) -> None:
 def _check_seeds(plan, seed) -> None:
     """Refuse a ``seed`` that puts a trained member's ``seed + i`` outside NumPy's range, [0, 2**32)."""
     last = max((index for index, step in enumerate(plan) if step[0] != "existing"), default=None)
-    if last is not None and not (_is_integer(seed) and 0 <= seed < 2**32 - last):
+    if last is not None and not (is_integer(seed) and 0 <= seed < 2**32 - last):
         members = f" ({len(plan)} members: member {last} trains with seed + {last})" if last else ""
         raise ValueError(f"seed must be an integer in [0, {2**32 - last}){members}. Received: seed={seed!r}")
 
@@ -548,10 +548,6 @@ def _check_outside(plan, run_dir) -> None:
         if step[0] == "existing" and _is_path(step[1]) and Path(step[1]).resolve().is_relative_to(run_dir):
             raise ValueError(f"member {index} ({step[1]}) lies inside run_dir {run_dir}, which overwrite=True deletes "
                              "before the members load; copy the member elsewhere first or pass another run_dir")
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _run_path(item) -> Path | None:

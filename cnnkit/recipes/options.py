@@ -57,10 +57,10 @@ def check_options(**options) -> None:
         if name in options:
             _check_integer(name, options[name], low)
     seed = options.get("seed", 0)
-    if not _is_integer(seed) or not 0 <= seed < 2**32:  # the range keras.utils.set_random_seed (NumPy) takes
+    if not is_integer(seed) or not 0 <= seed < 2**32:  # the range keras.utils.set_random_seed (NumPy) takes
         raise ValueError(f"seed must be an integer in [0, 2**32). Received: seed={seed!r}")
     early_stopping = options.get("early_stopping")
-    if early_stopping is not None and (not _is_integer(early_stopping) or early_stopping < 1):
+    if early_stopping is not None and (not is_integer(early_stopping) or early_stopping < 1):
         raise ValueError(f"early_stopping must be a patience in epochs (>= 1) or None. Received: "
                          f"early_stopping={early_stopping!r}")
     check_ema(options.get("ema"), early_stopping=early_stopping)
@@ -113,12 +113,13 @@ def _check_callbacks(callbacks) -> None:
                              f"{callback!r} ({type(callback).__name__})")
 
 
-def _is_integer(value) -> bool:
+def is_integer(value) -> bool:
+    """An integer of any type (NumPy's too), not a bool: ``is_integer(np.int64(3))`` is True, ``is_integer(True)`` False."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_integer(name: str, value, low: int) -> None:
-    if not _is_integer(value) or value < low:
+    if not is_integer(value) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}. Received: {name}={value!r}")
 
 
