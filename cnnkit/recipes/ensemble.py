@@ -545,7 +545,7 @@ def _check_outside(plan, run_dir) -> None:
     """Refuse member paths inside ``run_dir``: ``overwrite=True`` deletes the run there before they load."""
     run_dir = Path(run_dir).resolve()
     for index, step in enumerate(plan):
-        if step[0] == "existing" and _is_path(step[1]) and Path(step[1]).resolve().is_relative_to(run_dir):
+        if step[0] == "existing" and _is_path(step[1]) and _run_path(step[1]).is_relative_to(run_dir):
             raise ValueError(f"member {index} ({step[1]}) lies inside run_dir {run_dir}, which overwrite=True deletes "
                              "before the members load; copy the member elsewhere first or pass another run_dir")
 
