@@ -57,7 +57,7 @@ from cnnkit.runs import (
     write_manifest,
     write_run,
 )
-from cnnkit.spec import SpecError, parse
+from cnnkit.spec import SpecError
 
 COMBINE_MODES = ("mean", "geometric", "vote")
 TTA_MODES = ("flip", "crops", "ten_crop")
@@ -470,7 +470,7 @@ def _check_train_options(train_options, *, snapshot) -> dict:
 def _member_plan(members, arch, snapshot_cycles, options, seed) -> list:
     """What each member is: ("train", arch, seed), ("snapshot", arch, seed, cycles) or ("existing", item).
 
-    Every architecture is resolved and parsed here, so a typo fails before any member trains.
+    Every architecture is resolved here (registry.resolve_arch parses notation), so a typo fails before any member trains.
     """
     counted = isinstance(members, int) and not isinstance(members, bool)
     if counted or members == "snapshot":
@@ -478,7 +478,7 @@ def _member_plan(members, arch, snapshot_cycles, options, seed) -> list:
             raise ValueError(f"members={members!r} trains networks: pass arch= (notation or a registered name); "
                              "to combine trained models, pass them or their run directories as the members list. "
                              f"Received: arch={arch!r}")
-        _check_arch(arch)
+        resolve_arch(arch, {})  # an unknown name or bad notation: SpecError
         if counted and members < 1:
             raise ValueError(f"members must be at least 1. Received: members={members!r}")
     elif arch is not None:
@@ -510,7 +510,7 @@ def _member_plan(members, arch, snapshot_cycles, options, seed) -> list:
             plan.append(("existing", item))
         elif isinstance(item, str):
             try:
-                _check_arch(item)
+                resolve_arch(item, {})
             except SpecError as error:
                 raise SpecError(f"member {index}: {error}; and no run directory or .keras file named "
                                 f"{item!r}") from None
@@ -526,11 +526,6 @@ def _member_plan(members, arch, snapshot_cycles, options, seed) -> list:
     if repeated:
         raise ValueError(f"the same run is given as two members ({', '.join(repeated)}); pass each member once")
     return plan
-
-
-def _check_arch(arch) -> None:
-    """Resolve and parse ``arch`` as ``train`` will: an unknown name or bad notation raises ``SpecError``."""
-    parse(resolve_arch(arch, {})[0])
 
 
 def _check_seeds(plan, seed) -> None:
